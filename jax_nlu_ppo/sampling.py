@@ -1,0 +1,118 @@
+"""Autoregressive generation as one pure function: prefill, then a `lax.while_loop` over the KV cache.
+
+Prompts are left-padded so that every row's next token goes to the same cache slot; RoPE
+positions and the attention mask take the padding into account per row.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jax_nlu_ppo import model as model_lib
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How the next token is chosen. temperature 0 is greedy; top_k 0 and top_p 1 disable those."""
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@flax.struct.dataclass
+class Generation:
+  """What a rollout produced; `n` is max_new_tokens."""
+  tokens_bn: Array    # generated ids; `pad_id` after a row has finished
+  mask_bn: Array      # True for generated tokens, up to and including the first EOS
+  logprobs_bn: Array  # log-prob of each token under the distribution it was sampled from
+
+
+def sampling_logprobs(logits_bv: Array, sampling: SamplingConfig) -> Array:
+  """Log-probs of the distribution `sample` draws from: temperature, then top-k, then top-p."""
+  logits_bv = logits_bv.astype(jnp.float32)
+  if sampling.temperature == 0:
+    return jax.nn.log_softmax(logits_bv, axis=-1)
+  logits_bv = logits_bv / sampling.temperature
+  if sampling.top_k > 0:
+    kth_b1 = jax.lax.top_k(logits_bv, sampling.top_k)[0][:, -1:]
+    logits_bv = jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
+  if sampling.top_p < 1:
+    sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+    probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it
+    # is still below top_p.
+    mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+    cutoff_b1 = jnp.min(jnp.where(mass_before_bv < sampling.top_p, sorted_bv, jnp.inf),
+                        axis=-1, keepdims=True)
+    logits_bv = jnp.where(logits_bv < cutoff_b1, -jnp.inf, logits_bv)
+  return jax.nn.log_softmax(logits_bv, axis=-1)
+
+
+def sample(logits_bv: Array, key: Array, sampling: SamplingConfig) -> tuple[Array, Array]:
+  """(token_b, logprob_b) drawn from `logits_bv`; greedy when temperature is 0."""
+  logprobs_bv = sampling_logprobs(logits_bv, sampling)
+  if sampling.temperature == 0:
+    token_b = jnp.argmax(logits_bv, axis=-1)
+  else:
+    token_b = jax.random.categorical(key, logprobs_bv, axis=-1)
+  return token_b, jnp.take_along_axis(logprobs_bv, token_b[:, None], axis=-1)[:, 0]
+
+
+def generate(model: model_lib.Llama, prompt_bt: Array, prompt_mask_bt: Array, key: Array, *,
+             max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...],
+             pad_id: int, cache_dtype=None) -> Generation:
+  """Samples up to `max_new_tokens` per row; a row stops at its first EOS, the loop when all have.
+
+  `prompt_bt` must be left-padded (`prompt_mask_bt` False on padding). Everything here is
+  traceable: call it under `jax.jit` with `max_new_tokens`, `sampling`, `eos_ids` and `pad_id`
+  static.
+  """
+  b, t = prompt_bt.shape
+  cache = model_lib.KVCache.zeros(model.config, b, t + max_new_tokens,
+                                  cache_dtype or model.dtype)
+  key_valid_bs = jnp.concatenate(
+      [prompt_mask_bt.astype(bool), jnp.ones((b, max_new_tokens), bool)], axis=1)
+  positions_bt = model_lib.positions_from_mask(prompt_mask_bt)
+  hidden_btd, cache = model(prompt_bt, positions_bt,
+                            model_lib.attention_mask(key_valid_bs, jnp.arange(t)), cache, 0)
+  logits_bv = model.logits(hidden_btd[:, -1:])[:, 0]
+  eos_e = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+  def cond(carry):
+    i, _, _, _, done_b, *_ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_b)
+
+  def body(carry):
+    i, cache, logits_bv, position_b, done_b, tokens_bn, mask_bn, logprobs_bn, key = carry
+    key, step_key = jax.random.split(key)
+    token_b, logprob_b = sample(logits_bv, step_key, sampling)
+    live_b = ~done_b
+    token_b = jnp.where(live_b, token_b, pad_id).astype(jnp.int32)
+    tokens_bn = tokens_bn.at[:, i].set(token_b)
+    mask_bn = mask_bn.at[:, i].set(live_b)
+    logprobs_bn = logprobs_bn.at[:, i].set(jnp.where(live_b, logprob_b, 0.0))
+    done_b = done_b | jnp.isin(token_b, eos_e)
+    slot = t + i
+    mask_b1s = model_lib.attention_mask(key_valid_bs, slot[None])
+    hidden_b1d, cache = model(token_b[:, None], position_b[:, None], mask_b1s, cache, slot)
+    logits_bv = model.logits(hidden_b1d)[:, 0]
+    return i + 1, cache, logits_bv, position_b + 1, done_b, tokens_bn, mask_bn, logprobs_bn, key
+
+  init = (jnp.int32(0), cache, logits_bv, positions_bt[:, -1] + 1, jnp.zeros((b,), bool),
+          jnp.full((b, max_new_tokens), pad_id, jnp.int32), jnp.zeros((b, max_new_tokens), bool),
+          jnp.zeros((b, max_new_tokens), jnp.float32), key)
+  _, _, _, _, _, tokens_bn, mask_bn, logprobs_bn, _ = jax.lax.while_loop(cond, body, init)
+  return Generation(tokens_bn, mask_bn, logprobs_bn)

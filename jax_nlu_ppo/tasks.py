@@ -1,0 +1,217 @@
+"""The GLUE tasks: their inputs, labels, answer words, metrics, and the prompts built from them.
+
+Tasks are keyed by the `nyu-mll/glue` config names and use its column names and integer label
+convention, so a row from the hub, a local GLUE folder or a user's file reads the same way.
+
+Two prompt formats:
+
+* "paper": plain text as in arXiv 2410.11020: an instruction, the input, the required answer
+  form, and a final `Assistant: <Judgement>` that the model continues (" Yes </Judgement>...").
+* "chat": a list of messages for an instruct model's chat template. The last message is an
+  assistant turn already holding "<Judgement>"; render it with
+  `tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)` so the
+  turn is left open, and the reply is read with the same extraction rule as the paper format.
+
+Demonstrations (k-shot) are earlier user/assistant turns whose answer is the gold label word.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from jax_nlu_ppo import answer
+
+OPEN_TAG = "<Judgement>"
+CLOSE_TAG = answer.CLOSING_TAG
+
+Format = Literal["paper", "chat"]
+ChatMessage = dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One GLUE task.
+
+  `label_names` are the hub's class names, `label_words[i]` the word the model answers for
+  integer label i (both empty for the regression task STS-B). `input_titles[j]` is how input
+  column `input_columns[j]` is introduced in the prompt.
+  """
+  name: str
+  input_columns: tuple[str, ...]
+  input_titles: tuple[str, ...]
+  instruction: str
+  metrics: tuple[str, ...]
+  splits: tuple[str, ...]
+  label_names: tuple[str, ...] = ()
+  label_words: tuple[str, ...] = ()
+  is_regression: bool = False
+  case_sensitive: bool = True
+  # STS-B's gold scores lie in 0..5; used for the answer form and a random fallback.
+  value_range: tuple[float, float] = (0.0, 5.0)
+
+  def __post_init__(self):
+    if len(self.input_titles) != len(self.input_columns):
+      raise ValueError(f"task {self.name}: {len(self.input_columns)} input columns but "
+                       f"{len(self.input_titles)} titles")
+    if not self.is_regression and len(self.label_words) != len(self.label_names):
+      raise ValueError(f"task {self.name}: {len(self.label_names)} labels but "
+                       f"{len(self.label_words)} label words")
+
+  @property
+  def num_labels(self) -> int:
+    return len(self.label_names)
+
+  def extraction_rule(self, lenient: bool = False) -> answer.ExtractionRule:
+    """The paper's rule (`lenient=False`, for rewards) or the evaluation rule (`lenient=True`)."""
+    return answer.ExtractionRule(
+        label_words=self.label_words, case_sensitive=self.case_sensitive, closing_tag=CLOSE_TAG,
+        lenient=lenient, regression=self.is_regression, value_range=self.value_range)
+
+  def answer_word(self, label: int | float) -> str:
+    """The text a correct answer holds for a gold label (a label word, or the score)."""
+    if self.is_regression:
+      return f"{float(label):.2f}".rstrip("0").rstrip(".")
+    if not 0 <= int(label) < self.num_labels:
+      raise ValueError(f"task {self.name}: label {label!r} is not in 0..{self.num_labels - 1} "
+                       f"({list(self.label_names)}); an unlabelled (test) row cannot be a shot")
+    return self.label_words[int(label)]
+
+  def answer_form(self) -> str:
+    if self.is_regression:
+      low, high = self.value_range
+      choices = f"a number from {low:g} to {high:g}"
+    else:
+      choices = " or ".join(self.label_words)
+    return (f"Give your answer as {OPEN_TAG} {choices} {CLOSE_TAG}, "
+            "then a one-sentence reason as <Analysis> ... </Analysis>.")
+
+  def system_prompt(self) -> str:
+    return f"{self.instruction} {self.answer_form()}"
+
+
+_YES_NO = ("Yes", "No")
+_NO_YES = ("No", "Yes")
+_NLI_NAMES = ("entailment", "neutral", "contradiction")
+_NLI_INSTRUCTION = (
+    "Decide how the premise relates to the hypothesis: entailment if the premise makes the "
+    "hypothesis true, contradiction if it makes it false, neutral otherwise.")
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task(
+        name="cola", input_columns=("sentence",), input_titles=("Sentence",),
+        instruction="Decide whether the sentence is grammatically acceptable English.",
+        label_names=("unacceptable", "acceptable"), label_words=_NO_YES,
+        metrics=("matthews_correlation",), splits=("train", "validation", "test")),
+    Task(
+        name="sst2", input_columns=("sentence",), input_titles=("Sentence",),
+        instruction="Decide whether the sentiment of the movie-review sentence is positive or "
+        "negative.",
+        label_names=("negative", "positive"), label_words=("Negative", "Positive"),
+        metrics=("accuracy",), splits=("train", "validation", "test")),
+    Task(
+        name="mrpc", input_columns=("sentence1", "sentence2"),
+        input_titles=("Sentence 1", "Sentence 2"),
+        instruction="Decide whether the two sentences say the same thing (are paraphrases).",
+        label_names=("not_equivalent", "equivalent"), label_words=_NO_YES,
+        metrics=("f1", "accuracy"), splits=("train", "validation", "test")),
+    Task(
+        name="stsb", input_columns=("sentence1", "sentence2"),
+        input_titles=("Sentence 1", "Sentence 2"),
+        instruction="Rate how similar in meaning the two sentences are, from 0 (unrelated) to "
+        "5 (the same meaning).",
+        is_regression=True, metrics=("pearson", "spearman"),
+        splits=("train", "validation", "test")),
+    Task(
+        name="qqp", input_columns=("question1", "question2"),
+        input_titles=("Question 1", "Question 2"),
+        instruction="Decide whether the two questions ask the same thing.",
+        label_names=("not_duplicate", "duplicate"), label_words=_NO_YES,
+        metrics=("f1", "accuracy"), splits=("train", "validation", "test")),
+    Task(
+        name="mnli", input_columns=("premise", "hypothesis"),
+        input_titles=("Premise", "Hypothesis"), instruction=_NLI_INSTRUCTION,
+        label_names=_NLI_NAMES, label_words=_NLI_NAMES, case_sensitive=False,
+        metrics=("accuracy",),
+        splits=("train", "validation_matched", "validation_mismatched", "test_matched",
+                "test_mismatched")),
+    Task(
+        name="qnli", input_columns=("question", "sentence"),
+        input_titles=("Question", "Sentence"),
+        instruction="Decide whether the sentence contains the answer to the question.",
+        label_names=("entailment", "not_entailment"), label_words=_YES_NO,
+        metrics=("accuracy",), splits=("train", "validation", "test")),
+    Task(
+        name="rte", input_columns=("sentence1", "sentence2"),
+        input_titles=("Text", "Hypothesis"),
+        instruction="Decide whether the text implies that the hypothesis is true.",
+        label_names=("entailment", "not_entailment"), label_words=_YES_NO,
+        metrics=("accuracy",), splits=("train", "validation", "test")),
+    Task(
+        name="wnli", input_columns=("sentence1", "sentence2"),
+        input_titles=("Text", "Hypothesis"),
+        instruction="Decide whether the text implies that the hypothesis is true; the "
+        "hypothesis replaces a pronoun of the text with one possible referent.",
+        label_names=("not_entailment", "entailment"), label_words=_NO_YES,
+        metrics=("accuracy",), splits=("train", "validation", "test")),
+    # The diagnostic set: MNLI-style pairs, test split only, scored (by the GLUE server) with
+    # Matthews correlation.
+    Task(
+        name="ax", input_columns=("premise", "hypothesis"),
+        input_titles=("Premise", "Hypothesis"), instruction=_NLI_INSTRUCTION,
+        label_names=_NLI_NAMES, label_words=_NLI_NAMES, case_sensitive=False,
+        metrics=("matthews_correlation",), splits=("test",)),
+)}
+
+
+def get_task(name: str) -> Task:
+  try:
+    return TASKS[name]
+  except KeyError:
+    raise KeyError(f"unknown task {name!r}; known tasks (nyu-mll/glue config names): "
+                   f"{', '.join(TASKS)}") from None
+
+
+def format_input(task: Task, example: Mapping[str, Any]) -> str:
+  """The example's inputs, one "Title: text" line per input column."""
+  lines = []
+  for column, title in zip(task.input_columns, task.input_titles):
+    if column not in example:
+      raise KeyError(f"task {task.name}: example has no column {column!r} (it has "
+                     f"{sorted(example)}); normalise the data with jax_nlu_ppo.data first")
+    lines.append(f"{title}: {str(example[column]).strip()}")
+  return "\n".join(lines)
+
+
+def _gold_answer(task: Task, example: Mapping[str, Any]) -> str:
+  if "label" not in example:
+    raise KeyError(f"task {task.name}: a demonstration needs a 'label', got {sorted(example)}")
+  return f"{OPEN_TAG} {task.answer_word(example['label'])} {CLOSE_TAG}"
+
+
+def build_prompt(
+    task: Task,
+    example: Mapping[str, Any],
+    fmt: Format = "paper",
+    shots: Sequence[Mapping[str, Any]] = (),
+) -> str | list[ChatMessage]:
+  """The prompt for `example`, with `shots` as solved demonstrations before it.
+
+  "paper" returns one string ending in "Assistant: <Judgement>"; "chat" returns chat messages
+  whose last (assistant) message is "<Judgement>" (see the module docstring for rendering).
+  """
+  if fmt == "paper":
+    parts = [f"System: {task.system_prompt()}"]
+    for shot in shots:
+      parts.append(f"User: {format_input(task, shot)}\nAssistant: {_gold_answer(task, shot)}")
+    parts.append(f"User: {format_input(task, example)}\nAssistant: {OPEN_TAG}")
+    return "\n\n".join(parts)
+  if fmt == "chat":
+    messages = [{"role": "system", "content": task.system_prompt()}]
+    for shot in shots:
+      messages.append({"role": "user", "content": format_input(task, shot)})
+      messages.append({"role": "assistant", "content": _gold_answer(task, shot)})
+    messages.append({"role": "user", "content": format_input(task, example)})
+    messages.append({"role": "assistant", "content": OPEN_TAG})
+    return messages
+  raise ValueError(f"build_prompt: fmt must be 'paper' or 'chat', got {fmt!r}")

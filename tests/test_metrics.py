@@ -1,0 +1,107 @@
+"""GLUE metrics against independent references: scikit-learn / scipy and NumPy formulas."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn import metrics as skm
+
+from jax_nlu_ppo import metrics
+
+
+def _random_classes(rng, n, k, unparsed_p=0.0):
+  golds = rng.integers(0, k, size=n)
+  preds = np.where(rng.random(n) < 0.7, golds, rng.integers(0, k, size=n))
+  preds = [None if rng.random() < unparsed_p else int(p) for p in preds]
+  return preds, golds.tolist()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_classification_matches_sklearn_when_all_parsed(seed):
+  rng = np.random.default_rng(seed)
+  preds, golds = _random_classes(rng, 300, 2)
+  got = metrics.compute_metrics(["accuracy", "f1", "matthews_correlation"], preds, golds)
+  assert got["accuracy"] == pytest.approx(skm.accuracy_score(golds, preds), abs=1e-12)
+  assert got["f1"] == pytest.approx(skm.f1_score(golds, preds, average="binary"), abs=1e-12)
+  assert got["matthews_correlation"] == pytest.approx(skm.matthews_corrcoef(golds, preds),
+                                                      abs=1e-12)
+  assert got["unparsed_rate"] == 0.0 and got["count"] == 300
+
+
+def _mcc_from_counts(c):
+  """Gorodkin's K-class MCC from a confusion matrix c[gold, pred] (a NumPy reference)."""
+  s, correct = c.sum(), np.trace(c)
+  t, p = c.sum(axis=1), c.sum(axis=0)
+  denominator = math.sqrt((s**2 - p @ p) * (s**2 - t @ t))
+  return 0.0 if denominator == 0 else (correct * s - t @ p) / denominator
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_unparsed_counts_as_wrong(seed):
+  rng = np.random.default_rng(seed)
+  preds, golds = _random_classes(rng, 400, 2, unparsed_p=0.15)
+  got = metrics.compute_metrics(["accuracy", "f1", "matthews_correlation"], preds, golds)
+  p = np.array([-1 if x is None else x for x in preds])
+  g = np.array(golds)
+  assert got["accuracy"] == pytest.approx(np.mean(p == g))
+  tp = np.sum((p == 1) & (g == 1))
+  fp = np.sum((p == 1) & (g != 1))
+  fn = np.sum((p != 1) & (g == 1))
+  assert got["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+  counts = np.zeros((3, 3))  # gold 0, 1 and (never) unparsed; predicted 0, 1, unparsed
+  for x, y in zip(p, g):
+    counts[y, x] += 1  # x == -1 lands in the last column
+  assert got["matthews_correlation"] == pytest.approx(_mcc_from_counts(counts))
+  assert got["unparsed_rate"] == pytest.approx(np.mean(p == -1))
+  # Counting unparsed rows as wrong scores below accuracy over the parsed rows alone.
+  assert got["accuracy"] < np.mean(p[p != -1] == g[p != -1])
+
+
+def test_three_class_accuracy_and_mcc():
+  rng = np.random.default_rng(7)
+  preds, golds = _random_classes(rng, 500, 3)
+  got = metrics.compute_metrics(["accuracy", "matthews_correlation"], preds, golds)
+  assert got["accuracy"] == pytest.approx(skm.accuracy_score(golds, preds))
+  assert got["matthews_correlation"] == pytest.approx(skm.matthews_corrcoef(golds, preds))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_regression_matches_scipy_over_parsed_rows(seed):
+  rng = np.random.default_rng(seed)
+  golds = rng.uniform(0, 5, size=200)
+  values = golds + rng.normal(0, 1, size=200)
+  parsed = rng.random(200) > 0.1
+  preds = [float(v) if ok else None for v, ok in zip(values, parsed)]
+  got = metrics.compute_metrics(["pearson", "spearman"], preds, golds.tolist())
+  assert got["pearson"] == pytest.approx(stats.pearsonr(values[parsed], golds[parsed])[0])
+  assert got["spearman"] == pytest.approx(stats.spearmanr(values[parsed], golds[parsed])[0])
+  assert got["unparsed_rate"] == pytest.approx(1 - parsed.mean())
+
+
+def test_regression_degenerate_is_nan():
+  assert math.isnan(metrics.pearson([None, None, 1.0], [1.0, 2.0, 3.0]))
+  assert math.isnan(metrics.spearman([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]))
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="unknown metric"):
+    metrics.compute_metrics(["bleu"], [1], [1])
+  with pytest.raises(ValueError, match="2 predictions but 1"):
+    metrics.compute_metrics(["accuracy"], [1, 0], [1])
+  with pytest.raises(ValueError, match="no examples"):
+    metrics.compute_metrics(["accuracy"], [], [])
+
+
+def test_confusion_matrix_has_unparsed_column():
+  preds = [0, 1, None, 2, 2, None, 0]
+  golds = [0, 1, 1, 2, 0, 2, 0]
+  cm = metrics.confusion_matrix(preds, golds, ("entailment", "neutral", "contradiction"))
+  expected = np.array([[2, 0, 1, 0],
+                       [0, 1, 0, 1],
+                       [0, 0, 1, 1]])
+  np.testing.assert_array_equal(cm.counts_kc, expected)
+  assert cm.column_names[-1] == "unparsed"
+  assert cm.counts_kc.sum() == len(golds)
+  assert "unparsed" in str(cm) and "contradiction" in str(cm)
+  with pytest.raises(ValueError, match="gold labels must lie in 0..1"):
+    metrics.confusion_matrix([0], [2], ("no", "yes"))
