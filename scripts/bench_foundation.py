@@ -1,6 +1,7 @@
 """Load time, prefill and decode throughput of the embedded model, next to transformers.
 
     python scripts/bench_foundation.py [--batch 32 --prompt-len 64 --new-tokens 16] [--output F]
+    python scripts/bench_foundation.py --preset llama3p2_1b --dtype bfloat16   # random weights
 
 Both sides run on the same machine in this one process, float32, greedy, exactly
 `--new-tokens` tokens per row (EOS ignored). Compile seconds are reported beside run seconds:
@@ -49,9 +50,21 @@ def timed(fn, repeats: int) -> tuple[float, float]:
   return first, statistics.median(runs)
 
 
+def random_model(args) -> jax_nlu_ppo.LanguageModel:
+  """A preset's shape with random weights: speed does not depend on the weights' values."""
+  from flax import nnx
+  from jax_nlu_ppo.model import Llama
+  config = getattr(jax_nlu_ppo.LlamaConfig, args.preset)()
+  dtype = pretrained._DTYPES[args.dtype]  # pylint: disable=protected-access
+  graphdef, params = nnx.split(jax.jit(lambda: Llama(config, dtype=dtype, param_dtype=dtype,
+                                                     rngs=nnx.Rngs(0)))())
+  return jax_nlu_ppo.LanguageModel(config, graphdef, params, dtype=dtype)
+
+
 def bench_ours(args, ids_bt):
   start = time.perf_counter()
-  lm = jax_nlu_ppo.load_pretrained(args.model)
+  lm = (random_model(args) if args.preset
+        else jax_nlu_ppo.load_pretrained(args.model, dtype=args.dtype))
   load_s = time.perf_counter() - start
   mask_bt = np.ones_like(ids_bt)
   greedy = sampling.SamplingConfig(temperature=0.0)
@@ -71,19 +84,28 @@ def bench_ours(args, ids_bt):
 def bench_torch(args, ids_bt):
   import torch
   import transformers
-  path = pretrained.embedded_model_path(args.model)
-  folder, name = os.path.split(path)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
   start = time.perf_counter()
-  model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
+  if args.preset:
+    config = getattr(jax_nlu_ppo.LlamaConfig, args.preset)()
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf()))
+  else:
+    folder, name = os.path.split(pretrained.embedded_model_path(args.model))
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+  model = model.to(device=device, dtype=dtype).eval()
   load_s = time.perf_counter() - start
-  ids = torch.tensor(ids_bt, dtype=torch.long)
+  ids = torch.tensor(ids_bt, dtype=torch.long, device=device)
 
   def run(new_tokens):
     def go():
       with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              do_sample=False, pad_token_id=0)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+      if device == "cuda":
+        torch.cuda.synchronize()
+      return out
     return go
 
   _, prefill_s = timed(run(1), args.repeats)
@@ -94,6 +116,9 @@ def bench_torch(args, ids_bt):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", default=pretrained.DEFAULT_MODEL)
+  parser.add_argument("--preset", help="a LlamaConfig preset with random weights, e.g. "
+                      "llama3p2_1b, instead of the embedded model")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--prompt-len", type=int, default=64)
   parser.add_argument("--new-tokens", type=int, default=16)
@@ -102,13 +127,18 @@ def main(argv=None):
   parser.add_argument("--output", help="write the figures as JSON here")
   args = parser.parse_args(argv)
 
-  print(f"devices: {jax.devices()}  batch {args.batch} x {args.prompt_len} prompt tokens "
-        f"x {args.new_tokens} new tokens, float32, greedy")
-  from transformers import AutoTokenizer
-  path = pretrained.embedded_model_path(args.model)
-  tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path),
-                                            gguf_file=os.path.basename(path))
-  ids_bt = prompt_ids(tokenizer, args.batch, args.prompt_len)
+  print(f"devices: {jax.devices()}  model {args.preset or args.model}  batch {args.batch} x "
+        f"{args.prompt_len} prompt tokens x {args.new_tokens} new tokens, {args.dtype}, greedy")
+  if args.preset:
+    vocab = getattr(jax_nlu_ppo.LlamaConfig, args.preset)().vocab_size
+    ids_bt = np.random.default_rng(0).integers(100, vocab, (args.batch, args.prompt_len))
+    ids_bt = ids_bt.astype(np.int32)
+  else:
+    from transformers import AutoTokenizer
+    path = pretrained.embedded_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                              gguf_file=os.path.basename(path))
+    ids_bt = prompt_ids(tokenizer, args.batch, args.prompt_len)
   results = {"ours": bench_ours(args, ids_bt)}
   if not args.skip_torch:
     results["transformers"] = bench_torch(args, ids_bt)
