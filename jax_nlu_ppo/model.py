@@ -33,7 +33,11 @@ def _param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], dtype, names:
 
 
 class Einsum(nnx.Module):
-  """A projection `y = einsum(eqn, x, kernel) (+ bias)` whose kernel has named axes."""
+  """A projection `y = einsum(eqn, x, kernel) (+ bias)` whose kernel has named axes.
+
+  `adapter` is an optional low-rank residual (`lora.LoraAdapter`) added to the output; the
+  kernel itself is never modified, so the frozen base stays shared.
+  """
 
   def __init__(self, eqn: str, shape: tuple[int, ...], names: tuple[str, ...], *, bias_ndim: int,
                use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
@@ -46,12 +50,19 @@ class Einsum(nnx.Module):
     self.kernel = _param(rngs, init, shape, param_dtype, names)
     self.bias = (_param(rngs, nnx.initializers.zeros, shape[-bias_ndim:], param_dtype,
                         names[-bias_ndim:]) if use_bias else None)
+    self.adapter = nnx.data(None)
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
     y = jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.adapter is not None:
+      y = y + self.adapter(x, dropout_key).astype(self.dtype)
     return y
+
+
+def _keys(key: Array | None, n: int) -> list[Array | None]:
+  return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 class RMSNorm(nnx.Module):
@@ -103,10 +114,12 @@ class Attention(nnx.Module):
     self.scale = h ** -0.5
 
   def __call__(self, x_btd: Array, sin_bth: Array, cos_bth: Array, mask_bts: Array,
-               kv_bskh: tuple[Array, Array] | None, cache_index: Array | None):
-    q_btnh = rope(self.q_proj(x_btd), sin_bth, cos_bth)
-    k_btkh = rope(self.k_proj(x_btd), sin_bth, cos_bth)
-    v_btkh = self.v_proj(x_btd)
+               kv_bskh: tuple[Array, Array] | None, cache_index: Array | None,
+               dropout_key: Array | None = None):
+    q_key, k_key, v_key, o_key = _keys(dropout_key, 4)
+    q_btnh = rope(self.q_proj(x_btd, q_key), sin_bth, cos_bth)
+    k_btkh = rope(self.k_proj(x_btd, k_key), sin_bth, cos_bth)
+    v_btkh = self.v_proj(x_btd, v_key)
     if kv_bskh is None:
       k_bskh, v_bskh = k_btkh, v_btkh
     else:
@@ -120,7 +133,7 @@ class Attention(nnx.Module):
     logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, _MASK_VALUE)
     probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskh.dtype)
     out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
-    out_btd = self.o_proj(out_btkgh.reshape(b, t, n, h).astype(x_btd.dtype))
+    out_btd = self.o_proj(out_btkgh.reshape(b, t, n, h).astype(x_btd.dtype), o_key)
     return out_btd, (k_bskh, v_bskh)
 
 
@@ -135,8 +148,10 @@ class MLP(nnx.Module):
     self.up_proj = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), **kw)
     self.down_proj = Einsum("btf,fd->btd", (f, d), ("mlp", "embed"), **kw)
 
-  def __call__(self, x_btd: Array) -> Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+  def __call__(self, x_btd: Array, dropout_key: Array | None = None) -> Array:
+    gate_key, up_key, down_key = _keys(dropout_key, 3)
+    hidden_btf = jax.nn.silu(self.gate_proj(x_btd, gate_key)) * self.up_proj(x_btd, up_key)
+    return self.down_proj(hidden_btf, down_key)
 
 
 class DecoderLayer(nnx.Module):
@@ -148,11 +163,12 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
     self.mlp = MLP(config, dtype=dtype, **kw)
 
-  def __call__(self, x_btd, sin_bth, cos_bth, mask_bts, kv_bskh, cache_index):
+  def __call__(self, x_btd, sin_bth, cos_bth, mask_bts, kv_bskh, cache_index, dropout_key=None):
+    attn_key, mlp_key = _keys(dropout_key, 2)
     attn_btd, kv_bskh = self.self_attn(self.input_layernorm(x_btd), sin_bth, cos_bth, mask_bts,
-                                       kv_bskh, cache_index)
+                                       kv_bskh, cache_index, attn_key)
     x_btd = x_btd + attn_btd
-    x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+    x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd), mlp_key)
     return x_btd, kv_bskh
 
 
@@ -185,7 +201,8 @@ class Llama(nnx.Module):
         (config.hidden_size, config.vocab_size), param_dtype, ("embed", "vocab"))
 
   def __call__(self, tokens_bt: Array, positions_bt: Array, mask_bts: Array,
-               cache: KVCache | None = None, cache_index: Array | int = 0):
+               cache: KVCache | None = None, cache_index: Array | int = 0,
+               dropout_key: Array | None = None):
     """Runs the decoder.
 
     Args:
@@ -194,6 +211,7 @@ class Llama(nnx.Module):
       mask_bts: which key slot each query may attend to (causal and padding already applied).
       cache: when given, keys/values of `tokens_bt` are written at `cache_index` and attention
         runs over all cache slots (`s` = cache length); otherwise over `tokens_bt` alone.
+      dropout_key: enables adapter dropout (training); None runs deterministically.
     Returns:
       (hidden_btd after the final norm, updated cache or None).
     """
@@ -207,14 +225,16 @@ class Llama(nnx.Module):
     graphdef, layer_state = nnx.split(self.layers)
 
     def body(x_btd, xs):
-      state, kv_bskh = xs
+      state, kv_bskh, layer_key = xs
       layer = nnx.merge(graphdef, state)
-      return layer(x_btd, sin_bth, cos_bth, mask_bts, kv_bskh, cache_index)
+      return layer(x_btd, sin_bth, cos_bth, mask_bts, kv_bskh, cache_index, layer_key)
 
     if self.remat_policy is not None:
       body = jax.checkpoint(body, policy=self.remat_policy)
     kv = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
-    x_btd, kv_lbskh = jax.lax.scan(body, x_btd, (layer_state, kv))
+    layer_keys = (None if dropout_key is None
+                  else jax.random.split(dropout_key, self.config.num_layers))
+    x_btd, kv_lbskh = jax.lax.scan(body, x_btd, (layer_state, kv, layer_keys))
     new_cache = None if cache is None else KVCache(*kv_lbskh)
     return self.norm(x_btd), new_cache
 

@@ -141,6 +141,54 @@ def _generate(graphdef, params, prompt_bt, prompt_mask_bt, key, *, max_new_token
                                eos_ids=eos_ids, pad_id=pad_id)
 
 
+Prompt = str | list[dict[str, str]]
+
+
+def render_prompt(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
+  """Token ids of one prompt.
+
+  A string is a user message (through the chat template if `chat`) or raw text. A list of chat
+  messages goes through the template; if it ends with an assistant message, that turn is left
+  open for the model to continue (e.g. a started "<Judgement>").
+  """
+  if isinstance(prompt, str) and not chat:
+    return tokenizer(prompt)["input_ids"]
+  if not tokenizer.chat_template:
+    raise ValueError("chat prompts need a chat template and this tokenizer has none; "
+                     "pass chat=False (or the paper's plain-text prompt format)")
+  messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+  open_turn = messages[-1]["role"] == "assistant"
+  text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                       add_generation_prompt=not open_turn,
+                                       continue_final_message=open_turn)
+  return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Prompt], chat: bool = True,
+                   length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded (ids, mask), padded to `length` or the bucket of the longest prompt."""
+  ids = [render_prompt(tokenizer, p, chat) for p in prompts]
+  longest = max(len(x) for x in ids)
+  length = length or bucket_length(longest)
+  if longest > length:
+    raise ValueError(f"a prompt has {longest} tokens, more than the {length} allowed")
+  ids_bt = np.full((len(ids), length), tokenizer.pad_token_id, np.int32)
+  mask_bt = np.zeros((len(ids), length), np.int32)
+  for row, x in enumerate(ids):
+    ids_bt[row, length - len(x):] = x
+    mask_bt[row, length - len(x):] = 1
+  return ids_bt, mask_bt
+
+
+def decode_responses(tokenizer, gen: sampling_lib.Generation, eos_ids) -> list[str]:
+  """The text of each generated row: its tokens up to (not including) EOS."""
+  tokens_bn, keep_bn = np.asarray(gen.tokens_bn), np.asarray(gen.mask_bn)
+  eos = set(eos_ids)
+  return [tokenizer.decode([int(x) for x, keep in zip(row, keep_row) if keep and x not in eos],
+                           skip_special_tokens=True)
+          for row, keep_row in zip(tokens_bn, keep_bn)]
+
+
 class LanguageModel:
   """A loaded LLaMA-family model: config, parameters, tokenizer, and jitted logits / generate.
 
@@ -174,38 +222,26 @@ class LanguageModel:
     out = _forward_logits(self.graphdef, self.params, ids_bt, mask_bt)
     return np.asarray(out[:, :t], np.float32)
 
-  def encode(self, prompts: Sequence[str], chat: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded ids and mask for `prompts`, rendered through the chat template if `chat`."""
-    tok = self._require_tokenizer()
-    if chat:
-      if not tok.chat_template:
-        raise ValueError("chat=True but this tokenizer has no chat template; pass chat=False")
-      texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                       add_generation_prompt=True) for p in prompts]
-      ids = [tok(x, add_special_tokens=False)["input_ids"] for x in texts]
-    else:
-      ids = [tok(p)["input_ids"] for p in prompts]
-    length = bucket_length(max(len(x) for x in ids))
-    ids_bt = np.full((len(ids), length), tok.pad_token_id, np.int32)
-    mask_bt = np.zeros((len(ids), length), np.int32)
-    for row, x in enumerate(ids):
-      ids_bt[row, length - len(x):] = x
-      mask_bt[row, length - len(x):] = 1
-    return ids_bt, mask_bt
+  def encode(self, prompts: Sequence[Prompt], chat: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded ids and mask for `prompts` (see `encode_prompts`)."""
+    return encode_prompts(self._require_tokenizer(), prompts, chat)
+
+  @property
+  def pad_id(self) -> int:
+    if self.tokenizer is not None:
+      return int(self.tokenizer.pad_token_id)
+    return int(self.config.pad_token_id or 0)
 
   def generate_ids(self, prompt_bt, prompt_mask_bt, max_new_tokens: int,
                    sampling: sampling_lib.SamplingConfig, seed: int = 0
                    ) -> sampling_lib.Generation:
     """Token-level generation over a left-padded batch (one compiled program per shape)."""
-    pad_id = self.config.pad_token_id
-    if self.tokenizer is not None:
-      pad_id = self.tokenizer.pad_token_id
     return _generate(self.graphdef, self.params, jnp.asarray(prompt_bt),
                      jnp.asarray(prompt_mask_bt), jax.random.key(seed),
                      max_new_tokens=max_new_tokens, sampling=sampling,
-                     eos_ids=self._eos_ids(), pad_id=int(pad_id or 0))
+                     eos_ids=self.eos_ids(), pad_id=self.pad_id)
 
-  def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
+  def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 32, temperature: float = 0.0,
                chat: bool = True, top_k: int = 0, top_p: float = 1.0, seed: int = 0
                ) -> list[str]:
     """Answers to `prompts` (greedy at temperature 0), in batches of `batch_size`."""
@@ -220,14 +256,10 @@ class LanguageModel:
       ids_bt = np.concatenate([ids_bt, np.repeat(ids_bt[:1], fill, 0)])
       mask_bt = np.concatenate([mask_bt, np.repeat(mask_bt[:1], fill, 0)])
       gen = self.generate_ids(ids_bt, mask_bt, max_new_tokens, sampling, seed + start)
-      tokens_bn, keep_bn = np.asarray(gen.tokens_bn), np.asarray(gen.mask_bn)
-      eos = set(self._eos_ids())
-      for row in range(len(chunk)):
-        ids = [int(x) for x, keep in zip(tokens_bn[row], keep_bn[row]) if keep and x not in eos]
-        outputs.append(tok.decode(ids, skip_special_tokens=True))
+      outputs += decode_responses(tok, gen, self.eos_ids())[:len(chunk)]
     return outputs
 
-  def _eos_ids(self) -> tuple[int, ...]:
+  def eos_ids(self) -> tuple[int, ...]:
     ids = set(self.config.eos_token_ids)
     if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
       ids.add(self.tokenizer.eos_token_id)

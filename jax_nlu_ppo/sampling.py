@@ -73,13 +73,15 @@ def sample(logits_bv: Array, key: Array, sampling: SamplingConfig) -> tuple[Arra
 
 def generate(model: model_lib.Llama, prompt_bt: Array, prompt_mask_bt: Array, key: Array, *,
              max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...],
-             pad_id: int, cache_dtype=None) -> Generation:
+             pad_id: int, limit: Array | int | None = None, cache_dtype=None) -> Generation:
   """Samples up to `max_new_tokens` per row; a row stops at its first EOS, the loop when all have.
 
   `prompt_bt` must be left-padded (`prompt_mask_bt` False on padding). Everything here is
   traceable: call it under `jax.jit` with `max_new_tokens`, `sampling`, `eos_ids` and `pad_id`
-  static.
+  static. `limit` (traced) stops earlier without a new compile: a run that draws its length per
+  batch (the paper's 12..31) keeps one output shape, `max_new_tokens`.
   """
+  limit = max_new_tokens if limit is None else jnp.minimum(limit, max_new_tokens)
   b, t = prompt_bt.shape
   cache = model_lib.KVCache.zeros(model.config, b, t + max_new_tokens,
                                   cache_dtype or model.dtype)
@@ -93,7 +95,7 @@ def generate(model: model_lib.Llama, prompt_bt: Array, prompt_mask_bt: Array, ke
 
   def cond(carry):
     i, _, _, _, done_b, *_ = carry
-    return (i < max_new_tokens) & ~jnp.all(done_b)
+    return (i < limit) & ~jnp.all(done_b)
 
   def body(carry):
     i, cache, logits_bv, position_b, done_b, tokens_bn, mask_bn, logprobs_bn, key = carry

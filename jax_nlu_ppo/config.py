@@ -1,0 +1,205 @@
+"""Run configuration: typed frozen dataclasses, read from YAML, overridden by dotted keys.
+
+    config = load_config("configs/paper/sst2.yaml", ["ppo.kl.target=6", "lora.rank=16"])
+
+Unknown keys and values of the wrong type are errors that name the key (and the file), raised
+before any model is loaded or any function compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from jax_nlu_ppo import answer
+from jax_nlu_ppo import data as data_lib
+from jax_nlu_ppo import lora as lora_lib
+from jax_nlu_ppo import ppo as ppo_lib
+
+
+class ConfigError(ValueError):
+  """A config key or value that cannot be used; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  name: str = "smollm2-135m-instruct"   # embedded name, HF folder, .gguf file or hub id
+  dtype: str = "float32"
+  gguf_file: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """How prompts are answered during training. The length is drawn per batch (the paper's)."""
+  batch_size: int = 16              # prompts per PPO iteration (x group_size samples)
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  min_new_tokens: int = 12
+  max_new_tokens: int = 31
+  prompt_format: str = "chat"       # "chat" (the tokenizer's template) or "paper" (plain text)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  model: ModelConfig = ModelConfig()
+  lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
+  ppo: ppo_lib.PPOConfig = ppo_lib.PPOConfig()
+  optimizer: ppo_lib.OptimizerConfig = ppo_lib.OptimizerConfig()
+  rollout: RolloutConfig = RolloutConfig()
+  reward: answer.RewardConfig = answer.RewardConfig()
+  data: data_lib.DataConfig = data_lib.DataConfig(task="sst2", source="glue_dir",
+                                                  path="../shared/data/glue", shuffle_seed=0)
+  eval_data: data_lib.DataConfig | None = None
+  value_dropout: float = 0.1
+  steps: int = 100
+  seed: int = 0
+  eval_every: int = 0               # 0: evaluate only before and after training
+  output_dir: str | None = None
+
+  def __post_init__(self):
+    r, p = self.rollout, self.ppo
+    if not 1 <= r.min_new_tokens <= r.max_new_tokens:
+      raise ConfigError(f"rollout.min_new_tokens ({r.min_new_tokens}) must be in "
+                        f"1..rollout.max_new_tokens ({r.max_new_tokens})")
+    samples = r.batch_size * p.group_size
+    if samples % p.minibatch_size:
+      raise ConfigError(f"ppo.minibatch_size ({p.minibatch_size}) must divide the samples per "
+                        f"iteration, rollout.batch_size x ppo.group_size = {samples}")
+    if r.prompt_format not in ("chat", "paper"):
+      raise ConfigError(f"rollout.prompt_format must be 'chat' or 'paper', "
+                        f"got {r.prompt_format!r}")
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+  """`value` converted to `hint` where that is lossless (int -> float, list -> tuple)."""
+  origin = typing.get_origin(hint)
+  if origin in (typing.Union, types.UnionType):
+    options = typing.get_args(hint)
+    if value is None and type(None) in options:
+      return None
+    errors = []
+    for option in options:
+      if option is type(None):
+        continue
+      try:
+        return _check_type(value, option, key)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+  if dataclasses.is_dataclass(hint):
+    if isinstance(value, hint):
+      return value
+    if not isinstance(value, dict):
+      raise ConfigError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}")
+    return from_dict(hint, value, key)
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key}: expected a list, got {value!r}")
+    item = typing.get_args(hint)[0]
+    return tuple(_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+  if origin in (dict, typing.Mapping) or hint is typing.Mapping or origin is not None and (
+      getattr(origin, "__name__", "") == "Mapping"):
+    if not isinstance(value, dict):
+      raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    return dict(value)
+  if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if hint in (int, float, str, bool):
+    if type(value) is not hint:
+      raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+  if hint is typing.Any:
+    return value
+  raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def from_dict(cls, values: dict[str, Any], prefix: str = ""):
+  """Builds dataclass `cls` from a nested dict; unknown keys and wrong types name the key."""
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    where = f"{prefix}." if prefix else ""
+    raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+  kwargs = {}
+  for name, value in values.items():
+    key = f"{prefix}.{name}" if prefix else name
+    kwargs[name] = _check_type(value, hints[name], key)
+  try:
+    return cls(**kwargs)
+  except ConfigError:
+    raise
+  except (ValueError, TypeError, KeyError) as e:
+    raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def to_dict(config) -> dict[str, Any]:
+  """The config as plain YAML-able data (the resolved config a run folder keeps)."""
+  def convert(x):
+    if dataclasses.is_dataclass(x):
+      return {f.name: convert(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, tuple):
+      return [convert(v) for v in x]
+    if isinstance(x, dict):
+      return {k: convert(v) for k, v in x.items()}
+    return x
+  return convert(config)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split(".")
+  for part in parents:
+    node = tree.get(part)
+    if node is None:
+      node = tree[part] = {}
+    elif not isinstance(node, dict):
+      raise ConfigError(f"override {dotted}: {part} is not a section")
+    tree = node
+  tree[leaf] = value
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides: list[str] = (),
+                cls=TrainConfig):
+  """Defaults <- YAML file (its `base:` chain first) <- `key.sub=value` overrides."""
+  values: dict[str, Any] = {}
+  if path is not None:
+    values = _read_yaml(pathlib.Path(path))
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, raw = item.split("=", 1)
+    _set_dotted(values, dotted.strip(), yaml.safe_load(raw))
+  try:
+    return from_dict(cls, values)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def _read_yaml(path: pathlib.Path) -> dict[str, Any]:
+  if not path.exists():
+    raise ConfigError(f"{path}: config file not found")
+  try:
+    values = yaml.safe_load(path.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path}: not valid YAML ({e})") from None
+  if not isinstance(values, dict):
+    raise ConfigError(f"{path}: the top level must be a mapping of sections")
+  base = values.pop("base", None)
+  if base is None:
+    return values
+  merged = _read_yaml(path.parent / base)
+  _deep_update(merged, values)
+  return merged
+
+
+def _deep_update(target: dict, source: dict) -> None:
+  for key, value in source.items():
+    if isinstance(value, dict) and isinstance(target.get(key), dict):
+      _deep_update(target[key], value)
+    else:
+      target[key] = value

@@ -1,0 +1,113 @@
+"""LoRA adapters (Hu et al. 2021) on the decoder's projections, as their own parameter pytree.
+
+y = W x + scale * B A dropout(x), with B zero-initialised so a fresh adapter leaves the model
+unchanged. scale = alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA (rsLoRA,
+Kalajdzievski 2023, the paper's setting). Adapter weights are `nnx.LoRAParam`s, so
+`nnx.split(model, nnx.LoRAParam, ...)` separates them from the frozen base, which is never
+copied or differentiated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_nlu_ppo import model as model_lib
+
+Array = jax.Array
+
+BLOCKS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+          "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+ALL_TARGETS = tuple(BLOCKS)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  rank: int = 16
+  alpha: float = 32.0
+  dropout: float = 0.05
+  targets: tuple[str, ...] = ALL_TARGETS
+  rslora: bool = False
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+    if not 0 <= self.dropout < 1:
+      raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+    unknown = sorted(set(self.targets) - set(BLOCKS))
+    if unknown or not self.targets:
+      raise ValueError(f"lora.targets has unknown modules {unknown}; choose from "
+                       f"{', '.join(ALL_TARGETS)}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def _adapter_equations(eqn: str) -> tuple[str, str, int]:
+  """Splits a projection `x,kernel->y` into `x,a->...r` and `...r,b->y`; returns n input axes."""
+  lhs, out = eqn.split("->")
+  x, kernel = lhs.split(",")
+  inputs = "".join(c for c in kernel if c in x)
+  outputs = "".join(c for c in kernel if c not in x)
+  batch = "".join(c for c in x if c not in kernel)
+  return f"{x},{inputs}r->{batch}r", f"{batch}r,r{outputs}->{out}", len(inputs)
+
+
+class LoraAdapter(nnx.Module):
+  """The low-rank residual of one projection, stacked over layers like the projection itself."""
+
+  def __init__(self, proj: model_lib.Einsum, config: LoraConfig, rngs: nnx.Rngs):
+    self.a_eqn, self.b_eqn, n_in = _adapter_equations(proj.eqn)
+    kernel = proj.kernel
+    layers, *shape = kernel.shape
+    names = kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim
+    in_shape, out_shape = tuple(shape[:n_in]), tuple(shape[n_in:])
+    # PEFT's init: kaiming-uniform A (bound 1/sqrt(fan_in)), zero B.
+    bound = 1 / math.sqrt(math.prod(in_shape))
+    a = jax.random.uniform(rngs.params(), (layers, *in_shape, config.rank), jnp.float32,
+                           -bound, bound)
+    self.a = nnx.LoRAParam(a, out_sharding=(*names[:1 + n_in], "lora"), eager_sharding=False)
+    self.b = nnx.LoRAParam(jnp.zeros((layers, config.rank, *out_shape), jnp.float32),
+                           out_sharding=(names[0], "lora", *names[1 + n_in:]),
+                           eager_sharding=False)
+    self.scale = config.scale
+    self.dropout = config.dropout
+
+  def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
+    x = x.astype(jnp.float32)
+    if dropout_key is not None and self.dropout > 0:
+      keep = jax.random.bernoulli(dropout_key, 1 - self.dropout, x.shape)
+      x = jnp.where(keep, x / (1 - self.dropout), 0)
+    low_rank = jnp.einsum(self.a_eqn, x, self.a[...])
+    return jnp.einsum(self.b_eqn, low_rank, self.b[...]) * self.scale
+
+
+def add_lora(llama: model_lib.Llama, config: LoraConfig, rngs: nnx.Rngs) -> model_lib.Llama:
+  """Attaches adapters to `config.targets` in every layer (in place); returns the model."""
+  for target in config.targets:
+    proj = getattr(getattr(llama.layers, BLOCKS[target]), target)
+    proj.adapter = nnx.data(LoraAdapter(proj, config, rngs))
+  return llama
+
+
+def merge_into_base(llama: model_lib.Llama) -> None:
+  """Folds every adapter into its kernel, `W + scale * A B`, and removes it (in place).
+
+  Used for export and to make a trained adapter the frozen base of a new run.
+  """
+  for target, block in BLOCKS.items():
+    proj = getattr(getattr(llama.layers, block), target)
+    adapter = proj.adapter
+    if adapter is None:
+      continue
+    a, b = adapter.a[...], adapter.b[...]
+    layers, rank = a.shape[0], a.shape[-1]
+    delta = jnp.einsum("lir,lro->lio", a.reshape(layers, -1, rank), b.reshape(layers, rank, -1))
+    kernel = proj.kernel[...]
+    proj.kernel[...] = (kernel.astype(jnp.float32) + adapter.scale * delta.reshape(kernel.shape)
+                        ).astype(kernel.dtype)
+    proj.adapter = nnx.data(None)

@@ -1,0 +1,220 @@
+"""The PPO step as pure functions: rollout, experience, advantages and the minibatch update.
+
+Each takes the frozen `graphdef` and `base` and returns new arrays; the trainer jits each once.
+Sequences are [left-padded prompt of static length P | response of static length N]; the
+response mask marks generated tokens up to and including EOS.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jax_nlu_ppo import policy as policy_lib
+from jax_nlu_ppo import ppo_math
+from jax_nlu_ppo import sampling as sampling_lib
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+  """PPO hyper-parameters; defaults follow the paper's public code (TRL legacy PPOTrainer)."""
+  gamma: float = 1.0
+  lam: float = 0.95
+  cliprange: float = 0.2
+  cliprange_value: float = 0.2
+  vf_coef: float = 0.1
+  ent_coef: float = 0.0
+  kl: ppo_math.KLControlConfig = ppo_math.KLControlConfig()
+  kl_estimator: str = "k1"
+  whiten_advantages: bool = True
+  ppo_epochs: int = 4
+  minibatch_size: int = 8
+  ratio_threshold: float = 10.0
+  # "gae" uses the critic; "grpo" / "rloo" are critic-free group baselines over `group_size`
+  # samples of each prompt, with the KL to the reference as a loss term instead of a reward.
+  advantage: str = "gae"
+  group_size: int = 1
+
+  def __post_init__(self):
+    if self.advantage not in ("gae", "grpo", "rloo"):
+      raise ValueError(f"ppo.advantage must be 'gae', 'grpo' or 'rloo', got {self.advantage!r}")
+    if self.advantage != "gae" and self.group_size < 2:
+      raise ValueError(f"ppo.advantage={self.advantage!r} needs ppo.group_size >= 2")
+    if self.kl_estimator not in ("k1", "k2", "k3"):
+      raise ValueError(f"ppo.kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+
+  @property
+  def uses_critic(self) -> bool:
+    return self.advantage == "gae"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  name: str = "adamw"          # "adamw" or "adafactor" (the paper's)
+  learning_rate: float = 1e-4
+  schedule: str = "constant"   # "constant", "linear" or "cosine" decay after warm-up
+  warmup_steps: int = 0
+  decay_steps: int = 1000
+  weight_decay: float = 0.0
+  max_grad_norm: float | None = 1.0
+
+  def __post_init__(self):
+    if self.name not in ("adamw", "adafactor"):
+      raise ValueError(f"optimizer.name must be 'adamw' or 'adafactor', got {self.name!r}")
+    if self.schedule not in ("constant", "linear", "cosine"):
+      raise ValueError(f"optimizer.schedule must be constant, linear or cosine, "
+                       f"got {self.schedule!r}")
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+  lr = config.learning_rate
+  if config.schedule == "constant":
+    schedule = optax.constant_schedule(lr)
+  elif config.schedule == "linear":
+    schedule = optax.linear_schedule(lr, 0.0, max(config.decay_steps, 1))
+  else:
+    schedule = optax.cosine_decay_schedule(lr, max(config.decay_steps, 1))
+  if config.warmup_steps:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, config.warmup_steps), schedule], [config.warmup_steps])
+  if config.name == "adafactor":
+    # As transformers' Adafactor(scale_parameter=False, relative_step=False, lr=...) in the
+    # paper's code: factored second moments, no momentum, update clipping at 1.
+    opt = optax.adafactor(schedule, multiply_by_parameter_scale=False, clipping_threshold=1.0,
+                          weight_decay_rate=config.weight_decay or None)
+  else:
+    opt = optax.adamw(schedule, weight_decay=config.weight_decay)
+  if config.max_grad_norm:
+    opt = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), opt)
+  return opt
+
+
+@flax.struct.dataclass
+class PPOState:
+  """Everything the update changes: a checkpoint holds this (plus data position)."""
+  step: Array
+  trainable: Any          # nnx.State of adapters + value head
+  opt_state: Any
+  kl_coef: Array
+
+
+@flax.struct.dataclass
+class Batch:
+  """One row per sample; what the update needs, all fixed before the first epoch."""
+  tokens_bt: Array        # prompt + response
+  mask_bt: Array
+  response_bn: Array
+  response_mask_bn: Array
+  old_logp_bn: Array
+  ref_logp_bn: Array
+  old_values_bn: Array
+  advantages_bn: Array
+  returns_bn: Array
+
+
+def _scaled(logits_bnv: Array, temperature: float) -> Array:
+  # The policy being optimised is the distribution rollouts sample from.
+  return logits_bnv / temperature if temperature > 0 else logits_bnv
+
+
+def rollout(graphdef, base, trainable, prompt_bt, prompt_mask_bt, key, limit, *,
+            max_new_tokens: int, sampling: sampling_lib.SamplingConfig,
+            eos_ids: tuple[int, ...], pad_id: int) -> sampling_lib.Generation:
+  """Samples responses from the current policy (adapters on, dropout off)."""
+  policy = policy_lib.with_trainable(graphdef, base, trainable)
+  return sampling_lib.generate(policy.llama, prompt_bt, prompt_mask_bt, key,
+                               max_new_tokens=max_new_tokens, sampling=sampling,
+                               eos_ids=eos_ids, pad_id=pad_id, limit=limit)
+
+
+def experience(graphdef, base, trainable, reference, tokens_bt, mask_bt, response_bn, *,
+               temperature: float) -> tuple[Array, Array, Array]:
+  """(log pi_old, V_old, log pi_ref) of each response token, without dropout."""
+  prompt_len = tokens_bt.shape[1] - response_bn.shape[1]
+  out = policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, trainable),
+                                    tokens_bt, mask_bt, prompt_len)
+  ref = policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, reference),
+                                    tokens_bt, mask_bt, prompt_len)
+  logp_bn = ppo_math.token_logprobs(_scaled(out.logits_bnv, temperature), response_bn)
+  ref_logp_bn = ppo_math.token_logprobs(_scaled(ref.logits_bnv, temperature), response_bn)
+  return logp_bn, out.values_bn, ref_logp_bn
+
+
+def advantages(scores_b, old_logp_bn, ref_logp_bn, old_values_bn, response_mask_bn, kl_coef, *,
+               config: PPOConfig) -> tuple[Array, Array, Array]:
+  """(advantages, returns, per-token KL): GAE on KL-penalised rewards, or group baselines."""
+  mask_bn = response_mask_bn.astype(bool)
+  if config.uses_critic:
+    rewards = ppo_math.kl_penalized_rewards(scores_b, old_logp_bn, ref_logp_bn, mask_bn,
+                                            kl_coef, config.kl_estimator)
+    adv = ppo_math.gae(rewards.rewards_bt, old_values_bn, mask_bn, config.gamma, config.lam)
+    advantages_bn, returns_bn, kl_bn = adv.advantages_bt, adv.returns_bt, rewards.kl_bt
+  else:
+    group_b = ppo_math.group_advantages(scores_b, config.group_size, config.advantage)
+    advantages_bn = jnp.where(mask_bn, group_b[:, None], 0.0)
+    returns_bn = jnp.zeros_like(advantages_bn)
+    kl_bn = jnp.where(mask_bn, ppo_math.kl_estimate(old_logp_bn, ref_logp_bn,
+                                                    config.kl_estimator), 0.0)
+  if config.whiten_advantages:
+    advantages_bn = jnp.where(mask_bn, ppo_math.masked_whiten(advantages_bn, mask_bn), 0.0)
+  return advantages_bn, returns_bn, kl_bn
+
+
+def loss_fn(trainable, graphdef, base, batch: Batch, dropout_key, kl_coef, *, config: PPOConfig,
+            temperature: float):
+  """pg + vf_coef * vf - ent_coef * H (+ kl_coef * KL for critic-free advantages)."""
+  prompt_len = batch.tokens_bt.shape[1] - batch.response_bn.shape[1]
+  policy = policy_lib.with_trainable(graphdef, base, trainable)
+  out = policy_lib.response_outputs(policy, batch.tokens_bt, batch.mask_bt, prompt_len,
+                                    dropout_key)
+  logits_bnv = _scaled(out.logits_bnv, temperature)
+  mask_bn = batch.response_mask_bn.astype(bool)
+  logp_bn = ppo_math.token_logprobs(logits_bnv, batch.response_bn)
+  pg = ppo_math.policy_loss(logp_bn, batch.old_logp_bn, batch.advantages_bn, mask_bn,
+                            config.cliprange)
+  entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits_bnv), mask_bn)
+  loss = pg.loss - config.ent_coef * entropy
+  metrics = {"policy/approxkl": pg.approx_kl, "policy/clipfrac": pg.clipfrac,
+             "policy/ratio": pg.ratio_mean, "loss/policy": pg.loss, "objective/entropy": entropy}
+  if config.uses_critic:
+    vf = ppo_math.value_loss(out.values_bn, batch.old_values_bn, batch.returns_bn, mask_bn,
+                             config.cliprange_value)
+    loss = loss + config.vf_coef * vf.loss
+    metrics |= {"loss/value": vf.loss, "val/clipfrac": vf.clipfrac,
+                "val/vpred": ppo_math.masked_mean(out.values_bn, mask_bn)}
+  else:
+    kl = ppo_math.masked_mean(ppo_math.kl_k3(logp_bn, batch.ref_logp_bn), mask_bn)
+    loss = loss + kl_coef * kl
+    metrics["loss/kl"] = kl
+  metrics["loss/total"] = loss
+  return loss, (metrics, pg.ratio_mean)
+
+
+def update_minibatch(state: PPOState, graphdef, base, batch: Batch, dropout_key, *,
+                     tx: optax.GradientTransformation, config: PPOConfig,
+                     temperature: float) -> tuple[PPOState, dict[str, Array]]:
+  """One optimiser step on one minibatch; a non-finite loss or exploding ratio skips it.
+
+  A skipped step leaves parameters and optimiser state exactly as they were and is counted in
+  `ppo/skipped`, so one bad batch can neither corrupt the adapters nor pass unnoticed.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (metrics, ratio)), grads = grad_fn(state.trainable, graphdef, base, batch, dropout_key,
+                                            state.kl_coef, config=config,
+                                            temperature=temperature)
+  grad_norm = optax.global_norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (ratio <= config.ratio_threshold)
+  updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  new_state = PPOState(step=state.step + ok.astype(jnp.int32),
+                       trainable=keep(trainable, state.trainable),
+                       opt_state=keep(opt_state, state.opt_state), kl_coef=state.kl_coef)
+  metrics = metrics | {"ppo/grad_norm": grad_norm, "ppo/skipped": 1.0 - ok.astype(jnp.float32)}
+  return new_state, metrics

@@ -1,0 +1,230 @@
+"""The PPO training loop: prompts -> rollout -> reward -> experience -> advantages -> updates.
+
+The host does what is text (prompts, answer extraction, logging); every array step is one of
+the pure functions of `ppo`, jitted once here.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import pathlib
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_nlu_ppo import answer as answer_lib
+from jax_nlu_ppo import data as data_lib
+from jax_nlu_ppo import evaluate as evaluate_lib
+from jax_nlu_ppo import policy as policy_lib
+from jax_nlu_ppo import ppo as ppo_lib
+from jax_nlu_ppo import ppo_math
+from jax_nlu_ppo import pretrained
+from jax_nlu_ppo import sampling as sampling_lib
+from jax_nlu_ppo import tasks as tasks_lib
+from jax_nlu_ppo.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+EVAL_MAX_NEW_TOKENS = 32
+
+
+class PPOTrainer:
+  """Owns the frozen base, the reference, the `PPOState` and the data position."""
+
+  def __init__(self, config: TrainConfig, lm: pretrained.LanguageModel | None = None,
+               train_examples: Sequence[dict[str, Any]] | None = None,
+               initial_trainable=None):
+    self.config = config
+    self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
+                                               config.model.gguf_file)
+    self.tokenizer = self.lm.tokenizer
+    self.task = tasks_lib.get_task(config.data.task)
+    self.train_examples = list(train_examples if train_examples is not None
+                               else self._load(config.data))
+    if not self.train_examples:
+      raise ValueError(f"no training examples for task {config.data.task}")
+
+    llama = nnx.merge(self.lm.graphdef, self.lm.params)
+    policy = policy_lib.make_policy(llama, config.lora, config.value_dropout, config.seed)
+    self.graphdef, trainable, self.base = policy_lib.split(policy)
+    if initial_trainable is not None:
+      nnx.replace_by_pure_dict(trainable, nnx.to_pure_dict(initial_trainable))
+    # The KL reference is the starting policy (the base itself for a fresh adapter).
+    self.reference = jax.tree.map(jnp.copy, trainable)
+    self.tx = ppo_lib.make_optimizer(config.optimizer)
+    self.state = ppo_lib.PPOState(step=jnp.int32(0), trainable=trainable,
+                                  opt_state=self.tx.init(trainable),
+                                  kl_coef=jnp.float32(config.ppo.kl.init_coef))
+    self.key = jax.random.key(config.seed)
+    self.host_rng = np.random.default_rng(config.seed)
+    self.position = 0          # index into train_examples of the next prompt
+    self.iteration = 0
+    self.rule = self.task.extraction_rule(lenient=False)
+
+    r = config.rollout
+    self.sampling = sampling_lib.SamplingConfig(r.temperature, r.top_k, r.top_p)
+    self._rollout = jax.jit(functools.partial(
+        ppo_lib.rollout, max_new_tokens=r.max_new_tokens, sampling=self.sampling,
+        eos_ids=self.lm.eos_ids(), pad_id=self.lm.pad_id), static_argnums=0)
+    self._experience = jax.jit(functools.partial(ppo_lib.experience, temperature=r.temperature),
+                               static_argnums=0)
+    self._advantages = jax.jit(functools.partial(ppo_lib.advantages, config=config.ppo))
+    self._update = jax.jit(functools.partial(ppo_lib.update_minibatch, tx=self.tx,
+                                             config=config.ppo, temperature=r.temperature),
+                           static_argnums=1, donate_argnums=0)
+
+  @staticmethod
+  def _load(data_config: data_lib.DataConfig) -> list[dict[str, Any]]:
+    ds, report = data_lib.load(data_config)
+    if report.rows_skipped:
+      log.warning(report.summary())
+    return list(ds)
+
+  # --------------------------------------------------------------------------------------------
+  def next_examples(self, n: int) -> list[dict[str, Any]]:
+    """The next `n` training examples, cycling through the (already shuffled) list."""
+    out = []
+    for _ in range(n):
+      out.append(self.train_examples[self.position % len(self.train_examples)])
+      self.position += 1
+    return out
+
+  def encode(self, prompts) -> tuple[np.ndarray, np.ndarray]:
+    return pretrained.encode_prompts(self.tokenizer, prompts,
+                                     chat=self.config.rollout.prompt_format == "chat")
+
+  def step(self) -> dict[str, float]:
+    """One PPO iteration; returns its metrics (TRL names where TRL has one)."""
+    cfg, times = self.config, {}
+    group = cfg.ppo.group_size
+    start = time.perf_counter()
+    examples = [ex for ex in self.next_examples(cfg.rollout.batch_size) for _ in range(group)]
+    prompts = [tasks_lib.build_prompt(self.task, ex, cfg.rollout.prompt_format)
+               for ex in examples]
+    prompt_bt, prompt_mask_bt = self.encode(prompts)
+    self.key, rollout_key = jax.random.split(self.key)
+    limit = int(self.host_rng.integers(cfg.rollout.min_new_tokens,
+                                       cfg.rollout.max_new_tokens + 1))
+    gen = self._rollout(self.graphdef, self.base, self.state.trainable, prompt_bt,
+                        prompt_mask_bt, rollout_key, limit)
+    gen = jax.block_until_ready(gen)
+    times["time/rollout"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    responses = pretrained.decode_responses(self.tokenizer, gen, self.lm.eos_ids())
+    extractions = [answer_lib.extract(text, self.rule) for text in responses]
+    golds = [ex["label"] for ex in examples]
+    scores_b = np.asarray([answer_lib.reward(e.label, g, regression=self.task.is_regression,
+                                             config=cfg.reward)
+                           for e, g in zip(extractions, golds)], np.float32)
+    times["time/reward"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    tokens_bt = jnp.concatenate([prompt_bt, gen.tokens_bn], axis=1)
+    mask_bt = jnp.concatenate([prompt_mask_bt, gen.mask_bn.astype(prompt_mask_bt.dtype)], axis=1)
+    old_logp, old_values, ref_logp = self._experience(
+        self.graphdef, self.base, self.state.trainable, self.reference, tokens_bt, mask_bt,
+        gen.tokens_bn)
+    adv, returns, kl_bn = self._advantages(scores_b, old_logp, ref_logp, old_values,
+                                           gen.mask_bn, self.state.kl_coef)
+    batch = ppo_lib.Batch(tokens_bt, mask_bt, gen.tokens_bn, gen.mask_bn, old_logp, ref_logp,
+                          old_values, adv, returns)
+    jax.block_until_ready(batch)
+    times["time/experience"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    n, mb = len(examples), cfg.ppo.minibatch_size
+    updates = []
+    for _ in range(cfg.ppo.ppo_epochs):
+      order = self.host_rng.permutation(n)
+      for begin in range(0, n, mb):
+        rows = order[begin:begin + mb]
+        self.key, dropout_key = jax.random.split(self.key)
+        minibatch = jax.tree.map(lambda x, rows=rows: x[rows], batch)
+        self.state, metrics = self._update(self.state, self.graphdef, self.base, minibatch,
+                                           dropout_key)
+        updates.append(metrics)
+    update_metrics = {k: float(np.mean([jax.device_get(m[k]) for m in updates]))
+                      for k in updates[0]}
+    times["time/update"] = time.perf_counter() - start
+
+    # Ziegler's controller sees the mean over samples of each response's summed KL.
+    mask_np = np.asarray(gen.mask_bn)
+    kl_per_sample = np.asarray(kl_bn).sum(axis=1)
+    kl_coef = float(self.state.kl_coef)
+    self.state = self.state.replace(kl_coef=ppo_math.kl_coef_update(
+        cfg.ppo.kl, self.state.kl_coef, float(kl_per_sample.mean()), n))
+    self.iteration += 1
+
+    parsed = np.asarray([e.label is not None for e in extractions])
+    correct = np.asarray([e.label is not None and not self.task.is_regression
+                          and int(e.label) == int(g) for e, g in zip(extractions, golds)])
+    valid = mask_np.astype(bool)
+    metrics = {
+        "iteration": self.iteration,
+        "env/reward_mean": float(scores_b.mean()),
+        "env/reward_std": float(scores_b.std()),
+        "env/accuracy": float(correct.mean()),
+        "env/unparsed_rate": float(1 - parsed.mean()),
+        "objective/kl": float(kl_per_sample.mean()),
+        "objective/kl_coef": kl_coef,
+        "returns/mean": float(np.asarray(returns)[valid].mean()),
+        "advantages/mean": float(np.asarray(adv)[valid].mean()),
+        "tokens/response_len_mean": float(mask_np.sum(axis=1).mean()),
+        "tokens/max_new_tokens": limit,
+        "tokens/prompt_len": int(prompt_bt.shape[1]),
+        **update_metrics, **times,
+    }
+    metrics["time/step"] = sum(times.values())
+    metrics["tokens/per_s"] = float(mask_np.sum()) / times["time/rollout"]
+    self.last_responses = responses
+    return metrics
+
+  # --------------------------------------------------------------------------------------------
+  def policy_model(self) -> pretrained.LanguageModel:
+    """The current policy (adapters on) as a `LanguageModel`, for generation and evaluation."""
+    policy = policy_lib.with_trainable(self.graphdef, self.base, self.state.trainable)
+    graphdef, params = nnx.split(policy.llama)
+    return pretrained.LanguageModel(self.lm.config, graphdef, params, self.tokenizer,
+                                    self.lm.dtype, self.lm.batch_size)
+
+  def evaluate(self, examples: Sequence[dict[str, Any]]) -> evaluate_lib.EvalResult:
+    """Greedy answers of the current policy, scored with the task's metrics."""
+    lm = self.policy_model()
+    chat = self.config.rollout.prompt_format == "chat"
+    generate = lambda prompts: lm.generate(prompts, max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                                           temperature=0.0, chat=chat)
+    return evaluate_lib.evaluate(generate, self.task, examples,
+                                 fmt=self.config.rollout.prompt_format)
+
+  def train(self, steps: int | None = None,
+            on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Runs `steps` iterations (default: config.steps); writes metrics.jsonl if output_dir."""
+    out_dir = pathlib.Path(self.config.output_dir) if self.config.output_dir else None
+    if out_dir is not None:
+      out_dir.mkdir(parents=True, exist_ok=True)
+    history = []
+    for _ in range(steps if steps is not None else self.config.steps):
+      metrics = self.step()
+      history.append(metrics)
+      if on_step is not None:
+        on_step(metrics)
+      if out_dir is not None:
+        with open(out_dir / "metrics.jsonl", "a") as f:
+          f.write(json.dumps(metrics) + "\n")
+    return history
+
+
+def format_metrics(m: dict[str, float]) -> str:
+  """One log line per step."""
+  return (f"it {m['iteration']:4d}  reward {m['env/reward_mean']:+.3f}  "
+          f"acc {m['env/accuracy']:.3f}  unparsed {m['env/unparsed_rate']:.3f}  "
+          f"kl {m['objective/kl']:.3f}  beta {m['objective/kl_coef']:.4f}  "
+          f"len {m['tokens/response_len_mean']:.1f}  "
+          f"rollout {m['time/rollout']:.1f}s exp {m['time/experience']:.1f}s "
+          f"update {m['time/update']:.1f}s  skipped {m['ppo/skipped']:.2f}")
