@@ -169,6 +169,10 @@ class RewardConfig:
   unparsed: float = -3.0
   regression_max: float = 2.5
   regression_unparsed: float = -2.5
+  # The paper rewards only answers that close the tag. A small model rarely does at first, and
+  # an all-unparsed batch has no reward signal; `lenient` reads the whole response instead
+  # (the evaluation rule).
+  lenient: bool = False
 
   def __post_init__(self):
     if not self.correct > self.wrong >= self.unparsed:

@@ -56,7 +56,9 @@ class TrainConfig:
                                                   path="../shared/data/glue", shuffle_seed=0)
   eval_data: data_lib.DataConfig | None = None
   value_dropout: float = 0.1
+  critic_lora: bool = False         # the critic gets its own adapters (a second forward)
   steps: int = 100
+  epochs: float | None = None       # passes over the training set; when set, replaces `steps`
   seed: int = 0
   eval_every: int = 0               # 0: evaluate only before and after training
   output_dir: str | None = None
@@ -66,6 +68,8 @@ class TrainConfig:
     if not 1 <= r.min_new_tokens <= r.max_new_tokens:
       raise ConfigError(f"rollout.min_new_tokens ({r.min_new_tokens}) must be in "
                         f"1..rollout.max_new_tokens ({r.max_new_tokens})")
+    if self.epochs is not None and self.epochs <= 0:
+      raise ConfigError(f"epochs must be > 0, got {self.epochs}")
     samples = r.batch_size * p.group_size
     if samples % p.minibatch_size:
       raise ConfigError(f"ppo.minibatch_size ({p.minibatch_size}) must divide the samples per "
@@ -91,6 +95,11 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
       except ConfigError as e:
         errors.append(str(e))
     raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+  if origin is typing.Literal:
+    choices = typing.get_args(hint)
+    if value not in choices:
+      raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
   if dataclasses.is_dataclass(hint):
     if isinstance(value, hint):
       return value
@@ -126,9 +135,16 @@ def from_dict(cls, values: dict[str, Any], prefix: str = ""):
   if unknown:
     where = f"{prefix}." if prefix else ""
     raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+  defaults = {f.name: f.default for f in dataclasses.fields(cls)
+              if f.default is not dataclasses.MISSING}
   kwargs = {}
   for name, value in values.items():
     key = f"{prefix}.{name}" if prefix else name
+    default = defaults.get(name)
+    if dataclasses.is_dataclass(default) and isinstance(value, dict):
+      # A section given in part keeps the default's other fields (`data.split=validation`
+      # keeps the default task and folder).
+      value = _deep_merged(to_dict(default), value)
     kwargs[name] = _check_type(value, hints[name], key)
   try:
     return cls(**kwargs)
@@ -195,6 +211,11 @@ def _read_yaml(path: pathlib.Path) -> dict[str, Any]:
   merged = _read_yaml(path.parent / base)
   _deep_update(merged, values)
   return merged
+
+
+def _deep_merged(target: dict, source: dict) -> dict:
+  _deep_update(target, source)
+  return target
 
 
 def _deep_update(target: dict, source: dict) -> None:

@@ -8,6 +8,7 @@ copied or differentiated.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -88,10 +89,39 @@ class LoraAdapter(nnx.Module):
 
 def add_lora(llama: model_lib.Llama, config: LoraConfig, rngs: nnx.Rngs) -> model_lib.Llama:
   """Attaches adapters to `config.targets` in every layer (in place); returns the model."""
-  for target in config.targets:
-    proj = getattr(getattr(llama.layers, BLOCKS[target]), target)
+  for _, proj in projections(llama, config.targets):
     proj.adapter = nnx.data(LoraAdapter(proj, config, rngs))
   return llama
+
+
+def projections(llama: model_lib.Llama, targets=ALL_TARGETS):
+  """(name, projection) of each target module; stacked over layers."""
+  return [(t, getattr(getattr(llama.layers, BLOCKS[t]), t)) for t in targets]
+
+
+class AdapterSet(nnx.Module):
+  """A second set of adapters on the same base (a separate critic), applied by `swapped`."""
+
+  def __init__(self, llama: model_lib.Llama, config: LoraConfig, rngs: nnx.Rngs):
+    for target, proj in projections(llama, config.targets):
+      setattr(self, target, nnx.data(LoraAdapter(proj, config, rngs)))
+
+
+@contextlib.contextmanager
+def swapped(llama: model_lib.Llama, adapters: AdapterSet):
+  """Runs `llama` with `adapters` in place of its own (and none on other projections).
+
+  For use on a module merged inside a traced function: the swap is undone on exit, so the
+  base is shared between the two adapter sets and never copied.
+  """
+  saved = [(proj, proj.adapter) for _, proj in projections(llama)]
+  try:
+    for target, proj in projections(llama):
+      proj.adapter = nnx.data(getattr(adapters, target, None))
+    yield llama
+  finally:
+    for proj, adapter in saved:
+      proj.adapter = nnx.data(adapter)
 
 
 def merge_into_base(llama: model_lib.Llama) -> None:
@@ -99,8 +129,7 @@ def merge_into_base(llama: model_lib.Llama) -> None:
 
   Used for export and to make a trained adapter the frozen base of a new run.
   """
-  for target, block in BLOCKS.items():
-    proj = getattr(getattr(llama.layers, block), target)
+  for _, proj in projections(llama):
     adapter = proj.adapter
     if adapter is None:
       continue

@@ -46,18 +46,28 @@ class ValueHead(nnx.Module):
 
 
 class Policy(nnx.Module):
+  """The adapted decoder and value head; `critic`, when set, is the critic's own adapter set.
 
-  def __init__(self, llama: model_lib.Llama, value_head: ValueHead):
+  Without `critic` one forward gives log-probs and values (TRL's shared-trunk critic, whose
+  value loss also shapes the actor's adapters). With it, values come from a second forward
+  through the same frozen base with the critic's adapters, so the two objectives never share
+  trainable weights.
+  """
+
+  def __init__(self, llama: model_lib.Llama, value_head: ValueHead,
+               critic: lora_lib.AdapterSet | None = None):
     self.llama = llama
     self.value_head = value_head
+    self.critic = nnx.data(critic)
 
 
 def make_policy(llama: model_lib.Llama, lora: lora_lib.LoraConfig, value_dropout: float,
-                seed: int) -> Policy:
-  """Adds fresh adapters and a value head to a loaded decoder (in place)."""
+                seed: int, critic_lora: bool = False) -> Policy:
+  """Adds fresh adapters and a value head (and optionally critic adapters) to a loaded decoder."""
   rngs = nnx.Rngs(seed)
+  critic = lora_lib.AdapterSet(llama, lora, rngs) if critic_lora else None
   lora_lib.add_lora(llama, lora, rngs)
-  return Policy(llama, ValueHead(llama.config.hidden_size, value_dropout, rngs))
+  return Policy(llama, ValueHead(llama.config.hidden_size, value_dropout, rngs), critic)
 
 
 def split(policy: Policy):
@@ -73,21 +83,31 @@ class ResponseOutputs:
 
 
 def response_outputs(policy: Policy, tokens_bt: Array, mask_bt: Array, prompt_len: int,
-                     dropout_key: Array | None = None) -> ResponseOutputs:
+                     dropout_key: Array | None = None, values: bool = True) -> ResponseOutputs:
   """One forward over prompt + response; logits and values where response tokens are predicted.
 
   `tokens_bt` is a left-padded prompt of static length `prompt_len` followed by the response.
   Position `prompt_len - 1 + i` predicts response token i, so only those positions go through
-  the vocabulary projection: the (batch, prompt, vocab) logits are never built.
+  the vocabulary projection: the (batch, prompt, vocab) logits are never built. `values=False`
+  (critic-free advantages) skips the critic.
   """
-  key_model, key_value = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+  keys = [None] * 4 if dropout_key is None else list(jax.random.split(dropout_key, 4))
   llama = policy.llama
-  hidden_btd, _ = llama(tokens_bt, model_lib.positions_from_mask(mask_bt),
-                        model_lib.attention_mask(mask_bt, jnp.arange(tokens_bt.shape[1])),
-                        dropout_key=key_model)
-  hidden_bnd = hidden_btd[:, prompt_len - 1:-1]
-  return ResponseOutputs(llama.logits(hidden_bnd).astype(jnp.float32),
-                         policy.value_head(hidden_bnd, key_value))
+  positions_bt = model_lib.positions_from_mask(mask_bt)
+  mask_bts = model_lib.attention_mask(mask_bt, jnp.arange(tokens_bt.shape[1]))
+
+  def response_hidden(key):
+    hidden_btd, _ = llama(tokens_bt, positions_bt, mask_bts, dropout_key=key)
+    return hidden_btd[:, prompt_len - 1:-1]
+
+  hidden_bnd = response_hidden(keys[0])
+  logits_bnv = llama.logits(hidden_bnd).astype(jnp.float32)
+  if not values:
+    return ResponseOutputs(logits_bnv, jnp.zeros(logits_bnv.shape[:2], jnp.float32))
+  if policy.critic is not None:
+    with lora_lib.swapped(llama, policy.critic):
+      hidden_bnd = response_hidden(keys[2])
+  return ResponseOutputs(logits_bnv, policy.value_head(hidden_bnd, keys[1]))
 
 
 def with_trainable(graphdef, base, trainable) -> Policy:

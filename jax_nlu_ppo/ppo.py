@@ -7,6 +7,7 @@ response mask marks generated tokens up to and including EOS.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -34,7 +35,10 @@ class PPOConfig:
   kl_estimator: str = "k1"
   whiten_advantages: bool = True
   ppo_epochs: int = 4
-  minibatch_size: int = 8
+  minibatch_size: int = 8              # samples per optimiser step
+  # Each minibatch runs as this many micro-batches whose gradients are summed, weighted by
+  # their share of the minibatch's response tokens: the same step, in less memory.
+  gradient_accumulation_steps: int = 1
   ratio_threshold: float = 10.0
   # "gae" uses the critic; "grpo" / "rloo" are critic-free group baselines over `group_size`
   # samples of each prompt, with the KL to the reference as a loss term instead of a reward.
@@ -46,6 +50,10 @@ class PPOConfig:
       raise ValueError(f"ppo.advantage must be 'gae', 'grpo' or 'rloo', got {self.advantage!r}")
     if self.advantage != "gae" and self.group_size < 2:
       raise ValueError(f"ppo.advantage={self.advantage!r} needs ppo.group_size >= 2")
+    if self.gradient_accumulation_steps < 1 or (
+        self.minibatch_size % self.gradient_accumulation_steps):
+      raise ValueError(f"ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps}) "
+                       f"must divide ppo.minibatch_size ({self.minibatch_size})")
     if self.kl_estimator not in ("k1", "k2", "k3"):
       raise ValueError(f"ppo.kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
 
@@ -126,23 +134,46 @@ def _scaled(logits_bnv: Array, temperature: float) -> Array:
 def rollout(graphdef, base, trainable, prompt_bt, prompt_mask_bt, key, limit, *,
             max_new_tokens: int, sampling: sampling_lib.SamplingConfig,
             eos_ids: tuple[int, ...], pad_id: int) -> sampling_lib.Generation:
-  """Samples responses from the current policy (adapters on, dropout off)."""
+  """Samples responses from the current policy (adapters on, dropout off).
+
+  With the shared-trunk critic, the value head reads each decode step's hidden state, so the
+  rollout's log-probs and values are already pi_old and V_old (see `experience`).
+  """
   policy = policy_lib.with_trainable(graphdef, base, trainable)
+  value_fn = policy.value_head if policy.critic is None else None
   return sampling_lib.generate(policy.llama, prompt_bt, prompt_mask_bt, key,
                                max_new_tokens=max_new_tokens, sampling=sampling,
-                               eos_ids=eos_ids, pad_id=pad_id, limit=limit)
+                               eos_ids=eos_ids, pad_id=pad_id, limit=limit, value_fn=value_fn)
 
 
-def experience(graphdef, base, trainable, reference, tokens_bt, mask_bt, response_bn, *,
-               temperature: float) -> tuple[Array, Array, Array]:
-  """(log pi_old, V_old, log pi_ref) of each response token, without dropout."""
-  prompt_len = tokens_bt.shape[1] - response_bn.shape[1]
-  out = policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, trainable),
-                                    tokens_bt, mask_bt, prompt_len)
+def reuses_rollout(sampling: sampling_lib.SamplingConfig, critic_lora: bool) -> bool:
+  """Whether a rollout's log-probs and values are exactly what `experience` would recompute.
+
+  They are when the sampling distribution is the optimised one (temperature only: top-k/top-p
+  truncate it) and the critic shares the actor's forward.
+  """
+  return (sampling.temperature > 0 and sampling.top_k == 0 and sampling.top_p == 1
+          and not critic_lora)
+
+
+def experience(graphdef, base, trainable, reference, tokens_bt, mask_bt,
+               gen: sampling_lib.Generation, *, temperature: float, values: bool = True,
+               reuse_rollout: bool = False) -> tuple[Array, Array, Array]:
+  """(log pi_old, V_old, log pi_ref) of each response token, without dropout.
+
+  With `reuse_rollout` pi_old and V_old come from the rollout and only the reference forward
+  runs: half the work of recomputing both (the KV-cached decode and the full forward agree to
+  float rounding).
+  """
+  prompt_len = tokens_bt.shape[1] - gen.tokens_bn.shape[1]
   ref = policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, reference),
-                                    tokens_bt, mask_bt, prompt_len)
-  logp_bn = ppo_math.token_logprobs(_scaled(out.logits_bnv, temperature), response_bn)
-  ref_logp_bn = ppo_math.token_logprobs(_scaled(ref.logits_bnv, temperature), response_bn)
+                                    tokens_bt, mask_bt, prompt_len, values=False)
+  ref_logp_bn = ppo_math.token_logprobs(_scaled(ref.logits_bnv, temperature), gen.tokens_bn)
+  if reuse_rollout:
+    return gen.logprobs_bn, gen.values_bn, ref_logp_bn
+  out = policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, trainable),
+                                    tokens_bt, mask_bt, prompt_len, values=values)
+  logp_bn = ppo_math.token_logprobs(_scaled(out.logits_bnv, temperature), gen.tokens_bn)
   return logp_bn, out.values_bn, ref_logp_bn
 
 
@@ -172,7 +203,7 @@ def loss_fn(trainable, graphdef, base, batch: Batch, dropout_key, kl_coef, *, co
   prompt_len = batch.tokens_bt.shape[1] - batch.response_bn.shape[1]
   policy = policy_lib.with_trainable(graphdef, base, trainable)
   out = policy_lib.response_outputs(policy, batch.tokens_bt, batch.mask_bt, prompt_len,
-                                    dropout_key)
+                                    dropout_key, values=config.uses_critic)
   logits_bnv = _scaled(out.logits_bnv, temperature)
   mask_bn = batch.response_mask_bn.astype(bool)
   logp_bn = ppo_math.token_logprobs(logits_bnv, batch.response_bn)
@@ -205,10 +236,30 @@ def update_minibatch(state: PPOState, graphdef, base, batch: Batch, dropout_key,
   `ppo/skipped`, so one bad batch can neither corrupt the adapters nor pass unnoticed.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (metrics, ratio)), grads = grad_fn(state.trainable, graphdef, base, batch, dropout_key,
-                                            state.kl_coef, config=config,
-                                            temperature=temperature)
-  grad_norm = optax.global_norm(grads)
+  value_and_grad = functools.partial(grad_fn, state.trainable, graphdef, base,
+                                     kl_coef=state.kl_coef, config=config,
+                                     temperature=temperature)
+  steps = config.gradient_accumulation_steps
+  if steps == 1:
+    (loss, (metrics, ratio)), grads = value_and_grad(batch, dropout_key)
+  else:
+    # Every loss term is a mean over response tokens, so weighting each micro-batch by its
+    # share of the tokens makes the sum exactly the whole minibatch's mean and gradient.
+    micro = jax.tree.map(lambda x: x.reshape(steps, x.shape[0] // steps, *x.shape[1:]), batch)
+    total = jnp.maximum(batch.response_mask_bn.sum(), 1).astype(jnp.float32)
+
+    def accumulate(acc, xs):
+      micro_batch, key = xs
+      out = value_and_grad(micro_batch, key)
+      weight = micro_batch.response_mask_bn.sum() / total
+      return jax.tree.map(lambda a, x: a + weight * x, acc, out), None
+
+    zeros = jax.tree.map(jnp.zeros_like,
+                         jax.eval_shape(value_and_grad, jax.tree.map(lambda x: x[0], micro),
+                                        dropout_key))
+    ((loss, (metrics, ratio)), grads), _ = jax.lax.scan(
+        accumulate, zeros, (micro, jax.random.split(dropout_key, steps)))
+  grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (ratio <= config.ratio_threshold)
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)

@@ -6,6 +6,7 @@ positions and the attention mask take the padding into account per row.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import flax.struct
 import jax
@@ -38,6 +39,7 @@ class Generation:
   tokens_bn: Array    # generated ids; `pad_id` after a row has finished
   mask_bn: Array      # True for generated tokens, up to and including the first EOS
   logprobs_bn: Array  # log-prob of each token under the distribution it was sampled from
+  values_bn: Array    # `value_fn` of the hidden state each token was sampled from (or zeros)
 
 
 def sampling_logprobs(logits_bv: Array, sampling: SamplingConfig) -> Array:
@@ -73,13 +75,16 @@ def sample(logits_bv: Array, key: Array, sampling: SamplingConfig) -> tuple[Arra
 
 def generate(model: model_lib.Llama, prompt_bt: Array, prompt_mask_bt: Array, key: Array, *,
              max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...],
-             pad_id: int, limit: Array | int | None = None, cache_dtype=None) -> Generation:
+             pad_id: int, limit: Array | int | None = None, cache_dtype=None,
+             value_fn: Callable[[Array], Array] | None = None) -> Generation:
   """Samples up to `max_new_tokens` per row; a row stops at its first EOS, the loop when all have.
 
   `prompt_bt` must be left-padded (`prompt_mask_bt` False on padding). Everything here is
   traceable: call it under `jax.jit` with `max_new_tokens`, `sampling`, `eos_ids` and `pad_id`
   static. `limit` (traced) stops earlier without a new compile: a run that draws its length per
   batch (the paper's 12..31) keeps one output shape, `max_new_tokens`.
+  `value_fn` maps the (batch, hidden) state each token is sampled from to one number per row
+  (a critic's value), so a rollout yields log-probs and values without a second forward.
   """
   limit = max_new_tokens if limit is None else jnp.minimum(limit, max_new_tokens)
   b, t = prompt_bt.shape
@@ -90,7 +95,8 @@ def generate(model: model_lib.Llama, prompt_bt: Array, prompt_mask_bt: Array, ke
   positions_bt = model_lib.positions_from_mask(prompt_mask_bt)
   hidden_btd, cache = model(prompt_bt, positions_bt,
                             model_lib.attention_mask(key_valid_bs, jnp.arange(t)), cache, 0)
-  logits_bv = model.logits(hidden_btd[:, -1:])[:, 0]
+  value_fn = value_fn or (lambda hidden_bd: jnp.zeros(hidden_bd.shape[:1], jnp.float32))
+  hidden_bd = hidden_btd[:, -1]
   eos_e = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
   def cond(carry):
@@ -98,23 +104,26 @@ def generate(model: model_lib.Llama, prompt_bt: Array, prompt_mask_bt: Array, ke
     return (i < limit) & ~jnp.all(done_b)
 
   def body(carry):
-    i, cache, logits_bv, position_b, done_b, tokens_bn, mask_bn, logprobs_bn, key = carry
+    i, cache, hidden_bd, position_b, done_b, tokens_bn, mask_bn, logprobs_bn, values_bn, key = (
+        carry)
     key, step_key = jax.random.split(key)
-    token_b, logprob_b = sample(logits_bv, step_key, sampling)
+    token_b, logprob_b = sample(model.logits(hidden_bd[:, None])[:, 0], step_key, sampling)
     live_b = ~done_b
     token_b = jnp.where(live_b, token_b, pad_id).astype(jnp.int32)
     tokens_bn = tokens_bn.at[:, i].set(token_b)
     mask_bn = mask_bn.at[:, i].set(live_b)
     logprobs_bn = logprobs_bn.at[:, i].set(jnp.where(live_b, logprob_b, 0.0))
+    values_bn = values_bn.at[:, i].set(jnp.where(live_b, value_fn(hidden_bd), 0.0))
     done_b = done_b | jnp.isin(token_b, eos_e)
     slot = t + i
     mask_b1s = model_lib.attention_mask(key_valid_bs, slot[None])
     hidden_b1d, cache = model(token_b[:, None], position_b[:, None], mask_b1s, cache, slot)
-    logits_bv = model.logits(hidden_b1d)[:, 0]
-    return i + 1, cache, logits_bv, position_b + 1, done_b, tokens_bn, mask_bn, logprobs_bn, key
+    return (i + 1, cache, hidden_b1d[:, 0], position_b + 1, done_b, tokens_bn, mask_bn,
+            logprobs_bn, values_bn, key)
 
-  init = (jnp.int32(0), cache, logits_bv, positions_bt[:, -1] + 1, jnp.zeros((b,), bool),
+  zeros_bn = jnp.zeros((b, max_new_tokens), jnp.float32)
+  init = (jnp.int32(0), cache, hidden_bd, positions_bt[:, -1] + 1, jnp.zeros((b,), bool),
           jnp.full((b, max_new_tokens), pad_id, jnp.int32), jnp.zeros((b, max_new_tokens), bool),
-          jnp.zeros((b, max_new_tokens), jnp.float32), key)
-  _, _, _, _, _, tokens_bn, mask_bn, logprobs_bn, _ = jax.lax.while_loop(cond, body, init)
-  return Generation(tokens_bn, mask_bn, logprobs_bn)
+          zeros_bn, zeros_bn, key)
+  out = jax.lax.while_loop(cond, body, init)
+  return Generation(*out[5:9])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import pathlib
 import time
 from typing import Any, Callable, Sequence
@@ -50,7 +51,8 @@ class PPOTrainer:
       raise ValueError(f"no training examples for task {config.data.task}")
 
     llama = nnx.merge(self.lm.graphdef, self.lm.params)
-    policy = policy_lib.make_policy(llama, config.lora, config.value_dropout, config.seed)
+    policy = policy_lib.make_policy(llama, config.lora, config.value_dropout, config.seed,
+                                    critic_lora=config.critic_lora)
     self.graphdef, trainable, self.base = policy_lib.split(policy)
     if initial_trainable is not None:
       nnx.replace_by_pure_dict(trainable, nnx.to_pure_dict(initial_trainable))
@@ -64,15 +66,17 @@ class PPOTrainer:
     self.host_rng = np.random.default_rng(config.seed)
     self.position = 0          # index into train_examples of the next prompt
     self.iteration = 0
-    self.rule = self.task.extraction_rule(lenient=False)
+    self.rule = self.task.extraction_rule(lenient=config.reward.lenient)
 
     r = config.rollout
     self.sampling = sampling_lib.SamplingConfig(r.temperature, r.top_k, r.top_p)
     self._rollout = jax.jit(functools.partial(
         ppo_lib.rollout, max_new_tokens=r.max_new_tokens, sampling=self.sampling,
         eos_ids=self.lm.eos_ids(), pad_id=self.lm.pad_id), static_argnums=0)
-    self._experience = jax.jit(functools.partial(ppo_lib.experience, temperature=r.temperature),
-                               static_argnums=0)
+    self.reuse_rollout = ppo_lib.reuses_rollout(self.sampling, config.critic_lora)
+    self._experience = jax.jit(functools.partial(
+        ppo_lib.experience, temperature=r.temperature, values=config.ppo.uses_critic,
+        reuse_rollout=self.reuse_rollout), static_argnums=0)
     self._advantages = jax.jit(functools.partial(ppo_lib.advantages, config=config.ppo))
     self._update = jax.jit(functools.partial(ppo_lib.update_minibatch, tx=self.tx,
                                              config=config.ppo, temperature=r.temperature),
@@ -128,8 +132,7 @@ class PPOTrainer:
     tokens_bt = jnp.concatenate([prompt_bt, gen.tokens_bn], axis=1)
     mask_bt = jnp.concatenate([prompt_mask_bt, gen.mask_bn.astype(prompt_mask_bt.dtype)], axis=1)
     old_logp, old_values, ref_logp = self._experience(
-        self.graphdef, self.base, self.state.trainable, self.reference, tokens_bt, mask_bt,
-        gen.tokens_bn)
+        self.graphdef, self.base, self.state.trainable, self.reference, tokens_bt, mask_bt, gen)
     adv, returns, kl_bn = self._advantages(scores_b, old_logp, ref_logp, old_values,
                                            gen.mask_bn, self.state.kl_coef)
     batch = ppo_lib.Batch(tokens_bt, mask_bt, gen.tokens_bn, gen.mask_bn, old_logp, ref_logp,
@@ -202,6 +205,13 @@ class PPOTrainer:
     return evaluate_lib.evaluate(generate, self.task, examples,
                                  fmt=self.config.rollout.prompt_format)
 
+  @property
+  def total_steps(self) -> int:
+    """`config.steps`, or the iterations that make `config.epochs` passes over the data."""
+    if self.config.epochs is None:
+      return self.config.steps
+    return math.ceil(self.config.epochs * len(self.train_examples) / self.config.rollout.batch_size)
+
   def train(self, steps: int | None = None,
             on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """Runs `steps` iterations (default: config.steps); writes metrics.jsonl if output_dir."""
@@ -209,7 +219,7 @@ class PPOTrainer:
     if out_dir is not None:
       out_dir.mkdir(parents=True, exist_ok=True)
     history = []
-    for _ in range(steps if steps is not None else self.config.steps):
+    for _ in range(steps if steps is not None else self.total_steps):
       metrics = self.step()
       history.append(metrics)
       if on_step is not None:
