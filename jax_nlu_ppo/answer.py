@@ -173,8 +173,13 @@ class RewardConfig:
   # an all-unparsed batch has no reward signal; `lenient` reads the whole response instead
   # (the evaluation rule).
   lenient: bool = False
+  # "text": `extract` on the decoded answer (host, exactly evaluation's rule); "token": the
+  # same rule on the generated ids inside jit (`token_reward.py`; not for STS-B).
+  extractor: str = "text"
 
   def __post_init__(self):
+    if self.extractor not in ("text", "token"):
+      raise ValueError(f"reward.extractor must be 'text' or 'token', got {self.extractor!r}")
     if not self.correct > self.wrong >= self.unparsed:
       raise ValueError(
           "RewardConfig needs correct > wrong >= unparsed, got "

@@ -19,6 +19,7 @@ from jax_nlu_ppo import answer
 from jax_nlu_ppo import data as data_lib
 from jax_nlu_ppo import lora as lora_lib
 from jax_nlu_ppo import ppo as ppo_lib
+from jax_nlu_ppo import tasks as tasks_lib
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,9 @@ class TrainConfig:
     if not 1 <= r.min_new_tokens <= r.max_new_tokens:
       raise ConfigError(f"rollout.min_new_tokens ({r.min_new_tokens}) must be in "
                         f"1..rollout.max_new_tokens ({r.max_new_tokens})")
+    if self.reward.extractor == "token" and tasks_lib.get_task(self.data.task).is_regression:
+      raise ConfigError(f"reward.extractor=token cannot read {self.data.task}'s numbers; "
+                        "use reward.extractor=text")
     if self.epochs is not None and self.epochs <= 0:
       raise ConfigError(f"epochs must be > 0, got {self.epochs}")
     samples = r.batch_size * p.group_size

@@ -137,6 +137,9 @@ def merge_into_base(llama: model_lib.Llama) -> None:
     layers, rank = a.shape[0], a.shape[-1]
     delta = jnp.einsum("lir,lro->lio", a.reshape(layers, -1, rank), b.reshape(layers, rank, -1))
     kernel = proj.kernel[...]
-    proj.kernel[...] = (kernel.astype(jnp.float32) + adapter.scale * delta.reshape(kernel.shape)
-                        ).astype(kernel.dtype)
+    merged = (kernel.astype(jnp.float32) + adapter.scale * delta.reshape(kernel.shape)
+              ).astype(kernel.dtype)
+    # A new variable, not an in-place write: the old one may be shared with a frozen base
+    # state that other policies (the trainer's, the reference) still read.
+    proj.kernel = proj.kernel.replace(merged)
     proj.adapter = nnx.data(None)

@@ -217,7 +217,7 @@ class Llama(nnx.Module):
     """
     x_btd = jnp.take(self.embed_tokens[...], tokens_bt, axis=0).astype(self.dtype)
     inv_freq_h = jnp.asarray(self.config.rope_inv_freq())
-    angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq_h
+    angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq_h[None, None]
     angles_bth = jnp.concatenate([angles_bth, angles_bth], axis=-1)
     sin_bth = jnp.sin(angles_bth).astype(self.dtype)
     cos_bth = jnp.cos(angles_bth).astype(self.dtype)

@@ -33,7 +33,7 @@ class PPOConfig:
   ent_coef: float = 0.0
   kl: ppo_math.KLControlConfig = ppo_math.KLControlConfig()
   kl_estimator: str = "k1"
-  whiten_advantages: bool = True
+  whiten_advantages: bool = True       # GAE only: group advantages are already normalised
   ppo_epochs: int = 4
   minibatch_size: int = 8              # samples per optimiser step
   # Each minibatch runs as this many micro-batches whose gradients are summed, weighted by
@@ -41,7 +41,9 @@ class PPOConfig:
   gradient_accumulation_steps: int = 1
   ratio_threshold: float = 10.0
   # "gae" uses the critic; "grpo" / "rloo" are critic-free group baselines over `group_size`
-  # samples of each prompt, with the KL to the reference as a loss term instead of a reward.
+  # samples of each prompt, with the KL to the reference as a loss term instead of a reward:
+  # the k3 estimate there (k1's gradient vanishes in expectation), which is also what
+  # `objective/kl` reports and the KL controller sees.
   advantage: str = "gae"
   group_size: int = 1
 
@@ -190,9 +192,10 @@ def advantages(scores_b, old_logp_bn, ref_logp_bn, old_values_bn, response_mask_
     group_b = ppo_math.group_advantages(scores_b, config.group_size, config.advantage)
     advantages_bn = jnp.where(mask_bn, group_b[:, None], 0.0)
     returns_bn = jnp.zeros_like(advantages_bn)
-    kl_bn = jnp.where(mask_bn, ppo_math.kl_estimate(old_logp_bn, ref_logp_bn,
-                                                    config.kl_estimator), 0.0)
-  if config.whiten_advantages:
+    kl_bn = jnp.where(mask_bn, ppo_math.kl_k3(old_logp_bn, ref_logp_bn), 0.0)
+  if config.whiten_advantages and config.uses_critic:
+    # Not for group advantages: a token-weighted shift would move long answers' advantages
+    # and could flip the sign of answers that beat their group.
     advantages_bn = jnp.where(mask_bn, ppo_math.masked_whiten(advantages_bn, mask_bn), 0.0)
   return advantages_bn, returns_bn, kl_bn
 
@@ -257,8 +260,8 @@ def update_minibatch(state: PPOState, graphdef, base, batch: Batch, dropout_key,
     zeros = jax.tree.map(jnp.zeros_like,
                          jax.eval_shape(value_and_grad, jax.tree.map(lambda x: x[0], micro),
                                         dropout_key))
-    ((loss, (metrics, ratio)), grads), _ = jax.lax.scan(
-        accumulate, zeros, (micro, jax.random.split(dropout_key, steps)))
+    keys = None if dropout_key is None else jax.random.split(dropout_key, steps)
+    ((loss, (metrics, ratio)), grads), _ = jax.lax.scan(accumulate, zeros, (micro, keys))
   grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (ratio <= config.ratio_threshold)
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)

@@ -238,9 +238,11 @@ def policy_loss(logp_bt: Array, old_logp_bt: Array, advantages_bt: Array, mask_b
   """
   chex.assert_equal_shape([logp_bt, old_logp_bt, advantages_bt, mask_bt])
   # Rollout log-probs and advantages are data; no gradient may flow into them.
-  old_logp_bt = jax.lax.stop_gradient(_float(old_logp_bt))
-  advantages_bt = jax.lax.stop_gradient(_float(advantages_bt))
-  log_ratio_bt = _float(logp_bt) - old_logp_bt
+  # Padding may hold anything: zero it first, since 0 * NaN in a masked-out slot would still
+  # poison the gradient.
+  old_logp_bt = jax.lax.stop_gradient(jnp.where(mask_bt, _float(old_logp_bt), 0.0))
+  advantages_bt = jax.lax.stop_gradient(jnp.where(mask_bt, _float(advantages_bt), 0.0))
+  log_ratio_bt = jnp.where(mask_bt, _float(logp_bt) - old_logp_bt, 0.0)
   ratio_bt = jnp.exp(log_ratio_bt)
   losses_bt = -advantages_bt * ratio_bt
   clipped_losses_bt = -advantages_bt * jnp.clip(ratio_bt, 1.0 - clip_eps, 1.0 + clip_eps)
@@ -266,8 +268,8 @@ def value_loss(values_bt: Array, old_values_bt: Array, returns_bt: Array, mask_b
   loss = 0.5 mean_t max((v_t - R_t)^2, (v_clip_t - R_t)^2) over response tokens.
   """
   chex.assert_equal_shape([values_bt, old_values_bt, returns_bt, mask_bt])
-  old_values_bt = jax.lax.stop_gradient(_float(old_values_bt))
-  returns_bt = jax.lax.stop_gradient(_float(returns_bt))
+  old_values_bt = jax.lax.stop_gradient(jnp.where(mask_bt, _float(old_values_bt), 0.0))
+  returns_bt = jax.lax.stop_gradient(jnp.where(mask_bt, _float(returns_bt), 0.0))
   values_bt = _float(values_bt)
   clipped_values_bt = old_values_bt + jnp.clip(values_bt - old_values_bt, -clip_eps, clip_eps)
   losses_bt = jnp.square(values_bt - returns_bt)

@@ -27,6 +27,7 @@ from jax_nlu_ppo import ppo_math
 from jax_nlu_ppo import pretrained
 from jax_nlu_ppo import sampling as sampling_lib
 from jax_nlu_ppo import tasks as tasks_lib
+from jax_nlu_ppo import token_reward
 from jax_nlu_ppo.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class PPOTrainer:
     self.position = 0          # index into train_examples of the next prompt
     self.iteration = 0
     self.rule = self.task.extraction_rule(lenient=config.reward.lenient)
+    self.matcher = (token_reward.TokenMatcher.build(self.rule, self.tokenizer, self.lm.eos_ids())
+                    if config.reward.extractor == "token" else None)
 
     r = config.rollout
     self.sampling = sampling_lib.SamplingConfig(r.temperature, r.top_k, r.top_p)
@@ -120,12 +123,20 @@ class PPOTrainer:
     times["time/rollout"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    responses = pretrained.decode_responses(self.tokenizer, gen, self.lm.eos_ids())
-    extractions = [answer_lib.extract(text, self.rule) for text in responses]
     golds = [ex["label"] for ex in examples]
-    scores_b = np.asarray([answer_lib.reward(e.label, g, regression=self.task.is_regression,
-                                             config=cfg.reward)
-                           for e, g in zip(extractions, golds)], np.float32)
+    if self.matcher is not None:
+      labels_b = token_reward.token_labels(self.matcher, gen.tokens_bn, gen.mask_bn,
+                                           lenient=cfg.reward.lenient)
+      scores_b = token_reward.token_rewards(self.matcher, gen.tokens_bn, gen.mask_bn,
+                                            jnp.asarray(golds, jnp.int32), cfg.reward)
+      preds = [None if label < 0 else int(label) for label in np.asarray(labels_b)]
+    else:
+      responses = pretrained.decode_responses(self.tokenizer, gen, self.lm.eos_ids())
+      preds = [answer_lib.extract(text, self.rule).label for text in responses]
+      scores_b = np.asarray([answer_lib.reward(p, g, regression=self.task.is_regression,
+                                               config=cfg.reward)
+                             for p, g in zip(preds, golds)], np.float32)
+    scores_b = jax.block_until_ready(scores_b)
     times["time/reward"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -164,9 +175,10 @@ class PPOTrainer:
         cfg.ppo.kl, self.state.kl_coef, float(kl_per_sample.mean()), n))
     self.iteration += 1
 
-    parsed = np.asarray([e.label is not None for e in extractions])
-    correct = np.asarray([e.label is not None and not self.task.is_regression
-                          and int(e.label) == int(g) for e, g in zip(extractions, golds)])
+    scores_b = np.asarray(scores_b)
+    parsed = np.asarray([p is not None for p in preds])
+    correct = np.asarray([p is not None and not self.task.is_regression and int(p) == int(g)
+                          for p, g in zip(preds, golds)])
     valid = mask_np.astype(bool)
     metrics = {
         "iteration": self.iteration,
@@ -185,8 +197,12 @@ class PPOTrainer:
     }
     metrics["time/step"] = sum(times.values())
     metrics["tokens/per_s"] = float(mask_np.sum()) / times["time/rollout"]
-    self.last_responses = responses
+    self.last_generation = gen
     return metrics
+
+  def last_responses(self) -> list[str]:
+    """The decoded answers of the latest rollout (sample generations for logs)."""
+    return pretrained.decode_responses(self.tokenizer, self.last_generation, self.lm.eos_ids())
 
   # --------------------------------------------------------------------------------------------
   def policy_model(self) -> pretrained.LanguageModel:
