@@ -55,6 +55,9 @@ class TrainConfig:
   reward: answer.RewardConfig = answer.RewardConfig()
   data: data_lib.DataConfig = data_lib.DataConfig(task="sst2", source="glue_dir",
                                                   path="../shared/data/glue", shuffle_seed=0)
+  # Several tasks at once: weighted components replace `data` (each row keeps its task's
+  # prompt, extraction rule and reward).
+  mixture: tuple[data_lib.MixtureComponent, ...] = ()
   eval_data: data_lib.DataConfig | None = None
   value_dropout: float = 0.1
   critic_lora: bool = False         # the critic gets its own adapters (a second forward)
@@ -69,9 +72,10 @@ class TrainConfig:
     if not 1 <= r.min_new_tokens <= r.max_new_tokens:
       raise ConfigError(f"rollout.min_new_tokens ({r.min_new_tokens}) must be in "
                         f"1..rollout.max_new_tokens ({r.max_new_tokens})")
-    if self.reward.extractor == "token" and tasks_lib.get_task(self.data.task).is_regression:
-      raise ConfigError(f"reward.extractor=token cannot read {self.data.task}'s numbers; "
-                        "use reward.extractor=text")
+    for task in self.train_tasks:
+      if self.reward.extractor == "token" and tasks_lib.get_task(task).is_regression:
+        raise ConfigError(f"reward.extractor=token cannot read {task}'s numbers; "
+                          "use reward.extractor=text")
     if self.epochs is not None and self.epochs <= 0:
       raise ConfigError(f"epochs must be > 0, got {self.epochs}")
     samples = r.batch_size * p.group_size
@@ -81,6 +85,13 @@ class TrainConfig:
     if r.prompt_format not in ("chat", "paper"):
       raise ConfigError(f"rollout.prompt_format must be 'chat' or 'paper', "
                         f"got {r.prompt_format!r}")
+
+  @property
+  def train_tasks(self) -> tuple[str, ...]:
+    """The task (name or task-file path) of every training source."""
+    if self.mixture:
+      return tuple(component.data.task for component in self.mixture)
+    return (self.data.task,)
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:

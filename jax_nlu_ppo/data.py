@@ -6,7 +6,11 @@ as a ClassLabel or, for STS-B, a float, and `idx`, the row's position in its sou
 * "hub": `load_dataset("nyu-mll/glue", task, split=split)` (needs internet);
 * "glue_dir": a folder in the original GLUE distribution layout (`CoLA/dev.tsv`, ...);
 * "file": a csv / tsv / json / jsonl / parquet file, or a `save_to_disk` folder, with an
-  optional column mapping.
+  optional column mapping;
+* "task": the files or hub dataset a custom task's YAML file names (`task_files`).
+
+Several tasks train together through a `Mixture`: weighted components, each a `DataConfig`,
+whose rows carry a `task` key naming their task.
 
 Rows are read and checked one by one so that a problem (a missing column, a label the task does
 not know, a malformed line) names the file and row. Bad rows are skipped and counted in a
@@ -23,6 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import datasets
+import numpy as np
 import pyarrow.parquet as pq
 
 from jax_nlu_ppo import tasks as tasks_lib
@@ -56,7 +61,7 @@ _ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
 # CoLA's train and dev files have no header (its test.tsv has one).
 _COLA_COLUMNS = ("source", "label", "original_label", "sentence")
 
-Source = Literal["hub", "glue_dir", "file"]
+Source = Literal["hub", "glue_dir", "file", "task"]
 _MAX_PROBLEMS_KEPT = 100
 
 
@@ -90,8 +95,8 @@ class LoadReport:
 class DataConfig:
   """Where a task's split comes from and how it is cut.
 
-  `source`: "hub", "glue_dir" (`path` = the GLUE folder) or "file" (`path` = a file or a
-  `save_to_disk` folder). `column_map` maps hub column names to the file's own (only the ones
+  `source`: "hub", "glue_dir" (`path` = the GLUE folder), "file" (`path` = a file or a
+  `save_to_disk` folder) or "task" (the data a custom task's YAML names; `task` is its path). `column_map` maps hub column names to the file's own (only the ones
   that differ); `header` names the columns of a csv / tsv file without a header row.
   `labelled=None` means unlabelled only for test splits. Rows are shuffled with
   `shuffle_seed` (None keeps file order), then cut to `limit`, then sharded per host.
@@ -108,11 +113,18 @@ class DataConfig:
   header: tuple[str, ...] | None = None
 
   def __post_init__(self):
-    tasks_lib.get_task(self.task)
-    if self.source not in ("hub", "glue_dir", "file"):
-      raise ValueError(f"data.source must be 'hub', 'glue_dir' or 'file', got {self.source!r}")
-    if self.source != "hub" and not self.path:
+    task = tasks_lib.get_task(self.task)
+    if self.source not in ("hub", "glue_dir", "file", "task"):
+      raise ValueError(f"data.source must be 'hub', 'glue_dir', 'file' or 'task', "
+                       f"got {self.source!r}")
+    if self.source in ("glue_dir", "file") and not self.path:
       raise ValueError(f"data.source={self.source!r} needs data.path")
+    if self.source == "task" and task.data is None:
+      raise ValueError(f"data.source='task' needs a task file with a data section; "
+                       f"{self.task!r} has none (give data.source=file and data.path)")
+    if self.source in ("hub", "glue_dir") and task.name not in tasks_lib.TASKS:
+      raise ValueError(f"custom task {task.name} reads data.source='task' or 'file', "
+                       f"not {self.source!r}")
     if self.limit is not None and self.limit < 1:
       raise ValueError(f"data.limit must be a positive number of rows or None, got {self.limit}")
 
@@ -123,6 +135,9 @@ def load(config: DataConfig, *, num_shards: int = 1,
   task = tasks_lib.get_task(config.task)
   if config.source == "hub":
     ds, report = load_hub(task, config.split, strict=config.strict, labelled=config.labelled)
+  elif config.source == "task":
+    ds, report = load_task_data(task, config.split, column_map=config.column_map,
+                                strict=config.strict, labelled=config.labelled)
   elif config.source == "glue_dir":
     ds, report = load_glue_dir(task, config.split, config.path, strict=config.strict,
                                labelled=config.labelled)
@@ -133,6 +148,51 @@ def load(config: DataConfig, *, num_shards: int = 1,
   ds = subset(ds, shuffle_seed=config.shuffle_seed, limit=config.limit,
               num_shards=num_shards, shard_index=shard_index)
   return ds, report
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureComponent:
+  """One task of a multi-task mixture and its sampling weight (relative to the others)."""
+  data: DataConfig
+  weight: float = 1.0
+
+  def __post_init__(self):
+    if not (self.weight > 0 and math.isfinite(self.weight)):
+      raise ValueError(f"mixture weight of task {self.data.task} must be > 0, got {self.weight}")
+
+
+def load_mixture(components: Sequence[MixtureComponent], *, seed: int = 0, size: int | None = None,
+                 num_shards: int = 1, shard_index: int = 0
+                 ) -> tuple[list[dict[str, Any]], list[LoadReport]]:
+  """Rows of several tasks, interleaved by weight; each row's `task` names its task.
+
+  Each position draws a component with probability proportional to its weight (seeded), then
+  takes that component's next row, cycling when a small task runs out. `size` defaults to the
+  total number of rows, so one pass sees every task's rows about `weight`-proportionally.
+  """
+  if not components:
+    raise ValueError("a mixture needs at least one component")
+  rows, reports = [], []
+  for component in components:
+    ds, report = load(component.data, num_shards=num_shards, shard_index=shard_index)
+    rows.append([{**row, "task": component.data.task} for row in ds])
+    reports.append(report)
+  return mix(rows, [c.weight for c in components], seed=seed, size=size), reports
+
+
+def mix(parts: Sequence[Sequence[dict[str, Any]]], weights: Sequence[float], *, seed: int = 0,
+        size: int | None = None) -> list[dict[str, Any]]:
+  """Interleaves `parts` by `weights` (see `load_mixture`)."""
+  probs = np.asarray(weights, np.float64)
+  probs = probs / probs.sum()
+  size = sum(len(p) for p in parts) if size is None else size
+  choices = np.random.default_rng(seed).choice(len(parts), size=size, p=probs)
+  cursors = [0] * len(parts)
+  out = []
+  for c in choices:
+    out.append(parts[c][cursors[c] % len(parts[c])])
+    cursors[c] += 1
+  return out
 
 
 def subset(ds: datasets.Dataset, *, shuffle_seed: int | None = None, limit: int | None = None,
@@ -170,6 +230,28 @@ def load_hub(task: tasks_lib.Task | str, split: str, *, strict: bool = False,
   source = f"{HUB_NAME}/{task.name}[{split}]"
   rows = ((f"{source}, row index {i}", row) for i, row in enumerate(raw))
   return _build(task, source, rows, {}, _is_labelled(split, labelled), strict)
+
+
+def load_task_data(task: tasks_lib.Task | str, split: str, *,
+                   column_map: Mapping[str, str] | None = None, strict: bool = False,
+                   labelled: bool | None = None) -> tuple[datasets.Dataset, LoadReport]:
+  """A split of the data a custom task's YAML file names (local files or a hub dataset)."""
+  task = _as_task(task)
+  if task.data is None:
+    raise ValueError(f"task {task.name} names no data of its own; load it from a file or folder")
+  columns = {**task.data.column_map, **(column_map or {})}
+  if task.data.hub is None:
+    path = task.data.file(split)
+    if path is None:
+      raise DataError(f"task {task.name} has no {split!r} data; its task file names "
+                      f"{[s for s, _ in task.data.files]}")
+    return load_file(task, path, split=split, column_map=columns, strict=strict,
+                     labelled=labelled)
+  hub_split = task.data.hub_split(split)
+  raw = datasets.load_dataset(task.data.hub, task.data.hub_config, split=hub_split)
+  source = f"{task.data.hub}[{hub_split}]"
+  rows = ((f"{source}, row index {i}", row) for i, row in enumerate(raw))
+  return _build(task, source, rows, columns, _is_labelled(split, labelled), strict)
 
 
 def glue_path(glue_dir: str | pathlib.Path, task: tasks_lib.Task | str,
@@ -249,7 +331,7 @@ def _as_task(task: tasks_lib.Task | str) -> tasks_lib.Task:
 
 
 def _check_split(task: tasks_lib.Task, split: str) -> None:
-  if split not in task.splits:
+  if task.splits and split not in task.splits:
     raise ValueError(f"task {task.name} has no split {split!r}; its splits: {task.splits}")
 
 
@@ -367,6 +449,12 @@ def _label(task: tasks_lib.Task, value: Any) -> int | float | str:
     except (TypeError, ValueError):
       return f"label {value!r} is not a number"
     return score if math.isfinite(score) else f"label {value!r} is not a finite number"
+  if task.label_values:
+    # A custom task's rows hold its own label values: "pos", 4, "4.0" (not label indices).
+    text = str(int(value) if isinstance(value, float) and value.is_integer() else value).strip()
+    if text in task.label_values:
+      return task.label_values.index(text)
+    return f"unknown label {value!r}; task {task.name} takes {list(task.label_values)}"
   if isinstance(value, str):
     text = value.strip()
     if text in task.label_names:

@@ -1,56 +1,203 @@
-"""Evaluation: answer a task's examples, extract the labels, score them with the official metrics."""
+"""Evaluation: answer a task's examples, extract the labels, score them with the official metrics.
+
+`evaluate` takes any prompts -> responses function; `evaluate_model` runs a `LanguageModel`
+(zero-shot or k-shot, in batches, with progress) and is what `jax-nlu-ppo eval` calls.
+"""
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 import random
 from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from jax_nlu_ppo import answer as answer_lib
 from jax_nlu_ppo import metrics as metrics_lib
 from jax_nlu_ppo import tasks as tasks_lib
 
-# prompts -> responses (greedy, for example); the model side stays outside this module.
+# prompts -> responses (greedy, for example); the model side stays outside `evaluate`.
 GenerateFn = Callable[[Sequence[Any]], list[str]]
+# (examples answered so far, total): called after each generated batch.
+ProgressFn = Callable[[int, int], None]
 
 
 @dataclasses.dataclass
 class EvalResult:
   task: str
   metrics: dict[str, float]           # official metric names, plus unparsed_rate and count
-  predictions: list[dict[str, Any]]   # one per example: prompt index, response, parsed label
+  predictions: list[dict[str, Any]]   # one per scored example: idx, response, parsed label
   confusion: metrics_lib.ConfusionMatrix | None
   lenient: bool
+  # Examples that were not scored (e.g. a prompt longer than the model's context), with why.
+  skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
     out = {"task": self.task, **self.metrics, "n": len(self.predictions),
-           "lenient_parsing": self.lenient, "predictions": self.predictions}
+           "lenient_parsing": self.lenient, "skipped": len(self.skipped), **self.settings}
     if self.confusion is not None:
       out["confusion_matrix"] = {"labels": list(self.confusion.label_names),
                                  "counts": self.confusion.counts_kc.tolist()}
+    out["skipped_examples"] = self.skipped
+    out["predictions"] = self.predictions
     return out
+
+  def summary(self) -> str:
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items() if k != "count")
+    skipped = f"  skipped {len(self.skipped)}" if self.skipped else ""
+    return f"{self.task}: n {len(self.predictions)}  {shown}{skipped}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """How a model is evaluated. `shots` demonstrations per prompt come from a labelled pool (the
+  train split): drawn per example with `shot_seed` ("random"), or the pool's first rows for
+  every prompt ("first", the paper's 5-shot baseline); `lenient` parsing reads the whole response when the
+  closing tag is missing; `random_fallback` replaces unparsed answers by a random label (the
+  paper's test-server submissions; off by default, so unparsed answers count as wrong)."""
+  shots: int = 0
+  shot_seed: int = 0
+  shot_selection: str = "random"
+  prompt_format: tasks_lib.Format = "chat"
+  max_new_tokens: int = 32
+  lenient: bool = True
+  random_fallback: bool = False
+
+  def __post_init__(self):
+    if self.shots < 0:
+      raise ValueError(f"shots must be >= 0, got {self.shots}")
+    if self.shot_selection not in ("random", "first"):
+      raise ValueError(f"shot_selection must be 'random' or 'first', got {self.shot_selection!r}")
+    if self.prompt_format not in ("chat", "paper"):
+      raise ValueError(f"prompt_format must be 'chat' or 'paper', got {self.prompt_format!r}")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def draw_shots(pool: Sequence[dict[str, Any]], k: int, seed: int, count: int,
+               selection: str = "random") -> list[list[dict[str, Any]]]:
+  """`k` distinct labelled demonstrations for each of `count` examples.
+
+  "random": example i's draw depends only on (seed, i), so a subset or a resumed evaluation
+  sees the same prompts as a full one. "first": the pool's first k labelled rows, for all.
+  """
+  if k == 0:
+    return [[] for _ in range(count)]
+  labelled = [row for row in pool if row.get("label", -1) != -1]
+  if len(labelled) < k:
+    raise ValueError(f"{k}-shot prompts need {k} labelled demonstrations; the pool has "
+                     f"{len(labelled)}")
+  if selection == "first":
+    return [labelled[:k]] * count
+  return [[labelled[j] for j in np.random.default_rng([seed, i]).choice(
+      len(labelled), size=k, replace=False)] for i in range(count)]
+
+
+def score(task: tasks_lib.Task, examples: Sequence[dict[str, Any]], responses: Sequence[str], *,
+          lenient: bool = True, fallback_seed: int | None = None) -> EvalResult:
+  """Extracts each response's label and scores them against the examples' gold labels."""
+  rule = task.extraction_rule(lenient=lenient)
+  rng = random.Random(fallback_seed) if fallback_seed is not None else None
+  fallback = "random" if rng is not None else None
+  preds, golds, predictions = [], [], []
+  for i, (ex, response) in enumerate(zip(examples, responses, strict=True)):
+    extraction = answer_lib.extract(response, rule, fallback=fallback, rng=rng)
+    preds.append(extraction.label)
+    golds.append(ex["label"])
+    predictions.append({"index": i, "idx": ex.get("idx", i), "response": response,
+                        "prediction": extraction.label, "status": extraction.status,
+                        "label": ex["label"]})
+  scores = metrics_lib.compute_metrics(task.metrics, preds, golds)
+  confusion = (None if task.is_regression
+               else metrics_lib.confusion_matrix(preds, golds, task.label_names))
+  return EvalResult(task.name, scores, predictions, confusion, lenient)
 
 
 def evaluate(generate: GenerateFn, task: tasks_lib.Task, examples: Sequence[dict[str, Any]], *,
              fmt: str = "chat", shots: Sequence[dict[str, Any]] = (), lenient: bool = True,
              fallback_seed: int | None = None) -> EvalResult:
-  """Scores `generate`'s answers to `examples`.
+  """Scores `generate`'s answers to `examples`, each prompt with the same `shots`.
 
   `lenient` reads the whole response when the closing tag is missing (the paper's evaluation);
   unparsed answers count as wrong unless `fallback_seed` asks for the paper's random label.
   """
-  rule = task.extraction_rule(lenient=lenient)
   prompts = [tasks_lib.build_prompt(task, ex, fmt, shots) for ex in examples]
-  responses = generate(prompts)
-  rng = random.Random(fallback_seed) if fallback_seed is not None else None
-  fallback = "random" if rng is not None else None
-  preds, golds, predictions = [], [], []
-  for i, (ex, response) in enumerate(zip(examples, responses)):
-    extraction = answer_lib.extract(response, rule, fallback=fallback, rng=rng)
-    preds.append(extraction.label)
-    golds.append(ex["label"])
-    predictions.append({"index": i, "response": response, "prediction": extraction.label,
-                        "status": extraction.status, "label": ex["label"]})
-  scores = metrics_lib.compute_metrics(task.metrics, preds, golds)
-  confusion = (None if task.is_regression
-               else metrics_lib.confusion_matrix(preds, golds, task.label_names))
-  return EvalResult(task.name, scores, predictions, confusion, lenient)
+  return score(task, examples, generate(prompts), lenient=lenient, fallback_seed=fallback_seed)
+
+
+def evaluate_model(lm, task: tasks_lib.Task | str, examples: Sequence[dict[str, Any]],
+                   config: EvalConfig = EvalConfig(), *,
+                   shot_pool: Sequence[dict[str, Any]] = (),
+                   progress: ProgressFn | None = None) -> EvalResult:
+  """Greedy answers of `lm` (a `pretrained.LanguageModel`) to `examples`, scored.
+
+  Unlabelled rows cannot be scored and are refused. A prompt that leaves no room for
+  `max_new_tokens` in the model's context is skipped and listed in `result.skipped`, never
+  silently truncated.
+  """
+  from jax_nlu_ppo import pretrained  # the model side; the scoring above needs no JAX
+
+  task = tasks_lib.get_task(task)
+  unlabelled = [ex.get("idx", i) for i, ex in enumerate(examples) if ex["label"] == -1]
+  if unlabelled:
+    raise ValueError(f"task {task.name}: {len(unlabelled)} examples have no label (a test "
+                     f"split?), e.g. row idx {unlabelled[0]}; evaluate a labelled split")
+  chat = config.prompt_format == "chat"
+  shots = draw_shots(shot_pool, config.shots, config.shot_seed, len(examples),
+                     config.shot_selection)
+  limit = lm.config.max_position_embeddings - config.max_new_tokens
+  kept, prompts, skipped = [], [], []
+  for i, (ex, demos) in enumerate(zip(examples, shots)):
+    prompt = tasks_lib.build_prompt(task, ex, config.prompt_format, demos)
+    length = len(pretrained.render_prompt(lm.tokenizer, prompt, chat))
+    if length > limit:
+      skipped.append({"idx": ex.get("idx", i), "reason": (
+          f"prompt of {length} tokens + {config.max_new_tokens} new tokens exceeds the "
+          f"model's {lm.config.max_position_embeddings}-token context")})
+      continue
+    kept.append(ex)
+    prompts.append(prompt)
+  if not kept:
+    raise ValueError(f"task {task.name}: every prompt is too long for the model "
+                     f"({skipped[0]['reason'] if skipped else 'no examples'})")
+  responses: list[str] = []
+  for start in range(0, len(prompts), lm.batch_size):
+    responses += lm.generate(prompts[start:start + lm.batch_size],
+                             max_new_tokens=config.max_new_tokens, temperature=0.0, chat=chat)
+    if progress is not None:
+      progress(len(responses), len(prompts))
+  result = score(task, kept, responses, lenient=config.lenient,
+                 fallback_seed=config.shot_seed if config.random_fallback else None)
+  result.skipped = skipped
+  result.settings = {"shots": config.shots, "shot_seed": config.shot_seed,
+                     "shot_selection": config.shot_selection,
+                     "prompt_format": config.prompt_format,
+                     "max_new_tokens": config.max_new_tokens,
+                     "random_fallback": config.random_fallback}
+  return result
+
+
+def write_json(results: Sequence[EvalResult], path: str | pathlib.Path,
+               extra: dict[str, Any] | None = None) -> None:
+  """One task: its result object at the top level; several: {"tasks": {name: result}}.
+
+  Written to a temporary file and renamed, so an existing results file is only replaced by a
+  complete one.
+  """
+  path = pathlib.Path(path)
+  if len(results) == 1:
+    out = {**(extra or {}), **results[0].to_json()}
+  else:
+    out = {**(extra or {}), "tasks": {r.task: r.to_json() for r in results}}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(out, indent=1, default=_json_default))
+  tmp.replace(path)
+
+
+def _json_default(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  raise TypeError(f"cannot write {type(x).__name__} to JSON")

@@ -42,6 +42,13 @@ def f1(preds: Sequence[Pred], golds: Sequence[int]) -> float:
                             average="micro", zero_division=0.0))
 
 
+def macro_f1(preds: Sequence[Pred], golds: Sequence[int]) -> float:
+  """F1 averaged over the gold labels (custom multi-class tasks); unparsed is never right."""
+  golds_n = np.asarray(golds, dtype=np.int64)
+  return float(skm.f1_score(golds_n, _as_classes(preds), labels=np.unique(golds_n),
+                            average="macro", zero_division=0.0))
+
+
 def matthews_correlation(preds: Sequence[Pred], golds: Sequence[int]) -> float:
   return float(skm.matthews_corrcoef(np.asarray(golds, dtype=np.int64), _as_classes(preds)))
 
@@ -73,6 +80,7 @@ def spearman(preds: Sequence[Pred], golds: Sequence[float]) -> float:
 METRICS: dict[str, Callable[[Sequence[Pred], Sequence], float]] = {
     "accuracy": accuracy,
     "f1": f1,
+    "macro_f1": macro_f1,
     "matthews_correlation": matthews_correlation,
     "pearson": pearson,
     "spearman": spearman,

@@ -13,6 +13,9 @@ Two prompt formats:
   turn is left open, and the reply is read with the same extraction rule as the paper format.
 
 Demonstrations (k-shot) are earlier user/assistant turns whose answer is the gold label word.
+
+Beyond GLUE, a task can be defined in a YAML file (see `task_files`); `get_task` accepts such a
+file's path wherever a task name is taken.
 """
 from __future__ import annotations
 
@@ -49,6 +52,14 @@ class Task:
   case_sensitive: bool = True
   # STS-B's gold scores lie in 0..5; used for the answer form and a random fallback.
   value_range: tuple[float, float] = (0.0, 5.0)
+  # Custom tasks: the values the label column holds, one per label (e.g. "pos", "neg", or "1");
+  # empty for GLUE, whose rows hold the label's index or name.
+  label_values: tuple[str, ...] = ()
+  # Custom tasks: how the inputs are shown, a `str.format` template over the input columns
+  # (None: one "Title: text" line per column).
+  input_template: str | None = None
+  # Custom tasks: where their data lives (a `task_files.TaskData`), None for GLUE.
+  data: Any = None
 
   def __post_init__(self):
     if len(self.input_titles) != len(self.input_columns):
@@ -57,6 +68,9 @@ class Task:
     if not self.is_regression and len(self.label_words) != len(self.label_names):
       raise ValueError(f"task {self.name}: {len(self.label_names)} labels but "
                        f"{len(self.label_words)} label words")
+    if self.label_values and len(self.label_values) != len(self.label_names):
+      raise ValueError(f"task {self.name}: {len(self.label_names)} labels but "
+                       f"{len(self.label_values)} label values")
 
   @property
   def num_labels(self) -> int:
@@ -164,23 +178,30 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 )}
 
 
-def get_task(name: str) -> Task:
-  try:
+def get_task(name: str | Task) -> Task:
+  """A GLUE task by its `nyu-mll/glue` config name, or a custom task from a YAML file's path."""
+  if isinstance(name, Task):
+    return name
+  if name in TASKS:
     return TASKS[name]
-  except KeyError:
-    raise KeyError(f"unknown task {name!r}; known tasks (nyu-mll/glue config names): "
-                   f"{', '.join(TASKS)}") from None
+  if name.endswith((".yaml", ".yml")):
+    from jax_nlu_ppo import task_files  # task_files builds on this module
+    return task_files.load_task(name)
+  raise KeyError(f"unknown task {name!r}; known tasks (nyu-mll/glue config names): "
+                 f"{', '.join(TASKS)}, or the path of a task YAML file") from None
 
 
 def format_input(task: Task, example: Mapping[str, Any]) -> str:
-  """The example's inputs, one "Title: text" line per input column."""
-  lines = []
-  for column, title in zip(task.input_columns, task.input_titles):
-    if column not in example:
-      raise KeyError(f"task {task.name}: example has no column {column!r} (it has "
-                     f"{sorted(example)}); normalise the data with jax_nlu_ppo.data first")
-    lines.append(f"{title}: {str(example[column]).strip()}")
-  return "\n".join(lines)
+  """The example's inputs: the task's template, or one "Title: text" line per input column."""
+  missing = [c for c in task.input_columns if c not in example]
+  if missing:
+    raise KeyError(f"task {task.name}: example has no column {missing[0]!r} (it has "
+                   f"{sorted(example)}); normalise the data with jax_nlu_ppo.data first")
+  if task.input_template is not None:
+    return task.input_template.format(
+        **{c: str(example[c]).strip() for c in task.input_columns}).strip()
+  return "\n".join(f"{title}: {str(example[column]).strip()}"
+                   for column, title in zip(task.input_columns, task.input_titles))
 
 
 def _gold_answer(task: Task, example: Mapping[str, Any]) -> str:

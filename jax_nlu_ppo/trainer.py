@@ -45,11 +45,12 @@ class PPOTrainer:
     self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
                                                config.model.gguf_file)
     self.tokenizer = self.lm.tokenizer
-    self.task = tasks_lib.get_task(config.data.task)
+    # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
+    self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
     self.train_examples = list(train_examples if train_examples is not None
-                               else self._load(config.data))
+                               else self._load(config))
     if not self.train_examples:
-      raise ValueError(f"no training examples for task {config.data.task}")
+      raise ValueError(f"no training examples for {', '.join(self.tasks)}")
 
     llama = nnx.merge(self.lm.graphdef, self.lm.params)
     policy = policy_lib.make_policy(llama, config.lora, config.value_dropout, config.seed,
@@ -66,10 +67,14 @@ class PPOTrainer:
     self.key = jax.random.key(config.seed)
     self.host_rng = np.random.default_rng(config.seed)
     self.position = 0          # index into train_examples of the next prompt
+    self.skipped_rows = 0      # rows whose prompt does not fit the context
     self.iteration = 0
-    self.rule = self.task.extraction_rule(lenient=config.reward.lenient)
-    self.matcher = (token_reward.TokenMatcher.build(self.rule, self.tokenizer, self.lm.eos_ids())
-                    if config.reward.extractor == "token" else None)
+    self.rules = {spec: task.extraction_rule(lenient=config.reward.lenient)
+                  for spec, task in self.tasks.items()}
+    self.matchers = ({spec: token_reward.TokenMatcher.build(rule, self.tokenizer,
+                                                            self.lm.eos_ids())
+                      for spec, rule in self.rules.items()}
+                     if config.reward.extractor == "token" else None)
 
     r = config.rollout
     self.sampling = sampling_lib.SamplingConfig(r.temperature, r.top_k, r.top_p)
@@ -86,20 +91,56 @@ class PPOTrainer:
                            static_argnums=1, donate_argnums=0)
 
   @staticmethod
-  def _load(data_config: data_lib.DataConfig) -> list[dict[str, Any]]:
-    ds, report = data_lib.load(data_config)
-    if report.rows_skipped:
-      log.warning(report.summary())
-    return list(ds)
+  def _load(config: TrainConfig) -> list[dict[str, Any]]:
+    if config.mixture:
+      rows, reports = data_lib.load_mixture(config.mixture, seed=config.seed)
+    else:
+      ds, report = data_lib.load(config.data)
+      rows, reports = list(ds), [report]
+    for report in reports:
+      if report.rows_skipped:
+        log.warning(report.summary())
+    return rows
+
+  def task_of(self, example: dict[str, Any]) -> str:
+    """The task spec of a training row (its `task` key, or the single training task)."""
+    return example.get("task", self.config.train_tasks[0])
 
   # --------------------------------------------------------------------------------------------
   def next_examples(self, n: int) -> list[dict[str, Any]]:
-    """The next `n` training examples, cycling through the (already shuffled) list."""
-    out = []
-    for _ in range(n):
-      out.append(self.train_examples[self.position % len(self.train_examples)])
+    """The next `n` training examples, cycling through the (already shuffled) list.
+
+    A row whose prompt leaves no room for the answer in the model's context is skipped, once
+    per pass, with a warning naming it; `skipped_rows` counts them.
+    """
+    out, misses = [], 0
+    while len(out) < n:
+      if misses >= len(self.train_examples):
+        raise ValueError("no training prompt fits the model's context of "
+                         f"{self.lm.config.max_position_embeddings} tokens")
+      example = self.train_examples[self.position % len(self.train_examples)]
       self.position += 1
+      if self._fits(example):
+        out.append(example)
+        misses = 0
+      else:
+        misses += 1
     return out
+
+  def _fits(self, example: dict[str, Any]) -> bool:
+    cfg = self.config.rollout
+    prompt = tasks_lib.build_prompt(self.tasks[self.task_of(example)], example,
+                                    cfg.prompt_format)
+    length = len(pretrained.render_prompt(self.tokenizer, prompt, cfg.prompt_format == "chat"))
+    if length + cfg.max_new_tokens <= self.lm.config.max_position_embeddings:
+      return True
+    if self.position <= len(self.train_examples):   # report each row once, not every pass
+      self.skipped_rows += 1
+      log.warning("skipping training row idx %s of %s: its prompt has %d tokens, too many for "
+                  "%d new tokens in the model's %d-token context", example.get("idx"),
+                  self.task_of(example), length, cfg.max_new_tokens,
+                  self.lm.config.max_position_embeddings)
+    return False
 
   def encode(self, prompts) -> tuple[np.ndarray, np.ndarray]:
     return pretrained.encode_prompts(self.tokenizer, prompts,
@@ -111,8 +152,9 @@ class PPOTrainer:
     group = cfg.ppo.group_size
     start = time.perf_counter()
     examples = [ex for ex in self.next_examples(cfg.rollout.batch_size) for _ in range(group)]
-    prompts = [tasks_lib.build_prompt(self.task, ex, cfg.rollout.prompt_format)
-               for ex in examples]
+    specs = [self.task_of(ex) for ex in examples]
+    prompts = [tasks_lib.build_prompt(self.tasks[spec], ex, cfg.rollout.prompt_format)
+               for spec, ex in zip(specs, examples)]
     prompt_bt, prompt_mask_bt = self.encode(prompts)
     self.key, rollout_key = jax.random.split(self.key)
     limit = int(self.host_rng.integers(cfg.rollout.min_new_tokens,
@@ -124,19 +166,7 @@ class PPOTrainer:
 
     start = time.perf_counter()
     golds = [ex["label"] for ex in examples]
-    if self.matcher is not None:
-      labels_b = token_reward.token_labels(self.matcher, gen.tokens_bn, gen.mask_bn,
-                                           lenient=cfg.reward.lenient)
-      scores_b = token_reward.token_rewards(self.matcher, gen.tokens_bn, gen.mask_bn,
-                                            jnp.asarray(golds, jnp.int32), cfg.reward)
-      preds = [None if label < 0 else int(label) for label in np.asarray(labels_b)]
-    else:
-      responses = pretrained.decode_responses(self.tokenizer, gen, self.lm.eos_ids())
-      preds = [answer_lib.extract(text, self.rule).label for text in responses]
-      scores_b = np.asarray([answer_lib.reward(p, g, regression=self.task.is_regression,
-                                               config=cfg.reward)
-                             for p, g in zip(preds, golds)], np.float32)
-    scores_b = jax.block_until_ready(scores_b)
+    preds, scores_b = self._rewards(gen, specs, golds)
     times["time/reward"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -177,8 +207,8 @@ class PPOTrainer:
 
     scores_b = np.asarray(scores_b)
     parsed = np.asarray([p is not None for p in preds])
-    correct = np.asarray([p is not None and not self.task.is_regression and int(p) == int(g)
-                          for p, g in zip(preds, golds)])
+    correct = np.asarray([p is not None and not self.tasks[spec].is_regression
+                          and int(p) == int(g) for spec, p, g in zip(specs, preds, golds)])
     valid = mask_np.astype(bool)
     metrics = {
         "iteration": self.iteration,
@@ -193,12 +223,46 @@ class PPOTrainer:
         "tokens/response_len_mean": float(mask_np.sum(axis=1).mean()),
         "tokens/max_new_tokens": limit,
         "tokens/prompt_len": int(prompt_bt.shape[1]),
+        "data/skipped_rows": self.skipped_rows,
         **update_metrics, **times,
     }
+    if len(self.tasks) > 1:
+      for spec, task in self.tasks.items():
+        rows = np.asarray([s == spec for s in specs])
+        if rows.any():
+          metrics[f"env/accuracy/{task.name}"] = float(correct[rows].mean())
+          metrics[f"env/reward_mean/{task.name}"] = float(scores_b[rows].mean())
     metrics["time/step"] = sum(times.values())
     metrics["tokens/per_s"] = float(mask_np.sum()) / times["time/rollout"]
     self.last_generation = gen
     return metrics
+
+  def _rewards(self, gen, specs: Sequence[str], golds: Sequence[float]):
+    """Each row's parsed label (None: unparsed) and reward, by its own task's rule."""
+    cfg = self.config
+    if self.matchers is not None:
+      # On device: each task's matcher reads the whole batch, each row keeps its own task's.
+      golds_b = jnp.asarray(golds, jnp.int32)
+      labels_b = np.full(len(specs), -1, np.int32)
+      scores_b = np.zeros(len(specs), np.float32)
+      for spec, matcher in self.matchers.items():
+        rows = np.asarray([s == spec for s in specs])
+        if not rows.any():
+          continue
+        labels = token_reward.token_labels(matcher, gen.tokens_bn, gen.mask_bn,
+                                           lenient=cfg.reward.lenient)
+        scores = token_reward.token_rewards(matcher, gen.tokens_bn, gen.mask_bn, golds_b,
+                                            cfg.reward)
+        labels_b = np.where(rows, np.asarray(labels), labels_b)
+        scores_b = np.where(rows, np.asarray(scores), scores_b)
+      return [None if label < 0 else int(label) for label in labels_b], scores_b
+    responses = pretrained.decode_responses(self.tokenizer, gen, self.lm.eos_ids())
+    preds = [answer_lib.extract(text, self.rules[spec]).label
+             for spec, text in zip(specs, responses)]
+    scores_b = np.asarray([answer_lib.reward(p, g, regression=self.tasks[spec].is_regression,
+                                             config=cfg.reward)
+                           for spec, p, g in zip(specs, preds, golds)], np.float32)
+    return preds, scores_b
 
   def last_responses(self) -> list[str]:
     """The decoded answers of the latest rollout (sample generations for logs)."""
@@ -212,14 +276,16 @@ class PPOTrainer:
     return pretrained.LanguageModel(self.lm.config, graphdef, params, self.tokenizer,
                                     self.lm.dtype, self.lm.batch_size)
 
-  def evaluate(self, examples: Sequence[dict[str, Any]]) -> evaluate_lib.EvalResult:
-    """Greedy answers of the current policy, scored with the task's metrics."""
-    lm = self.policy_model()
-    chat = self.config.rollout.prompt_format == "chat"
-    generate = lambda prompts: lm.generate(prompts, max_new_tokens=EVAL_MAX_NEW_TOKENS,
-                                           temperature=0.0, chat=chat)
-    return evaluate_lib.evaluate(generate, self.task, examples,
-                                 fmt=self.config.rollout.prompt_format)
+  def evaluate(self, examples: Sequence[dict[str, Any]],
+               task: str | None = None) -> evaluate_lib.EvalResult:
+    """Greedy answers of the current policy to one task's examples, scored with its metrics.
+
+    `task` defaults to the examples' `task` key, else the (first) training task.
+    """
+    spec = task or (examples[0].get("task") if examples else None) or self.config.train_tasks[0]
+    config = evaluate_lib.EvalConfig(prompt_format=self.config.rollout.prompt_format,
+                                     max_new_tokens=EVAL_MAX_NEW_TOKENS)
+    return evaluate_lib.evaluate_model(self.policy_model(), spec, examples, config)
 
   @property
   def total_steps(self) -> int:

@@ -105,3 +105,17 @@ def test_confusion_matrix_has_unparsed_column():
   assert "unparsed" in str(cm) and "contradiction" in str(cm)
   with pytest.raises(ValueError, match="gold labels must lie in 0..1"):
     metrics.confusion_matrix([0], [2], ("no", "yes"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_macro_f1_matches_numpy_formula(seed):
+  rng = np.random.default_rng(seed)
+  preds, golds = _random_classes(rng, 300, 4, unparsed_p=0.1)
+  got = metrics.compute_metrics(["macro_f1"], preds, golds)
+  p = np.array([-1 if x is None else x for x in preds])
+  g = np.array(golds)
+  per_class = []
+  for c in np.unique(g):
+    tp, fp, fn = np.sum((p == c) & (g == c)), np.sum((p == c) & (g != c)), np.sum((p != c) & (g == c))
+    per_class.append(2 * tp / (2 * tp + fp + fn))
+  assert got["macro_f1"] == pytest.approx(np.mean(per_class))

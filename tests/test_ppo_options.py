@@ -171,3 +171,78 @@ def test_config_errors_name_the_key(tmp_path):
                                        (97, 128), (129, 192), (200, 256)])
 def test_prompt_buckets(n, bucket):
   assert pretrained.bucket_length(n) == bucket
+
+
+def test_multi_task_trainer_rewards_each_row_by_its_own_task():
+  """A mixture's rows keep their task: prompt, extraction rule, reward and metrics."""
+  from jax_nlu_ppo import answer, data, tasks
+  from jax_nlu_ppo import trainer as trainer_lib
+  from tests.test_ppo_core import random_llama, tiny_chat_tokenizer
+
+  sst2 = [{"sentence": s, "label": i % 2, "idx": i, "task": "sst2"}
+          for i, s in enumerate(["a gorgeous witty film", "dull and far too long"])]
+  rte = [{"sentence1": "the cat sat", "sentence2": "a cat sat", "label": i % 2, "idx": i,
+          "task": "rte"} for i in range(3)]
+  examples = data.mix([sst2, rte], [1.0, 1.0], seed=0, size=16)
+  texts = [m["content"] for ex in examples
+           for m in tasks.build_prompt(tasks.get_task(ex["task"]), ex, "chat")]
+  words = [w for t in ("sst2", "rte") for w in tasks.get_task(t).label_words]
+  tokenizer = tiny_chat_tokenizer(texts + ["system user assistant", *words])
+  cfg = llama_config.LlamaConfig.tiny(vocab_size=len(tokenizer), hidden_size=32,
+                                      intermediate_size=64, head_dim=8)
+  lm = pretrained.LanguageModel(cfg, *random_llama(cfg), tokenizer)
+  mixture = tuple(data.MixtureComponent(data.DataConfig(task=t, split="train", source="hub"))
+                  for t in ("sst2", "rte"))
+  config = config_lib.TrainConfig(
+      lora=lora.LoraConfig(rank=4, targets=("q_proj",)), mixture=mixture,
+      ppo=ppo.PPOConfig(ppo_epochs=1, minibatch_size=8),
+      rollout=config_lib.RolloutConfig(batch_size=8, min_new_tokens=4, max_new_tokens=4),
+      reward=answer.RewardConfig(lenient=True))
+  trainer = trainer_lib.PPOTrainer(config, lm=lm, train_examples=examples)
+  metrics = trainer.step()
+  batch = examples[:8]
+  assert {"env/accuracy/sst2", "env/accuracy/rte", "env/reward_mean/rte"} <= metrics.keys()
+
+  # Independently: each response read with its own task's lenient rule.
+  responses = trainer.last_responses()
+  rewards = [answer.reward(answer.extract(r, tasks.get_task(ex["task"]).extraction_rule(True))
+                           .label, ex["label"], regression=False, config=config.reward)
+             for r, ex in zip(responses, batch)]
+  assert len(set(rewards)) > 1, rewards   # some answers name a label word
+  assert metrics["env/reward_mean"] == pytest.approx(np.mean(rewards))
+  for name in ("sst2", "rte"):
+    mine = [r for r, ex in zip(rewards, batch) if ex["task"] == name]
+    assert metrics[f"env/reward_mean/{name}"] == pytest.approx(np.mean(mine))
+
+
+def test_mixture_config_checks_its_tasks():
+  with pytest.raises(config_lib.ConfigError, match="cannot read stsb's numbers"):
+    config_lib.load_config(None, ["reward.extractor=token",
+                                  "mixture=[{data: {task: sst2}}, {data: {task: stsb}}]"])
+  with pytest.raises(config_lib.ConfigError, match="weight of task rte must be > 0"):
+    config_lib.load_config(None, ["mixture=[{data: {task: rte}, weight: 0}]"])
+
+
+def test_training_rows_too_long_for_the_context_are_skipped_and_counted(caplog):
+  from jax_nlu_ppo import tasks
+  from jax_nlu_ppo import trainer as trainer_lib
+  from tests.test_ppo_core import random_llama, tiny_chat_tokenizer
+
+  examples = [{"sentence": "good film", "label": 1, "idx": 0},
+              {"sentence": "bad " * 300, "label": 0, "idx": 1},
+              {"sentence": "dull film", "label": 0, "idx": 2}]
+  task = tasks.get_task("sst2")
+  texts = [m["content"] for ex in examples for m in tasks.build_prompt(task, ex, "chat")]
+  tokenizer = tiny_chat_tokenizer(texts + ["system user assistant"])
+  cfg = llama_config.LlamaConfig.tiny(vocab_size=len(tokenizer), hidden_size=32,
+                                      intermediate_size=64, head_dim=8,
+                                      max_position_embeddings=256)
+  lm = pretrained.LanguageModel(cfg, *random_llama(cfg), tokenizer)
+  config = config_lib.TrainConfig(
+      rollout=config_lib.RolloutConfig(batch_size=4, min_new_tokens=4, max_new_tokens=4),
+      ppo=ppo.PPOConfig(minibatch_size=4))
+  trainer = trainer_lib.PPOTrainer(config, lm=lm, train_examples=examples)
+  got = trainer.next_examples(5)
+  assert [ex["idx"] for ex in got] == [0, 2, 0, 2, 0]
+  assert trainer.skipped_rows == 1      # reported once, not on every pass
+  assert "skipping training row idx 1 of sst2" in caplog.text
