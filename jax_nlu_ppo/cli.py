@@ -3,6 +3,8 @@
     jax-nlu-ppo eval --model smollm2-135m-instruct --task sst2 --data ../shared/data/glue \\
         --split validation --shots 4 --limit 200 --output results.json
     jax-nlu-ppo train --config configs/demo/sst2_cpu.yaml --set ppo.kl.init_coef=0.1
+    jax-nlu-ppo sft --config configs/sft/sst2_cpu.yaml --output-dir runs/sft_sst2
+    jax-nlu-ppo perplexity --task sst2 --data ../shared/data/glue --limit 200
 """
 from __future__ import annotations
 
@@ -26,13 +28,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
                       datefmt="%H:%M:%S")
   log.setLevel(logging.INFO)
+  from jax_nlu_ppo import checkpoint as checkpoint_lib
   from jax_nlu_ppo import config as config_lib
   from jax_nlu_ppo import data as data_lib
   from jax_nlu_ppo import task_files
   try:
     return args.run(args)
   except (config_lib.ConfigError, data_lib.DataError, task_files.TaskFileError, KeyError,
-          ValueError, FileNotFoundError) as e:
+          ValueError, FileNotFoundError, checkpoint_lib.CheckpointReadError) as e:
     # The library's errors already name the file, row or option: one line, no traceback.
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     print(f"jax-nlu-ppo {args.command}: error: {message}", file=sys.stderr)
@@ -50,12 +53,7 @@ def _parser() -> argparse.ArgumentParser:
       description="Generate answers (greedy), extract the labels, score with each task's "
       "official metric, and write the metrics, unparsed rate, confusion matrix and "
       "per-example predictions as JSON.")
-  ev.add_argument("--model", default="smollm2-135m-instruct",
-                  help="embedded model name, Hugging Face folder, .gguf file or hub id "
-                  "(default: %(default)s)")
-  ev.add_argument("--gguf-file", help="with a folder or hub id: which GGUF file in it to read")
-  ev.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                  help="parameter and activation dtype (default: %(default)s)")
+  _model_arguments(ev)
   ev.add_argument("--task", action="append", required=True, metavar="TASK",
                   help="a GLUE task (nyu-mll/glue config name: cola, sst2, mrpc, stsb, qqp, "
                   "mnli, qnli, rte, wnli, ax) or a custom task YAML file; repeat or separate "
@@ -85,9 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                   help="random: demonstrations drawn per example; first: the shot split's "
                   "first rows for every prompt, as the paper's 5-shot baseline "
                   "(default: %(default)s)")
-  ev.add_argument("--format", default="chat", choices=("chat", "paper"),
-                  help="prompt format: the tokenizer's chat template, or the paper's plain "
-                  "text (default: %(default)s)")
+  ev.add_argument("--format", default="chat", choices=("chat", "paper", "plain"),
+                  help="prompt format: chat (the paper's <Judgement> answer in the tokenizer's "
+                  "chat template), paper (the paper's plain-text prompt) or plain (chat, asking "
+                  "for the bare label word) (default: %(default)s)")
   ev.add_argument("--max-new-tokens", type=int, default=32,
                   help="answer length limit (default: %(default)s)")
   ev.add_argument("--strict-parsing", action="store_true",
@@ -109,7 +108,63 @@ def _parser() -> argparse.ArgumentParser:
       "Metrics go to OUTPUT_DIR/metrics.jsonl when output_dir is set.")
   _config_arguments(tr)
   tr.set_defaults(run=run_train)
+
+  sf = commands.add_parser(
+      "sft", help="supervised fine-tuning (the paper's SFT baseline) from a YAML config",
+      description="LoRA on a frozen base, cross-entropy on the gold answer's tokens only, with "
+      "the same prompts as PPO (see configs/sft/). Metrics go to OUTPUT_DIR/metrics.jsonl.")
+  _config_arguments(sf)
+  sf.set_defaults(run=run_sft)
+
+  pp = commands.add_parser(
+      "perplexity", help="perplexity of a model on a text file or a dataset column",
+      description="Corpus perplexity exp(total NLL / predicted tokens) of a model on held-out "
+      "text: one text a line of --text, or a column of a task's split.")
+  _model_arguments(pp)
+  source = pp.add_mutually_exclusive_group(required=True)
+  source.add_argument("--text", help="a UTF-8 text file, one text a line")
+  source.add_argument("--task", help="a GLUE task or custom task YAML whose split's text to use")
+  pp.add_argument("--data", default=None, help="with --task: where the data is (as for eval)")
+  pp.add_argument("--split", default=None, help="with --task: the split (default: as for eval)")
+  pp.add_argument("--column", default=None,
+                  help="with --task: the text column (default: the task's first input)")
+  pp.add_argument("--limit", type=int, default=None, help="use the first N texts")
+  pp.add_argument("--max-length", type=int, default=None,
+                  help="truncate texts to this many tokens (default: the model's context)")
+  pp.add_argument("--batch-size", type=int, default=32,
+                  help="texts per forward pass (default: %(default)s)")
+  pp.add_argument("--output", default=None, help="write the result JSON here")
+  pp.set_defaults(run=run_perplexity)
+
+  ex = commands.add_parser(
+      "export", help="write a run's model as a Hugging Face folder (merged) or PEFT adapter",
+      description="merged: the adapters folded into the base (W + B A * scale), a folder "
+      "transformers.AutoModelForCausalLM.from_pretrained loads; peft: adapter_config.json + "
+      "adapter_model.safetensors for peft.PeftModel.from_pretrained on the base (plus our "
+      "value_head.safetensors). The run's config names the base and the LoRA settings.")
+  ex.add_argument("run_path", metavar="RUN_DIR_OR_CHECKPOINT",
+                  help="a run folder (its latest good checkpoint) or RUN/checkpoints/<step>")
+  ex.add_argument("--output", required=True, help="the folder to write")
+  ex.add_argument("--format", default="merged", choices=("merged", "peft"),
+                  help="merged weights or a PEFT adapter (default: %(default)s)")
+  ex.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="dtype of the written weights (default: %(default)s)")
+  ex.add_argument("--max-shard-size", default="5GB",
+                  help="merged: largest safetensors shard (default: %(default)s)")
+  ex.add_argument("--overwrite", action="store_true",
+                  help="replace a non-empty output folder (only once the new one is complete)")
+  ex.set_defaults(run=run_export)
   return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--model", default="smollm2-135m-instruct",
+                      help="embedded model name, Hugging Face folder, .gguf file, hub id, or a "
+                      "run folder / checkpoint of train or sft (default: %(default)s)")
+  parser.add_argument("--gguf-file",
+                      help="with a folder or hub id: which GGUF file in it to read")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="parameter and activation dtype (default: %(default)s)")
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,7 +173,11 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                       help="dotted overrides, e.g. --set ppo.kl.target=6 lora.rank=16")
   parser.add_argument("--output-dir", default=None,
-                      help="the run folder (overrides output_dir in the config)")
+                      help="the run folder (overrides output_dir in the config); a folder "
+                      "holding checkpoints continues from the latest one")
+  parser.add_argument("--init-adapter", default=None, metavar="PEFT_DIR",
+                      help="start from this PEFT adapter (e.g. exported after SFT); its LoRA "
+                      "settings must match the config's, and it becomes the KL reference")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,7 +247,6 @@ def _progress(label: str):
 
 def run_eval(args) -> int:
   from jax_nlu_ppo import evaluate as evaluate_lib
-  from jax_nlu_ppo import pretrained
   from jax_nlu_ppo import tasks as tasks_lib
 
   specs = [t.strip() for item in args.task for t in item.split(",") if t.strip()]
@@ -200,9 +258,8 @@ def run_eval(args) -> int:
       random_fallback=args.random_fallback)
   if args.output:
     _check_writable(pathlib.Path(args.output))
-  lm = pretrained.load_pretrained(args.model, args.dtype, args.gguf_file,
-                                  batch_size=args.batch_size)
-  results = []
+  # Every task's data is read (and any bad path, split or file reported) before the model loads.
+  work = []
   for spec, task in zip(specs, tasks):
     split = args.split or DEFAULT_EVAL_SPLIT.get(task.name, "validation")
     examples = _load_rows(_data_config(spec, args.data, split, args.limit, args.shuffle_seed,
@@ -211,6 +268,10 @@ def run_eval(args) -> int:
     if args.shots:
       pool = _load_rows(_data_config(spec, args.shot_data or args.data, args.shot_split, None,
                                      None, args.strict_data))
+    work.append((task, split, examples, pool))
+  lm = _load_model(args.model, args.dtype, args.gguf_file, args.batch_size)
+  results = []
+  for task, split, examples, pool in work:
     start = time.perf_counter()
     result = evaluate_lib.evaluate_model(lm, task, examples, config, shot_pool=pool,
                                          progress=_progress(f"{task.name} {split}"))
@@ -255,12 +316,111 @@ def _load_config(args, cls):
   return config_lib.load_config(args.config, overrides, cls=cls)
 
 
+def _initial_adapter(args, config):
+  """(base model, trainable) for --init-adapter, or (None, None)."""
+  if not args.init_adapter:
+    return None, None
+  from jax_nlu_ppo import export
+  from jax_nlu_ppo import pretrained
+  lm = pretrained.load_pretrained(config.model.name, config.model.dtype, config.model.gguf_file)
+  lora, trainable = export.load_peft_adapter(args.init_adapter, lm)
+  if lora != config.lora:
+    raise ValueError(f"--init-adapter {args.init_adapter} has LoRA settings {lora}, the config "
+                     f"{config.lora}; set the config's lora section to match")
+  return lm, trainable
+
+
+def _run_trainer(trainer, format_metrics) -> int:
+  steps = trainer.total_steps
+  history = trainer.train(on_step=lambda m: log.info(format_metrics(m)))
+  if trainer.iteration < steps:
+    log.warning("stopped at step %d of %d (a stop signal); the checkpoint is saved, and the same "
+                "command continues the run", trainer.iteration, steps)
+  del history
+  return 0
+
+
 def run_train(args) -> int:
   from jax_nlu_ppo import config as config_lib
   from jax_nlu_ppo import trainer as trainer_lib
   config = _load_config(args, config_lib.TrainConfig)
-  trainer = trainer_lib.PPOTrainer(config)
-  trainer.train(on_step=lambda m: log.info(trainer_lib.format_metrics(m)))
+  lm, trainable = _initial_adapter(args, config)
+  trainer = trainer_lib.PPOTrainer(config, lm=lm, initial_trainable=trainable)
+  return _run_trainer(trainer, trainer_lib.format_metrics)
+
+
+def run_sft(args) -> int:
+  from jax_nlu_ppo import sft
+  config = _load_config(args, sft.SFTConfig)
+  lm, trainable = _initial_adapter(args, config)
+  trainer = sft.SFTTrainer(config, lm=lm, initial_trainable=trainable)
+  return _run_trainer(trainer, sft.format_metrics)
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+
+def run_export(args) -> int:
+  from jax_nlu_ppo import export
+  from jax_nlu_ppo import runs
+  start = time.perf_counter()
+  run = runs.load_run(args.run_path)
+  log.info("read %s at step %d", args.run_path, run.step)
+  if args.format == "merged":
+    out = export.export_merged(run.lm, run.trainable, run.config.lora, args.output,
+                               dtype=args.dtype, max_shard_size=args.max_shard_size,
+                               overwrite=args.overwrite)
+  else:
+    out = export.export_peft(run.lm, run.trainable, run.config.lora, args.output,
+                             base_model_name_or_path=run.config.model.name, dtype=args.dtype,
+                             overwrite=args.overwrite)
+  print(f"wrote {args.format} {args.dtype} export of step {run.step} to {out} "
+        f"({time.perf_counter() - start:.1f}s)")
+  return 0
+
+
+def _load_model(path: str, dtype: str, gguf_file: str | None, batch_size: int = 32):
+  """A model by name or path; a run folder or checkpoint gives its trained policy."""
+  from jax_nlu_ppo import pretrained
+  from jax_nlu_ppo import runs
+  candidate = pathlib.Path(path)
+  if (candidate / "checkpoints").is_dir() or candidate.parent.name == "checkpoints":
+    run = runs.load_run(candidate)
+    log.info("evaluating %s at step %d", path, run.step)
+    lm = run.trainer.policy_model()
+    lm.batch_size = batch_size
+    return lm
+  return pretrained.load_pretrained(path, dtype, gguf_file, batch_size=batch_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# perplexity
+
+def run_perplexity(args) -> int:
+  import json
+  from jax_nlu_ppo import perplexity as perplexity_lib
+  from jax_nlu_ppo import tasks as tasks_lib
+
+  if args.text:
+    texts, source = perplexity_lib.read_texts(args.text), args.text
+  else:
+    task = tasks_lib.get_task(args.task)
+    split = args.split or DEFAULT_EVAL_SPLIT.get(task.name, "validation")
+    column = args.column or task.input_columns[0]
+    rows = _load_rows(_data_config(args.task, args.data, split, None, None, False))
+    source = f"{task.name} {split} column {column!r}"
+    texts = perplexity_lib.column_texts(rows, column, source=source)
+  texts = texts[:args.limit] if args.limit else texts
+  if args.output:
+    _check_writable(pathlib.Path(args.output))
+  lm = _load_model(args.model, args.dtype, args.gguf_file)
+  result = perplexity_lib.perplexity(lm, texts, max_length=args.max_length,
+                                     batch_size=args.batch_size)
+  print(f"perplexity {result.perplexity:.4f} over {result.tokens} predicted tokens of "
+        f"{len(texts)} texts ({source}); {result.truncated} truncated")
+  if args.output:
+    out = {"model": args.model, "source": source, **result.to_json()}
+    pathlib.Path(args.output).write_text(json.dumps(out, indent=1))
   return 0
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from jax_nlu_ppo import answer
+from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import data as data_lib
 from jax_nlu_ppo import lora as lora_lib
 from jax_nlu_ppo import ppo as ppo_lib
@@ -42,7 +43,9 @@ class RolloutConfig:
   top_p: float = 1.0
   min_new_tokens: int = 12
   max_new_tokens: int = 31
-  prompt_format: str = "chat"       # "chat" (the tokenizer's template) or "paper" (plain text)
+  # "chat" (the paper's tagged answer in the tokenizer's chat template), "paper" (its plain-text
+  # prompt) or "plain" (chat, the bare label word, no tags).
+  prompt_format: str = "chat"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +68,8 @@ class TrainConfig:
   epochs: float | None = None       # passes over the training set; when set, replaces `steps`
   seed: int = 0
   eval_every: int = 0               # 0: evaluate only before and after training
-  output_dir: str | None = None
+  output_dir: str | None = None     # metrics.jsonl and checkpoints/; a run there continues
+  checkpoint: checkpoint_lib.CheckpointConfig = checkpoint_lib.CheckpointConfig()
 
   def __post_init__(self):
     r, p = self.rollout, self.ppo
@@ -82,8 +86,8 @@ class TrainConfig:
     if samples % p.minibatch_size:
       raise ConfigError(f"ppo.minibatch_size ({p.minibatch_size}) must divide the samples per "
                         f"iteration, rollout.batch_size x ppo.group_size = {samples}")
-    if r.prompt_format not in ("chat", "paper"):
-      raise ConfigError(f"rollout.prompt_format must be 'chat' or 'paper', "
+    if r.prompt_format not in tasks_lib.FORMATS:
+      raise ConfigError(f"rollout.prompt_format must be one of {', '.join(tasks_lib.FORMATS)}, "
                         f"got {r.prompt_format!r}")
 
   @property

@@ -70,8 +70,7 @@ class EvalConfig:
       raise ValueError(f"shots must be >= 0, got {self.shots}")
     if self.shot_selection not in ("random", "first"):
       raise ValueError(f"shot_selection must be 'random' or 'first', got {self.shot_selection!r}")
-    if self.prompt_format not in ("chat", "paper"):
-      raise ValueError(f"prompt_format must be 'chat' or 'paper', got {self.prompt_format!r}")
+    tasks_lib.uses_chat_template(self.prompt_format)  # a known format
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
@@ -96,9 +95,10 @@ def draw_shots(pool: Sequence[dict[str, Any]], k: int, seed: int, count: int,
 
 
 def score(task: tasks_lib.Task, examples: Sequence[dict[str, Any]], responses: Sequence[str], *,
-          lenient: bool = True, fallback_seed: int | None = None) -> EvalResult:
+          lenient: bool = True, fallback_seed: int | None = None,
+          fmt: tasks_lib.Format = "chat") -> EvalResult:
   """Extracts each response's label and scores them against the examples' gold labels."""
-  rule = task.extraction_rule(lenient=lenient)
+  rule = task.extraction_rule(lenient=lenient, fmt=fmt)
   rng = random.Random(fallback_seed) if fallback_seed is not None else None
   fallback = "random" if rng is not None else None
   preds, golds, predictions = [], [], []
@@ -124,7 +124,8 @@ def evaluate(generate: GenerateFn, task: tasks_lib.Task, examples: Sequence[dict
   unparsed answers count as wrong unless `fallback_seed` asks for the paper's random label.
   """
   prompts = [tasks_lib.build_prompt(task, ex, fmt, shots) for ex in examples]
-  return score(task, examples, generate(prompts), lenient=lenient, fallback_seed=fallback_seed)
+  return score(task, examples, generate(prompts), lenient=lenient, fallback_seed=fallback_seed,
+               fmt=fmt)
 
 
 def evaluate_model(lm, task: tasks_lib.Task | str, examples: Sequence[dict[str, Any]],
@@ -144,7 +145,7 @@ def evaluate_model(lm, task: tasks_lib.Task | str, examples: Sequence[dict[str, 
   if unlabelled:
     raise ValueError(f"task {task.name}: {len(unlabelled)} examples have no label (a test "
                      f"split?), e.g. row idx {unlabelled[0]}; evaluate a labelled split")
-  chat = config.prompt_format == "chat"
+  chat = tasks_lib.uses_chat_template(config.prompt_format)
   shots = draw_shots(shot_pool, config.shots, config.shot_seed, len(examples),
                      config.shot_selection)
   limit = lm.config.max_position_embeddings - config.max_new_tokens
@@ -169,7 +170,8 @@ def evaluate_model(lm, task: tasks_lib.Task | str, examples: Sequence[dict[str, 
     if progress is not None:
       progress(len(responses), len(prompts))
   result = score(task, kept, responses, lenient=config.lenient,
-                 fallback_seed=config.shot_seed if config.random_fallback else None)
+                 fallback_seed=config.shot_seed if config.random_fallback else None,
+                 fmt=config.prompt_format)
   result.skipped = skipped
   result.settings = {"shots": config.shots, "shot_seed": config.shot_seed,
                      "shot_selection": config.shot_selection,

@@ -124,6 +124,18 @@ def swapped(llama: model_lib.Llama, adapters: AdapterSet):
       proj.adapter = nnx.data(adapter)
 
 
+def folded_kernel(kernel: Array, a: Array, b: Array, scale: float) -> Array:
+  """W + scale * A B in float32, in the kernel's layout.
+
+  W is (*lead, *in, *out), A (*lead, *in, r) and B (*lead, r, *out) as `LoraAdapter` stores
+  them; `lead` is the stacked `layers` axis, or nothing for one layer's slice (streaming export).
+  """
+  lead = a.shape[:a.ndim + b.ndim - 2 - kernel.ndim]
+  rank = a.shape[-1]
+  delta = jnp.matmul(a.reshape(*lead, -1, rank), b.reshape(*lead, rank, -1))
+  return kernel.astype(jnp.float32) + scale * delta.reshape(kernel.shape)
+
+
 def merge_into_base(llama: model_lib.Llama) -> None:
   """Folds every adapter into its kernel, `W + scale * A B`, and removes it (in place).
 
@@ -133,12 +145,9 @@ def merge_into_base(llama: model_lib.Llama) -> None:
     adapter = proj.adapter
     if adapter is None:
       continue
-    a, b = adapter.a[...], adapter.b[...]
-    layers, rank = a.shape[0], a.shape[-1]
-    delta = jnp.einsum("lir,lro->lio", a.reshape(layers, -1, rank), b.reshape(layers, rank, -1))
     kernel = proj.kernel[...]
-    merged = (kernel.astype(jnp.float32) + adapter.scale * delta.reshape(kernel.shape)
-              ).astype(kernel.dtype)
+    merged = folded_kernel(kernel, adapter.a[...], adapter.b[...], adapter.scale
+                           ).astype(kernel.dtype)
     # A new variable, not an in-place write: the old one may be shared with a frozen base
     # state that other policies (the trainer's, the reference) still read.
     proj.kernel = proj.kernel.replace(merged)

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

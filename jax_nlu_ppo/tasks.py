@@ -3,7 +3,7 @@
 Tasks are keyed by the `nyu-mll/glue` config names and use its column names and integer label
 convention, so a row from the hub, a local GLUE folder or a user's file reads the same way.
 
-Two prompt formats:
+Three prompt formats:
 
 * "paper": plain text as in arXiv 2410.11020: an instruction, the input, the required answer
   form, and a final `Assistant: <Judgement>` that the model continues (" Yes </Judgement>...").
@@ -11,6 +11,8 @@ Two prompt formats:
   assistant turn already holding "<Judgement>"; render it with
   `tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)` so the
   turn is left open, and the reply is read with the same extraction rule as the paper format.
+* "plain": chat messages asking for the bare label word (or number), with no tags: the way
+  instruct models are usually prompted. The whole reply is searched (no closing tag to find).
 
 Demonstrations (k-shot) are earlier user/assistant turns whose answer is the gold label word.
 
@@ -20,6 +22,7 @@ file's path wherever a task name is taken.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -28,7 +31,15 @@ from jax_nlu_ppo import answer
 OPEN_TAG = "<Judgement>"
 CLOSE_TAG = answer.CLOSING_TAG
 
-Format = Literal["paper", "chat"]
+Format = Literal["paper", "chat", "plain"]
+FORMATS: tuple[str, ...] = typing.get_args(Format)
+
+
+def uses_chat_template(fmt: str) -> bool:
+  """Whether prompts of this format are chat messages (rendered by the tokenizer's template)."""
+  if fmt not in FORMATS:
+    raise ValueError(f"prompt format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+  return fmt != "paper"
 ChatMessage = dict[str, str]
 
 
@@ -76,11 +87,15 @@ class Task:
   def num_labels(self) -> int:
     return len(self.label_names)
 
-  def extraction_rule(self, lenient: bool = False) -> answer.ExtractionRule:
-    """The paper's rule (`lenient=False`, for rewards) or the evaluation rule (`lenient=True`)."""
+  def extraction_rule(self, lenient: bool = False, fmt: Format = "paper") -> answer.ExtractionRule:
+    """The paper's rule (`lenient=False`, for rewards) or the evaluation rule (`lenient=True`).
+
+    Answers to "plain" prompts carry no closing tag, so they are always read whole.
+    """
     return answer.ExtractionRule(
         label_words=self.label_words, case_sensitive=self.case_sensitive, closing_tag=CLOSE_TAG,
-        lenient=lenient, regression=self.is_regression, value_range=self.value_range)
+        lenient=lenient or fmt == "plain", regression=self.is_regression,
+        value_range=self.value_range)
 
   def answer_word(self, label: int | float) -> str:
     """The text a correct answer holds for a gold label (a label word, or the score)."""
@@ -102,6 +117,14 @@ class Task:
 
   def system_prompt(self) -> str:
     return f"{self.instruction} {self.answer_form()}"
+
+  def plain_system_prompt(self) -> str:
+    if self.is_regression:
+      low, high = self.value_range
+      return f"{self.instruction} Answer with just a number from {low:g} to {high:g}."
+    words = list(self.label_words)
+    choices = ", ".join(words[:-1]) + f" or {words[-1]}"
+    return f"{self.instruction} Answer with just one word: {choices}."
 
 
 _YES_NO = ("Yes", "No")
@@ -219,7 +242,8 @@ def build_prompt(
   """The prompt for `example`, with `shots` as solved demonstrations before it.
 
   "paper" returns one string ending in "Assistant: <Judgement>"; "chat" returns chat messages
-  whose last (assistant) message is "<Judgement>" (see the module docstring for rendering).
+  whose last (assistant) message is "<Judgement>" (see the module docstring for rendering);
+  "plain" returns chat messages ending with the user's turn.
   """
   if fmt == "paper":
     parts = [f"System: {task.system_prompt()}"]
@@ -235,4 +259,11 @@ def build_prompt(
     messages.append({"role": "user", "content": format_input(task, example)})
     messages.append({"role": "assistant", "content": OPEN_TAG})
     return messages
-  raise ValueError(f"build_prompt: fmt must be 'paper' or 'chat', got {fmt!r}")
+  if fmt == "plain":
+    messages = [{"role": "system", "content": task.plain_system_prompt()}]
+    for shot in shots:
+      messages.append({"role": "user", "content": format_input(task, shot)})
+      messages.append({"role": "assistant", "content": task.answer_word(shot["label"])})
+    messages.append({"role": "user", "content": format_input(task, example)})
+    return messages
+  raise ValueError(f"build_prompt: fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -6,10 +6,7 @@ the pure functions of `ppo`, jitted once here.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
-import pathlib
 import time
 from typing import Any, Callable, Sequence
 
@@ -19,12 +16,13 @@ import numpy as np
 from flax import nnx
 
 from jax_nlu_ppo import answer as answer_lib
-from jax_nlu_ppo import data as data_lib
+from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import evaluate as evaluate_lib
 from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import ppo as ppo_lib
 from jax_nlu_ppo import ppo_math
 from jax_nlu_ppo import pretrained
+from jax_nlu_ppo import run_loop
 from jax_nlu_ppo import sampling as sampling_lib
 from jax_nlu_ppo import tasks as tasks_lib
 from jax_nlu_ppo import token_reward
@@ -36,7 +34,10 @@ EVAL_MAX_NEW_TOKENS = 32
 
 
 class PPOTrainer:
-  """Owns the frozen base, the reference, the `PPOState` and the data position."""
+  """Owns the frozen base, the reference, the `PPOState` and the data position.
+
+  With `config.output_dir` holding checkpoints, it continues from the latest one.
+  """
 
   def __init__(self, config: TrainConfig, lm: pretrained.LanguageModel | None = None,
                train_examples: Sequence[dict[str, Any]] | None = None,
@@ -48,7 +49,8 @@ class PPOTrainer:
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
     self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
     self.train_examples = list(train_examples if train_examples is not None
-                               else self._load(config))
+                               else run_loop.load_training_rows(config.data, config.mixture,
+                                                                config.seed))
     if not self.train_examples:
       raise ValueError(f"no training examples for {', '.join(self.tasks)}")
 
@@ -69,7 +71,8 @@ class PPOTrainer:
     self.position = 0          # index into train_examples of the next prompt
     self.skipped_rows = 0      # rows whose prompt does not fit the context
     self.iteration = 0
-    self.rules = {spec: task.extraction_rule(lenient=config.reward.lenient)
+    self.rules = {spec: task.extraction_rule(lenient=config.reward.lenient,
+                                             fmt=config.rollout.prompt_format)
                   for spec, task in self.tasks.items()}
     self.matchers = ({spec: token_reward.TokenMatcher.build(rule, self.tokenizer,
                                                             self.lm.eos_ids())
@@ -89,22 +92,10 @@ class PPOTrainer:
     self._update = jax.jit(functools.partial(ppo_lib.update_minibatch, tx=self.tx,
                                              config=config.ppo, temperature=r.temperature),
                            static_argnums=1, donate_argnums=0)
-
-  @staticmethod
-  def _load(config: TrainConfig) -> list[dict[str, Any]]:
-    if config.mixture:
-      rows, reports = data_lib.load_mixture(config.mixture, seed=config.seed)
-    else:
-      ds, report = data_lib.load(config.data)
-      rows, reports = list(ds), [report]
-    for report in reports:
-      if report.rows_skipped:
-        log.warning(report.summary())
-    return rows
+    self.checkpointer = run_loop.open_checkpoints(self, config, self.lm)
 
   def task_of(self, example: dict[str, Any]) -> str:
-    """The task spec of a training row (its `task` key, or the single training task)."""
-    return example.get("task", self.config.train_tasks[0])
+    return run_loop.task_of(example, self.config.train_tasks)
 
   # --------------------------------------------------------------------------------------------
   def next_examples(self, n: int) -> list[dict[str, Any]]:
@@ -131,7 +122,8 @@ class PPOTrainer:
     cfg = self.config.rollout
     prompt = tasks_lib.build_prompt(self.tasks[self.task_of(example)], example,
                                     cfg.prompt_format)
-    length = len(pretrained.render_prompt(self.tokenizer, prompt, cfg.prompt_format == "chat"))
+    length = len(pretrained.render_prompt(self.tokenizer, prompt,
+                                          tasks_lib.uses_chat_template(cfg.prompt_format)))
     if length + cfg.max_new_tokens <= self.lm.config.max_position_embeddings:
       return True
     if self.position <= len(self.train_examples):   # report each row once, not every pass
@@ -144,7 +136,8 @@ class PPOTrainer:
 
   def encode(self, prompts) -> tuple[np.ndarray, np.ndarray]:
     return pretrained.encode_prompts(self.tokenizer, prompts,
-                                     chat=self.config.rollout.prompt_format == "chat")
+                                     chat=tasks_lib.uses_chat_template(
+                                         self.config.rollout.prompt_format))
 
   def step(self) -> dict[str, float]:
     """One PPO iteration; returns its metrics (TRL names where TRL has one)."""
@@ -249,10 +242,10 @@ class PPOTrainer:
         rows = np.asarray([s == spec for s in specs])
         if not rows.any():
           continue
-        labels = token_reward.token_labels(matcher, gen.tokens_bn, gen.mask_bn,
-                                           lenient=cfg.reward.lenient)
+        lenient = self.rules[spec].lenient      # "plain" prompts are always read whole
+        labels = token_reward.token_labels(matcher, gen.tokens_bn, gen.mask_bn, lenient=lenient)
         scores = token_reward.token_rewards(matcher, gen.tokens_bn, gen.mask_bn, golds_b,
-                                            cfg.reward)
+                                            cfg.reward, lenient=lenient)
         labels_b = np.where(rows, np.asarray(labels), labels_b)
         scores_b = np.where(rows, np.asarray(scores), scores_b)
       return [None if label < 0 else int(label) for label in labels_b], scores_b
@@ -268,13 +261,28 @@ class PPOTrainer:
     """The decoded answers of the latest rollout (sample generations for logs)."""
     return pretrained.decode_responses(self.tokenizer, self.last_generation, self.lm.eos_ids())
 
+  def snapshot(self) -> checkpoint_lib.Snapshot:
+    """What a checkpoint holds: the `PPOState`, the KL reference, both random generators' states
+    and the data position."""
+    return checkpoint_lib.Snapshot(
+        arrays={"state": self.state, "reference": self.reference,
+                "key": jax.random.key_data(self.key)},
+        host={"position": self.position, "iteration": self.iteration,
+              "skipped_rows": self.skipped_rows, "host_rng": self.host_rng.bit_generator.state,
+              "key_impl": str(jax.random.key_impl(self.key))})
+
+  def load_snapshot(self, snapshot: checkpoint_lib.Snapshot) -> None:
+    host = snapshot.host
+    self.state, self.reference = snapshot.arrays["state"], snapshot.arrays["reference"]
+    self.key = jax.random.wrap_key_data(snapshot.arrays["key"], impl=host["key_impl"])
+    self.host_rng.bit_generator.state = host["host_rng"]
+    self.position, self.iteration = host["position"], host["iteration"]
+    self.skipped_rows = host["skipped_rows"]
+
   # --------------------------------------------------------------------------------------------
   def policy_model(self) -> pretrained.LanguageModel:
     """The current policy (adapters on) as a `LanguageModel`, for generation and evaluation."""
-    policy = policy_lib.with_trainable(self.graphdef, self.base, self.state.trainable)
-    graphdef, params = nnx.split(policy.llama)
-    return pretrained.LanguageModel(self.lm.config, graphdef, params, self.tokenizer,
-                                    self.lm.dtype, self.lm.batch_size)
+    return run_loop.adapted_model(self.lm, self.graphdef, self.base, self.state.trainable)
 
   def evaluate(self, examples: Sequence[dict[str, Any]],
                task: str | None = None) -> evaluate_lib.EvalResult:
@@ -282,34 +290,24 @@ class PPOTrainer:
 
     `task` defaults to the examples' `task` key, else the (first) training task.
     """
-    spec = task or (examples[0].get("task") if examples else None) or self.config.train_tasks[0]
-    config = evaluate_lib.EvalConfig(prompt_format=self.config.rollout.prompt_format,
-                                     max_new_tokens=EVAL_MAX_NEW_TOKENS)
-    return evaluate_lib.evaluate_model(self.policy_model(), spec, examples, config)
+    return run_loop.evaluate_model(self.policy_model(), examples, self.config.train_tasks,
+                                   self.config.rollout.prompt_format, task,
+                                   max_new_tokens=EVAL_MAX_NEW_TOKENS)
 
   @property
   def total_steps(self) -> int:
     """`config.steps`, or the iterations that make `config.epochs` passes over the data."""
-    if self.config.epochs is None:
-      return self.config.steps
-    return math.ceil(self.config.epochs * len(self.train_examples) / self.config.rollout.batch_size)
+    return run_loop.total_steps(self.config.steps, self.config.epochs, len(self.train_examples),
+                                self.config.rollout.batch_size)
 
   def train(self, steps: int | None = None,
             on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """Runs `steps` iterations (default: config.steps); writes metrics.jsonl if output_dir."""
-    out_dir = pathlib.Path(self.config.output_dir) if self.config.output_dir else None
-    if out_dir is not None:
-      out_dir.mkdir(parents=True, exist_ok=True)
-    history = []
-    for _ in range(steps if steps is not None else self.total_steps):
-      metrics = self.step()
-      history.append(metrics)
-      if on_step is not None:
-        on_step(metrics)
-      if out_dir is not None:
-        with open(out_dir / "metrics.jsonl", "a") as f:
-          f.write(json.dumps(metrics) + "\n")
-    return history
+    """Runs `steps` more iterations (default: up to `total_steps`, so a continued run completes
+    its schedule); writes metrics.jsonl and checkpoints if output_dir (see `run_loop.run_steps`).
+    """
+    steps = self.total_steps - self.iteration if steps is None else steps
+    return run_loop.run_steps(self, max(steps, 0), self.config.output_dir, on_step,
+                              self.checkpointer)
 
 
 def format_metrics(m: dict[str, float]) -> str:

@@ -4,11 +4,12 @@ Import streams tensor by tensor: each parameter of the model is assembled on the
 files (one layer slice at a time into the stacked array), placed on its devices, and dropped
 before the next one is read, so a 7B import never holds two copies of the model in host memory.
 The table in `tensor_specs` maps every parameter to its Hugging Face name and layout; export
-(`to_hf_tensors`) walks the same table backwards.
+(`hf_tensors`, `write_safetensors`) walks the same table backwards, one tensor at a time too.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -140,11 +141,14 @@ class _SafetensorsFile:
 
 
 class SafetensorsSource:
-  """A Hugging Face folder: `model.safetensors`, or shards listed in `model.safetensors.index.json`."""
+  """A Hugging Face folder: `model.safetensors`, or shards listed in `model.safetensors.index.json`.
 
-  def __init__(self, folder: str):
-    index = os.path.join(folder, "model.safetensors.index.json")
-    single = os.path.join(folder, "model.safetensors")
+  `filename` names another file of the folder (e.g. a PEFT `adapter_model.safetensors`).
+  """
+
+  def __init__(self, folder: str, filename: str = "model.safetensors"):
+    index = os.path.join(folder, f"{filename}.index.json")
+    single = os.path.join(folder, filename)
     if os.path.exists(index):
       with open(index) as f:
         weight_map = json.load(f)["weight_map"]
@@ -155,7 +159,7 @@ class SafetensorsSource:
       file = _SafetensorsFile(single)
       self._map = {name: file for name in file.entries}
     else:
-      raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+      raise CheckpointError(f"{folder}: no {filename} or {filename}.index.json "
                             "(only safetensors checkpoints are read)")
 
   def names(self) -> set[str]:
@@ -300,14 +304,16 @@ def _check_shape(source: TensorSource, spec: TensorSpec, name: str, expected: tu
 def load_params(source: TensorSource, config: LlamaConfig, abstract_params,
                 config_source: str = "config.json",
                 shardings=None,
-                progress: Callable[[Iterator], Iterator] = iter):
+                progress: Callable[[Iterator], Iterator] = iter,
+                specs: list[TensorSpec] | None = None):
   """Fills the model's abstract parameter tree (from `nnx.eval_shape`) from a checkpoint.
 
   `abstract_params` is a nested dict of `jax.ShapeDtypeStruct`; the result has the same
   structure with arrays placed per `shardings` (same structure; default device if None).
-  Every tensor's presence and shape are checked before any is read.
+  Every tensor's presence and shape are checked before any is read. `specs` (default: the
+  model's table) lets other trees, such as LoRA adapters, load the same way.
   """
-  specs = tensor_specs(config)
+  specs = specs or tensor_specs(config)
   for spec in specs:
     leaf = _tree_get(abstract_params, spec.path)
     shape = leaf.shape[1:] if spec.stacked else leaf.shape
@@ -335,12 +341,73 @@ def load_params(source: TensorSource, config: LlamaConfig, abstract_params,
   return loaded
 
 
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+  """One tensor to export: its Hugging Face name and shape, and how to read it in its turn."""
+  name: str
+  shape: tuple[int, ...]
+  read: Callable[[], np.ndarray]
+
+
+def hf_tensors(config: LlamaConfig, params, specs: list[TensorSpec] | None = None
+               ) -> list[HFTensor]:
+  """Every parameter of `params` (a nested dict) as Hugging Face tensors, read lazily.
+
+  A stacked leaf gives one tensor per layer, and reading one moves only that layer's slice to
+  the host. Leaves may be anything with `.shape` and `[layer]` indexing (e.g. a kernel that
+  folds its LoRA adapter in when a layer is read).
+  """
+  tensors = []
+  for spec in specs or tensor_specs(config):
+    leaf = _tree_get(params, spec.path)
+    if spec.stacked:
+      tensors += [HFTensor(spec.hf_name.format(i=i), spec.hf_shape(leaf.shape[1:]),
+                           functools.partial(_read_hf, spec, leaf, i))
+                  for i in range(config.num_layers)]
+    else:
+      tensors.append(HFTensor(spec.hf_name, spec.hf_shape(leaf.shape),
+                              functools.partial(_read_hf, spec, leaf, None)))
+  return tensors
+
+
+def _read_hf(spec: TensorSpec, leaf, layer: int | None) -> np.ndarray:
+  return spec.to_hf(np.asarray(jax.device_get(leaf if layer is None else leaf[layer])))
+
+
 def to_hf_tensors(config: LlamaConfig, params) -> Iterator[tuple[str, np.ndarray]]:
   """(Hugging Face name, array) for every parameter, one at a time (for streaming export)."""
-  for spec in tensor_specs(config):
-    array = np.asarray(jax.device_get(_tree_get(params, spec.path)))
-    if spec.stacked:
-      for i in range(config.num_layers):
-        yield spec.hf_name.format(i=i), spec.to_hf(array[i])
-    else:
-      yield spec.hf_name, spec.to_hf(array)
+  for tensor in hf_tensors(config, params):
+    yield tensor.name, tensor.read()
+
+
+_SAFETENSORS_NAMES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path: str, tensors: list[HFTensor], dtype,
+                      metadata: dict[str, str] | None = None) -> int:
+  """Writes `tensors`, cast to `dtype`, as one safetensors file; returns the bytes of tensor data.
+
+  Written directly, like the reader: the header lists every tensor's offsets, which the shapes
+  alone determine, so each tensor can then be read, written and dropped in turn, where
+  `safetensors.numpy.save_file` needs them all in memory at once.
+  """
+  dtype = np.dtype(dtype)
+  header: dict[str, Any] = {"__metadata__": metadata or {}}
+  offset = 0
+  for tensor in tensors:
+    size = math.prod(tensor.shape) * dtype.itemsize
+    header[tensor.name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(tensor.shape),
+                           "data_offsets": [offset, offset + size]}
+    offset += size
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for tensor in tensors:
+      array = np.asarray(tensor.read(), dtype=dtype, order="C")
+      if array.shape != tuple(tensor.shape):
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} was planned as {tensor.shape} but "
+                              f"read as {array.shape}")
+      f.write(array.reshape(-1).view(np.uint8))
+  return offset

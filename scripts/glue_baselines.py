@@ -51,7 +51,7 @@ def main() -> None:
   parser.add_argument("--seed", type=int, default=0, help="dev shuffle and shot draw seed")
   parser.add_argument("--max-new-tokens", type=int, default=16)
   parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument("--format", default="chat", choices=("chat", "paper"))
+  parser.add_argument("--format", default="chat", choices=tasks_lib.FORMATS)
   parser.add_argument("--tasks", nargs="+", default=None, help="subset of task names")
   parser.add_argument("--output", default=None)
   args = parser.parse_args()

@@ -1,6 +1,5 @@
 """Evaluation end to end: custom task files, k-shot prompts, mixtures, the `eval` command, and
 every GLUE task available locally answered by the real 135M model."""
-import dataclasses
 import json
 
 import numpy as np
@@ -207,3 +206,23 @@ def test_eval_command_errors_are_one_line(tmp_path, capsys):
   assert "unknown task 'sst-2'" in capsys.readouterr().err
   assert cli.main(["eval", "--task", "sst2", "--data", str(tmp_path / "nowhere")]) == 2
   assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_perplexity_command_on_a_task_column(glue_dir, tmp_path, capsys, smollm2_gguf):
+  out = tmp_path / "ppl.json"
+  assert cli.main(["perplexity", "--task", "sst2", "--data", str(glue_dir), "--limit", "8",
+                   "--output", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["texts"] == 8 and result["tokens"] > 8 and result["perplexity"] > 1
+  assert np.exp(result["nll_per_token"]) == pytest.approx(result["perplexity"], rel=1e-6)
+  assert "sst2 validation column 'sentence'" in capsys.readouterr().out
+  assert cli.main(["perplexity", "--text", str(tmp_path / "missing.txt")]) == 2
+  assert "missing.txt does not exist" in capsys.readouterr().err
+
+
+def test_every_command_explains_its_options(capsys):
+  for command in ("eval", "train", "sft", "perplexity"):
+    with pytest.raises(SystemExit) as info:
+      cli.main([command, "--help"])
+    assert info.value.code == 0
+    assert "usage: jax-nlu-ppo " + command in capsys.readouterr().out

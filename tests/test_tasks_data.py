@@ -80,6 +80,23 @@ def test_chat_prompt(name):
   assert all(isinstance(m["content"], str) and m["content"] for m in messages)
 
 
+@pytest.mark.parametrize("name", GLUE_TASKS)
+def test_plain_prompt(name):
+  task = tasks.get_task(name)
+  shots = [_synthetic_example(task), _synthetic_example(task)]
+  messages = tasks.build_prompt(task, _synthetic_example(task), "plain", shots=shots)
+  assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 2 + ["user"]
+  assert "Judgement" not in " ".join(m["content"] for m in messages)
+  assert messages[2]["content"] == task.answer_word(shots[0]["label"])
+  # No closing tag in plain answers: the whole reply is read, even under the training rule.
+  rule = task.extraction_rule(lenient=False, fmt="plain")
+  assert rule.lenient
+  assert answer.extract(messages[2]["content"], rule).label == pytest.approx(shots[0]["label"])
+  if not task.is_regression:
+    for word in task.label_words:
+      assert word in messages[0]["content"]
+
+
 def test_chat_prompt_renders_with_open_assistant_turn():
   tokenizers = pytest.importorskip("tokenizers")
   transformers = pytest.importorskip("transformers")

@@ -1,0 +1,384 @@
+"""Trained adapters out to the Hugging Face world, and PEFT adapters back in.
+
+Two export formats:
+  * merged: a plain transformers model folder (`config.json`, safetensors, generation config,
+    tokenizer) with every adapter folded into its kernel, W' = W + scale B A;
+  * peft: `adapter_config.json` + `adapter_model.safetensors` that
+    `peft.PeftModel.from_pretrained(base, folder)` applies to the unchanged base, plus our
+    `value_head.safetensors` (the critic: value head and any critic adapters, in our layout) so
+    that nothing trained is lost.
+
+Both stream: one tensor (one layer's slice of a stacked parameter) is read, merged, cast,
+written and dropped at a time. Both write into a temporary sibling folder that replaces the
+output only when complete, so a failed export never leaves a half-written folder behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import operator
+import os
+import shutil
+import time
+import uuid
+
+import jax
+import ml_dtypes
+from huggingface_hub import split_state_dict_into_shards_factory
+import numpy as np
+from flax import nnx
+
+from jax_nlu_ppo import lora as lora_lib
+from jax_nlu_ppo import policy as policy_lib
+from jax_nlu_ppo import weights as weights_lib
+from jax_nlu_ppo.llama_config import LlamaConfig
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+VALUE_HEAD_WEIGHTS = "value_head.safetensors"
+# PEFT names a LoRA tensor after the wrapped module: PeftModel.base_model (LoraModel).model.
+PEFT_PREFIX = "base_model.model."
+_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+class ExportError(ValueError):
+  """An export's output folder or an adapter folder cannot be used as asked."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Export.
+
+def export_merged(lm, trainable, lora: lora_lib.LoraConfig | None, output: str, *,
+                  dtype: str = "float32", max_shard_size: int | str = "5GB",
+                  overwrite: bool = False) -> str:
+  """Writes `lm` with `trainable`'s adapters folded in as a transformers model folder.
+
+  Args:
+    lm: the loaded base (`pretrained.LanguageModel`); never modified. A GGUF base is written
+      dequantised, in Hugging Face names and layouts.
+    trainable: the policy's trainable state (`policy.split`) or its pure dict; None exports
+      the base as it is.
+    lora: the adapters' config (for the targets and scale alpha/r, or alpha/sqrt(r) for rsLoRA).
+    output: the folder to create; refused if it exists and is not empty, unless `overwrite`.
+    dtype: "float32" or "bfloat16" for the written tensors (merging is done in float32).
+    max_shard_size: bytes (or "5GB"-style) per safetensors file; more than one file gets a
+      `model.safetensors.index.json`, as transformers writes it.
+  Returns:
+    The absolute path of the written folder.
+  """
+  np_dtype = _np_dtype(dtype)
+  start = time.perf_counter()
+  params = nnx.to_pure_dict(lm.params)
+  if trainable is not None:
+    params = _with_folded_adapters(params, _pure(trainable), lora)
+  tensors = weights_lib.hf_tensors(lm.config, params)
+  with _staging(output, overwrite) as folder:
+    _write_sharded(folder, tensors, np_dtype, max_shard_size)
+    _write_json(os.path.join(folder, "config.json"),
+                lm.config.to_hf() | {"dtype": dtype, "torch_dtype": dtype})
+    _write_generation_config(folder, lm.config)
+    if lm.tokenizer is not None:
+      lm.tokenizer.save_pretrained(folder)
+    else:
+      log.warning("the model has no tokenizer; %s will hold weights and config only", output)
+  log.info("exported a merged %s model to %s in %.1fs", dtype, output, time.perf_counter() - start)
+  return os.path.abspath(output)
+
+
+def export_peft(lm, trainable, lora: lora_lib.LoraConfig, output: str, *,
+                base_model_name_or_path: str | None = None, dtype: str = "float32",
+                overwrite: bool = False) -> str:
+  """Writes the adapters as a PEFT LoRA folder, and the critic beside them.
+
+  `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), output)` then
+  computes what our adapted policy computes. `value_head.safetensors` is ours (PEFT ignores
+  it): the value head and, with `critic_lora`, the critic's adapters, read back by
+  `load_peft_adapter`. Arguments as for `export_merged`; `base_model_name_or_path` is recorded
+  in `adapter_config.json` for users and the hub.
+  """
+  np_dtype = _np_dtype(dtype)
+  start = time.perf_counter()
+  pure = _pure(trainable)
+  _check_adapters(pure, lora)
+  adapter_tensors = weights_lib.hf_tensors(lm.config, pure,
+                                           adapter_specs(lm.config, lora.targets))
+  critic_tensors = weights_lib.hf_tensors(lm.config, pure, _critic_specs(pure))
+  with _staging(output, overwrite) as folder:
+    weights_lib.write_safetensors(os.path.join(folder, ADAPTER_WEIGHTS), adapter_tensors,
+                                  np_dtype, {"format": "pt"})
+    weights_lib.write_safetensors(os.path.join(folder, VALUE_HEAD_WEIGHTS), critic_tensors,
+                                  np.float32, {"format": "jax_nlu_ppo"})
+    _write_json(os.path.join(folder, ADAPTER_CONFIG),
+                _peft_config(lora, base_model_name_or_path))
+  log.info("exported PEFT adapters (%s) to %s in %.1fs", dtype, output,
+           time.perf_counter() - start)
+  return os.path.abspath(output)
+
+
+def adapter_specs(config: LlamaConfig, targets) -> list[weights_lib.TensorSpec]:
+  """PEFT's name and layout of each LoRA matrix, derived from the base model's table.
+
+  A kernel stored as (*in, *out) is HF's (out, in) `weight`. Its A (*in, r) is then PEFT's
+  `lora_A.weight` (r, in) by the same layout rule, and B (r, *out) is `lora_B.weight` (out, r),
+  a kernel with one input axis.
+  """
+  specs = []
+  for spec in weights_lib.tensor_specs(config):
+    if spec.path[:1] != ("layers",) or spec.path[-1] != "kernel" or spec.path[2] not in targets:
+      continue
+    adapter = ("llama", *spec.path[:-1], "adapter")
+    name = PEFT_PREFIX + spec.hf_name.removesuffix(".weight")
+    specs += [weights_lib.TensorSpec((*adapter, "a"), f"{name}.lora_A.weight", spec.layout, True),
+              weights_lib.TensorSpec((*adapter, "b"), f"{name}.lora_B.weight", "kernel1", True)]
+  return specs
+
+
+def _critic_specs(pure) -> list[weights_lib.TensorSpec]:
+  """Everything trainable but the policy's adapters, under its own dotted path, as it is."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path({k: v for k, v in pure.items() if k != "llama"})
+  paths = [tuple(str(k.key) for k in path) for path, _ in leaves]
+  return [weights_lib.TensorSpec(path, ".".join(path), "same") for path in paths]
+
+
+class _FoldedKernel:
+  """A stacked kernel that folds its adapter in (float32) as each layer's slice is read."""
+
+  def __init__(self, kernel, adapter, scale: float):
+    self.kernel, self.a, self.b, self.scale = kernel, adapter["a"], adapter["b"], scale
+    self.shape = kernel.shape
+
+  def __getitem__(self, layer: int):
+    return lora_lib.folded_kernel(self.kernel[layer], self.a[layer], self.b[layer], self.scale)
+
+
+def _with_folded_adapters(params, pure_trainable, lora: lora_lib.LoraConfig):
+  """A structural copy of the base's pure dict whose target kernels fold their adapters in."""
+  if lora is None:
+    raise ExportError("exporting a trainable state needs the LoRA config it was trained with")
+  _check_adapters(pure_trainable, lora)
+  params = jax.tree.map(lambda x: x, params)  # new dicts, the same (shared, unmodified) arrays
+  for target in lora.targets:
+    proj = params["layers"][lora_lib.BLOCKS[target]][target]
+    adapter = pure_trainable["llama"]["layers"][lora_lib.BLOCKS[target]][target]["adapter"]
+    proj["kernel"] = _FoldedKernel(proj["kernel"], adapter, lora.scale)
+  return params
+
+
+def _check_adapters(pure_trainable, lora: lora_lib.LoraConfig):
+  layers = pure_trainable.get("llama", {}).get("layers", {})
+  for target in lora_lib.ALL_TARGETS:
+    adapter = layers.get(lora_lib.BLOCKS[target], {}).get(target, {}).get("adapter")
+    if (adapter is not None) != (target in lora.targets):
+      present = [t for t in lora_lib.ALL_TARGETS
+                 if "adapter" in layers.get(lora_lib.BLOCKS[t], {}).get(t, {})]
+      raise ExportError(f"the trainable state has adapters on {present} but the LoRA config "
+                        f"targets {list(lora.targets)}; pass the config the run trained with")
+    if adapter is not None and adapter["a"].shape[-1] != lora.rank:
+      raise ExportError(f"the {target} adapter has rank {adapter['a'].shape[-1]} but the LoRA "
+                        f"config says rank={lora.rank}; pass the config the run trained with")
+
+
+def _pure(trainable):
+  return nnx.to_pure_dict(trainable) if isinstance(trainable, nnx.State) else trainable
+
+
+def _np_dtype(dtype: str) -> np.dtype:
+  if dtype not in _DTYPES:
+    raise ValueError(f"export dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+  return _DTYPES[dtype]
+
+
+def _write_sharded(folder: str, tensors: list[weights_lib.HFTensor], dtype: np.dtype,
+                   max_shard_size: int | str):
+  """`model.safetensors`, or shards and their index, split as transformers splits them."""
+  by_name = {t.name: t for t in tensors}
+  split = split_state_dict_into_shards_factory(
+      by_name, get_storage_size=lambda t: int(np.prod(t.shape)) * dtype.itemsize,
+      filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+  for filename, names in split.filename_to_tensors.items():
+    weights_lib.write_safetensors(os.path.join(folder, filename), [by_name[n] for n in names],
+                                  dtype, {"format": "pt"})
+  if split.is_sharded:
+    _write_json(os.path.join(folder, "model.safetensors.index.json"),
+                {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
+
+
+def _write_generation_config(folder: str, config: LlamaConfig):
+  from transformers import GenerationConfig  # pylint: disable=import-outside-toplevel
+  eos = list(config.eos_token_ids)
+  GenerationConfig(bos_token_id=config.bos_token_id, pad_token_id=config.pad_token_id,
+                   eos_token_id=eos[0] if len(eos) == 1 else eos or None
+                   ).save_pretrained(folder)
+
+
+def _peft_config(lora: lora_lib.LoraConfig, base: str | None) -> dict:
+  alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+  return {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+      "r": lora.rank, "lora_alpha": alpha, "lora_dropout": lora.dropout,
+      "use_rslora": lora.rslora, "target_modules": list(lora.targets), "bias": "none",
+      "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
+      "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+      "init_lora_weights": True, "inference_mode": True,
+  }
+
+
+def _write_json(path: str, obj):
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)
+    f.write("\n")
+
+
+@contextlib.contextmanager
+def _staging(output: str, overwrite: bool):
+  """A new sibling folder to write into; it replaces `output` only once the body succeeds."""
+  output = os.path.abspath(output)
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise ExportError(f"{output}: exists and is not a folder")
+  if os.path.isdir(output) and os.listdir(output) and not overwrite:
+    raise ExportError(f"{output}: folder exists and is not empty; choose a new folder or pass "
+                      "overwrite=True (--overwrite) to replace it")
+  parent, name = os.path.split(output)
+  staging = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.partial")
+  try:
+    os.makedirs(parent, exist_ok=True)
+    os.mkdir(staging)
+  except OSError as e:
+    raise ExportError(f"{output}: cannot write there ({e.strerror or e}: "
+                      f"{e.filename or parent})") from None
+  try:
+    yield staging
+    backup = None
+    if os.path.exists(output):
+      backup = f"{staging}.old"
+      os.rename(output, backup)
+    try:
+      os.rename(staging, output)
+    except OSError:
+      if backup:
+        os.rename(backup, output)
+      raise
+    if backup:
+      shutil.rmtree(backup)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a PEFT adapter back.
+
+# adapter_config.json settings this implementation cannot honour, with the value it needs.
+_UNSUPPORTED = {"use_dora": False, "bias": "none", "fan_in_fan_out": False,
+                "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+                "alpha_pattern": {}, "modules_to_save": None}
+
+
+def load_peft_adapter(folder: str, lm, critic_lora: bool | None = None
+                      ) -> tuple[lora_lib.LoraConfig, nnx.State]:
+  """Reads a PEFT LoRA folder (ours, or trained by peft in torch) into our trainable state.
+
+  The result is what `policy.split` gives for `lm` with that LoRA config, ready for
+  `PPOTrainer(config, initial_trainable=...)` (with `config.lora` set to the returned config).
+  The value head (and critic adapters) come from `value_head.safetensors` when the folder has
+  it; otherwise the critic starts fresh (V = 0). `critic_lora` forces the presence (True) or
+  absence (False) of critic adapters; by default it follows the file.
+  """
+  path = os.path.join(folder, ADAPTER_CONFIG)
+  try:
+    with open(path) as f:
+      peft = json.load(f)
+  except FileNotFoundError:
+    raise ExportError(f"{path}: not found; a PEFT adapter folder needs {ADAPTER_CONFIG}") from None
+  except json.JSONDecodeError as e:
+    raise ExportError(f"{path}: not valid JSON ({e})") from None
+  lora = _lora_config(peft, path)
+
+  critic_source = None
+  if os.path.exists(os.path.join(folder, VALUE_HEAD_WEIGHTS)):
+    critic_source = weights_lib.SafetensorsSource(folder, VALUE_HEAD_WEIGHTS)
+  if critic_lora is None:
+    critic_lora = critic_source is not None and any(
+        n.startswith("critic.") for n in critic_source.names())
+  llama = nnx.merge(lm.graphdef, lm.params)  # a new module over the same, untouched arrays
+  policy = policy_lib.make_policy(llama, lora, value_dropout=0.0, seed=0,
+                                  critic_lora=critic_lora)
+  _, trainable, _ = policy_lib.split(policy)
+  pure = nnx.to_pure_dict(trainable)
+
+  specs = adapter_specs(lm.config, lora.targets)
+  source = weights_lib.SafetensorsSource(folder, ADAPTER_WEIGHTS)
+  _check_adapter_tensors(source, specs, pure, lm.config, lora,
+                         os.path.join(folder, ADAPTER_WEIGHTS))
+  loaded = weights_lib.load_params(source, lm.config, pure, specs=specs)
+  pure["llama"] = loaded["llama"]
+  if critic_source is not None:
+    critic_specs = _critic_specs(pure)
+    _check_tensors(critic_source, critic_specs, pure, lm.config,
+                   f"critic_lora={critic_lora}, hidden_size={lm.config.hidden_size}",
+                   os.path.join(folder, VALUE_HEAD_WEIGHTS))
+    pure |= weights_lib.load_params(critic_source, lm.config, pure, specs=critic_specs)
+  else:
+    log.info("%s has no %s; the value head starts at zero", folder, VALUE_HEAD_WEIGHTS)
+  nnx.replace_by_pure_dict(trainable, pure)
+  return lora, trainable
+
+
+def _lora_config(peft: dict, path: str) -> lora_lib.LoraConfig:
+  if peft.get("peft_type") != "LORA":
+    raise ExportError(f"{path}: peft_type {peft.get('peft_type')!r} is not supported (LORA only)")
+  for key, needed in _UNSUPPORTED.items():
+    if (peft.get(key) or None) != (needed or None):  # absent, null, false and {} all agree
+      raise ExportError(f"{path}: {key}={peft[key]!r} is not supported (needs {needed!r})")
+  targets = peft.get("target_modules")
+  if targets == "all-linear":
+    targets = list(lora_lib.ALL_TARGETS)
+  if not isinstance(targets, list):
+    raise ExportError(f"{path}: target_modules must be a list of module names, got {targets!r}")
+  unknown = sorted(set(targets) - set(lora_lib.ALL_TARGETS))
+  if unknown:
+    raise ExportError(f"{path}: target_modules {unknown} cannot be adapted here; supported: "
+                      f"{', '.join(lora_lib.ALL_TARGETS)}")
+  try:
+    return lora_lib.LoraConfig(
+        rank=int(peft["r"]), alpha=float(peft["lora_alpha"]),
+        dropout=float(peft.get("lora_dropout", 0.0)),
+        targets=tuple(t for t in lora_lib.ALL_TARGETS if t in targets),
+        rslora=bool(peft.get("use_rslora", False)))
+  except KeyError as e:
+    raise ExportError(f"{path}: required key {e.args[0]!r} is missing") from None
+
+
+def _check_adapter_tensors(source, specs, pure, config: LlamaConfig, lora: lora_lib.LoraConfig,
+                           path: str):
+  expected = {s.hf_name.format(i=i) for s in specs for i in range(config.num_layers)}
+  unexpected = sorted(n for n in source.names() if n not in expected)
+  if unexpected:
+    raise ExportError(
+        f"{path}: tensor {unexpected[0]!r} is not an adapter of this "
+        f"model with target_modules {list(lora.targets)} and {config.num_layers} layers "
+        f"({len(unexpected)} such tensors)")
+  _check_tensors(source, specs, pure, config, f"r={lora.rank}, target_modules="
+                 f"{list(lora.targets)}, hidden_size={config.hidden_size}, "
+                 f"heads={config.num_heads}, kv_heads={config.num_kv_heads}, "
+                 f"head_dim={config.head_dim}, intermediate_size={config.intermediate_size}",
+                 path)
+
+
+def _check_tensors(source, specs, pure, config: LlamaConfig, settings: str, path: str):
+  """Every tensor present with the shape this model needs; errors name the tensor and why."""
+  for spec in specs:
+    leaf = functools.reduce(operator.getitem, spec.path, pure)
+    shape = spec.hf_shape(leaf.shape[1:] if spec.stacked else leaf.shape)
+    for i in range(config.num_layers if spec.stacked else 1):
+      name = spec.hf_name.format(i=i)
+      if name not in source.names():
+        raise ExportError(f"{path}: tensor {name!r} is missing; this model expects it with "
+                          f"{settings}")
+      if source.shape(name) != shape:
+        raise ExportError(f"{path}: tensor {name!r} has shape {source.shape(name)} but this "
+                          f"model expects {shape} ({settings})")

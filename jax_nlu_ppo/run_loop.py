@@ -1,0 +1,204 @@
+"""What the PPO and SFT trainers share: training rows in, the step loop with its metrics file,
+checkpoints and stop signals, and the adapted model out for generation, evaluation and perplexity."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import signal
+import threading
+from typing import Any, Callable, Protocol, Sequence
+
+import jax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jax_nlu_ppo import checkpoint as checkpoint_lib
+from jax_nlu_ppo import config as config_lib
+from jax_nlu_ppo import data as data_lib
+from jax_nlu_ppo import evaluate as evaluate_lib
+from jax_nlu_ppo import policy as policy_lib
+from jax_nlu_ppo import pretrained
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, float]
+
+
+def load_training_rows(data: data_lib.DataConfig,
+                       mixture: Sequence[data_lib.MixtureComponent] = (),
+                       seed: int = 0) -> list[dict[str, Any]]:
+  """The training rows: a weighted mixture when given (rows tagged with their task), else
+  `data`'s split. Skipped bad rows are reported, never hidden."""
+  if mixture:
+    rows, reports = data_lib.load_mixture(mixture, seed=seed)
+  else:
+    ds, report = data_lib.load(data)
+    rows, reports = list(ds), [report]
+  for report in reports:
+    if report.rows_skipped:
+      log.warning(report.summary())
+  return rows
+
+
+def task_of(example: dict[str, Any], train_tasks: Sequence[str]) -> str:
+  """A row's task spec: its `task` key (mixtures), else the run's single training task."""
+  return example.get("task") or train_tasks[0]
+
+
+def total_steps(steps: int, epochs: float | None, num_rows: int, batch_size: int) -> int:
+  """`steps`, or the steps that make `epochs` passes over `num_rows` rows."""
+  if epochs is None:
+    return steps
+  return math.ceil(epochs * num_rows / batch_size)
+
+
+class Resumable(Protocol):
+  """A trainer the loop can run, checkpoint and restore (`PPOTrainer`, `SFTTrainer`)."""
+  iteration: int
+
+  def step(self) -> Metrics: ...
+
+  def snapshot(self) -> checkpoint_lib.Snapshot: ...
+
+  def load_snapshot(self, snapshot: checkpoint_lib.Snapshot) -> None: ...
+
+
+def open_checkpoints(trainer: Resumable, config, lm: pretrained.LanguageModel
+                     ) -> checkpoint_lib.Checkpointer | None:
+  """The run folder's checkpoints (None without `output_dir` or with checkpoints off), with
+  `trainer` moved to the latest step that reads back, and metrics.jsonl cut to that step."""
+  if config.output_dir is None or not config.checkpoint.enabled:
+    return None
+  run = {"config": config_lib.to_dict(config),
+         "base": checkpoint_lib.describe_base(config.model.name, lm)}
+  out_dir = pathlib.Path(config.output_dir)
+  checkpointer = checkpoint_lib.Checkpointer(out_dir / "checkpoints", config.checkpoint, run)
+  restored = checkpointer.restore_latest(trainer.snapshot())
+  if restored is not None:
+    trainer.load_snapshot(restored.snapshot)
+    log.info("continuing from checkpoint step %d in %s", restored.step, checkpointer.directory)
+  if jax.process_index() == 0:
+    truncate_metrics(out_dir / "metrics.jsonl", trainer.iteration)
+  return checkpointer
+
+
+def truncate_metrics(path: pathlib.Path, iteration: int) -> None:
+  """Drops the lines of iterations after `iteration` (and a line cut short by a kill), so that
+  iterations redone after a restore are not written twice."""
+  if not path.exists():
+    return
+  lines = path.read_text().splitlines(keepends=True)
+
+  def kept(line: str) -> bool:
+    try:
+      return json.loads(line)["iteration"] <= iteration
+    except (ValueError, KeyError, TypeError):
+      return False
+
+  keep = [line for line in lines if kept(line)]
+  if len(keep) < len(lines):
+    log.info("metrics.jsonl: dropping %d lines after iteration %d", len(lines) - len(keep),
+             iteration)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+class StopSignal:
+  """SIGTERM or SIGINT (Ctrl-C) while training: the step in progress finishes, a checkpoint is
+  saved and `train` returns. A second SIGINT stops at once (KeyboardInterrupt).
+
+  With several processes JAX's distributed runtime owns SIGTERM, and its preemption sync point
+  makes every host stop after the same step; no handler is installed there.
+  """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> StopSignal:
+    # Handlers can only be set from the main thread; elsewhere signals keep their handlers.
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+  def _handle(self, signum, frame) -> None:
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signal.Signals(signum).name
+    log.warning("%s: finishing this step, then saving a checkpoint and stopping", self.received)
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after `step`; called by every process at every step."""
+    if jax.process_count() > 1:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:     # JAX's preemption service is off: nothing to sync on
+        return False
+    return self.received is not None
+
+
+def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
+              on_step: Callable[[Metrics], None] | None = None,
+              checkpointer: checkpoint_lib.Checkpointer | None = None) -> list[Metrics]:
+  """Calls `trainer.step` `steps` times, or until SIGTERM/SIGINT (see `StopSignal`).
+
+  Each step's metrics go to `on_step` and a line of `output_dir/metrics.jsonl` (appended, so a
+  continued run extends its file; written by process 0 only). `checkpointer` saves every
+  `every_steps` iterations, on a stop signal and after the last step.
+  """
+  out_dir = pathlib.Path(output_dir) if output_dir and jax.process_index() == 0 else None
+  if out_dir is not None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+  history = []
+  metrics = None
+  with StopSignal() as stop:
+    for _ in range(steps):
+      metrics = trainer.step()
+      history.append(metrics)
+      if on_step is not None:
+        on_step(metrics)
+      if out_dir is not None:
+        with open(out_dir / "metrics.jsonl", "a") as f:
+          f.write(json.dumps(metrics) + "\n")
+      stopping = stop.reached(trainer.iteration)
+      if checkpointer is not None and (stopping or checkpointer.due(trainer.iteration)):
+        checkpointer.save(trainer.iteration, trainer.snapshot(), metrics)
+      if stopping:
+        log.warning("stopped after iteration %d%s", trainer.iteration,
+                    "; checkpoint saved" if checkpointer is not None else "")
+        break
+    if checkpointer is not None:
+      if metrics is not None:
+        checkpointer.save(trainer.iteration, trainer.snapshot(), metrics)
+      checkpointer.wait()
+  return history
+
+
+def adapted_model(lm: pretrained.LanguageModel, graphdef, base,
+                  trainable) -> pretrained.LanguageModel:
+  """The base model with `trainable`'s adapters on, as a `LanguageModel` (shares the base)."""
+  policy = policy_lib.with_trainable(graphdef, base, trainable)
+  llama_graphdef, params = nnx.split(policy.llama)
+  return pretrained.LanguageModel(lm.config, llama_graphdef, params, lm.tokenizer, lm.dtype,
+                                  lm.batch_size)
+
+
+def evaluate_model(lm: pretrained.LanguageModel, examples: Sequence[dict[str, Any]],
+                   train_tasks: Sequence[str], prompt_format: str, task: str | None = None,
+                   **eval_options) -> evaluate_lib.EvalResult:
+  """Greedy answers of `lm` to one task's examples, scored; `task` defaults to the examples'
+  `task` key, else the run's first training task."""
+  spec = task or (task_of(examples[0], train_tasks) if examples else train_tasks[0])
+  config = evaluate_lib.EvalConfig(prompt_format=prompt_format, **eval_options)
+  return evaluate_lib.evaluate_model(lm, spec, examples, config)

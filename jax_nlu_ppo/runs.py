@@ -1,0 +1,95 @@
+"""Reading a finished (or stopped) run back: its config, base model and trained adapters.
+
+A run folder is what `train` / `sft` write under `output_dir` (`checkpoints/<step>/...`); a
+checkpoint is one of its step folders. Export and evaluation of a run go through `load_run`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from jax_nlu_ppo import checkpoint as checkpoint_lib
+from jax_nlu_ppo import config as config_lib
+from jax_nlu_ppo import pretrained
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A run at one checkpoint step; `trainer` holds its state (no training data loaded)."""
+  config: Any            # TrainConfig or sft.SFTConfig, as the run resolved it
+  step: int
+  trainer: Any           # PPOTrainer or sft.SFTTrainer
+
+  @property
+  def trainable(self):
+    return self.trainer.state.trainable
+
+  @property
+  def lm(self) -> pretrained.LanguageModel:
+    return self.trainer.lm
+
+
+def _locate(path: pathlib.Path) -> tuple[pathlib.Path, int | None]:
+  """(the run's checkpoints folder, a step or None for the latest)."""
+  if (path / "checkpoints").is_dir():
+    return path / "checkpoints", None
+  if path.name.isdigit() and path.parent.name == "checkpoints":
+    return path.parent, int(path.name)
+  raise checkpoint_lib.CheckpointReadError(
+      f"{path} is neither a run folder (with checkpoints/) nor a checkpoint step folder "
+      "(RUN/checkpoints/<step>)")
+
+
+def load_run(path: str | pathlib.Path, lm: pretrained.LanguageModel | None = None) -> LoadedRun:
+  """The run at `path` (a run folder: its latest good step; or a step folder), with its base.
+
+  The base is loaded as the run's config names it unless `lm` is given; the checkpoint's
+  description of the base must match it (else `CheckpointMismatchError`).
+  """
+  from jax_nlu_ppo import sft
+  from jax_nlu_ppo import trainer as trainer_lib
+
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise checkpoint_lib.CheckpointReadError(f"{path} does not exist")
+  directory, step = _locate(path)
+  manager = ocp.CheckpointManager(directory.absolute(),
+                                  item_handlers={"run": ocp.JsonCheckpointHandler()})
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise checkpoint_lib.CheckpointReadError(f"{directory} holds no complete checkpoint step")
+  if step is not None and step not in steps:
+    raise checkpoint_lib.CheckpointReadError(
+        f"{path}: no complete step {step} (complete steps: {steps})")
+  run = manager.restore(step if step is not None else steps[-1],
+                        args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+  manager.close()
+  values = dict(run["config"])
+  # Rebuilt without its output folder: reading a run must not touch it.
+  values["output_dir"] = None
+  is_sft = "ppo" not in values
+  cls = sft.SFTConfig if is_sft else config_lib.TrainConfig
+  config = config_lib.from_dict(cls, values)
+  if lm is None:
+    lm = pretrained.load_pretrained(config.model.name, config.model.dtype,
+                                    config.model.gguf_file)
+  # A placeholder row: the trainers want training data, and reading a run needs none.
+  placeholder = [{"label": 0}]
+  trainer = (sft.SFTTrainer if is_sft else trainer_lib.PPOTrainer)(
+      config, lm=lm, train_examples=placeholder)
+  checkpointer = checkpoint_lib.Checkpointer(
+      directory, config.checkpoint,
+      {"config": config_lib.to_dict(config),
+       "base": checkpoint_lib.describe_base(config.model.name, lm)})
+  try:
+    if step is None:
+      restored = checkpointer.restore_latest(trainer.snapshot())
+    else:
+      restored = checkpointer.restore(step, trainer.snapshot())
+  finally:
+    checkpointer.close()
+  trainer.load_snapshot(restored.snapshot)
+  return LoadedRun(config, restored.step, trainer)

@@ -1,0 +1,251 @@
+"""Checkpoints: a PPO run stopped by SIGTERM and continued equals one never stopped; a damaged
+latest step falls back to the one before; another adapter shape or base is refused; retention;
+SFT resumes the same way.
+
+The PPO runs are processes of their own (`tests/checkpoint_run.py`) sharing a persistent
+compilation cache, so only the first pays for compiling.
+"""
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_nlu_ppo import checkpoint as checkpoint_lib
+from jax_nlu_ppo import lora, sft
+from tests import checkpoint_run
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Wall-clock and throughput metrics differ between any two runs; all others must not.
+TIMING = ("time/", "tokens/per_s")
+
+
+def launch(output_dir, cache_dir, pause=0.0) -> subprocess.Popen:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  return subprocess.Popen([sys.executable, "-m", "tests.checkpoint_run", str(output_dir),
+                           str(pause)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout=240) -> tuple[str, str]:
+  out, err = process.communicate(timeout=timeout)
+  assert process.returncode == 0, err[-3000:]
+  return out, err
+
+
+def steps_on_disk(run_dir) -> list[int]:
+  return sorted(int(p.name) for p in (pathlib.Path(run_dir) / "checkpoints").iterdir()
+                if p.name.isdigit())
+
+
+def metric_lines(run_dir) -> list[dict]:
+  lines = (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+  return [{k: v for k, v in json.loads(line).items() if not k.startswith(TIMING)}
+          for line in lines]
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+
+
+def assert_same_arrays(a, b):
+  a, b = flat(a), flat(b)
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def files_of(run_dir) -> dict[str, bytes]:
+  return {str(p.relative_to(run_dir)): p.read_bytes()
+          for p in sorted(pathlib.Path(run_dir).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+@dataclasses.dataclass
+class Runs:
+  reference: pathlib.Path       # never stopped: checkpoints 1..STEPS, one metrics line each
+  stopped: pathlib.Path         # stopped by SIGTERM after its first checkpoint
+  stopped_out: str
+  stopped_err: str
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir) -> Runs:
+  """Both runs at once (each compiles on its own core); a pause after each step of the second
+  leaves time to stop it mid-way."""
+  reference, stopped = tmp_path_factory.mktemp("reference"), tmp_path_factory.mktemp("stopped")
+  reference_process = launch(reference, cache_dir)
+  process = launch(stopped, cache_dir, pause=0.5)
+  deadline = time.time() + 180
+  while not (stopped / "checkpoints" / "1").exists():
+    assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+    time.sleep(0.1)
+  process.send_signal(signal.SIGTERM)
+  out, err = finish(process)
+  finish(reference_process)
+  assert steps_on_disk(reference) == list(range(1, checkpoint_run.STEPS + 1))
+  return Runs(reference, stopped, out, err)
+
+
+@pytest.fixture(scope="module")
+def reference(runs) -> pathlib.Path:
+  return runs.reference
+
+
+@pytest.fixture(scope="module")
+def lm():
+  return checkpoint_run.tiny_lm()
+
+
+def test_sigterm_saves_and_a_rerun_continues_exactly(runs, cache_dir, lm):
+  run_dir = runs.stopped
+  assert "SIGTERM" in runs.stopped_err and "checkpoint saved" in runs.stopped_err
+  stopped = steps_on_disk(run_dir)
+  assert 1 <= stopped[-1] < checkpoint_run.STEPS, stopped
+  assert f"stopped at iteration {stopped[-1]}" in runs.stopped_out
+  assert [m["iteration"] for m in metric_lines(run_dir)] == list(range(1, stopped[-1] + 1))
+
+  out, _ = finish(launch(run_dir, cache_dir))
+  assert f"stopped at iteration {checkpoint_run.STEPS}" in out
+  assert steps_on_disk(run_dir) == list(range(1, checkpoint_run.STEPS + 1))
+  # Every line once, each equal to the uninterrupted run's.
+  assert metric_lines(run_dir) == metric_lines(runs.reference)
+
+  continued = checkpoint_run.make_trainer(run_dir, lm=lm)
+  never_stopped = checkpoint_run.make_trainer(runs.reference, lm=lm)
+  assert continued.iteration == never_stopped.iteration == checkpoint_run.STEPS
+  assert_same_arrays(continued.snapshot().arrays, never_stopped.snapshot().arrays)
+  assert continued.snapshot().host == never_stopped.snapshot().host
+  # Nothing left to run: train() completes the schedule, it does not start it again.
+  assert continued.train() == []
+
+
+def test_unreadable_latest_step_falls_back_to_the_one_before(reference, tmp_path, lm, caplog):
+  last = checkpoint_run.STEPS
+  run_dir = tmp_path / "run"
+  shutil.copytree(reference, run_dir)
+  damaged = run_dir / "checkpoints" / str(last) / "arrays" / "_METADATA"
+  damaged.write_bytes(damaged.read_bytes()[:100])
+
+  trainer = checkpoint_run.make_trainer(run_dir, lm=lm)
+  assert trainer.iteration == last - 1
+  assert f"checkpoint step {last} does not read back ({damaged}" in caplog.text
+  # The step before is exactly what the run saved there, and the damaged one is set aside.
+  previous = checkpoint_run.make_trainer(reference, lm=lm).checkpointer.restore(
+      last - 1, trainer.snapshot())
+  assert_same_arrays(trainer.snapshot().arrays, previous.snapshot.arrays)
+  assert trainer.snapshot().host == previous.snapshot.host
+  assert steps_on_disk(run_dir) == list(range(1, last))
+  assert (run_dir / checkpoint_lib.UNREADABLE_DIR / str(last) / "arrays").is_dir()
+  assert [m["iteration"] for m in metric_lines(run_dir)] == list(range(1, last))
+
+
+def test_an_interrupted_save_is_never_a_step(reference, tmp_path, lm):
+  """Orbax writes into `<step>.orbax-checkpoint-tmp*` and renames when done: a save killed
+  half-way leaves a folder that is neither restored nor kept."""
+  run_dir = tmp_path / "run"
+  shutil.copytree(reference, run_dir, ignore=shutil.ignore_patterns(str(checkpoint_run.STEPS)))
+  partial = run_dir / "checkpoints" / f"{checkpoint_run.STEPS}.orbax-checkpoint-tmp-1234"
+  shutil.copytree(reference / "checkpoints" / str(checkpoint_run.STEPS - 1), partial)
+  shutil.rmtree(partial / "arrays")
+  trainer = checkpoint_run.make_trainer(run_dir, lm=lm)
+  assert trainer.iteration == checkpoint_run.STEPS - 1
+  assert not partial.exists()
+
+
+def test_another_adapter_shape_or_base_is_refused(reference, tmp_path, lm):
+  before = files_of(reference)
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                     match=r"lora\.rank: 4 in the checkpoint, 8 in this run"):
+    checkpoint_run.make_trainer(reference, lm=lm, rank=8)
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                     match=r"base model hidden_size: 32 in the checkpoint, 48 in this run"):
+    checkpoint_run.make_trainer(reference, lm=checkpoint_run.tiny_lm(hidden_size=48))
+  # Same shapes, other weights: the fingerprint tells them apart.
+  other_weights = checkpoint_run.tiny_lm()
+  other_weights.params = jax.tree.map(lambda x: x * 1.5, other_weights.params)
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="base model weights differ"):
+    checkpoint_run.make_trainer(reference, lm=other_weights)
+  assert files_of(reference) == before
+
+
+def tiny_snapshot(value: float) -> checkpoint_lib.Snapshot:
+  return checkpoint_lib.Snapshot({"w": jnp.full((3,), value, jnp.float32)}, {"value": value})
+
+
+@pytest.mark.parametrize("mode,async_save", [("max", False), ("min", True)])
+def test_keep_last_k_and_the_best(tmp_path, mode, async_save):
+  config = checkpoint_lib.CheckpointConfig(every_steps=1, keep=2, best_metric="score",
+                                           best_mode=mode, async_save=async_save)
+  checkpointer = checkpoint_lib.Checkpointer(
+      tmp_path, config, {"config": {}, "base": {"name": "none", "fingerprint": 0.0}})
+  scores = [0.3, 0.9, 0.1, 0.5, 0.4, 0.2]
+  for step, score in enumerate(scores, 1):
+    assert checkpointer.save(step, tiny_snapshot(score), {"score": score, "other": 0.0})
+  checkpointer.wait()
+  best = 2 if mode == "max" else 3
+  assert checkpointer.steps() == [best, 5, 6]
+  assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [best, 5, 6]
+  restored = checkpointer.restore(best, tiny_snapshot(0.0))
+  assert restored.snapshot.host == {"value": scores[best - 1]}
+  np.testing.assert_array_equal(restored.snapshot.arrays["w"], np.full(3, scores[best - 1], np.float32))
+  assert not checkpointer.save(6, tiny_snapshot(0.0), {"score": 0.0})   # never overwrites
+  with pytest.raises(ValueError, match="best_metric 'score' is not a step metric"):
+    checkpointer.save(7, tiny_snapshot(0.0), {"loss": 0.0})
+  checkpointer.close()
+
+
+def test_sft_resumes_exactly(tmp_path, lm):
+  def trainer(output_dir):
+    config = sft.SFTConfig(
+        lora=lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=("q_proj", "v_proj")),
+        batch_size=2, steps=4, output_dir=str(output_dir),
+        checkpoint=checkpoint_lib.CheckpointConfig(every_steps=2))
+    return sft.SFTTrainer(config, lm=lm, train_examples=checkpoint_run.EXAMPLES)
+
+  whole = trainer(tmp_path / "whole")
+  whole.train()
+  assert steps_on_disk(tmp_path / "whole") == [2, 4]
+  # Stopped after step 2, with step 3 done but not saved: its metrics line goes, it is redone.
+  shutil.copytree(tmp_path / "whole", tmp_path / "cut",
+                  ignore=lambda folder, names: ["4"] if folder.endswith("checkpoints") else [])
+  with open(tmp_path / "whole" / "metrics.jsonl") as f:
+    (tmp_path / "cut" / "metrics.jsonl").write_text("".join(f.readlines()[:3]))
+  continued = trainer(tmp_path / "cut")
+  assert continued.iteration == 2 and continued.position == 4
+  continued._update = whole._update    # the same jitted step (equal configs): one compile less
+  assert len(continued.train()) == 2
+  assert_same_arrays(nnx.to_pure_dict(continued.state.trainable),
+                     nnx.to_pure_dict(whole.state.trainable))
+  assert_same_arrays(continued.state.opt_state, whole.state.opt_state)
+  assert metric_lines(tmp_path / "cut") == metric_lines(tmp_path / "whole")
+
+
+def test_stop_signal_sets_a_flag_and_restores_the_handlers():
+  from jax_nlu_ppo import run_loop
+  before = signal.getsignal(signal.SIGINT)
+  with run_loop.StopSignal() as stop:
+    assert not stop.reached(1)
+    os.kill(os.getpid(), signal.SIGINT)        # Ctrl-C: no KeyboardInterrupt, a request to stop
+    assert stop.received == "SIGINT" and stop.reached(1)
+    with pytest.raises(KeyboardInterrupt):     # a second Ctrl-C stops at once
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is before
