@@ -22,6 +22,7 @@ from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import perplexity as perplexity_lib
 from jax_nlu_ppo import ppo, pretrained, sft, tasks
 from tests.test_perplexity import save_tiny_with_tokenizer
+from tests.test_ppo_core import assert_same_function
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SENTENCES = ["a gorgeous, witty film", "dull and far too long", "the cast is superb",
@@ -162,7 +163,7 @@ def test_fresh_adapter_loss_is_the_base_model_nll_in_transformers(tiny):
   assert float(ours.mean()) == pytest.approx(total / count, rel=1e-5)
   # Hence "before training" figures may come from `policy_model()`: it is the base exactly.
   fresh = perplexity_lib.perplexity(trainer.policy_model(), SENTENCES)
-  assert fresh.perplexity == perplexity_lib.perplexity(lm, SENTENCES).perplexity
+  assert_same_function(fresh.perplexity, perplexity_lib.perplexity(lm, SENTENCES).perplexity)
 
 
 def random_batch(vocab, rows=8, seed=0):
