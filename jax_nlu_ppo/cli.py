@@ -5,6 +5,7 @@
     jax-nlu-ppo train --config configs/demo/sst2_cpu.yaml --set ppo.kl.init_coef=0.1
     jax-nlu-ppo sft --config configs/sft/sst2_cpu.yaml --output-dir runs/sft_sst2
     jax-nlu-ppo perplexity --task sst2 --data ../shared/data/glue --limit 200
+    jax-nlu-ppo report runs/ppo_sst2 runs/sft_sst2 --output reports/sst2
 """
 from __future__ import annotations
 
@@ -154,6 +155,15 @@ def _parser() -> argparse.ArgumentParser:
   ex.add_argument("--overwrite", action="store_true",
                   help="replace a non-empty output folder (only once the new one is complete)")
   ex.set_defaults(run=run_export)
+
+  rp = commands.add_parser(
+      "report", help="plots and a Markdown summary of one or more runs' metrics",
+      description="Reads each RUN folder's metrics.jsonl (and config.yaml for its label) and "
+      "writes OUTPUT/metrics.png, the runs overlaid metric by metric, and OUTPUT/report.md, "
+      "each run's steps and first/last values.")
+  rp.add_argument("runs", nargs="+", metavar="RUN", help="a train or sft output_dir")
+  rp.add_argument("--output", required=True, help="the folder to write")
+  rp.set_defaults(run=run_report)
   return parser
 
 
@@ -421,6 +431,16 @@ def run_perplexity(args) -> int:
   if args.output:
     out = {"model": args.model, "source": source, **result.to_json()}
     pathlib.Path(args.output).write_text(json.dumps(out, indent=1))
+  return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+
+def run_report(args) -> int:
+  from jax_nlu_ppo import report
+  path = report.write_report(args.runs, args.output)
+  print(f"wrote {path} and {path.with_name(report.PLOT_FILE)}")
   return 0
 
 

@@ -12,6 +12,7 @@ import threading
 from typing import Any, Callable, Protocol, Sequence
 
 import jax
+import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -25,6 +26,9 @@ from jax_nlu_ppo import pretrained
 log = logging.getLogger(__name__)
 
 Metrics = dict[str, float]
+
+# The files of a run folder beside checkpoints/ (read back by `report`).
+CONFIG_FILE, METRICS_FILE, SAMPLES_FILE = "config.yaml", "metrics.jsonl", "samples.jsonl"
 
 
 def load_training_rows(data: data_lib.DataConfig,
@@ -58,6 +62,7 @@ def total_steps(steps: int, epochs: float | None, num_rows: int, batch_size: int
 class Resumable(Protocol):
   """A trainer the loop can run, checkpoint and restore (`PPOTrainer`, `SFTTrainer`)."""
   iteration: int
+  config: Any
 
   def step(self) -> Metrics: ...
 
@@ -69,7 +74,8 @@ class Resumable(Protocol):
 def open_checkpoints(trainer: Resumable, config, lm: pretrained.LanguageModel
                      ) -> checkpoint_lib.Checkpointer | None:
   """The run folder's checkpoints (None without `output_dir` or with checkpoints off), with
-  `trainer` moved to the latest step that reads back, and metrics.jsonl cut to that step."""
+  `trainer` moved to the latest step that reads back, and metrics.jsonl and samples.jsonl cut to
+  that step."""
   if config.output_dir is None or not config.checkpoint.enabled:
     return None
   run = {"config": config_lib.to_dict(config),
@@ -81,11 +87,12 @@ def open_checkpoints(trainer: Resumable, config, lm: pretrained.LanguageModel
     trainer.load_snapshot(restored.snapshot)
     log.info("continuing from checkpoint step %d in %s", restored.step, checkpointer.directory)
   if jax.process_index() == 0:
-    truncate_metrics(out_dir / "metrics.jsonl", trainer.iteration)
+    for name in (METRICS_FILE, SAMPLES_FILE):
+      truncate_jsonl(out_dir / name, trainer.iteration)
   return checkpointer
 
 
-def truncate_metrics(path: pathlib.Path, iteration: int) -> None:
+def truncate_jsonl(path: pathlib.Path, iteration: int) -> None:
   """Drops the lines of iterations after `iteration` (and a line cut short by a kill), so that
   iterations redone after a restore are not written twice."""
   if not path.exists():
@@ -100,7 +107,7 @@ def truncate_metrics(path: pathlib.Path, iteration: int) -> None:
 
   keep = [line for line in lines if kept(line)]
   if len(keep) < len(lines):
-    log.info("metrics.jsonl: dropping %d lines after iteration %d", len(lines) - len(keep),
+    log.info("%s: dropping %d lines after iteration %d", path.name, len(lines) - len(keep),
              iteration)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(keep))
@@ -150,16 +157,21 @@ class StopSignal:
 
 def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
               on_step: Callable[[Metrics], None] | None = None,
-              checkpointer: checkpoint_lib.Checkpointer | None = None) -> list[Metrics]:
+              checkpointer: checkpoint_lib.Checkpointer | None = None,
+              samples: Callable[[], list[dict[str, Any]]] | None = None) -> list[Metrics]:
   """Calls `trainer.step` `steps` times, or until SIGTERM/SIGINT (see `StopSignal`).
 
-  Each step's metrics go to `on_step` and a line of `output_dir/metrics.jsonl` (appended, so a
-  continued run extends its file; written by process 0 only). `checkpointer` saves every
-  `every_steps` iterations, on a stop signal and after the last step.
+  Each step's metrics go to `on_step` and a line of `output_dir/metrics.jsonl`, and the rows of
+  `samples()` (a few generations) to `output_dir/samples.jsonl` (appended, so a continued run
+  extends its files; written by process 0 only, with the resolved config as config.yaml).
+  `checkpointer` saves every `every_steps` iterations, on a stop signal and after the last step.
   """
   out_dir = pathlib.Path(output_dir) if output_dir and jax.process_index() == 0 else None
   if out_dir is not None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Rewritten on resume: a continued run is the same run, with the same config.
+    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_lib.to_dict(trainer.config),
+                                                      sort_keys=False))
   history = []
   metrics = None
   with StopSignal() as stop:
@@ -169,8 +181,9 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
       if on_step is not None:
         on_step(metrics)
       if out_dir is not None:
-        with open(out_dir / "metrics.jsonl", "a") as f:
-          f.write(json.dumps(metrics) + "\n")
+        _append_jsonl(out_dir / METRICS_FILE, [metrics])
+        if samples is not None:
+          _append_jsonl(out_dir / SAMPLES_FILE, samples())
       stopping = stop.reached(trainer.iteration)
       if checkpointer is not None and (stopping or checkpointer.due(trainer.iteration)):
         checkpointer.save(trainer.iteration, trainer.snapshot(), metrics)
@@ -183,6 +196,11 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
         checkpointer.save(trainer.iteration, trainer.snapshot(), metrics)
       checkpointer.wait()
   return history
+
+
+def _append_jsonl(path: pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:
+  with open(path, "a") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def adapted_model(lm: pretrained.LanguageModel, graphdef, base,

@@ -376,7 +376,8 @@ class SFTTrainer:
   def train(self, steps: int | None = None,
             on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """Runs `steps` more steps (default: up to `total_steps`, so a continued run completes its
-    schedule); appends to metrics.jsonl and checkpoints if output_dir (see `run_loop.run_steps`).
+    schedule); writes config.yaml, metrics.jsonl and checkpoints if output_dir (see
+    `run_loop.run_steps`).
     """
     steps = self.total_steps - self.iteration if steps is None else steps
     return run_loop.run_steps(self, max(steps, 0), self.config.output_dir, on_step,

@@ -31,6 +31,10 @@ from jax_nlu_ppo.config import TrainConfig
 log = logging.getLogger(__name__)
 
 EVAL_MAX_NEW_TOKENS = 32
+# Rows of each rollout written to samples.jsonl, and the characters of input text kept per row:
+# enough to read what the policy says, too few to cost time or disk.
+SAMPLES_PER_ITERATION = 4
+SAMPLE_TEXT_CHARS = 200
 
 
 class PPOTrainer:
@@ -228,6 +232,7 @@ class PPOTrainer:
     metrics["time/step"] = sum(times.values())
     metrics["tokens/per_s"] = float(mask_np.sum()) / times["time/rollout"]
     self.last_generation = gen
+    self.last_rows = (examples, specs, preds, scores_b)
     return metrics
 
   def _rewards(self, gen, specs: Sequence[str], golds: Sequence[float]):
@@ -260,6 +265,21 @@ class PPOTrainer:
   def last_responses(self) -> list[str]:
     """The decoded answers of the latest rollout (sample generations for logs)."""
     return pretrained.decode_responses(self.tokenizer, self.last_generation, self.lm.eos_ids())
+
+  def samples(self, n: int = SAMPLES_PER_ITERATION) -> list[dict[str, Any]]:
+    """The latest rollout's first `n` rows: input text (shortened), response, parsed label (None:
+    unparsed), gold and reward; one line each in samples.jsonl."""
+    examples, specs, preds, scores_b = self.last_rows
+    first = jax.tree.map(lambda x: x[:n], self.last_generation)
+    responses = pretrained.decode_responses(self.tokenizer, first, self.lm.eos_ids())
+    rows = []
+    for ex, spec, response, pred, score in zip(examples, specs, responses, preds, scores_b):
+      text = " | ".join(str(ex[c]) for c in self.tasks[spec].input_columns)
+      rows.append({"iteration": self.iteration, "task": self.tasks[spec].name,
+                   "prompt": text[:SAMPLE_TEXT_CHARS], "response": response,
+                   "label": pred, "gold": np.asarray(ex["label"]).item(),
+                   "reward": float(score)})
+    return rows
 
   def snapshot(self) -> checkpoint_lib.Snapshot:
     """What a checkpoint holds: the `PPOState`, the KL reference, both random generators' states
@@ -303,11 +323,12 @@ class PPOTrainer:
   def train(self, steps: int | None = None,
             on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """Runs `steps` more iterations (default: up to `total_steps`, so a continued run completes
-    its schedule); writes metrics.jsonl and checkpoints if output_dir (see `run_loop.run_steps`).
+    its schedule); writes config.yaml, metrics.jsonl, samples.jsonl and checkpoints if output_dir
+    (see `run_loop.run_steps`).
     """
     steps = self.total_steps - self.iteration if steps is None else steps
     return run_loop.run_steps(self, max(steps, 0), self.config.output_dir, on_step,
-                              self.checkpointer)
+                              self.checkpointer, samples=self.samples)
 
 
 def format_metrics(m: dict[str, float]) -> str:

@@ -57,6 +57,11 @@ def metric_lines(run_dir) -> list[dict]:
           for line in lines]
 
 
+def sample_lines(run_dir) -> list[dict]:
+  return [json.loads(line)
+          for line in (pathlib.Path(run_dir) / "samples.jsonl").read_text().splitlines()]
+
+
 def flat(tree) -> dict[str, np.ndarray]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
@@ -128,6 +133,7 @@ def test_sigterm_saves_and_a_rerun_continues_exactly(runs, cache_dir, lm):
   assert steps_on_disk(run_dir) == list(range(1, checkpoint_run.STEPS + 1))
   # Every line once, each equal to the uninterrupted run's.
   assert metric_lines(run_dir) == metric_lines(runs.reference)
+  assert sample_lines(run_dir) == sample_lines(runs.reference)
 
   continued = checkpoint_run.make_trainer(run_dir, lm=lm)
   never_stopped = checkpoint_run.make_trainer(runs.reference, lm=lm)

@@ -1,0 +1,177 @@
+"""Plots and a Markdown summary of training runs, read from their run folders' metrics.jsonl:
+
+    jax-nlu-ppo report runs/ppo_sst2 runs/sft_sst2 --output reports/sst2
+
+writes `metrics.png` (one small panel per metric, every run that logs it overlaid, so PPO and SFT
+compare on one figure) and `report.md` (per run: steps, first and last values; then the final
+values side by side).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from jax_nlu_ppo import run_loop
+
+log = logging.getLogger(__name__)
+
+# What the PPO step (trainer.py, ppo.py) and the SFT step (sft.py) log that tells how training
+# went, in panel order; a run shows the ones it has.
+METRICS = ("env/reward_mean", "env/accuracy", "env/unparsed_rate", "objective/kl",
+           "objective/kl_coef", "objective/entropy", "loss/value", "policy/clipfrac",
+           "val/clipfrac", "sft/loss")
+# Steps averaged for a run's "first" and "last" values: one step alone is noisy.
+WINDOW = 5
+PLOT_FILE, REPORT_FILE = "metrics.png", "report.md"
+
+
+class ReportError(ValueError):
+  """A run folder that cannot be reported (the message names it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run folder's metrics lines (by step) and its label in plots and tables."""
+  path: pathlib.Path
+  label: str
+  lines: list[dict[str, Any]]
+
+  def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the lines that hold a number for `key`."""
+    points = [(line["iteration"], float(line[key])) for line in self.lines
+              if isinstance(line.get(key), (int, float)) and not isinstance(line[key], bool)]
+    steps, values = zip(*points) if points else ((), ())
+    return np.asarray(steps, np.int64), np.asarray(values, np.float64)
+
+  def metrics(self) -> list[str]:
+    return [key for key in METRICS if self.series(key)[1].size]
+
+
+def read_run(path: str | pathlib.Path) -> Run:
+  """A run folder's metrics.jsonl (a malformed line is skipped with a warning naming it) and its
+  label: the folder name, with the task and kind of run when config.yaml is there."""
+  folder = pathlib.Path(path)
+  if not folder.is_dir():
+    raise ReportError(f"{folder}: no such run folder")
+  metrics_path = folder / run_loop.METRICS_FILE
+  if not metrics_path.is_file():
+    raise ReportError(f"{folder}: no {run_loop.METRICS_FILE} (is it a train or sft output_dir?)")
+  lines = []
+  for number, text in enumerate(metrics_path.read_text().splitlines(), start=1):
+    if not text.strip():
+      continue
+    try:
+      line = json.loads(text)
+      if not isinstance(line, dict) or not isinstance(line.get("iteration"), int):
+        raise ValueError("not an object with an integer 'iteration'")
+    except ValueError as e:
+      log.warning("%s line %d: skipped, not a metrics line (%s)", metrics_path, number, e)
+      continue
+    lines.append(line)
+  if not lines:
+    raise ReportError(f"{metrics_path}: no metrics lines (has the run done a step?)")
+  return Run(folder, _label(folder), lines)
+
+
+def _label(folder: pathlib.Path) -> str:
+  config_path = folder / run_loop.CONFIG_FILE
+  if not config_path.is_file():
+    return folder.name
+  try:
+    config = yaml.safe_load(config_path.read_text()) or {}
+  except yaml.YAMLError:
+    log.warning("%s: not valid YAML; labelling the run by its folder", config_path)
+    return folder.name
+  # Only PPO configs have a `ppo` section (config.TrainConfig vs sft.SFTConfig).
+  kind = "ppo" if "ppo" in config else "sft"
+  tasks = [c.get("task") for c in config.get("mixture") or []] or [
+      (config.get("data") or {}).get("task")]
+  return f"{folder.name} ({kind}, {'+'.join(str(t) for t in tasks if t)})"
+
+
+def first_last(run: Run, key: str, window: int = WINDOW) -> tuple[float, float]:
+  """Means of `key` over the run's first and last `window` logged steps."""
+  values = run.series(key)[1]
+  return float(values[:window].mean()), float(values[-window:].mean())
+
+
+def plot(runs: Sequence[Run], path: pathlib.Path) -> None:
+  """One panel per metric some run logs, each run that logs it a line in it."""
+  import matplotlib
+  matplotlib.use("Agg")      # files only: no display on a training host
+  from matplotlib import pyplot as plt
+  from matplotlib import ticker
+
+  keys = [key for key in METRICS if any(key in run.metrics() for run in runs)]
+  cols = min(3, len(keys))
+  rows = math.ceil(len(keys) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3 * rows), squeeze=False)
+  for ax, key in zip(axes.flat, keys):
+    for i, run in enumerate(runs):
+      steps, values = run.series(key)
+      if values.size:
+        # Colour by run index, so a run keeps its colour in every panel.
+        # Markers keep short runs (a single step is no line) visible.
+        ax.plot(steps, values, color=f"C{i}", label=run.label, linewidth=1.2,
+                marker="o" if len(steps) <= 30 else None, markersize=3)
+    ax.set_title(key, fontsize=10)
+    ax.set_xlabel("step", fontsize=8)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  for ax in axes.flat[len(keys):]:
+    ax.set_visible(False)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def markdown(runs: Sequence[Run], image: str) -> str:
+  """report.md: the figure, each run's first/last values, then every run's last values."""
+  out = ["# Training report", "", f"![metrics]({image})", ""]
+  for run in runs:
+    steps = [line["iteration"] for line in run.lines]
+    out += [f"## {run.label}", "", f"`{run.path}`: {len(run.lines)} step{'s' if len(run.lines) != 1 else ''} "
+            f"(step {min(steps)} to {max(steps)}); first and last are means over "
+            f"{WINDOW} steps.", "", "| metric | first | last |", "|---|---|---|"]
+    for key in run.metrics():
+      first, last = first_last(run, key)
+      out.append(f"| {key} | {first:.4g} | {last:.4g} |")
+    out.append("")
+  out += ["## Final values", "", f"Mean of each run's last {WINDOW} steps.", "",
+          "| metric | " + " | ".join(run.label for run in runs) + " |",
+          "|---|" + "---|" * len(runs)]
+  for key in METRICS:
+    cells = [f"{first_last(run, key)[1]:.4g}" if key in run.metrics() else ""
+             for run in runs]
+    if any(cells):
+      out.append(f"| {key} | " + " | ".join(cells) + " |")
+  return "\n".join(out) + "\n"
+
+
+def write_report(run_paths: Sequence[str | pathlib.Path],
+                 output: str | pathlib.Path) -> pathlib.Path:
+  """Reads every run (all are checked before anything is written), writes metrics.png and
+  report.md into `output` and returns report.md's path."""
+  runs = [read_run(path) for path in run_paths]
+  if not any(run.metrics() for run in runs):
+    raise ReportError(f"{', '.join(str(run.path) for run in runs)}: none of the metrics "
+                      f"{', '.join(METRICS)} is logged")
+  labels = [run.label for run in runs]
+  if len(set(labels)) < len(labels):     # same folder names under different parents
+    runs = [dataclasses.replace(run, label=f"{run.path} {run.label[len(run.path.name):]}".strip())
+            for run in runs]
+  out_dir = pathlib.Path(output)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  plot(runs, out_dir / PLOT_FILE)
+  report = out_dir / REPORT_FILE
+  report.write_text(markdown(runs, PLOT_FILE))
+  return report
