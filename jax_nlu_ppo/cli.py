@@ -340,13 +340,43 @@ def _initial_adapter(args, config):
   return lm, trainable
 
 
+# The progress bar's postfix: label -> metric key, shown where the step's metrics have it (the
+# first three are PPO's, `sft/loss` SFT's; both trainers report tokens/per_s).
+STEP_POSTFIX = {"reward": "env/reward_mean", "acc": "env/accuracy", "kl": "objective/kl",
+                "loss": "sft/loss", "tok/s": "tokens/per_s"}
+
+
+def _step_progress(trainer, format_metrics):
+  """The `on_step` of train and sft: a progress bar on a terminal, else a log line per step.
+  Returns it and the bar (None without a terminal) to close."""
+  if not sys.stderr.isatty():
+    return lambda m: log.info(format_metrics(m)), None
+  from tqdm import tqdm
+  bar = tqdm(desc="train", unit="step", total=trainer.total_steps, initial=trainer.iteration,
+             dynamic_ncols=True)
+
+  def update(m) -> None:
+    bar.set_postfix({label: f"{m[key]:.3g}" for label, key in STEP_POSTFIX.items() if key in m},
+                    refresh=False)
+    bar.update()
+  return update, bar
+
+
 def _run_trainer(trainer, format_metrics) -> int:
+  import contextlib
+  from tqdm.contrib.logging import logging_redirect_tqdm
   steps = trainer.total_steps
-  history = trainer.train(on_step=lambda m: log.info(format_metrics(m)))
+  on_step, bar = _step_progress(trainer, format_metrics)
+  # Warnings while the bar is up (a stop signal, checkpoint notes) print above it, not through it.
+  with logging_redirect_tqdm() if bar is not None else contextlib.nullcontext():
+    try:
+      trainer.train(on_step=on_step)
+    finally:
+      if bar is not None:
+        bar.close()
   if trainer.iteration < steps:
     log.warning("stopped at step %d of %d (a stop signal); the checkpoint is saved, and the same "
                 "command continues the run", trainer.iteration, steps)
-  del history
   return 0
 
 

@@ -2,6 +2,7 @@
 checkpoints and stop signals, and the adapted model out for generation, evaluation and perplexity."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -12,6 +13,7 @@ import threading
 from typing import Any, Callable, Protocol, Sequence
 
 import jax
+import tensorboardX
 import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -29,6 +31,7 @@ Metrics = dict[str, float]
 
 # The files of a run folder beside checkpoints/ (read back by `report`).
 CONFIG_FILE, METRICS_FILE, SAMPLES_FILE = "config.yaml", "metrics.jsonl", "samples.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def load_training_rows(data: data_lib.DataConfig,
@@ -161,20 +164,27 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
               samples: Callable[[], list[dict[str, Any]]] | None = None) -> list[Metrics]:
   """Calls `trainer.step` `steps` times, or until SIGTERM/SIGINT (see `StopSignal`).
 
-  Each step's metrics go to `on_step` and a line of `output_dir/metrics.jsonl`, and the rows of
-  `samples()` (a few generations) to `output_dir/samples.jsonl` (appended, so a continued run
-  extends its files; written by process 0 only, with the resolved config as config.yaml).
-  `checkpointer` saves every `every_steps` iterations, on a stop signal and after the last step.
+  Each step's metrics go to `on_step` and a line of `output_dir/metrics.jsonl`, its numbers as
+  TensorBoard scalars in `output_dir/tensorboard/` (tag: the metric name, step: the iteration), and
+  the rows of `samples()` (a few generations) to `output_dir/samples.jsonl` (appended, so a
+  continued run extends its files; written by process 0 only, with the resolved config as
+  config.yaml). `checkpointer` saves every `every_steps` iterations, on a stop signal and after the
+  last step.
   """
   out_dir = pathlib.Path(output_dir) if output_dir and jax.process_index() == 0 else None
+  tensorboard = contextlib.nullcontext()
   if out_dir is not None:
     out_dir.mkdir(parents=True, exist_ok=True)
     # Rewritten on resume: a continued run is the same run, with the same config.
     (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_lib.to_dict(trainer.config),
                                                       sort_keys=False))
+    # A continued run starts a new event file. Its purge_step makes TensorBoard hide the old
+    # files' events from the steps about to be redone, as truncate_jsonl does for metrics.jsonl.
+    purge_step = trainer.iteration + 1 if trainer.iteration else None
+    tensorboard = tensorboardX.SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=purge_step)
   history = []
   metrics = None
-  with StopSignal() as stop:
+  with StopSignal() as stop, tensorboard as scalars:
     for _ in range(steps):
       metrics = trainer.step()
       history.append(metrics)
@@ -182,6 +192,7 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
         on_step(metrics)
       if out_dir is not None:
         _append_jsonl(out_dir / METRICS_FILE, [metrics])
+        _write_scalars(scalars, metrics, trainer.iteration)
         if samples is not None:
           _append_jsonl(out_dir / SAMPLES_FILE, samples())
       stopping = stop.reached(trainer.iteration)
@@ -196,6 +207,15 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
         checkpointer.save(trainer.iteration, trainer.snapshot(), metrics)
       checkpointer.wait()
   return history
+
+
+def _write_scalars(writer: tensorboardX.SummaryWriter, metrics: Metrics, step: int) -> None:
+  for name, value in metrics.items():
+    # `iteration` is the step axis itself; bools would plot as 0/1 noise.
+    if name != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+      writer.add_scalar(name, value, step)
+  # Flushed every step, so a kill loses no more than metrics.jsonl does.
+  writer.flush()
 
 
 def _append_jsonl(path: pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:

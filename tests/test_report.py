@@ -1,8 +1,12 @@
 """Reports: plots and report.md of synthetic PPO and SFT runs, checked against NumPy; bad input
-named in one line; a tiny PPO run leaves config.yaml (which loads back) and samples.jsonl."""
+named in one line; a tiny PPO run leaves config.yaml (which loads back), samples.jsonl and
+TensorBoard scalars equal to metrics.jsonl; the CLI's step progress bar."""
+import io
 import json
 import logging
 import re
+import struct
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +14,7 @@ import pytest
 from jax_nlu_ppo import cli
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo import report
+from jax_nlu_ppo import run_loop
 from tests import checkpoint_run
 
 PPO_KEYS = ("env/reward_mean", "env/accuracy", "objective/kl", "loss/value", "policy/clipfrac")
@@ -98,3 +103,61 @@ def test_ppo_run_writes_config_and_samples(tmp_path):
     assert sample["gold"] == examples[sample["prompt"]]
     assert isinstance(sample["response"], str) and isinstance(sample["reward"], float)
     assert sample["label"] in (None, 0, 1)
+
+
+def read_scalars(folder) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of the event files in `folder`, read as TFRecords (length, its CRC,
+  the Event proto, its CRC), since TensorBoard itself is not a dependency."""
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for path in sorted(folder.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars
+
+
+def test_ppo_run_writes_tensorboard_scalars(tmp_path):
+  trainer = checkpoint_run.make_trainer(tmp_path, enabled=False)
+  trainer.train(steps=2)
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  scalars = read_scalars(tmp_path / run_loop.TENSORBOARD_DIR)
+  assert "iteration" not in scalars
+  for tag in ("env/reward_mean", "objective/kl", "tokens/per_s"):
+    expected = {line["iteration"]: line[tag] for line in lines}
+    assert scalars[tag].keys() == {1, 2}
+    np.testing.assert_allclose([scalars[tag][i] for i in (1, 2)], [expected[i] for i in (1, 2)],
+                               rtol=1e-6, err_msg=tag)
+
+
+class FakeTrainer:
+  total_steps, iteration = 3, 1     # a continued run: the bar starts at 1
+
+  def train(self, on_step):
+    for reward in (0.5, 0.75):
+      self.iteration += 1
+      on_step({"iteration": self.iteration, "env/reward_mean": reward, "tokens/per_s": 1000.0})
+
+
+class Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_step_progress_bar_on_terminal_log_lines_otherwise(monkeypatch, caplog):
+  terminal = Terminal()
+  monkeypatch.setattr(sys, "stderr", terminal)
+  assert cli._run_trainer(FakeTrainer(), lambda m: f"line {m['iteration']}") == 0
+  shown = terminal.getvalue()
+  assert "3/3" in shown and "reward=0.75" in shown and "tok/s=1e+03" in shown
+  assert "line" not in shown and "kl=" not in shown
+
+  monkeypatch.setattr(sys, "stderr", io.StringIO())
+  with caplog.at_level(logging.INFO, logger="jax_nlu_ppo"):
+    cli._run_trainer(FakeTrainer(), lambda m: f"line {m['iteration']}")
+  assert [r.message for r in caplog.records] == ["line 2", "line 3"]
