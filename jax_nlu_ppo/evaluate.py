@@ -152,21 +152,22 @@ def evaluate_model(lm, task: tasks_lib.Task | str, examples: Sequence[dict[str, 
   kept, prompts, skipped = [], [], []
   for i, (ex, demos) in enumerate(zip(examples, shots)):
     prompt = tasks_lib.build_prompt(task, ex, config.prompt_format, demos)
-    length = len(pretrained.render_prompt(lm.tokenizer, prompt, chat))
+    ids = pretrained.render_prompt(lm.tokenizer, prompt, chat)
+    length = len(ids)
     if length > limit:
       skipped.append({"idx": ex.get("idx", i), "reason": (
           f"prompt of {length} tokens + {config.max_new_tokens} new tokens exceeds the "
           f"model's {lm.config.max_position_embeddings}-token context")})
       continue
     kept.append(ex)
-    prompts.append(prompt)
+    prompts.append(ids)
   if not kept:
     raise ValueError(f"task {task.name}: every prompt is too long for the model "
                      f"({skipped[0]['reason'] if skipped else 'no examples'})")
   responses: list[str] = []
   for start in range(0, len(prompts), lm.batch_size):
-    responses += lm.generate(prompts[start:start + lm.batch_size],
-                             max_new_tokens=config.max_new_tokens, temperature=0.0, chat=chat)
+    responses += lm.generate_rendered(prompts[start:start + lm.batch_size],
+                                      max_new_tokens=config.max_new_tokens, temperature=0.0)
     if progress is not None:
       progress(len(responses), len(prompts))
   result = score(task, kept, responses, lenient=config.lenient,

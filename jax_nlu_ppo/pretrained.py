@@ -172,12 +172,18 @@ def render_prompt(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
 def encode_prompts(tokenizer, prompts: Sequence[Prompt], chat: bool = True,
                    length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded (ids, mask), padded to `length` or the bucket of the longest prompt."""
-  ids = [render_prompt(tokenizer, p, chat) for p in prompts]
+  return pad_left([render_prompt(tokenizer, p, chat) for p in prompts], tokenizer.pad_token_id,
+                  length)
+
+
+def pad_left(ids: Sequence[Sequence[int]], pad_id: int,
+             length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Rendered prompts as left-padded (ids, mask) of `length` or the longest prompt's bucket."""
   longest = max(len(x) for x in ids)
   length = length or bucket_length(longest)
   if longest > length:
     raise ValueError(f"a prompt has {longest} tokens, more than the {length} allowed")
-  ids_bt = np.full((len(ids), length), tokenizer.pad_token_id, np.int32)
+  ids_bt = np.full((len(ids), length), pad_id, np.int32)
   mask_bt = np.zeros((len(ids), length), np.int32)
   for row, x in enumerate(ids):
     ids_bt[row, length - len(x):] = x
@@ -251,13 +257,21 @@ class LanguageModel:
                ) -> list[str]:
     """Answers to `prompts` (greedy at temperature 0), in batches of `batch_size`."""
     tok = self._require_tokenizer()
+    return self.generate_rendered([render_prompt(tok, p, chat) for p in prompts],
+                                  max_new_tokens, temperature, top_k, top_p, seed)
+
+  def generate_rendered(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 32,
+                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                        seed: int = 0) -> list[str]:
+    """`generate` for prompts already rendered to token ids (see `render_prompt`)."""
+    tok = self._require_tokenizer()
     sampling = sampling_lib.SamplingConfig(temperature, top_k, top_p)
     outputs = []
-    for start in range(0, len(prompts), self.batch_size):
-      chunk = list(prompts[start:start + self.batch_size])
-      ids_bt, mask_bt = self.encode(chunk, chat)
+    for start in range(0, len(prompt_ids), self.batch_size):
+      chunk = list(prompt_ids[start:start + self.batch_size])
+      ids_bt, mask_bt = pad_left(chunk, self.pad_id)
       # A short last batch is padded with copies so that it reuses the compiled shape.
-      fill = self.batch_size - len(chunk) if len(prompts) > self.batch_size else 0
+      fill = self.batch_size - len(chunk) if len(prompt_ids) > self.batch_size else 0
       ids_bt = np.concatenate([ids_bt, np.repeat(ids_bt[:1], fill, 0)])
       mask_bt = np.concatenate([mask_bt, np.repeat(mask_bt[:1], fill, 0)])
       gen = self.generate_ids(ids_bt, mask_bt, max_new_tokens, sampling, seed + start)

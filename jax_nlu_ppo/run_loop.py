@@ -74,6 +74,12 @@ class Resumable(Protocol):
   def load_snapshot(self, snapshot: checkpoint_lib.Snapshot) -> None: ...
 
 
+def run_description(config, lm: pretrained.LanguageModel) -> dict[str, Any]:
+  """What every checkpoint of a run records and a restore checks: its config and its base."""
+  return {"config": config_lib.to_dict(config),
+          "base": checkpoint_lib.describe_base(config.model.name, lm)}
+
+
 def open_checkpoints(trainer: Resumable, config, lm: pretrained.LanguageModel
                      ) -> checkpoint_lib.Checkpointer | None:
   """The run folder's checkpoints (None without `output_dir` or with checkpoints off), with
@@ -81,10 +87,9 @@ def open_checkpoints(trainer: Resumable, config, lm: pretrained.LanguageModel
   that step."""
   if config.output_dir is None or not config.checkpoint.enabled:
     return None
-  run = {"config": config_lib.to_dict(config),
-         "base": checkpoint_lib.describe_base(config.model.name, lm)}
   out_dir = pathlib.Path(config.output_dir)
-  checkpointer = checkpoint_lib.Checkpointer(out_dir / "checkpoints", config.checkpoint, run)
+  checkpointer = checkpoint_lib.Checkpointer(out_dir / "checkpoints", config.checkpoint,
+                                             run_description(config, lm))
   restored = checkpointer.restore_latest(trainer.snapshot())
   if restored is not None:
     trainer.load_snapshot(restored.snapshot)

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo import pretrained
+from jax_nlu_ppo import run_loop
 
 
 @dataclasses.dataclass
@@ -80,10 +81,8 @@ def load_run(path: str | pathlib.Path, lm: pretrained.LanguageModel | None = Non
   placeholder = [{"label": 0}]
   trainer = (sft.SFTTrainer if is_sft else trainer_lib.PPOTrainer)(
       config, lm=lm, train_examples=placeholder)
-  checkpointer = checkpoint_lib.Checkpointer(
-      directory, config.checkpoint,
-      {"config": config_lib.to_dict(config),
-       "base": checkpoint_lib.describe_base(config.model.name, lm)})
+  checkpointer = checkpoint_lib.Checkpointer(directory, config.checkpoint,
+                                             run_loop.run_description(config, lm))
   try:
     if step is None:
       restored = checkpointer.restore_latest(trainer.snapshot())

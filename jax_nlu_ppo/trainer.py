@@ -108,6 +108,10 @@ class PPOTrainer:
     A row whose prompt leaves no room for the answer in the model's context is skipped, once
     per pass, with a warning naming it; `skipped_rows` counts them.
     """
+    return [example for example, _ in self._next_rows(n)]
+
+  def _next_rows(self, n: int) -> list[tuple[dict[str, Any], list[int]]]:
+    """(example, its rendered prompt ids) for the next `n` usable examples."""
     out, misses = [], 0
     while len(out) < n:
       if misses >= len(self.train_examples):
@@ -115,44 +119,40 @@ class PPOTrainer:
                          f"{self.lm.config.max_position_embeddings} tokens")
       example = self.train_examples[self.position % len(self.train_examples)]
       self.position += 1
-      if self._fits(example):
-        out.append(example)
+      ids = self._prompt_ids(example)
+      if ids is not None:
+        out.append((example, ids))
         misses = 0
       else:
         misses += 1
     return out
 
-  def _fits(self, example: dict[str, Any]) -> bool:
+  def _prompt_ids(self, example: dict[str, Any]) -> list[int] | None:
+    """The example's prompt as token ids, or None if it leaves no room for the answer."""
     cfg = self.config.rollout
     prompt = tasks_lib.build_prompt(self.tasks[self.task_of(example)], example,
                                     cfg.prompt_format)
-    length = len(pretrained.render_prompt(self.tokenizer, prompt,
-                                          tasks_lib.uses_chat_template(cfg.prompt_format)))
-    if length + cfg.max_new_tokens <= self.lm.config.max_position_embeddings:
-      return True
+    ids = pretrained.render_prompt(self.tokenizer, prompt,
+                                   tasks_lib.uses_chat_template(cfg.prompt_format))
+    if len(ids) + cfg.max_new_tokens <= self.lm.config.max_position_embeddings:
+      return ids
     if self.position <= len(self.train_examples):   # report each row once, not every pass
       self.skipped_rows += 1
       log.warning("skipping training row idx %s of %s: its prompt has %d tokens, too many for "
                   "%d new tokens in the model's %d-token context", example.get("idx"),
-                  self.task_of(example), length, cfg.max_new_tokens,
+                  self.task_of(example), len(ids), cfg.max_new_tokens,
                   self.lm.config.max_position_embeddings)
-    return False
-
-  def encode(self, prompts) -> tuple[np.ndarray, np.ndarray]:
-    return pretrained.encode_prompts(self.tokenizer, prompts,
-                                     chat=tasks_lib.uses_chat_template(
-                                         self.config.rollout.prompt_format))
+    return None
 
   def step(self) -> dict[str, float]:
     """One PPO iteration; returns its metrics (TRL names where TRL has one)."""
     cfg, times = self.config, {}
     group = cfg.ppo.group_size
     start = time.perf_counter()
-    examples = [ex for ex in self.next_examples(cfg.rollout.batch_size) for _ in range(group)]
+    rows = [row for row in self._next_rows(cfg.rollout.batch_size) for _ in range(group)]
+    examples = [example for example, _ in rows]
     specs = [self.task_of(ex) for ex in examples]
-    prompts = [tasks_lib.build_prompt(self.tasks[spec], ex, cfg.rollout.prompt_format)
-               for spec, ex in zip(specs, examples)]
-    prompt_bt, prompt_mask_bt = self.encode(prompts)
+    prompt_bt, prompt_mask_bt = pretrained.pad_left([ids for _, ids in rows], self.lm.pad_id)
     self.key, rollout_key = jax.random.split(self.key)
     limit = int(self.host_rng.integers(cfg.rollout.min_new_tokens,
                                        cfg.rollout.max_new_tokens + 1))
