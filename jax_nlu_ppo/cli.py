@@ -108,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
       description="PPO with LoRA on a frozen base: rollout, reward, experience, updates. "
       "Metrics go to OUTPUT_DIR/metrics.jsonl when output_dir is set.")
   _config_arguments(tr)
+  _distributed_arguments(tr)
   tr.set_defaults(run=run_train)
 
   sf = commands.add_parser(
@@ -164,7 +165,51 @@ def _parser() -> argparse.ArgumentParser:
   rp.add_argument("runs", nargs="+", metavar="RUN", help="a train or sft output_dir")
   rp.add_argument("--output", required=True, help="the folder to write")
   rp.set_defaults(run=run_report)
+
+  pl = commands.add_parser(
+      "plan", help="per-device memory of a PPO run on a mesh, without loading the weights",
+      description="Builds the run's policy as shapes only, splits it by the mesh rules, and "
+      "compiles the rollout and update steps for the mesh on fake CPU devices to read XLA's "
+      "memory analysis. Prints a table of GiB per device: weights, adapters, reference, "
+      "optimizer state, KV cache, the steps' temporaries, and whether it fits.")
+  _config_arguments(pl)
+  pl.add_argument("--model-config", default=None, metavar="PRESET_OR_CONFIG_JSON",
+                  help="the model's shape: a preset (" + ", ".join(MODEL_PRESETS) + ") or a "
+                  "config.json; default: the preset matching model.name, else model.name's "
+                  "own config")
+  pl.add_argument("--devices", type=int, default=None,
+                  help="devices to plan for (default: the product of the config's mesh sizes; "
+                  "needed when an axis is -1)")
+  pl.add_argument("--prompt-len", type=int, default=256,
+                  help="padded prompt length in tokens (default: %(default)s)")
+  pl.add_argument("--device-memory-gib", type=float, default=None,
+                  help="memory per device, to say whether the run fits (e.g. 16 for TPU v5e, "
+                  "32 for v4, 95 for v5p, 80 for an A100/H100 80GB)")
+  pl.add_argument("--no-compile", action="store_true",
+                  help="only the exact parts (weights, adapters, optimizer, KV cache): seconds")
+  pl.add_argument("--output", default=None, help="also write the plan as JSON here")
+  pl.set_defaults(run=run_plan)
   return parser
+
+
+# `plan --model-config` presets (LlamaConfig constructors), and the hub ids they stand for.
+MODEL_PRESETS = ("llama2_7b", "llama2_13b", "llama3p1_8b", "llama3p2_1b", "smollm2_135m")
+HUB_PRESETS = {"meta-llama/Llama-2-7b-chat-hf": "llama2_7b", "meta-llama/Llama-2-7b-hf": "llama2_7b",
+               "meta-llama/Llama-2-13b-chat-hf": "llama2_13b",
+               "meta-llama/Llama-2-13b-hf": "llama2_13b",
+               "meta-llama/Llama-3.1-8B-Instruct": "llama3p1_8b",
+               "meta-llama/Llama-3.2-1B-Instruct": "llama3p2_1b",
+               "smollm2-135m-instruct": "smollm2_135m"}
+
+
+def _distributed_arguments(parser: argparse.ArgumentParser) -> None:
+  group = parser.add_argument_group(
+      "several processes", "Run the same command on every host. Cloud TPU pod slices (and SLURM "
+      "/ Open MPI jobs) are joined automatically; elsewhere give all three.")
+  group.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                     help="process 0's address, the same on every process")
+  group.add_argument("--num-processes", type=int, default=None, help="how many processes")
+  group.add_argument("--process-id", type=int, default=None, help="this process's id, 0..N-1")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -382,8 +427,12 @@ def _run_trainer(trainer, format_metrics) -> int:
 
 def run_train(args) -> int:
   from jax_nlu_ppo import config as config_lib
+  from jax_nlu_ppo import distributed
   from jax_nlu_ppo import trainer as trainer_lib
   config = _load_config(args, config_lib.TrainConfig)
+  # After the config is known good, before anything touches a device.
+  distributed.initialize(distributed.DistributedConfig(
+      args.coordinator_address, args.num_processes, args.process_id))
   lm, trainable = _initial_adapter(args, config)
   trainer = trainer_lib.PPOTrainer(config, lm=lm, initial_trainable=trainable)
   return _run_trainer(trainer, trainer_lib.format_metrics)
@@ -472,6 +521,58 @@ def run_report(args) -> int:
   path = report.write_report(args.runs, args.output)
   print(f"wrote {path} and {path.with_name(report.PLOT_FILE)}")
   return 0
+
+
+def run_plan(args) -> int:
+  import json
+  import math
+  import os
+  from jax_nlu_ppo import config as config_lib
+  config = _load_config(args, config_lib.TrainConfig)
+  sizes = config.mesh.axis_sizes.values()
+  devices = args.devices or (math.prod(sizes) if -1 not in sizes else None)
+  if devices is None:
+    raise ValueError("the config's mesh has an axis of -1; say how many devices to plan for "
+                     "with --devices")
+  config.mesh.shape(devices)                       # a mismatch is an error before any compile
+  model_config, name = _plan_model_config(args.model_config, config)
+  # Fake CPU devices stand in for the accelerators; JAX reads this when it starts its backend.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={devices}")
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax
+  from jax_nlu_ppo import memory_plan
+  from jax_nlu_ppo import sharding
+  if jax.device_count() != devices:
+    raise ValueError(f"JAX already started with {jax.device_count()} devices; run plan in a "
+                     "fresh process")
+  layout = sharding.Layout.create(config.mesh)
+  log.info("planning %s on %d devices%s", name, devices,
+           "" if args.no_compile else " (compiling rollout and update: about a minute)")
+  result = memory_plan.plan(config, model_config, layout, args.prompt_len,
+                            compile_steps=not args.no_compile, model_name=name,
+                            device_memory_gib=args.device_memory_gib)
+  print(result.table())
+  if args.output:
+    pathlib.Path(args.output).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+  return 0
+
+
+def _plan_model_config(spec: str | None, config):
+  """(LlamaConfig, name) from --model-config, a preset matching model.name, or its config."""
+  from jax_nlu_ppo import pretrained
+  from jax_nlu_ppo.llama_config import LlamaConfig
+  spec = spec or HUB_PRESETS.get(config.model.name)
+  if spec is None:
+    return pretrained.resolve(config.model.name, config.model.gguf_file).config, config.model.name
+  if spec in MODEL_PRESETS:
+    return getattr(LlamaConfig, spec)(), spec
+  path = pathlib.Path(spec)
+  if path.is_file():
+    import json
+    return LlamaConfig.from_hf(json.loads(path.read_text()), str(path)), str(path)
+  raise ValueError(f"--model-config {spec!r} is neither a preset ({', '.join(MODEL_PRESETS)}) "
+                   "nor a config.json file")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ from jax_nlu_ppo import answer
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import data as data_lib
 from jax_nlu_ppo import lora as lora_lib
+from jax_nlu_ppo import model as model_lib
 from jax_nlu_ppo import ppo as ppo_lib
+from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo import tasks as tasks_lib
 
 
@@ -70,9 +72,15 @@ class TrainConfig:
   eval_every: int = 0               # 0: evaluate only before and after training
   output_dir: str | None = None     # metrics.jsonl and checkpoints/; a run there continues
   checkpoint: checkpoint_lib.CheckpointConfig = checkpoint_lib.CheckpointConfig()
+  mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig()
+  # Rematerialise each decoder layer in the update's backward pass: "none", "full" (recompute
+  # everything, least memory) or "dots" (keep matmul outputs without a batch axis).
+  remat: str = "none"
 
   def __post_init__(self):
     r, p = self.rollout, self.ppo
+    if self.remat not in model_lib.REMAT_POLICIES:
+      raise ConfigError(f"remat must be one of {', '.join(model_lib.REMAT_POLICIES)}, got {self.remat!r}")
     if not 1 <= r.min_new_tokens <= r.max_new_tokens:
       raise ConfigError(f"rollout.min_new_tokens ({r.min_new_tokens}) must be in "
                         f"1..rollout.max_new_tokens ({r.max_new_tokens})")

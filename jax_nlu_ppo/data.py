@@ -195,6 +195,19 @@ def mix(parts: Sequence[Sequence[dict[str, Any]]], weights: Sequence[float], *, 
   return out
 
 
+def deal(rows: Sequence[dict[str, Any]], block: int, num_shards: int = 1,
+         index: int = 0) -> list[dict[str, Any]]:
+  """Shard `index` of `rows` dealt round-robin in blocks of `block` rows.
+
+  With `block` the rows one process adds to each global batch, process p's i-th block is its
+  part of the i-th batch, so a run on several processes sees the same batches, in the same
+  order, as on one.
+  """
+  if not 0 <= index < num_shards:
+    raise ValueError(f"shard index must lie in 0..{num_shards - 1}, got {index}")
+  return [row for i, row in enumerate(rows) if (i // block) % num_shards == index]
+
+
 def subset(ds: datasets.Dataset, *, shuffle_seed: int | None = None, limit: int | None = None,
            num_shards: int = 1, shard_index: int = 0) -> datasets.Dataset:
   """Seeded shuffle, then the first `limit` rows, then contiguous shard `shard_index`.

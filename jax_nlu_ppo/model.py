@@ -4,7 +4,8 @@ One compiled decoder layer: the layers' parameters are stacked on a leading `lay
 the forward pass is a `lax.scan` over them, so compile time does not grow with depth.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
-`mlp`, `norm`, `layers`); sharding maps those names to mesh axes elsewhere, never here.
+`mlp`, `norm`, `layers`), and the residual stream is marked (`batch`, `length`); sharding.py
+maps those names to mesh axes, never this file.
 
 Shape suffixes: b batch, t query positions, s key positions (cache slots), d embed, n query
 heads, k kv heads, g query heads per kv head, h head dim, f mlp, v vocab, l layers.
@@ -18,12 +19,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_nlu_ppo import sharding
 from jax_nlu_ppo.llama_config import LlamaConfig
 
 Array = jax.Array
 # A large finite negative rather than -inf: fully masked rows (left padding) then give a uniform
 # softmax instead of NaN, and their outputs are ignored anyway.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_RESIDUAL = ("batch", "length", None)
+
+# What each decoder layer keeps for the backward pass (`jax.checkpoint` policies): "full"
+# recomputes the layer, "dots" keeps its weight matmuls' outputs.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def _param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], dtype, names: tuple[str, ...]):
@@ -215,7 +223,10 @@ class Llama(nnx.Module):
     Returns:
       (hidden_btd after the final norm, updated cache or None).
     """
-    x_btd = jnp.take(self.embed_tokens[...], tokens_bt, axis=0).astype(self.dtype)
+    # The table is gathered over its `embed` split first (as FSDP gathers any weight), so the
+    # looked-up rows come out split by batch like the tokens, not by model dimension.
+    table_vd = sharding.constrain(self.embed_tokens[...], ("vocab", None))
+    x_btd = jnp.take(table_vd, tokens_bt, axis=0).astype(self.dtype)
     inv_freq_h = jnp.asarray(self.config.rope_inv_freq())
     angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq_h[None, None]
     angles_bth = jnp.concatenate([angles_bth, angles_bth], axis=-1)
@@ -227,6 +238,9 @@ class Llama(nnx.Module):
     def body(x_btd, xs):
       state, kv_bskh, layer_key = xs
       layer = nnx.merge(graphdef, state)
+      # The residual stream stays split over the batch axes between layers (the weights are
+      # gathered to it, not it to them): FSDP's pattern.
+      x_btd = sharding.constrain(x_btd, _RESIDUAL)
       return layer(x_btd, sin_bth, cos_bth, mask_bts, kv_bskh, cache_index, layer_key)
 
     if self.remat_policy is not None:
@@ -236,7 +250,7 @@ class Llama(nnx.Module):
                   else jax.random.split(dropout_key, self.config.num_layers))
     x_btd, kv_lbskh = jax.lax.scan(body, x_btd, (layer_state, kv, layer_keys))
     new_cache = None if cache is None else KVCache(*kv_lbskh)
-    return self.norm(x_btd), new_cache
+    return self.norm(sharding.constrain(x_btd, _RESIDUAL)), new_cache
 
   def logits(self, hidden_btd: Array) -> Array:
     if self.lm_head is None:

@@ -200,6 +200,22 @@ def advantages(scores_b, old_logp_bn, ref_logp_bn, old_values_bn, response_mask_
   return advantages_bn, returns_bn, kl_bn
 
 
+def experience_batch(graphdef, base, trainable, reference, prompt_bt, prompt_mask_bt,
+                     gen: sampling_lib.Generation, scores_b, kl_coef, *, temperature: float,
+                     values: bool, reuse_rollout: bool, config: PPOConfig) -> tuple[Batch, Array]:
+  """A rollout and its rewards made into the update's `Batch` (`experience`, then `advantages`);
+  also returns the per-token KL the controller reads."""
+  tokens_bt = jnp.concatenate([prompt_bt, gen.tokens_bn], axis=1)
+  mask_bt = jnp.concatenate([prompt_mask_bt, gen.mask_bn.astype(prompt_mask_bt.dtype)], axis=1)
+  old_logp, old_values, ref_logp = experience(graphdef, base, trainable, reference, tokens_bt,
+                                              mask_bt, gen, temperature=temperature,
+                                              values=values, reuse_rollout=reuse_rollout)
+  adv, returns, kl_bn = advantages(scores_b, old_logp, ref_logp, old_values, gen.mask_bn,
+                                   kl_coef, config=config)
+  return Batch(tokens_bt, mask_bt, gen.tokens_bn, gen.mask_bn, old_logp, ref_logp, old_values,
+               adv, returns), kl_bn
+
+
 def loss_fn(trainable, graphdef, base, batch: Batch, dropout_key, kl_coef, *, config: PPOConfig,
             temperature: float):
   """pg + vf_coef * vf - ent_coef * H (+ kl_coef * KL for critic-free advantages)."""

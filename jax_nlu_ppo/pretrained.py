@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_nlu_ppo import distributed
 from jax_nlu_ppo import model as model_lib
 from jax_nlu_ppo import sampling as sampling_lib
+from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo import weights as weights_lib
 from jax_nlu_ppo.llama_config import LlamaConfig
 
@@ -204,17 +206,22 @@ class LanguageModel:
   """A loaded LLaMA-family model: config, parameters, tokenizer, and jitted logits / generate.
 
   `params` is a plain pytree (the model's `nnx.State`); `graphdef` the static structure. Jitted
-  functions take both, so the parameters cross every jit boundary as pure arrays.
+  functions take both, so the parameters cross every jit boundary as pure arrays. With a
+  `layout` (parameters on a mesh), generation splits each batch over the mesh's batch axes;
+  in a multi-process run every process passes the same prompts and gets every answer.
   """
 
   def __init__(self, config: LlamaConfig, graphdef, params, tokenizer=None, dtype=jnp.float32,
-               batch_size: int = 32):
+               batch_size: int = 32, layout: sharding_lib.Layout | None = None):
     self.config = config
     self.graphdef = graphdef
     self.params = params
     self.tokenizer = tokenizer
     self.dtype = dtype
-    self.batch_size = batch_size
+    self.layout = layout
+    # Batches split evenly over the mesh's data-parallel devices.
+    ways = layout.batch_ways if layout is not None else 1
+    self.batch_size = -(-batch_size // ways) * ways
 
   @property
   def model(self) -> model_lib.Llama:
@@ -247,10 +254,19 @@ class LanguageModel:
                    sampling: sampling_lib.SamplingConfig, seed: int = 0
                    ) -> sampling_lib.Generation:
     """Token-level generation over a left-padded batch (one compiled program per shape)."""
-    return _generate(self.graphdef, self.params, jnp.asarray(prompt_bt),
-                     jnp.asarray(prompt_mask_bt), jax.random.key(seed),
-                     max_new_tokens=max_new_tokens, sampling=sampling,
-                     eos_ids=self.eos_ids(), pad_id=self.pad_id)
+    if self.layout is None:
+      return _generate(self.graphdef, self.params, jnp.asarray(prompt_bt),
+                       jnp.asarray(prompt_mask_bt), jax.random.key(seed),
+                       max_new_tokens=max_new_tokens, sampling=sampling,
+                       eos_ids=self.eos_ids(), pad_id=self.pad_id)
+    rows = self.layout.batch(2)
+    with sharding_lib.activations(self.layout):
+      gen = _generate(self.graphdef, self.params,
+                      sharding_lib.place(np.asarray(prompt_bt), rows),
+                      sharding_lib.place(np.asarray(prompt_mask_bt), rows), jax.random.key(seed),
+                      max_new_tokens=max_new_tokens, sampling=sampling,
+                      eos_ids=self.eos_ids(), pad_id=self.pad_id)
+    return jax.tree.map(distributed.all_rows, gen)
 
   def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 32, temperature: float = 0.0,
                chat: bool = True, top_k: int = 0, top_p: float = 1.0, seed: int = 0
@@ -270,8 +286,10 @@ class LanguageModel:
     for start in range(0, len(prompt_ids), self.batch_size):
       chunk = list(prompt_ids[start:start + self.batch_size])
       ids_bt, mask_bt = pad_left(chunk, self.pad_id)
-      # A short last batch is padded with copies so that it reuses the compiled shape.
-      fill = self.batch_size - len(chunk) if len(prompt_ids) > self.batch_size else 0
+      # A short last batch is padded with copies so that it reuses the compiled shape (and, on
+      # a mesh, so that it splits evenly).
+      fill = (self.batch_size - len(chunk)
+              if len(prompt_ids) > self.batch_size or self.layout is not None else 0)
       ids_bt = np.concatenate([ids_bt, np.repeat(ids_bt[:1], fill, 0)])
       mask_bt = np.concatenate([mask_bt, np.repeat(mask_bt[:1], fill, 0)])
       gen = self.generate_ids(ids_bt, mask_bt, max_new_tokens, sampling, seed + start)
@@ -292,7 +310,7 @@ class LanguageModel:
 
 
 def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
-                    gguf_file: str | None = None, shardings=None,
+                    gguf_file: str | None = None, layout: sharding_lib.Layout | None = None,
                     batch_size: int = 32) -> LanguageModel:
   """Loads a LLaMA-family model for JAX.
 
@@ -301,14 +319,15 @@ def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
       (`config.json` + safetensors), a `.gguf` file, or a hub repo id (needs internet).
     dtype: "float32" or "bfloat16", for parameters and activations.
     gguf_file: with a folder or hub id, which GGUF file in it to read.
-    shardings: optional pytree of `jax.sharding.Sharding` matching the parameters; each
-      parameter is placed directly on its devices as it is read.
+    layout: a mesh and its rules; each parameter is then placed directly on its devices as it
+      is read, each process keeping only its devices' shards (otherwise: the default device).
   """
   if dtype not in _DTYPES:
     raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
   start = time.perf_counter()
   checkpoint = resolve(name_or_path, gguf_file)
   graphdef, abstract_state = nnx.split(abstract_model(checkpoint.config, _DTYPES[dtype]))
+  shardings = None if layout is None else nnx.to_pure_dict(layout.tree(abstract_state))
   loaded = weights_lib.load_params(checkpoint.source, checkpoint.config,
                                    nnx.to_pure_dict(abstract_state), checkpoint.config_source,
                                    shardings)
@@ -317,4 +336,4 @@ def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
   log.info("loaded %s (%s, %.1fM parameters) in %.1fs", name_or_path, dtype,
            checkpoint.config.num_params / 1e6, time.perf_counter() - start)
   return LanguageModel(checkpoint.config, graphdef, abstract_state, tokenizer,
-                       _DTYPES[dtype], batch_size)
+                       _DTYPES[dtype], batch_size, layout)

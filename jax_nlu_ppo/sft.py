@@ -30,13 +30,16 @@ from flax import nnx
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo import data as data_lib
+from jax_nlu_ppo import distributed
 from jax_nlu_ppo import evaluate as evaluate_lib
 from jax_nlu_ppo import lm_loss
 from jax_nlu_ppo import lora as lora_lib
+from jax_nlu_ppo import model as model_lib
 from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import ppo as ppo_lib
 from jax_nlu_ppo import pretrained
 from jax_nlu_ppo import run_loop
+from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo import tasks as tasks_lib
 
 log = logging.getLogger(__name__)
@@ -65,8 +68,13 @@ class SFTConfig:
   seed: int = 0
   output_dir: str | None = None              # metrics.jsonl and checkpoints/; a run there continues
   checkpoint: checkpoint_lib.CheckpointConfig = checkpoint_lib.CheckpointConfig()
+  mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig()
+  remat: str = "none"                        # as PPO's: none, full or dots
 
   def __post_init__(self):
+    if self.remat not in model_lib.REMAT_POLICIES:
+      raise config_lib.ConfigError(f"remat must be one of {', '.join(model_lib.REMAT_POLICIES)}, "
+                                   f"got {self.remat!r}")
     if self.prompt_format not in tasks_lib.FORMATS:
       raise config_lib.ConfigError(f"prompt_format must be one of {', '.join(tasks_lib.FORMATS)}"
                                    f", got {self.prompt_format!r}")
@@ -149,10 +157,10 @@ class Batch:
   target_mask_bn: Array    # target tokens that count; its width N fixes P = T - N
 
 
-def make_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> Batch:
-  """Host arrays of (prompt, target) id pairs; both lengths bucketed, so shapes are few."""
-  prompt_len = pretrained.bucket_length(max(len(p) for p, _ in rows))
-  target_len = pretrained.bucket_length(max(len(t) for _, t in rows), _MIN_ANSWER_BUCKET)
+def make_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+               lengths: tuple[int, int] | None = None) -> Batch:
+  """Host arrays of (prompt, target) id pairs, padded to `lengths` (default: `batch_lengths`)."""
+  prompt_len, target_len = lengths or batch_lengths(rows)
   tokens_bt = np.full((len(rows), prompt_len + target_len), pad_id, np.int32)
   mask_bt = np.zeros_like(tokens_bt)
   for row, (prompt, target) in enumerate(rows):
@@ -160,6 +168,12 @@ def make_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int)
     tokens_bt[row, begin:end] = [*prompt, *target]
     mask_bt[row, begin:end] = 1
   return Batch(tokens_bt, mask_bt, mask_bt[:, prompt_len:].copy())
+
+
+def batch_lengths(rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[int, int]:
+  """(prompt, target) lengths a batch pads to: both bucketed, so shapes are few."""
+  return (pretrained.bucket_length(max(len(p) for p, _ in rows)),
+          pretrained.bucket_length(max(len(t) for _, t in rows), _MIN_ANSWER_BUCKET))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,31 +255,51 @@ class SFTTrainer:
 
   def __init__(self, config: SFTConfig, lm: pretrained.LanguageModel | None = None,
                train_examples: Sequence[dict[str, Any]] | None = None,
-               initial_trainable=None):
+               initial_trainable=None, layout: sharding_lib.Layout | None = None):
     self.config = config
+    # As PPOTrainer: mesh and batch sizes checked first; each process has its block of rows.
+    self.layout = layout or sharding_lib.Layout.create(config.mesh)
+    self.layout.check_batch(config.batch_size // config.gradient_accumulation_steps,
+                            "batch_size / gradient_accumulation_steps")
+    if config.batch_size % jax.process_count():
+      raise sharding_lib.ShardingError(
+          f"batch_size ({config.batch_size}) must be divisible by the number of processes "
+          f"({jax.process_count()})")
+    self.local_batch = config.batch_size // jax.process_count()
     self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
-                                               config.model.gguf_file)
+                                               config.model.gguf_file, layout=self.layout)
+    sharding_lib.check_model(self.layout, self.lm.config)
     if self.lm.tokenizer is None:
       raise ValueError(f"{config.model.name} was loaded without a tokenizer; SFT needs one to "
                        "encode prompts and answers")
     self.tokenizer = self.lm.tokenizer
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
     self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
-    self.train_examples = list(train_examples if train_examples is not None
-                               else run_loop.load_training_rows(config.data, config.mixture,
-                                                                config.seed))
+    self.train_examples = data_lib.deal(
+        train_examples if train_examples is not None
+        else run_loop.load_training_rows(config.data, config.mixture, config.seed),
+        self.local_batch, jax.process_count(), jax.process_index())
     if not any(_labelled(ex) for ex in self.train_examples):
       raise ValueError(f"none of the {len(self.train_examples)} training examples of "
                        f"{', '.join(self.tasks)} has a label; SFT needs gold answers")
 
     llama = nnx.merge(self.lm.graphdef, self.lm.params)
+    llama.remat_policy = model_lib.REMAT_POLICIES[config.remat]
     policy = policy_lib.make_policy(llama, config.lora, value_dropout=0.0, seed=config.seed)
-    self.graphdef, trainable, self.base = policy_lib.split(policy)
+    self.graphdef, trainable, base = policy_lib.split(policy)
     if initial_trainable is not None:
       nnx.replace_by_pure_dict(trainable, nnx.to_pure_dict(initial_trainable))
     self.tx = ppo_lib.make_optimizer(config.optimizer)
-    self.state = SFTState(step=jnp.int32(0), trainable=trainable,
-                          opt_state=self.tx.init(trainable))
+    L = self.layout
+    base_sh, trainable_sh = L.tree(base), L.tree(trainable)
+    state_sh = SFTState(step=L.replicated, trainable=trainable_sh,
+                        opt_state=L.tree(jax.eval_shape(self.tx.init, trainable), strict=False))
+    self.base = sharding_lib.place(base, base_sh)
+    trainable = sharding_lib.place(trainable, trainable_sh)
+    self.state = sharding_lib.place(
+        SFTState(step=np.int32(0), trainable=trainable,
+                 opt_state=jax.jit(self.tx.init, out_shardings=state_sh.opt_state)(trainable)),
+        state_sh)
     self.key = jax.random.key(config.seed)
     self.position = 0          # index into train_examples of the next example
     self.iteration = 0
@@ -273,7 +307,11 @@ class SFTTrainer:
     self._encoded: dict[int, tuple[list[int], list[int]]] = {}
     step = functools.partial(update, tx=self.tx,
                              accumulation_steps=config.gradient_accumulation_steps)
-    self._update = jax.jit(step, static_argnums=1, donate_argnums=0)
+    self._batch_sh = Batch(L.batch(2), L.batch(2), L.batch(2))
+    self._update = jax.jit(
+        lambda state, base, batch, key: step(state, self.graphdef, base, batch, key),
+        in_shardings=(state_sh, base_sh, self._batch_sh, L.replicated),
+        out_shardings=(state_sh, L.replicated), donate_argnums=0)
     self.checkpointer = run_loop.open_checkpoints(self, config, self.lm)
 
   # --------------------------------------------------------------------------------------------
@@ -327,21 +365,29 @@ class SFTTrainer:
   def step(self) -> dict[str, float]:
     """One optimiser step on the next `batch_size` examples; returns its metrics."""
     start = time.perf_counter()
-    batch = make_batch(self.next_rows(self.config.batch_size), self.lm.pad_id)
+    rows = self.next_rows(self.local_batch)
+    # Every process pads to the same lengths: the global batch has one shape.
+    lengths = tuple(distributed.max_over_processes(n) for n in batch_lengths(rows))
+    local = make_batch(rows, self.lm.pad_id, lengths)
+    batch = jax.tree.map(distributed.global_batch, local, self._batch_sh)
     self.key, dropout_key = jax.random.split(self.key)
-    self.state, metrics = self._update(self.state, self.graphdef, self.base, batch, dropout_key)
+    with sharding_lib.activations(self.layout):
+      self.state, metrics = self._update(self.state, self.base, batch, dropout_key)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     seconds = time.perf_counter() - start
     self.iteration += 1
+    tokens = distributed.all_rows(np.asarray([local.mask_bt.sum()])).sum()
     return {"iteration": self.iteration, **metrics,
             "tokens/seq_len": int(batch.tokens_bt.shape[1]),
-            "tokens/per_s": float(batch.mask_bt.sum()) / seconds,
+            "tokens/per_s": float(tokens) / seconds,
             "data/skipped": len(self.skipped), "time/step": seconds}
 
   def snapshot(self) -> checkpoint_lib.Snapshot:
     """What a checkpoint holds: the `SFTState`, the key and the data position."""
     return checkpoint_lib.Snapshot(
-        arrays={"state": self.state, "key": jax.random.key_data(self.key)},
+        arrays={"state": self.state,
+                "key": sharding_lib.place(np.asarray(jax.random.key_data(self.key)),
+                                          self.layout.replicated)},
         host={"position": self.position, "iteration": self.iteration,
               "skipped": sorted(self.skipped), "key_impl": str(jax.random.key_impl(self.key))})
 
@@ -355,7 +401,8 @@ class SFTTrainer:
   # --------------------------------------------------------------------------------------------
   def policy_model(self) -> pretrained.LanguageModel:
     """The current model (adapters on) as a `LanguageModel`, for generation and perplexity."""
-    return run_loop.adapted_model(self.lm, self.graphdef, self.base, self.state.trainable)
+    return run_loop.adapted_model(self.lm, self.graphdef, self.base, self.state.trainable,
+                                  self.layout)
 
   def evaluate(self, examples: Sequence[dict[str, Any]],
                task: str | None = None) -> evaluate_lib.EvalResult:

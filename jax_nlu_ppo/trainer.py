@@ -5,7 +5,6 @@ the pure functions of `ppo`, jitted once here.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import Any, Callable, Sequence
@@ -17,13 +16,17 @@ from flax import nnx
 
 from jax_nlu_ppo import answer as answer_lib
 from jax_nlu_ppo import checkpoint as checkpoint_lib
+from jax_nlu_ppo import data as data_lib
+from jax_nlu_ppo import distributed
 from jax_nlu_ppo import evaluate as evaluate_lib
+from jax_nlu_ppo import model as model_lib
 from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import ppo as ppo_lib
 from jax_nlu_ppo import ppo_math
+from jax_nlu_ppo import ppo_steps
 from jax_nlu_ppo import pretrained
 from jax_nlu_ppo import run_loop
-from jax_nlu_ppo import sampling as sampling_lib
+from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo import tasks as tasks_lib
 from jax_nlu_ppo import token_reward
 from jax_nlu_ppo.config import TrainConfig
@@ -45,31 +48,45 @@ class PPOTrainer:
 
   def __init__(self, config: TrainConfig, lm: pretrained.LanguageModel | None = None,
                train_examples: Sequence[dict[str, Any]] | None = None,
-               initial_trainable=None):
+               initial_trainable=None, layout: sharding_lib.Layout | None = None):
     self.config = config
+    # The mesh and the batch sizes are checked before anything is loaded or compiled. `layout`
+    # (a mesh over chosen devices) replaces the one `config.mesh` builds over all devices.
+    self.layout = layout or sharding_lib.Layout.create(config.mesh)
+    self.local_batch = check_layout(config, self.layout)
     self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
-                                               config.model.gguf_file)
+                                               config.model.gguf_file, layout=self.layout)
+    sharding_lib.check_model(self.layout, self.lm.config)
     self.tokenizer = self.lm.tokenizer
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
     self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
-    self.train_examples = list(train_examples if train_examples is not None
-                               else run_loop.load_training_rows(config.data, config.mixture,
-                                                                config.seed))
+    examples = (list(train_examples) if train_examples is not None
+                else run_loop.load_training_rows(config.data, config.mixture, config.seed))
+    # Each process keeps its block of every global batch (all of it when there is one process).
+    self.train_examples = data_lib.deal(examples, self.local_batch, jax.process_count(),
+                                        jax.process_index())
     if not self.train_examples:
-      raise ValueError(f"no training examples for {', '.join(self.tasks)}")
+      where = (f" on process {jax.process_index()} of {jax.process_count()} (fewer rows than "
+               "one global batch)" if examples else "")
+      raise ValueError(f"no training examples for {', '.join(self.tasks)}{where}")
 
     llama = nnx.merge(self.lm.graphdef, self.lm.params)
+    llama.remat_policy = model_lib.REMAT_POLICIES[config.remat]
     policy = policy_lib.make_policy(llama, config.lora, config.value_dropout, config.seed,
                                     critic_lora=config.critic_lora)
-    self.graphdef, trainable, self.base = policy_lib.split(policy)
+    self.graphdef, trainable, base = policy_lib.split(policy)
     if initial_trainable is not None:
       nnx.replace_by_pure_dict(trainable, nnx.to_pure_dict(initial_trainable))
+    self.tx = ppo_lib.make_optimizer(config.optimizer)
+    sh = ppo_steps.shardings(self.layout, base, trainable, self.tx)
+    self.base = sharding_lib.place(base, sh.base)
+    trainable = sharding_lib.place(trainable, sh.trainable)
     # The KL reference is the starting policy (the base itself for a fresh adapter).
     self.reference = jax.tree.map(jnp.copy, trainable)
-    self.tx = ppo_lib.make_optimizer(config.optimizer)
-    self.state = ppo_lib.PPOState(step=jnp.int32(0), trainable=trainable,
-                                  opt_state=self.tx.init(trainable),
-                                  kl_coef=jnp.float32(config.ppo.kl.init_coef))
+    opt_state = jax.jit(self.tx.init, out_shardings=sh.state.opt_state)(trainable)
+    self.state = sharding_lib.place(
+        ppo_lib.PPOState(step=np.int32(0), trainable=trainable, opt_state=opt_state,
+                         kl_coef=np.float32(config.ppo.kl.init_coef)), sh.state)
     self.key = jax.random.key(config.seed)
     self.host_rng = np.random.default_rng(config.seed)
     self.position = 0          # index into train_examples of the next prompt
@@ -83,19 +100,8 @@ class PPOTrainer:
                       for spec, rule in self.rules.items()}
                      if config.reward.extractor == "token" else None)
 
-    r = config.rollout
-    self.sampling = sampling_lib.SamplingConfig(r.temperature, r.top_k, r.top_p)
-    self._rollout = jax.jit(functools.partial(
-        ppo_lib.rollout, max_new_tokens=r.max_new_tokens, sampling=self.sampling,
-        eos_ids=self.lm.eos_ids(), pad_id=self.lm.pad_id), static_argnums=0)
-    self.reuse_rollout = ppo_lib.reuses_rollout(self.sampling, config.critic_lora)
-    self._experience = jax.jit(functools.partial(
-        ppo_lib.experience, temperature=r.temperature, values=config.ppo.uses_critic,
-        reuse_rollout=self.reuse_rollout), static_argnums=0)
-    self._advantages = jax.jit(functools.partial(ppo_lib.advantages, config=config.ppo))
-    self._update = jax.jit(functools.partial(ppo_lib.update_minibatch, tx=self.tx,
-                                             config=config.ppo, temperature=r.temperature),
-                           static_argnums=1, donate_argnums=0)
+    self.steps = ppo_steps.build(self.graphdef, sh, self.tx, config, self.lm.eos_ids(),
+                                 self.lm.pad_id)
     self.checkpointer = run_loop.open_checkpoints(self, config, self.lm)
 
   def task_of(self, example: dict[str, Any]) -> str:
@@ -145,78 +151,87 @@ class PPOTrainer:
     return None
 
   def step(self) -> dict[str, float]:
-    """One PPO iteration; returns its metrics (TRL names where TRL has one)."""
-    cfg, times = self.config, {}
+    """One PPO iteration; returns its metrics (TRL names where TRL has one).
+
+    Text work (prompts, answers, rewards) is done by each process for its own rows; array work
+    runs on global arrays over the mesh; metrics are over all processes' rows.
+    """
+    cfg, times, L = self.config, {}, self.layout
     group = cfg.ppo.group_size
     start = time.perf_counter()
-    rows = [row for row in self._next_rows(cfg.rollout.batch_size) for _ in range(group)]
+    rows = [row for row in self._next_rows(self.local_batch) for _ in range(group)]
     examples = [example for example, _ in rows]
     specs = [self.task_of(ex) for ex in examples]
-    prompt_bt, prompt_mask_bt = pretrained.pad_left([ids for _, ids in rows], self.lm.pad_id)
+    ids = [ids for _, ids in rows]
+    # Every process pads to the same length: the global batch has one shape.
+    length = distributed.max_over_processes(pretrained.bucket_length(max(map(len, ids))))
+    prompt_np, prompt_mask_np = pretrained.pad_left(ids, self.lm.pad_id, length)
+    prompt_bt = distributed.global_batch(prompt_np, L.batch(2))
+    prompt_mask_bt = distributed.global_batch(prompt_mask_np, L.batch(2))
     self.key, rollout_key = jax.random.split(self.key)
     limit = int(self.host_rng.integers(cfg.rollout.min_new_tokens,
                                        cfg.rollout.max_new_tokens + 1))
-    gen = self._rollout(self.graphdef, self.base, self.state.trainable, prompt_bt,
-                        prompt_mask_bt, rollout_key, limit)
-    gen = jax.block_until_ready(gen)
+    with sharding_lib.activations(L):
+      gen = self.steps.rollout(self.base, self.state.trainable, prompt_bt, prompt_mask_bt,
+                          rollout_key, limit)
+    local_gen = jax.tree.map(distributed.local_rows, jax.block_until_ready(gen))
     times["time/rollout"] = time.perf_counter() - start
 
     start = time.perf_counter()
     golds = [ex["label"] for ex in examples]
-    preds, scores_b = self._rewards(gen, specs, golds)
+    preds, scores_b = self._rewards(local_gen, specs, golds)
     times["time/reward"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    tokens_bt = jnp.concatenate([prompt_bt, gen.tokens_bn], axis=1)
-    mask_bt = jnp.concatenate([prompt_mask_bt, gen.mask_bn.astype(prompt_mask_bt.dtype)], axis=1)
-    old_logp, old_values, ref_logp = self._experience(
-        self.graphdef, self.base, self.state.trainable, self.reference, tokens_bt, mask_bt, gen)
-    adv, returns, kl_bn = self._advantages(scores_b, old_logp, ref_logp, old_values,
-                                           gen.mask_bn, self.state.kl_coef)
-    batch = ppo_lib.Batch(tokens_bt, mask_bt, gen.tokens_bn, gen.mask_bn, old_logp, ref_logp,
-                          old_values, adv, returns)
+    with sharding_lib.activations(L):
+      batch, kl_bn = self.steps.experience(self.base, self.state.trainable, self.reference, prompt_bt,
+                                      prompt_mask_bt, gen,
+                                      distributed.global_batch(scores_b, L.batch(1)),
+                                      self.state.kl_coef)
     jax.block_until_ready(batch)
     times["time/experience"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    n, mb = len(examples), cfg.ppo.minibatch_size
+    n, mb = batch.tokens_bt.shape[0], cfg.ppo.minibatch_size
     updates = []
     for _ in range(cfg.ppo.ppo_epochs):
       order = self.host_rng.permutation(n)
       for begin in range(0, n, mb):
-        rows = order[begin:begin + mb]
         self.key, dropout_key = jax.random.split(self.key)
-        minibatch = jax.tree.map(lambda x, rows=rows: x[rows], batch)
-        self.state, metrics = self._update(self.state, self.graphdef, self.base, minibatch,
-                                           dropout_key)
+        with sharding_lib.activations(L):
+          minibatch = self.steps.minibatch(batch, order[begin:begin + mb])
+          self.state, metrics = self.steps.update(self.state, self.base, minibatch, dropout_key)
         updates.append(metrics)
     update_metrics = {k: float(np.mean([jax.device_get(m[k]) for m in updates]))
                       for k in updates[0]}
     times["time/update"] = time.perf_counter() - start
 
     # Ziegler's controller sees the mean over samples of each response's summed KL.
-    mask_np = np.asarray(gen.mask_bn)
-    kl_per_sample = np.asarray(kl_bn).sum(axis=1)
+    mask_np = distributed.all_rows(gen.mask_bn)
+    kl_per_sample = distributed.all_rows(kl_bn).sum(axis=1)
     kl_coef = float(self.state.kl_coef)
-    self.state = self.state.replace(kl_coef=ppo_math.kl_coef_update(
-        cfg.ppo.kl, self.state.kl_coef, float(kl_per_sample.mean()), n))
+    new_coef = ppo_math.kl_coef_update(cfg.ppo.kl, kl_coef, float(kl_per_sample.mean()), n)
+    self.state = self.state.replace(
+        kl_coef=sharding_lib.place(np.float32(new_coef), L.replicated))
     self.iteration += 1
 
-    scores_b = np.asarray(scores_b)
+    task_names = list(self.tasks)
     parsed = np.asarray([p is not None for p in preds])
     correct = np.asarray([p is not None and not self.tasks[spec].is_regression
                           and int(p) == int(g) for spec, p, g in zip(specs, preds, golds)])
+    all_scores, parsed, correct, task_ids = (distributed.all_rows(x) for x in (
+        scores_b, parsed, correct, np.asarray([task_names.index(s) for s in specs])))
     valid = mask_np.astype(bool)
     metrics = {
         "iteration": self.iteration,
-        "env/reward_mean": float(scores_b.mean()),
-        "env/reward_std": float(scores_b.std()),
+        "env/reward_mean": float(all_scores.mean()),
+        "env/reward_std": float(all_scores.std()),
         "env/accuracy": float(correct.mean()),
         "env/unparsed_rate": float(1 - parsed.mean()),
         "objective/kl": float(kl_per_sample.mean()),
         "objective/kl_coef": kl_coef,
-        "returns/mean": float(np.asarray(returns)[valid].mean()),
-        "advantages/mean": float(np.asarray(adv)[valid].mean()),
+        "returns/mean": float(distributed.all_rows(batch.returns_bn)[valid].mean()),
+        "advantages/mean": float(distributed.all_rows(batch.advantages_bn)[valid].mean()),
         "tokens/response_len_mean": float(mask_np.sum(axis=1).mean()),
         "tokens/max_new_tokens": limit,
         "tokens/prompt_len": int(prompt_bt.shape[1]),
@@ -224,14 +239,15 @@ class PPOTrainer:
         **update_metrics, **times,
     }
     if len(self.tasks) > 1:
-      for spec, task in self.tasks.items():
-        rows = np.asarray([s == spec for s in specs])
+      for i, task in enumerate(self.tasks.values()):
+        rows = task_ids == i
         if rows.any():
           metrics[f"env/accuracy/{task.name}"] = float(correct[rows].mean())
-          metrics[f"env/reward_mean/{task.name}"] = float(scores_b[rows].mean())
+          metrics[f"env/reward_mean/{task.name}"] = float(all_scores[rows].mean())
     metrics["time/step"] = sum(times.values())
     metrics["tokens/per_s"] = float(mask_np.sum()) / times["time/rollout"]
-    self.last_generation = gen
+    self.last_generation = local_gen    # this process's rows, on the host
+    self.last_batch = batch             # the update's global batch, on the mesh
     self.last_rows = (examples, specs, preds, scores_b)
     return metrics
 
@@ -286,7 +302,9 @@ class PPOTrainer:
     and the data position."""
     return checkpoint_lib.Snapshot(
         arrays={"state": self.state, "reference": self.reference,
-                "key": jax.random.key_data(self.key)},
+                # On the mesh like the rest: a multi-process checkpoint saves only global arrays.
+                "key": sharding_lib.place(np.asarray(jax.random.key_data(self.key)),
+                                          self.layout.replicated)},
         host={"position": self.position, "iteration": self.iteration,
               "skipped_rows": self.skipped_rows, "host_rng": self.host_rng.bit_generator.state,
               "key_impl": str(jax.random.key_impl(self.key))})
@@ -302,7 +320,8 @@ class PPOTrainer:
   # --------------------------------------------------------------------------------------------
   def policy_model(self) -> pretrained.LanguageModel:
     """The current policy (adapters on) as a `LanguageModel`, for generation and evaluation."""
-    return run_loop.adapted_model(self.lm, self.graphdef, self.base, self.state.trainable)
+    return run_loop.adapted_model(self.lm, self.graphdef, self.base, self.state.trainable,
+                                  self.layout)
 
   def evaluate(self, examples: Sequence[dict[str, Any]],
                task: str | None = None) -> evaluate_lib.EvalResult:
@@ -329,6 +348,20 @@ class PPOTrainer:
     steps = self.total_steps - self.iteration if steps is None else steps
     return run_loop.run_steps(self, max(steps, 0), self.config.output_dir, on_step,
                               self.checkpointer, samples=self.samples)
+
+
+def check_layout(config: TrainConfig, layout: sharding_lib.Layout) -> int:
+  """Prompts per process per iteration, once the batch sizes are known to split over the mesh
+  and the processes (checked before any model is loaded)."""
+  p, prompts = config.ppo, config.rollout.batch_size
+  layout.check_batch(prompts * p.group_size, "rollout.batch_size x ppo.group_size")
+  layout.check_batch(p.minibatch_size // p.gradient_accumulation_steps,
+                     "ppo.minibatch_size / ppo.gradient_accumulation_steps")
+  if prompts % jax.process_count():
+    raise sharding_lib.ShardingError(
+        f"rollout.batch_size ({prompts}) must be divisible by the number of processes "
+        f"({jax.process_count()}): each process prompts its own equal share")
+  return prompts // jax.process_count()
 
 
 def format_metrics(m: dict[str, float]) -> str:

@@ -20,6 +20,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo.llama_config import LlamaConfig
 
 
@@ -331,8 +332,8 @@ def load_params(source: TensorSource, config: LlamaConfig, abstract_params,
         buf[i] = spec.to_ours(source.get(spec.hf_name.format(i=i)), leaf.shape[1:])
     else:
       buf = spec.to_ours(source.get(spec.hf_name), leaf.shape).astype(np_dtype)
-    sharding = None if shardings is None else _tree_get(shardings, spec.path)
-    array = jax.device_put(buf, sharding)
+    array = (jax.device_put(buf) if shardings is None
+             else sharding_lib.place(buf, _tree_get(shardings, spec.path)))
     node = loaded
     for key in spec.path[:-1]:
       node = node.setdefault(key, {})

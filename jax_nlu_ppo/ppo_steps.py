@@ -1,0 +1,88 @@
+"""The PPO step functions of `ppo`, jitted once over a mesh with explicit shardings.
+
+Shared by the trainer (which calls them on arrays) and the memory plan (which compiles them on
+abstract shapes): both get the same programs, so the plan measures what training will run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import optax
+
+from jax_nlu_ppo import ppo as ppo_lib
+from jax_nlu_ppo import sampling as sampling_lib
+from jax_nlu_ppo import sharding as sharding_lib
+from jax_nlu_ppo.config import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Shardings:
+  """Where every input and output of the steps lives."""
+  base: Any               # frozen weights, split by their logical names
+  trainable: Any          # adapters and value head (also the KL reference)
+  state: ppo_lib.PPOState
+  rows1: jax.sharding.NamedSharding   # (batch,) arrays: rewards
+  rows2: jax.sharding.NamedSharding   # (batch, time) arrays: prompts, responses
+  generation: sampling_lib.Generation
+  batch: ppo_lib.Batch
+  replicated: jax.sharding.NamedSharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """rollout(base, trainable, prompt_bt, prompt_mask_bt, key, limit) -> Generation
+  experience(base, trainable, reference, prompt_bt, prompt_mask_bt, gen, scores_b, kl_coef)
+      -> (Batch, kl_bn)
+  minibatch(batch, rows) -> Batch
+  update(state, base, batch, dropout_key) -> (state, metrics); `state` is donated.
+  """
+  rollout: Callable
+  experience: Callable
+  minibatch: Callable
+  update: Callable
+  shardings: Shardings
+
+
+def shardings(layout: sharding_lib.Layout, base, trainable,
+              tx: optax.GradientTransformation) -> Shardings:
+  """Shardings of the steps' arguments from (possibly abstract) `base` and `trainable`."""
+  rows1, rows2, rep = layout.batch(1), layout.batch(2), layout.replicated
+  trainable_sh = layout.tree(trainable)
+  state = ppo_lib.PPOState(step=rep, trainable=trainable_sh,
+                           opt_state=layout.tree(jax.eval_shape(tx.init, trainable), strict=False),
+                           kl_coef=rep)
+  return Shardings(base=layout.tree(base), trainable=trainable_sh, state=state, rows1=rows1,
+                   rows2=rows2, generation=sampling_lib.Generation(rows2, rows2, rows2, rows2),
+                   batch=ppo_lib.Batch(*[rows2] * len(dataclasses.fields(ppo_lib.Batch))),
+                   replicated=rep)
+
+
+def build(graphdef, sh: Shardings, tx: optax.GradientTransformation, config: TrainConfig,
+          eos_ids: tuple[int, ...], pad_id: int) -> Steps:
+  """The four steps, each `jax.jit` with in/out shardings (the graph is closed over)."""
+  r, rep = config.rollout, sh.replicated
+  sampling = sampling_lib.SamplingConfig(r.temperature, r.top_k, r.top_p)
+  rollout = jax.jit(
+      functools.partial(ppo_lib.rollout, graphdef, max_new_tokens=r.max_new_tokens,
+                        sampling=sampling, eos_ids=eos_ids, pad_id=pad_id),
+      in_shardings=(sh.base, sh.trainable, sh.rows2, sh.rows2, rep, rep),
+      out_shardings=sh.generation)
+  experience = jax.jit(
+      functools.partial(ppo_lib.experience_batch, graphdef, temperature=r.temperature,
+                        values=config.ppo.uses_critic,
+                        reuse_rollout=ppo_lib.reuses_rollout(sampling, config.critic_lora),
+                        config=config.ppo),
+      in_shardings=(sh.base, sh.trainable, sh.trainable, sh.rows2, sh.rows2, sh.generation,
+                    sh.rows1, rep),
+      out_shardings=(sh.batch, sh.rows2))
+  minibatch = jax.jit(lambda batch, rows: jax.tree.map(lambda x: x[rows], batch),
+                      in_shardings=(sh.batch, rep), out_shardings=sh.batch)
+  update_fn = functools.partial(ppo_lib.update_minibatch, tx=tx, config=config.ppo,
+                                temperature=r.temperature)
+  update = jax.jit(lambda state, base, batch, key: update_fn(state, graphdef, base, batch, key),
+                   in_shardings=(sh.state, sh.base, sh.batch, rep),
+                   out_shardings=(sh.state, rep), donate_argnums=0)
+  return Steps(rollout, experience, minibatch, update, sh)

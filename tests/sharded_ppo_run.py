@@ -1,0 +1,129 @@
+"""PPO iterations of a tiny model on several meshes of 8 fake CPU devices, as a process of its
+own (the device count is fixed when JAX starts):
+
+    python -m tests.sharded_ppo_run OUTPUT.npz
+
+For each mesh (and one device as the reference) it saves the metrics, the trained adapters and
+value head, and the partition spec of a few arrays, for `test_sharding` to compare.
+"""
+import os
+import sys
+
+if "device_count" not in os.environ.get("XLA_FLAGS", ""):   # multihost_run sets its own
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8")
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jax_nlu_ppo import answer, lora, ppo, pretrained, sft, sharding, tasks  # noqa: E402
+from jax_nlu_ppo import config as config_lib  # noqa: E402
+from jax_nlu_ppo import trainer as trainer_lib  # noqa: E402
+from jax_nlu_ppo.llama_config import LlamaConfig  # noqa: E402
+from tests.test_ppo_core import random_llama, tiny_chat_tokenizer  # noqa: E402
+
+SENTENCES = ["a gorgeous, witty film", "dull and far too long", "the cast is superb",
+             "a tedious mess", "warm, funny and smart", "flat characters", "pure joy",
+             "an hour too long"]
+# One global batch (16 prompts) of rows, so that every process of `multihost_run` has its block.
+EXAMPLES = [{"sentence": s, "label": i % 3 % 2, "idx": i} for i, s in enumerate(SENTENCES * 2)]
+MESHES = {"one_device": None, "data8": dict(data=8, fsdp=1), "fsdp8": dict(fsdp=8),
+          "tensor2_fsdp4": dict(fsdp=4, tensor=2), "data2_fsdp2_tensor2": dict(data=2, fsdp=2,
+                                                                                tensor=2)}
+STEPS = 2
+
+
+def tiny_lm() -> pretrained.LanguageModel:
+  task = tasks.get_task("sst2")
+  texts = [m["content"] for ex in EXAMPLES for m in tasks.build_prompt(task, ex, "chat")]
+  texts += ["system user assistant", *task.label_words]
+  tokenizer = tiny_chat_tokenizer(texts)
+  # A vocabulary the tensor axis splits evenly.
+  fill = -len(tokenizer) % 8
+  tokenizer = tiny_chat_tokenizer(texts + [f"filler{i}" for i in range(fill)])
+  config = LlamaConfig.tiny(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                            head_dim=8)
+  return pretrained.LanguageModel(config, *random_llama(config), tokenizer)
+
+
+def make_config(mesh: dict) -> config_lib.TrainConfig:
+  # Adapter and value-head dropout on: the dropout masks must not depend on the mesh either.
+  return config_lib.TrainConfig(
+      lora=lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=("q_proj", "v_proj",
+                                                                     "up_proj")),
+      ppo=ppo.PPOConfig(ppo_epochs=2, minibatch_size=8),
+      rollout=config_lib.RolloutConfig(batch_size=16, min_new_tokens=3, max_new_tokens=5),
+      reward=answer.RewardConfig(lenient=True), steps=STEPS,
+      mesh=sharding.MeshConfig(**(mesh or dict(fsdp=1))))
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(path): np.asarray(jax.device_get(x)) for path, x in
+          jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def spec(x) -> str:
+  return str(tuple(x.sharding.spec))
+
+
+def run(name: str, mesh: dict | None, lm) -> dict[str, np.ndarray]:
+  devices = jax.devices()[:1] if mesh is None else jax.devices()
+  config = make_config(mesh)
+  layout = sharding.Layout.create(config.mesh, devices)
+  trainer = trainer_lib.PPOTrainer(config, lm=lm, train_examples=EXAMPLES, layout=layout)
+  history = trainer.train()
+  out = {f"{name}/metric/{k}": np.asarray([m[k] for m in history], np.float64)
+         for k in history[0] if not k.startswith("time/") and k != "tokens/per_s"}
+  out |= {f"{name}/param/{k}": v for k, v in flat(trainer.state.trainable).items()}
+  # Greedy evaluation of the trained policy, batches split over the mesh (13 rows: the last
+  # batch is padded).
+  result = trainer.evaluate(EXAMPLES[:13])
+  out[f"{name}/eval/responses"] = np.asarray([p["response"] for p in result.predictions])
+  layer = trainer.base["llama"]["layers"]["self_attn"]
+  adapter = trainer.state.trainable["llama"]["layers"]["self_attn"]["q_proj"]["adapter"]
+  mu_a = next(x for path, x in jax.tree_util.tree_leaves_with_path(trainer.state.opt_state)
+              if ".mu" in jax.tree_util.keystr(path) and "['q_proj']['adapter']['a']"
+              in jax.tree_util.keystr(path))
+  arrays = {"embed_tokens": trainer.base["llama"]["embed_tokens"],
+            "q_kernel": layer["q_proj"]["kernel"], "k_kernel": layer["k_proj"]["kernel"],
+            "o_kernel": layer["o_proj"]["kernel"],
+            "down_kernel": trainer.base["llama"]["layers"]["mlp"]["down_proj"]["kernel"],
+            "lora_a": adapter["a"], "lora_b": adapter["b"],
+            "value_kernel": trainer.state.trainable["value_head"]["kernel"],
+            "adam_mu_lora_a": mu_a, "batch_tokens": trainer.last_batch.tokens_bt,
+            "batch_advantages": trainer.last_batch.advantages_bn}
+  out |= {f"{name}/spec/{k}": np.asarray(spec(v)) for k, v in arrays.items()}
+  return out
+
+
+def run_sft(name: str, mesh: dict | None, lm) -> dict[str, np.ndarray]:
+  """Two SFT steps (the baseline shares the mesh machinery)."""
+  devices = jax.devices()[:1] if mesh is None else jax.devices()
+  config = sft.SFTConfig(lora=lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1), batch_size=16,
+                         gradient_accumulation_steps=2, steps=2,
+                         mesh=sharding.MeshConfig(**(mesh or dict(fsdp=1))))
+  trainer = sft.SFTTrainer(config, lm=lm, train_examples=EXAMPLES,
+                           layout=sharding.Layout.create(config.mesh, devices))
+  history = trainer.train()
+  out = {f"sft_{name}/metric/sft/loss": np.asarray([m["sft/loss"] for m in history])}
+  out |= {f"sft_{name}/param/{k}": v for k, v in flat(trainer.state.trainable).items()}
+  out[f"sft_{name}/spec/lora_a"] = np.asarray(spec(
+      trainer.state.trainable["llama"]["layers"]["mlp"]["up_proj"]["adapter"]["a"]))
+  return out
+
+
+def main(argv) -> int:
+  lm = tiny_lm()
+  results = {}
+  for name, mesh in MESHES.items():
+    results |= run(name, mesh, lm)
+    print(f"{name}: done", flush=True)
+  for name in ("one_device", "data2_fsdp2_tensor2"):
+    results |= run_sft(name, MESHES[name], lm)
+  np.savez(argv[1], **results)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
