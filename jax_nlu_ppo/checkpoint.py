@@ -45,6 +45,10 @@ class CheckpointReadError(RuntimeError):
   """No checkpoint step of a run folder reads back."""
 
 
+# Metrics of the periodic evaluation on `eval_data` (run_loop) carry this prefix.
+EVAL_PREFIX = "eval/"
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   """Saving to `output_dir/checkpoints/<iteration>`; a run whose folder has one continues it.
@@ -206,11 +210,17 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return False
     tracked = None
-    if self.config.best_metric is not None:
-      if self.config.best_metric not in metrics:
-        raise ValueError(f"checkpoint.best_metric {self.config.best_metric!r} is not a step "
-                         f"metric; choose one of {', '.join(sorted(metrics))}")
-      tracked = {self.config.best_metric: float(metrics[self.config.best_metric])}
+    name = self.config.best_metric
+    if name is not None:
+      if name in metrics:
+        tracked = {name: float(metrics[name])}
+      elif name.startswith(EVAL_PREFIX):
+        # A step saved without an evaluation (a stop signal, a save between evaluations) is
+        # kept as the latest but never ranks as the best.
+        tracked = {name: float("-inf") if self.config.best_mode == "max" else float("inf")}
+      else:
+        raise ValueError(f"checkpoint.best_metric {name!r} is not a step metric; choose one of "
+                         f"{', '.join(sorted(metrics))} (or an eval/ metric with eval_data)")
     self.manager.save(step, metrics=tracked, force=True, args=ocp.args.Composite(
         arrays=ocp.args.StandardSave(snapshot.arrays), host=ocp.args.JsonSave(snapshot.host),
         run=ocp.args.JsonSave(self.run)))

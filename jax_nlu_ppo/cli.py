@@ -189,12 +189,42 @@ def _parser() -> argparse.ArgumentParser:
                   help="only the exact parts (weights, adapters, optimizer, KV cache): seconds")
   pl.add_argument("--output", default=None, help="also write the plan as JSON here")
   pl.set_defaults(run=run_plan)
+
+  bn = commands.add_parser(
+      "bench", help="time one PPO iteration phase by phase, beside the PyTorch stack",
+      description="The trainer's jitted rollout, experience and update on a fixed workload "
+      "(default: the embedded model, 32 x 64-token SST-2 prompts, 16 new tokens, LoRA r8, "
+      "minibatch 8), the machine's matmul ceiling and each phase's MFU, compilations after the "
+      "first iteration, and the same iteration in transformers + peft and a TRL GRPOTrainer "
+      "step (needs torch, peft, trl: pip install -e '.[bench]').")
+  bn.add_argument("--model", default="smollm2-135m-instruct",
+                  help="model to load (default: %(default)s)")
+  bn.add_argument("--preset", default=None, choices=MODEL_PRESETS,
+                  help="random weights of a preset's shape instead of --model (ours only)")
+  bn.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  bn.add_argument("--batch", type=int, default=32, help="prompts (default: %(default)s)")
+  bn.add_argument("--prompt-len", type=int, default=64, help="(default: %(default)s)")
+  bn.add_argument("--new-tokens", type=int, default=16, help="(default: %(default)s)")
+  bn.add_argument("--minibatch", type=int, default=8, help="(default: %(default)s)")
+  bn.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
+  bn.add_argument("--remat", default="none", choices=("none", "full", "dots"),
+                  help="rematerialisation in the update, as the trainer's remat option "
+                  "(default: %(default)s)")
+  bn.add_argument("--iterations", type=int, default=3,
+                  help="timed iterations after the first (default: %(default)s)")
+  bn.add_argument("--no-torch", action="store_true", help="ours only")
+  bn.add_argument("--no-trl", action="store_true", help="skip the TRL GRPOTrainer step")
+  bn.add_argument("--trl-steps", type=int, default=2,
+                  help="timed TRL steps after the first (default: %(default)s)")
+  bn.add_argument("--output", default=None, help="write the figures as JSON here")
+  bn.set_defaults(run=run_bench)
   return parser
 
 
 # `plan --model-config` presets (LlamaConfig constructors), and the hub ids they stand for.
 MODEL_PRESETS = ("llama2_7b", "llama2_13b", "llama3p1_8b", "llama3p2_1b", "smollm2_135m")
-HUB_PRESETS = {"meta-llama/Llama-2-7b-chat-hf": "llama2_7b", "meta-llama/Llama-2-7b-hf": "llama2_7b",
+HUB_PRESETS = {"meta-llama/Llama-2-7b-chat-hf": "llama2_7b",
+               "meta-llama/Llama-2-7b-hf": "llama2_7b",
                "meta-llama/Llama-2-13b-chat-hf": "llama2_13b",
                "meta-llama/Llama-2-13b-hf": "llama2_13b",
                "meta-llama/Llama-3.1-8B-Instruct": "llama3p1_8b",
@@ -520,6 +550,16 @@ def run_report(args) -> int:
   from jax_nlu_ppo import report
   path = report.write_report(args.runs, args.output)
   print(f"wrote {path} and {path.with_name(report.PLOT_FILE)}")
+  return 0
+
+
+def run_bench(args) -> int:
+  from jax_nlu_ppo import bench
+  workload = bench.Workload(args.batch, args.prompt_len, args.new_tokens, args.minibatch,
+                            args.rank, args.dtype, args.remat)
+  bench.run(args.model, args.preset, workload, args.iterations, torch_side=not args.no_torch,
+            trl=not args.no_trl, trl_steps=args.trl_steps, output=args.output,
+            progress=log.info)
   return 0
 
 

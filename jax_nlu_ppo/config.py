@@ -78,9 +78,11 @@ class TrainConfig:
   remat: str = "none"
 
   def __post_init__(self):
+    check_eval(self.eval_data, self.eval_every, self.checkpoint)
     r, p = self.rollout, self.ppo
     if self.remat not in model_lib.REMAT_POLICIES:
-      raise ConfigError(f"remat must be one of {', '.join(model_lib.REMAT_POLICIES)}, got {self.remat!r}")
+      raise ConfigError(f"remat must be one of {', '.join(model_lib.REMAT_POLICIES)}, "
+                        f"got {self.remat!r}")
     if not 1 <= r.min_new_tokens <= r.max_new_tokens:
       raise ConfigError(f"rollout.min_new_tokens ({r.min_new_tokens}) must be in "
                         f"1..rollout.max_new_tokens ({r.max_new_tokens})")
@@ -104,6 +106,16 @@ class TrainConfig:
     if self.mixture:
       return tuple(component.data.task for component in self.mixture)
     return (self.data.task,)
+
+
+def check_eval(eval_data, eval_every: int, checkpoint: checkpoint_lib.CheckpointConfig) -> None:
+  """The periodic-evaluation settings shared by the PPO and SFT configs."""
+  if eval_every < 0:
+    raise ConfigError(f"eval_every must be >= 0 (0: only before and after), got {eval_every}")
+  best = checkpoint.best_metric
+  if best and best.startswith(checkpoint_lib.EVAL_PREFIX) and eval_data is None:
+    raise ConfigError(f"checkpoint.best_metric {best!r} needs eval_data (the set it is "
+                      "measured on)")
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
@@ -235,7 +247,10 @@ def _read_yaml(path: pathlib.Path) -> dict[str, Any]:
   base = values.pop("base", None)
   if base is None:
     return values
-  merged = _read_yaml(path.parent / base)
+  # One base file, or a list merged in order (e.g. a task's settings, then a machine's mesh).
+  merged: dict[str, Any] = {}
+  for name in [base] if isinstance(base, str) else base:
+    _deep_update(merged, _read_yaml(path.parent / name))
   _deep_update(merged, values)
   return merged
 

@@ -275,6 +275,10 @@ def glue_path(glue_dir: str | pathlib.Path, task: tasks_lib.Task | str,
   "subsets/lmbff_k-shot_16-42_train" for the LM-BFF 16-shot samples.
   """
   task = _as_task(task)
+  if not pathlib.Path(glue_dir).is_dir():
+    raise DataError(f"GLUE folder {glue_dir} not found (from {pathlib.Path.cwd()}); give "
+                    "data.path=FOLDER (the GLUE TSV layout), or data.source=hub to read "
+                    "nyu-mll/glue from the Hugging Face hub (needs internet)")
   folder = pathlib.Path(glue_dir) / GLUE_FOLDERS[task.name]
   if task.name == "ax":
     candidates = [folder / "diagnostic.tsv"] if split == "test" else []

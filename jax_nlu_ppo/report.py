@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
+from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import run_loop
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,10 @@ class Run:
     return np.asarray(steps, np.int64), np.asarray(values, np.float64)
 
   def metrics(self) -> list[str]:
-    return [key for key in METRICS if self.series(key)[1].size]
+    """The step metrics it logs, then its `eval/` scores (the run's own metric names)."""
+    evals = sorted({key for line in self.lines for key in line
+                    if key.startswith(checkpoint_lib.EVAL_PREFIX)})
+    return [key for key in (*METRICS, *evals) if self.series(key)[1].size]
 
 
 def read_run(path: str | pathlib.Path) -> Run:
@@ -97,8 +101,11 @@ def _label(folder: pathlib.Path) -> str:
 
 
 def first_last(run: Run, key: str, window: int = WINDOW) -> tuple[float, float]:
-  """Means of `key` over the run's first and last `window` logged steps."""
+  """Means of `key` over the run's first and last `window` logged steps; for an `eval/` score,
+  its first and last evaluations (each already an average over the eval set)."""
   values = run.series(key)[1]
+  if key.startswith(checkpoint_lib.EVAL_PREFIX):
+    return float(values[0]), float(values[-1])
   return float(values[:window].mean()), float(values[-window:].mean())
 
 
@@ -109,7 +116,7 @@ def plot(runs: Sequence[Run], path: pathlib.Path) -> None:
   from matplotlib import pyplot as plt
   from matplotlib import ticker
 
-  keys = [key for key in METRICS if any(key in run.metrics() for run in runs)]
+  keys = _keys(runs)
   cols = min(3, len(keys))
   rows = math.ceil(len(keys) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3 * rows), squeeze=False)
@@ -134,6 +141,15 @@ def plot(runs: Sequence[Run], path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def _keys(runs: Sequence[Run]) -> list[str]:
+  """Every metric some run logs, in panel order."""
+  keys: list[str] = []
+  for run in runs:
+    keys += [key for key in run.metrics() if key not in keys]
+  ordered = [key for key in METRICS if key in keys]
+  return ordered + [key for key in keys if key not in ordered]
+
+
 def markdown(runs: Sequence[Run], image: str) -> str:
   """report.md: the figure, each run's first/last values, then every run's last values."""
   out = ["# Training report", "", f"![metrics]({image})", ""]
@@ -141,15 +157,16 @@ def markdown(runs: Sequence[Run], image: str) -> str:
     steps = [line["iteration"] for line in run.lines]
     out += [f"## {run.label}", "", f"`{run.path}`: {len(run.lines)} step{'s' if len(run.lines) != 1 else ''} "
             f"(step {min(steps)} to {max(steps)}); first and last are means over "
-            f"{WINDOW} steps.", "", "| metric | first | last |", "|---|---|---|"]
+            f"{WINDOW} steps (eval/ scores: the first and last evaluation).", "", "| metric | first | last |", "|---|---|---|"]
     for key in run.metrics():
       first, last = first_last(run, key)
       out.append(f"| {key} | {first:.4g} | {last:.4g} |")
     out.append("")
-  out += ["## Final values", "", f"Mean of each run's last {WINDOW} steps.", "",
+  out += ["## Final values", "", f"Mean of each run's last {WINDOW} steps; eval/ scores: its "
+          "last evaluation.", "",
           "| metric | " + " | ".join(run.label for run in runs) + " |",
           "|---|" + "---|" * len(runs)]
-  for key in METRICS:
+  for key in _keys(runs):
     cells = [f"{first_last(run, key)[1]:.4g}" if key in run.metrics() else ""
              for run in runs]
     if any(cells):

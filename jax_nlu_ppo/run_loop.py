@@ -31,7 +31,7 @@ Metrics = dict[str, float]
 
 # The files of a run folder beside checkpoints/ (read back by `report`).
 CONFIG_FILE, METRICS_FILE, SAMPLES_FILE = "config.yaml", "metrics.jsonl", "samples.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR, EVAL_DIR = "tensorboard", "eval"
 
 
 def load_training_rows(data: data_lib.DataConfig,
@@ -163,6 +163,42 @@ class StopSignal:
     return self.received is not None
 
 
+class PeriodicEval:
+  """The policy scored on the run's `eval_data`: before the first step of a fresh run (the
+  zero-shot point), every `eval_every` steps and after the last.
+
+  Scores join that step's metrics as `eval/<metric>` (metrics.jsonl, TensorBoard, checkpoint
+  ranking; the starting point is a line of step 0); each evaluation's predictions go to
+  `eval/step_<N>.json` in the run folder.
+  """
+
+  def __init__(self, data: data_lib.DataConfig, every: int, out_dir: pathlib.Path | None):
+    ds, report = data_lib.load(data)
+    if report.rows_skipped:
+      log.warning(report.summary())
+    self.rows, self.task, self.every, self.out_dir = list(ds), data.task, every, out_dir
+    if not self.rows:
+      raise ValueError(f"eval_data ({data.task} {data.split}) has no rows")
+
+  def due(self, iteration: int) -> bool:
+    return self.every > 0 and iteration % self.every == 0
+
+  def __call__(self, trainer) -> Metrics:
+    result = trainer.evaluate(self.rows, self.task)
+    if self.out_dir is not None:
+      evaluate_lib.write_json([result], self.out_dir / EVAL_DIR /
+                              f"step_{trainer.iteration:06d}.json")
+    log.info("eval after step %d: %s", trainer.iteration, result.summary())
+    return {f"{checkpoint_lib.EVAL_PREFIX}{name}": float(value)
+            for name, value in result.metrics.items() if name != "count"}
+
+
+def eval_scores(line: Metrics) -> Metrics:
+  """The `PeriodicEval` scores of a metrics line, without their prefix (e.g. {"accuracy": ...})."""
+  prefix = checkpoint_lib.EVAL_PREFIX
+  return {k[len(prefix):]: v for k, v in line.items() if k.startswith(prefix)}
+
+
 def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
               on_step: Callable[[Metrics], None] | None = None,
               checkpointer: checkpoint_lib.Checkpointer | None = None,
@@ -173,8 +209,10 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
   TensorBoard scalars in `output_dir/tensorboard/` (tag: the metric name, step: the iteration), and
   the rows of `samples()` (a few generations) to `output_dir/samples.jsonl` (appended, so a
   continued run extends its files; written by process 0 only, with the resolved config as
-  config.yaml). `checkpointer` saves every `every_steps` iterations, on a stop signal and after the
-  last step.
+  config.yaml). With `eval_data` in the trainer's config, `PeriodicEval` scores the policy.
+  `checkpointer` saves every `every_steps` iterations, on a stop signal and after the last step.
+  Returns the lines written to metrics.jsonl: each step's metrics, after the starting
+  evaluation's line (step 0) when there is one.
   """
   out_dir = pathlib.Path(output_dir) if output_dir and jax.process_index() == 0 else None
   tensorboard = contextlib.nullcontext()
@@ -189,9 +227,23 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
     tensorboard = tensorboardX.SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=purge_step)
   history = []
   metrics = None
+  config = trainer.config
+  evaluator = (PeriodicEval(config.eval_data, config.eval_every, out_dir)
+               if config.eval_data is not None and steps > 0 else None)
   with StopSignal() as stop, tensorboard as scalars:
-    for _ in range(steps):
+    if evaluator is not None and trainer.iteration == 0:
+      start = {"iteration": 0, **evaluator(trainer)}
+      history.append(start)
+      if out_dir is not None:
+        _append_jsonl(out_dir / METRICS_FILE, [start])
+        _write_scalars(scalars, start, 0)
+    for i in range(steps):
       metrics = trainer.step()
+      stopping = stop.reached(trainer.iteration)
+      # Not when stopping: a preempted host has seconds to save, not minutes to evaluate.
+      if evaluator is not None and not stopping and (
+          i == steps - 1 or evaluator.due(trainer.iteration)):
+        metrics |= evaluator(trainer)
       history.append(metrics)
       if on_step is not None:
         on_step(metrics)
@@ -200,7 +252,6 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
         _write_scalars(scalars, metrics, trainer.iteration)
         if samples is not None:
           _append_jsonl(out_dir / SAMPLES_FILE, samples())
-      stopping = stop.reached(trainer.iteration)
       if checkpointer is not None and (stopping or checkpointer.due(trainer.iteration)):
         checkpointer.save(trainer.iteration, trainer.snapshot(), metrics)
       if stopping:

@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from jax_nlu_ppo import checkpoint as checkpoint_lib
+from jax_nlu_ppo import compiles
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo import data as data_lib
 from jax_nlu_ppo import distributed
@@ -59,6 +60,7 @@ class SFTConfig:
   # Several tasks at once: weighted components replace `data` (rows keep their task's prompt).
   mixture: tuple[data_lib.MixtureComponent, ...] = ()
   eval_data: data_lib.DataConfig | None = None
+  eval_every: int = 0                        # 0: evaluate eval_data only before and after
   prompt_format: tasks_lib.Format = "chat"   # as PPO's rollout.prompt_format
   batch_size: int = 16                       # examples per optimiser step
   # Each batch runs as this many micro-batches; the step is exactly the whole batch's.
@@ -72,6 +74,7 @@ class SFTConfig:
   remat: str = "none"                        # as PPO's: none, full or dots
 
   def __post_init__(self):
+    config_lib.check_eval(self.eval_data, self.eval_every, self.checkpoint)
     if self.remat not in model_lib.REMAT_POLICIES:
       raise config_lib.ConfigError(f"remat must be one of {', '.join(model_lib.REMAT_POLICIES)}, "
                                    f"got {self.remat!r}")
@@ -266,13 +269,6 @@ class SFTTrainer:
           f"batch_size ({config.batch_size}) must be divisible by the number of processes "
           f"({jax.process_count()})")
     self.local_batch = config.batch_size // jax.process_count()
-    self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
-                                               config.model.gguf_file, layout=self.layout)
-    sharding_lib.check_model(self.layout, self.lm.config)
-    if self.lm.tokenizer is None:
-      raise ValueError(f"{config.model.name} was loaded without a tokenizer; SFT needs one to "
-                       "encode prompts and answers")
-    self.tokenizer = self.lm.tokenizer
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
     self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
     self.train_examples = data_lib.deal(
@@ -282,6 +278,13 @@ class SFTTrainer:
     if not any(_labelled(ex) for ex in self.train_examples):
       raise ValueError(f"none of the {len(self.train_examples)} training examples of "
                        f"{', '.join(self.tasks)} has a label; SFT needs gold answers")
+    self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
+                                               config.model.gguf_file, layout=self.layout)
+    sharding_lib.check_model(self.layout, self.lm.config)
+    if self.lm.tokenizer is None:
+      raise ValueError(f"{config.model.name} was loaded without a tokenizer; SFT needs one to "
+                       "encode prompts and answers")
+    self.tokenizer = self.lm.tokenizer
 
     llama = nnx.merge(self.lm.graphdef, self.lm.params)
     llama.remat_policy = model_lib.REMAT_POLICIES[config.remat]
@@ -364,6 +367,7 @@ class SFTTrainer:
 
   def step(self) -> dict[str, float]:
     """One optimiser step on the next `batch_size` examples; returns its metrics."""
+    compiled_before = compiles.count()
     start = time.perf_counter()
     rows = self.next_rows(self.local_batch)
     # Every process pads to the same lengths: the global batch has one shape.
@@ -380,7 +384,8 @@ class SFTTrainer:
     return {"iteration": self.iteration, **metrics,
             "tokens/seq_len": int(batch.tokens_bt.shape[1]),
             "tokens/per_s": float(tokens) / seconds,
-            "data/skipped": len(self.skipped), "time/step": seconds}
+            "data/skipped": len(self.skipped), "time/step": seconds,
+            "jit/compilations": compiles.count() - compiled_before}
 
   def snapshot(self) -> checkpoint_lib.Snapshot:
     """What a checkpoint holds: the `SFTState`, the key and the data position."""

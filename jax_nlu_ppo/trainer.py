@@ -16,6 +16,7 @@ from flax import nnx
 
 from jax_nlu_ppo import answer as answer_lib
 from jax_nlu_ppo import checkpoint as checkpoint_lib
+from jax_nlu_ppo import compiles
 from jax_nlu_ppo import data as data_lib
 from jax_nlu_ppo import distributed
 from jax_nlu_ppo import evaluate as evaluate_lib
@@ -54,14 +55,15 @@ class PPOTrainer:
     # (a mesh over chosen devices) replaces the one `config.mesh` builds over all devices.
     self.layout = layout or sharding_lib.Layout.create(config.mesh)
     self.local_batch = check_layout(config, self.layout)
+    # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
+    self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
+    # The rows before the model: a data problem is reported without waiting for a model load.
+    examples = (list(train_examples) if train_examples is not None
+                else run_loop.load_training_rows(config.data, config.mixture, config.seed))
     self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
                                                config.model.gguf_file, layout=self.layout)
     sharding_lib.check_model(self.layout, self.lm.config)
     self.tokenizer = self.lm.tokenizer
-    # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
-    self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
-    examples = (list(train_examples) if train_examples is not None
-                else run_loop.load_training_rows(config.data, config.mixture, config.seed))
     # Each process keeps its block of every global batch (all of it when there is one process).
     self.train_examples = data_lib.deal(examples, self.local_batch, jax.process_count(),
                                         jax.process_index())
@@ -83,10 +85,7 @@ class PPOTrainer:
     trainable = sharding_lib.place(trainable, sh.trainable)
     # The KL reference is the starting policy (the base itself for a fresh adapter).
     self.reference = jax.tree.map(jnp.copy, trainable)
-    opt_state = jax.jit(self.tx.init, out_shardings=sh.state.opt_state)(trainable)
-    self.state = sharding_lib.place(
-        ppo_lib.PPOState(step=np.int32(0), trainable=trainable, opt_state=opt_state,
-                         kl_coef=np.float32(config.ppo.kl.init_coef)), sh.state)
+    self.state = ppo_steps.initial_state(trainable, self.tx, sh, config.ppo.kl.init_coef)
     self.key = jax.random.key(config.seed)
     self.host_rng = np.random.default_rng(config.seed)
     self.position = 0          # index into train_examples of the next prompt
@@ -158,6 +157,7 @@ class PPOTrainer:
     """
     cfg, times, L = self.config, {}, self.layout
     group = cfg.ppo.group_size
+    compiled_before = compiles.count()
     start = time.perf_counter()
     rows = [row for row in self._next_rows(self.local_batch) for _ in range(group)]
     examples = [example for example, _ in rows]
@@ -184,10 +184,9 @@ class PPOTrainer:
 
     start = time.perf_counter()
     with sharding_lib.activations(L):
-      batch, kl_bn = self.steps.experience(self.base, self.state.trainable, self.reference, prompt_bt,
-                                      prompt_mask_bt, gen,
-                                      distributed.global_batch(scores_b, L.batch(1)),
-                                      self.state.kl_coef)
+      batch, kl_bn = self.steps.experience(
+          self.base, self.state.trainable, self.reference, prompt_bt, prompt_mask_bt, gen,
+          distributed.global_batch(scores_b, L.batch(1)), self.state.kl_coef)
     jax.block_until_ready(batch)
     times["time/experience"] = time.perf_counter() - start
 
@@ -245,6 +244,8 @@ class PPOTrainer:
           metrics[f"env/accuracy/{task.name}"] = float(correct[rows].mean())
           metrics[f"env/reward_mean/{task.name}"] = float(all_scores[rows].mean())
     metrics["time/step"] = sum(times.values())
+    # Anything but 0 after the first step is a shape that changed (e.g. a longer prompt bucket).
+    metrics["jit/compilations"] = compiles.count() - compiled_before
     metrics["tokens/per_s"] = float(mask_np.sum()) / times["time/rollout"]
     self.last_generation = local_gen    # this process's rows, on the host
     self.last_batch = batch             # the update's global batch, on the mesh

@@ -21,21 +21,7 @@ import jax
 import numpy as np
 
 import jax_nlu_ppo
-from jax_nlu_ppo import pretrained, sampling
-
-GLUE_SST2 = pathlib.Path(__file__).resolve().parents[1].parent / "shared/data/glue/SST-2/dev.tsv"
-
-
-def prompt_ids(tokenizer, batch: int, length: int) -> np.ndarray:
-  """`batch` rows of exactly `length` real tokens, cut from SST-2 dev text when it is here."""
-  if GLUE_SST2.exists():
-    lines = GLUE_SST2.read_text().splitlines()[1:]
-    ids = tokenizer(" ".join(line.split("\t")[0] for line in lines))["input_ids"]
-  else:
-    print(f"({GLUE_SST2} not found: using random token ids)")
-    ids = np.random.default_rng(0).integers(100, tokenizer.vocab_size, batch * length).tolist()
-  return np.asarray(ids[:batch * length], np.int32).reshape(batch, length)
-
+from jax_nlu_ppo import bench, pretrained, sampling
 
 def timed(fn, repeats: int) -> tuple[float, float]:
   """(first-call seconds, median of the next `repeats` calls)."""
@@ -50,20 +36,9 @@ def timed(fn, repeats: int) -> tuple[float, float]:
   return first, statistics.median(runs)
 
 
-def random_model(args) -> jax_nlu_ppo.LanguageModel:
-  """A preset's shape with random weights: speed does not depend on the weights' values."""
-  from flax import nnx
-  from jax_nlu_ppo.model import Llama
-  config = getattr(jax_nlu_ppo.LlamaConfig, args.preset)()
-  dtype = pretrained._DTYPES[args.dtype]  # pylint: disable=protected-access
-  graphdef, params = nnx.split(jax.jit(lambda: Llama(config, dtype=dtype, param_dtype=dtype,
-                                                     rngs=nnx.Rngs(0)))())
-  return jax_nlu_ppo.LanguageModel(config, graphdef, params, dtype=dtype)
-
-
 def bench_ours(args, ids_bt):
   start = time.perf_counter()
-  lm = (random_model(args) if args.preset
+  lm = (bench.random_model(args.preset, args.dtype) if args.preset
         else jax_nlu_ppo.load_pretrained(args.model, dtype=args.dtype))
   load_s = time.perf_counter() - start
   mask_bt = np.ones_like(ids_bt)
@@ -138,7 +113,7 @@ def main(argv=None):
     path = pretrained.embedded_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path),
                                               gguf_file=os.path.basename(path))
-    ids_bt = prompt_ids(tokenizer, args.batch, args.prompt_len)
+    ids_bt = bench.prompt_ids(tokenizer, args.batch, args.prompt_len, tokenizer.vocab_size)
   results = {"ours": bench_ours(args, ids_bt)}
   if not args.skip_torch:
     results["transformers"] = bench_torch(args, ids_bt)

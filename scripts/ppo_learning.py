@@ -20,7 +20,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jax_nlu_ppo import data as data_lib  # noqa: E402
+from jax_nlu_ppo import run_loop  # noqa: E402
 from jax_nlu_ppo.config import load_config  # noqa: E402
 from jax_nlu_ppo.trainer import PPOTrainer, format_metrics  # noqa: E402
 
@@ -41,7 +41,6 @@ def main(argv=None) -> dict:
   config = load_config(args.config, args.set)
   if config.eval_data is None:
     parser.error("the config needs an eval_data section (the dev split to score)")
-  eval_examples = list(data_lib.load(config.eval_data)[0])
   start = time.perf_counter()
   trainer = PPOTrainer(config)
   load_s = time.perf_counter() - start
@@ -49,16 +48,10 @@ def main(argv=None) -> dict:
         f"in {load_s:.1f}s; {trainer.total_steps} iterations of {config.rollout.batch_size} "
         f"prompts", flush=True)
 
-  def evaluate(when):
-    start = time.perf_counter()
-    result = trainer.evaluate(eval_examples)
-    seconds = time.perf_counter() - start
-    print(f"dev {when}: {result.metrics}  ({seconds:.0f}s)", flush=True)
-    return result.metrics
-
-  before = evaluate("before")
-  history = trainer.train(on_step=lambda m: print(format_metrics(m), flush=True))
-  after = evaluate("after")
+  # The trainer scores eval_data before the first step and after the last (`eval/` metrics).
+  lines = trainer.train(on_step=lambda m: print(format_metrics(m), flush=True))
+  history = lines[1:]
+  before, after = run_loop.eval_scores(lines[0]), run_loop.eval_scores(lines[-1])
 
   w = min(args.window, len(history))
   rewards = [m["env/reward_mean"] for m in history]

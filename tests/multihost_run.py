@@ -45,7 +45,7 @@ def main(argv) -> int:
   trainer = trainer_lib.PPOTrainer(config, lm=tiny_lm(), train_examples=EXAMPLES)
   history = trainer.train()
   results = {f"metric/{k}": np.asarray([m[k] for m in history], np.float64)
-             for k in history[0] if not k.startswith("time/") and k != "tokens/per_s"}
+             for k in history[0] if not k.startswith(("time/", "jit/")) and k != "tokens/per_s"}
   results |= {f"param/{k}": v for k, v in trained(trainer).items()}
   # Every process evaluates the same rows and gets every answer.
   responses = [p["response"] for p in trainer.evaluate(EXAMPLES[:13]).predictions]

@@ -74,7 +74,7 @@ def run(name: str, mesh: dict | None, lm) -> dict[str, np.ndarray]:
   trainer = trainer_lib.PPOTrainer(config, lm=lm, train_examples=EXAMPLES, layout=layout)
   history = trainer.train()
   out = {f"{name}/metric/{k}": np.asarray([m[k] for m in history], np.float64)
-         for k in history[0] if not k.startswith("time/") and k != "tokens/per_s"}
+         for k in history[0] if not k.startswith(("time/", "jit/")) and k != "tokens/per_s"}
   out |= {f"{name}/param/{k}": v for k, v in flat(trainer.state.trainable).items()}
   # Greedy evaluation of the trained policy, batches split over the mesh (13 rows: the last
   # batch is padded).

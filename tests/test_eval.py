@@ -221,7 +221,7 @@ def test_perplexity_command_on_a_task_column(glue_dir, tmp_path, capsys, smollm2
 
 
 def test_every_command_explains_its_options(capsys):
-  for command in ("eval", "train", "sft", "perplexity"):
+  for command in ("eval", "train", "sft", "perplexity", "export", "report", "plan", "bench"):
     with pytest.raises(SystemExit) as info:
       cli.main([command, "--help"])
     assert info.value.code == 0

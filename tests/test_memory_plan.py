@@ -29,8 +29,8 @@ def _norm_params(config: LlamaConfig) -> int:
 
 def test_llama2_7b_on_8_devices_matches_the_parameter_arithmetic(tmp_path):
   out = tmp_path / "plan.json"
-  done = _plan_cli("--config", "configs/scale/llama2_7b_tpu_v5e8.yaml", "--output", str(out),
-                   "--device-memory-gib", "16")
+  done = _plan_cli("--config", "configs/scale/llama2_7b_tpu_v5e8/sst2.yaml", "--output",
+                   str(out), "--device-memory-gib", "16")
   assert done.returncode == 0, done.stderr[-3000:]
   plan = json.loads(out.read_text())
   config = LlamaConfig.llama2_7b()
@@ -72,8 +72,8 @@ def test_exact_parts_by_hand_for_lora_optimizer_and_cache():
 
 
 def test_plan_refuses_a_mesh_the_model_cannot_use():
-  done = _plan_cli("--config", "configs/scale/llama2_7b_tpu_v5e8.yaml", "--set", "mesh.fsdp=2",
-                   "mesh.tensor=3", "--no-compile")
+  done = _plan_cli("--config", "configs/scale/llama2_7b_tpu_v5e8/sst2.yaml", "--set",
+                   "mesh.fsdp=2", "mesh.tensor=3", "--no-compile")
   assert done.returncode == 2
   assert "32 heads, which the mesh's tensor=3 cannot split" in done.stderr
 
@@ -81,7 +81,20 @@ def test_plan_refuses_a_mesh_the_model_cannot_use():
 @pytest.mark.parametrize("name, memory", [("llama2_7b_gpu_80gb", "80"),
                                           ("llama2_13b_tpu_v4_32", "32")])
 def test_shipped_scale_configs_fit_their_hardware_without_compiling(name, memory):
-  done = _plan_cli("--config", f"configs/scale/{name}.yaml", "--device-memory-gib", memory,
+  done = _plan_cli("--config", f"configs/scale/{name}/mnli.yaml", "--device-memory-gib", memory,
                    "--no-compile")
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"fits in {memory} GiB per device" in done.stdout
+
+
+def test_every_scale_config_is_the_papers_task_on_its_machine():
+  for machine, mesh in [("llama2_7b_tpu_v5e8", dict(fsdp=8)),
+                        ("llama2_7b_gpu_80gb", dict(fsdp=1)),
+                        ("llama2_13b_tpu_v4_32", dict(fsdp=8, tensor=2))]:
+    for task in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"):
+      config = config_lib.load_config(f"{ROOT}/configs/scale/{machine}/{task}.yaml")
+      paper = config_lib.load_config(f"{ROOT}/configs/paper/{task}.yaml")
+      assert config.data.task == task and config.mesh == sharding.MeshConfig(data=1, **mesh)
+      assert (config.lora, config.ppo, config.optimizer, config.rollout) == (
+          paper.lora, paper.ppo, paper.optimizer, paper.rollout)
+      assert config.model.name.endswith("13b-chat-hf" if "13b" in machine else "7b-chat-hf")

@@ -665,6 +665,8 @@ def test_trainer_runs_ppo_iterations(tmp_path):
     assert 3 <= metrics["tokens/max_new_tokens"] <= 5
     assert metrics["tokens/prompt_len"] == 64
     assert {"loss/value", "loss/policy", "objective/kl", "env/reward_mean"} <= metrics.keys()
+  # Every jitted program is compiled in the first iteration, none after it.
+  assert history[0]["jit/compilations"] > 0 and history[1]["jit/compilations"] == 0
   # Policy == reference in the first iteration: only decode-vs-forward rounding is left.
   assert abs(history[0]["objective/kl"]) <= 1e-4
   # Two iterations x two epochs x two minibatches of two.

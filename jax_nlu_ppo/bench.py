@@ -1,0 +1,254 @@
+"""`jax-nlu-ppo bench`: one PPO iteration timed phase by phase, beside the PyTorch stack, with
+the machine's matmul ceiling and the model FLOPs utilisation (MFU) of each phase.
+
+Workload (the issue's): the embedded 135M model, 32 prompts of 64 tokens of SST-2 text, 16 new
+tokens sampled at temperature 1 with EOS ignored (every row generates all of them), LoRA rank 8
+on every projection plus a value head, one PPO epoch in minibatches of 8. Our side runs the
+trainer's own jitted programs (`ppo_steps.build`); the PyTorch side (`bench_torch`) runs
+transformers `generate`, transformers + peft forward/backward, and TRL's `GRPOTrainer`.
+
+FLOPs are counted from the model shape (`forward_flops`): 2 per multiply-add of every
+projection, of attention scores and values over the keys each query sees in our programs (the
+whole padded sequence or KV cache), and of the vocabulary projection where logits are taken.
+The update is two forwards' worth: the backward pass computes activation gradients (as many
+FLOPs as the forward) but no weight gradients for the frozen base; the LoRA terms are left out
+(under 1%).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_nlu_ppo import compiles
+from jax_nlu_ppo import config as config_lib
+from jax_nlu_ppo import model as model_lib
+from jax_nlu_ppo import policy as policy_lib
+from jax_nlu_ppo import ppo as ppo_lib
+from jax_nlu_ppo import ppo_steps
+from jax_nlu_ppo import pretrained
+from jax_nlu_ppo import sharding as sharding_lib
+from jax_nlu_ppo.llama_config import LlamaConfig
+
+# Beside this checkout (../shared/data), or from where the command runs.
+SST2_DEV = [pathlib.Path(__file__).resolve().parents[2] / "shared/data/glue/SST-2/dev.tsv",
+            pathlib.Path("../shared/data/glue/SST-2/dev.tsv")]
+PHASES = ("rollout", "experience", "update", "iteration")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  batch: int = 32
+  prompt_len: int = 64
+  new_tokens: int = 16
+  minibatch: int = 8
+  rank: int = 8
+  dtype: str = "float32"
+  remat: str = "none"       # the trainer's `remat` option, for the update
+
+
+def forward_flops(config: LlamaConfig, tokens: int, keys: int, logits: int) -> float:
+  """FLOPs of one forward: `tokens` query positions, each attending over `keys` keys, and the
+  vocabulary projection at `logits` positions (see the module docstring)."""
+  d, f, n, k, h = (config.hidden_size, config.intermediate_size, config.num_heads,
+                   config.num_kv_heads, config.head_dim)
+  projections = d * h * (n + 2 * k) + n * h * d + 3 * d * f
+  attention = 2 * n * h * keys
+  return 2.0 * (tokens * config.num_layers * (projections + attention)
+                + logits * d * config.vocab_size)
+
+
+def phase_flops(config: LlamaConfig, w: Workload) -> dict[str, float]:
+  """FLOPs of each phase of one iteration (prefill and decode are the rollout's two parts)."""
+  length = w.prompt_len + w.new_tokens
+  prefill = forward_flops(config, w.batch * w.prompt_len, length, w.batch)
+  decode = forward_flops(config, w.batch * w.new_tokens, length, w.batch * w.new_tokens)
+  forward = forward_flops(config, w.batch * length, length, w.batch * w.new_tokens)
+  return {"prefill": prefill, "decode": decode, "rollout": prefill + decode,
+          "experience": forward, "update": 2 * forward}
+
+
+def matmul_ceiling(dtype, size: int = 2048, repeats: int = 5) -> float:
+  """GFLOP/s of a jitted (size x size) @ (size x size) matmul: the machine's practical peak."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), dtype)
+  matmul = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(matmul(x, x))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(x, x))
+    times.append(time.perf_counter() - start)
+  return 2 * size ** 3 / statistics.median(times) / 1e9
+
+
+def prompt_ids(tokenizer, batch: int, length: int, vocab_size: int) -> np.ndarray:
+  """`batch` rows of exactly `length` real tokens of SST-2 dev text (random ids without it or
+  without a tokenizer)."""
+  found = [path for path in SST2_DEV if path.exists()]
+  if tokenizer is not None and found:
+    lines = found[0].read_text().splitlines()[1:]
+    ids = tokenizer(" ".join(line.split("\t")[0] for line in lines))["input_ids"]
+    return np.asarray(ids[:batch * length], np.int32).reshape(batch, length)
+  print("(SST-2 dev text not found: random token ids)")
+  return np.random.default_rng(0).integers(100, vocab_size, (batch, length), dtype=np.int32)
+
+
+def random_model(preset: str, dtype: str) -> pretrained.LanguageModel:
+  """A preset's shape with random weights: speed does not depend on the weights' values."""
+  from jax_nlu_ppo.model import Llama
+  config = getattr(LlamaConfig, preset)()
+  jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  graphdef, params = nnx.split(jax.jit(lambda: Llama(config, dtype=jdtype, param_dtype=jdtype,
+                                                     rngs=nnx.Rngs(0)))())
+  return pretrained.LanguageModel(config, graphdef, params, dtype=jdtype)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  return out, time.perf_counter() - start
+
+
+def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
+               progress: Callable[[str], None] = print) -> dict[str, Any]:
+  """Seconds per phase of `iterations` PPO iterations after a first (compiling) one, through
+  the trainer's jitted programs on one device; and compilations after the first."""
+  config = config_lib.load_config(None, [
+      f"lora.rank={w.rank}", "lora.dropout=0.0", "value_dropout=0.0",
+      f"rollout.batch_size={w.batch}", f"rollout.min_new_tokens={w.new_tokens}",
+      f"rollout.max_new_tokens={w.new_tokens}", "rollout.temperature=1.0",
+      f"ppo.minibatch_size={w.minibatch}", "ppo.ppo_epochs=1", "mesh.fsdp=1",
+      f"remat={w.remat}"])
+  layout = sharding_lib.Layout.create(config.mesh, jax.devices()[:1])
+  llama = nnx.merge(lm.graphdef, lm.params)
+  llama.remat_policy = model_lib.REMAT_POLICIES[config.remat]
+  policy = policy_lib.make_policy(llama, config.lora, config.value_dropout, config.seed)
+  graphdef, trainable, base = policy_lib.split(policy)
+  tx = ppo_lib.make_optimizer(config.optimizer)
+  sh = ppo_steps.shardings(layout, base, trainable, tx)
+  # No EOS: every row generates all `new_tokens`, as on the PyTorch side.
+  steps = ppo_steps.build(graphdef, sh, tx, config, eos_ids=(), pad_id=0)
+  base, trainable = sharding_lib.place(base, sh.base), sharding_lib.place(trainable, sh.trainable)
+  reference = jax.tree.map(jnp.copy, trainable)
+  state = ppo_steps.initial_state(trainable, tx, sh, kl_coef=0.2)
+  prompt_bt = prompt_ids(lm.tokenizer, w.batch, w.prompt_len, lm.config.vocab_size)
+  mask_bt = np.ones_like(prompt_bt)
+  scores_b = np.random.default_rng(0).choice([-1.0, 1.0], w.batch).astype(np.float32)
+  rng = np.random.default_rng(0)
+
+  def iteration(state, seed: int, limit: int = w.new_tokens):
+    times = {}
+    gen, times["rollout"] = _timed(lambda: steps.rollout(base, state.trainable, prompt_bt,
+                                                         mask_bt, jax.random.key(seed), limit))
+    (batch, _), times["experience"] = _timed(lambda: steps.experience(
+        base, state.trainable, reference, prompt_bt, mask_bt, gen, scores_b, state.kl_coef))
+    start = time.perf_counter()
+    order = rng.permutation(w.batch)
+    for begin in range(0, w.batch, w.minibatch):
+      minibatch = steps.minibatch(batch, order[begin:begin + w.minibatch])
+      state, metrics = steps.update(state, base, minibatch, jax.random.key(seed))
+    jax.block_until_ready(metrics)
+    times["update"] = time.perf_counter() - start
+    times["iteration"] = sum(times.values())
+    return state, times
+
+  compiled = compiles.count()
+  state, first = iteration(state, 0)
+  first_compiles = compiles.count() - compiled
+  progress(f"ours: first iteration {first['iteration']:.1f} s ({first_compiles} compilations)")
+  compiled = compiles.count()
+  runs = []
+  for i in range(iterations):
+    state, times = iteration(state, i + 1)
+    runs.append(times)
+    progress(f"ours: iteration {i + 1}/{iterations} {times['iteration']:.2f} s")
+  # Prefill alone: the rollout stopped after its first token (`limit` is traced: no compile).
+  prefill = [_timed(lambda: steps.rollout(base, state.trainable, prompt_bt, mask_bt,
+                                          jax.random.key(99), 1))[1] for _ in range(3)]
+  median = {k: statistics.median(r[k] for r in runs) for k in PHASES}
+  prefill_s = statistics.median(prefill)
+  return {"first_s": first, "median_s": median, "compile_s": {
+              k: first[k] - median[k] for k in PHASES},
+          "prefill_s": prefill_s,
+          "decode_s": max(median["rollout"] - prefill_s, 1e-9),
+          "compilations_first_iteration": first_compiles,
+          "recompilations_after_first_iteration": compiles.count() - compiled}
+
+
+def run(model: str = pretrained.DEFAULT_MODEL, preset: str | None = None,
+        workload: Workload = Workload(), iterations: int = 3, torch_side: bool = True,
+        trl: bool = True, trl_steps: int = 3, output: str | None = None,
+        progress: Callable[[str], None] = print) -> dict[str, Any]:
+  """The whole benchmark: ceiling, ours, PyTorch; prints the table and returns the figures."""
+  w = workload
+  lm = (random_model(preset, w.dtype) if preset
+        else pretrained.load_pretrained(model, dtype=w.dtype))
+  progress(f"devices {jax.devices()}; model {preset or model} {w.dtype}; batch {w.batch} x "
+           f"{w.prompt_len} prompt x {w.new_tokens} new tokens, LoRA r{w.rank}, minibatch "
+           f"{w.minibatch}")
+  ceiling = {"float32": matmul_ceiling(jnp.float32), "bfloat16": matmul_ceiling(jnp.bfloat16)}
+  progress(f"matmul ceiling: {ceiling['float32']:.1f} GFLOP/s float32, "
+           f"{ceiling['bfloat16']:.1f} bfloat16")
+  ours = bench_ours(lm, w, iterations, progress)
+  flops = phase_flops(lm.config, w)
+  peak = ceiling[w.dtype] * 1e9
+  seconds = {**ours["median_s"], "prefill": ours["prefill_s"], "decode": ours["decode_s"]}
+  mfu = {k: flops[k] / seconds[k] / peak for k in ("prefill", "decode", "rollout",
+                                                     "experience", "update")}
+  new_tokens = w.batch * w.new_tokens
+  result: dict[str, Any] = {
+      "device": str(jax.devices()[0]), "model": preset or model, "workload": dataclasses.asdict(w),
+      "matmul_peak_gflops": ceiling[w.dtype], "matmul_peak_gflops_by_dtype": ceiling,
+      "ours": ours, "flops": flops, "mfu": mfu, "update_mfu": mfu["update"],
+      "rollout_tokens_per_s": new_tokens / ours["median_s"]["rollout"],
+      "iteration_s": ours["median_s"]["iteration"],
+      "recompilations_after_first_iteration": ours["recompilations_after_first_iteration"]}
+  if torch_side:
+    from jax_nlu_ppo import bench_torch
+    if preset:
+      raise ValueError("the PyTorch side needs real weights: drop --preset or add --no-torch")
+    theirs = bench_torch.run(lm, w, iterations, trl=trl, trl_steps=trl_steps,
+                             progress=progress)
+    result["torch"] = theirs
+    result["rollout_ratio_vs_torch"] = (result["rollout_tokens_per_s"]
+                                        / theirs["rollout_tokens_per_s"])
+    result["iteration_ratio_vs_torch"] = theirs["median_s"]["iteration"] / result["iteration_s"]
+  print(table(result))
+  if output:
+    pathlib.Path(output).write_text(json.dumps(result, indent=2) + "\n")
+  return result
+
+
+def table(result: dict[str, Any]) -> str:
+  """Phase | ours | theirs | ratio, then MFU and compilations."""
+  ours, theirs = result["ours"], result.get("torch")
+  lines = ["", "| phase | ours (s) | first call, compile + run (s) | PyTorch (s) | speed-up |",
+           "|---|---:|---:|---:|---:|"]
+  for phase in PHASES:
+    mine = ours["median_s"][phase]
+    other = theirs["median_s"][phase] if theirs else None
+    lines.append(f"| {phase} | {mine:.3f} | {ours['first_s'][phase]:.2f} | "
+                 + (f"{other:.3f} | {other / mine:.2f}x |" if other else "- | - |"))
+  tokens = f"{result['rollout_tokens_per_s']:.0f}"
+  if theirs:
+    tokens += (f" vs {theirs['rollout_tokens_per_s']:.0f} "
+               f"({result['rollout_ratio_vs_torch']:.2f}x)")
+    if theirs.get("trl_step_s"):
+      lines.append(f"| TRL GRPOTrainer step ({theirs['trl_workload']}) | | | "
+                   f"{theirs['trl_step_s']:.2f} | |")
+  mfu = result["mfu"]
+  lines += ["", f"rollout new tokens/s: {tokens}",
+            f"matmul ceiling {result['matmul_peak_gflops']:.1f} GFLOP/s "
+            f"({result['workload']['dtype']}); MFU: prefill {mfu['prefill']:.1%}, decode "
+            f"{mfu['decode']:.1%}, experience {mfu['experience']:.1%}, update {mfu['update']:.1%}",
+            f"compilations: {ours['compilations_first_iteration']} in the first iteration, "
+            f"{ours['recompilations_after_first_iteration']} after it"]
+  return "\n".join(lines)

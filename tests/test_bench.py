@@ -1,0 +1,54 @@
+"""The benchmark's FLOP count against XLA's own cost analysis, and its run on a tiny model."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_nlu_ppo import bench
+from jax_nlu_ppo import model as model_lib
+from jax_nlu_ppo import pretrained
+from jax_nlu_ppo.llama_config import LlamaConfig
+from tests.test_ppo_core import random_llama
+
+# Wide enough that matmuls dominate XLA's count, as they do in real models.
+CONFIG = LlamaConfig.tiny(vocab_size=512, hidden_size=256, intermediate_size=512, num_heads=4,
+                          num_kv_heads=2, head_dim=64)
+
+
+def test_forward_flops_match_xla_cost_analysis():
+  """Our shape-based count of a full forward (logits at every position) against XLA's count of
+  the compiled program, which also counts softmax, norms and other elementwise work. One layer:
+  XLA's cost analysis counts a loop's body once, whatever its trip count (the layer scan)."""
+  config = dataclasses.replace(CONFIG, num_layers=1)
+  graphdef, params = random_llama(config)
+  b, t = 4, 64
+  tokens = jnp.zeros((b, t), jnp.int32)
+  mask = jnp.ones((b, t), jnp.int32)
+  forward = jax.jit(lambda p, x, m: model_lib.forward_logits(nnx.merge(graphdef, p), x, m))
+  analysis = forward.lower(params, tokens, mask).compile().cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, list) else analysis
+  ours = bench.forward_flops(config, tokens=b * t, keys=t, logits=b * t)
+  assert ours == pytest.approx(analysis["flops"], rel=0.05)
+
+
+def test_phase_flops_follow_the_workload():
+  w = bench.Workload(batch=2, prompt_len=8, new_tokens=4)
+  flops = bench.phase_flops(CONFIG, w)
+  assert flops["rollout"] == flops["prefill"] + flops["decode"]
+  assert flops["update"] == 2 * flops["experience"]
+  # The decode's vocabulary projections: one per new token.
+  head = 2 * w.batch * w.new_tokens * CONFIG.hidden_size * CONFIG.vocab_size
+  no_head = bench.forward_flops(CONFIG, w.batch * w.new_tokens, 12, 0)
+  assert flops["decode"] == no_head + head
+
+
+def test_bench_ours_runs_the_trainer_steps_without_recompiling():
+  lm = pretrained.LanguageModel(CONFIG, *random_llama(CONFIG))
+  w = bench.Workload(batch=4, prompt_len=8, new_tokens=4, minibatch=2)
+  out = bench.bench_ours(lm, w, iterations=2, progress=lambda _: None)
+  assert out["compilations_first_iteration"] >= 4           # rollout, experience, minibatch, update
+  assert out["recompilations_after_first_iteration"] == 0
+  assert all(np.isfinite(v) and v > 0 for v in out["median_s"].values())

@@ -1,0 +1,106 @@
+"""The command line end to end on a tiny model, as a user runs it: train (with periodic
+evaluation) -> eval -> export -> report, and the files each command leaves."""
+import json
+import pathlib
+import re
+
+import pytest
+
+from jax_nlu_ppo import cli
+from jax_nlu_ppo import tasks
+from tests import tiny_hf
+from tests.test_ppo_core import tiny_chat_tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SENTENCES = ["a gorgeous, witty film", "dull and far too long", "the cast is superb",
+             "a tedious mess", "warm, funny and smart", "flat characters", "pure joy",
+             "an hour too long"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+  """A tiny Hugging Face model folder (weights and a chat tokenizer) and an SST-2-style file."""
+  root = tmp_path_factory.mktemp("cli")
+  task = tasks.get_task("sst2")
+  rows = [{"sentence": s, "label": i % 2, "idx": i} for i, s in enumerate(SENTENCES)]
+  texts = [m["content"] for ex in rows for m in tasks.build_prompt(task, ex, "chat")]
+  tokenizer = tiny_chat_tokenizer(texts + ["system user assistant", *task.label_words])
+  model = root / "tiny-model"
+  tiny_hf.save_tiny(model, vocab_size=len(tokenizer), max_position_embeddings=512)
+  tokenizer.save_pretrained(model)
+  data = root / "sst2.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return root, model, data
+
+
+def test_train_eval_export_report(workspace, capsys):
+  root, model, data = workspace
+  run = root / "run"
+  overrides = [f"model.name={model}", "data.source=file", f"data.path={data}",
+               "eval_data.task=sst2", "eval_data.source=file", f"eval_data.path={data}",
+               "eval_every=2", "steps=3", "rollout.batch_size=4", "rollout.min_new_tokens=3",
+               "rollout.max_new_tokens=5", "ppo.minibatch_size=4", "ppo.ppo_epochs=1",
+               "lora.rank=4", "lora.targets=[q_proj,v_proj]", "reward.lenient=true",
+               "checkpoint.best_metric=eval/accuracy"]
+  assert cli.main(["train", "--output-dir", str(run), "--set", *overrides]) == 0
+  files = {p.name for p in run.iterdir()}
+  assert {"config.yaml", "metrics.jsonl", "samples.jsonl", "tensorboard", "checkpoints",
+          "eval"} <= files
+  lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+  # The starting point (step 0), then steps 1-3; evaluations at 0, 2 (eval_every) and 3 (last).
+  assert [x["iteration"] for x in lines] == [0, 1, 2, 3]
+  assert [("eval/accuracy" in x) for x in lines] == [True, False, True, True]
+  # Nothing recompiles after the first step, evaluations in between notwithstanding.
+  assert [x.get("jit/compilations") for x in lines[2:]] == [0, 0]
+  assert sorted(p.name for p in (run / "eval").iterdir()) == [
+      "step_000000.json", "step_000002.json", "step_000003.json"]
+  evaluated = json.loads((run / "eval" / "step_000003.json").read_text())
+  assert evaluated["n"] == len(SENTENCES) and evaluated["accuracy"] == lines[-1]["eval/accuracy"]
+  assert "3" in {p.name for p in (run / "checkpoints").iterdir()}
+
+  results = root / "eval.json"
+  assert cli.main(["eval", "--model", str(run), "--task", "sst2", "--data", str(data),
+                   "--output", str(results)]) == 0
+  scored = json.loads(results.read_text())
+  # The run folder as a model is the trained policy: it scores what the last evaluation did.
+  assert scored["accuracy"] == evaluated["accuracy"] and scored["n"] == len(SENTENCES)
+
+  exported = root / "peft"
+  assert cli.main(["export", str(run), "--output", str(exported), "--format", "peft"]) == 0
+  assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+      p.name for p in exported.iterdir()}
+
+  report = root / "report"
+  assert cli.main(["report", str(run), "--output", str(report)]) == 0
+  assert {p.name for p in report.iterdir()} == {"metrics.png", "report.md"}
+  text = (report / "report.md").read_text()
+  assert "| eval/accuracy |" in text and "| env/reward_mean |" in text
+  capsys.readouterr()
+
+
+def test_shipped_sft_configs_load():
+  from jax_nlu_ppo import config as config_lib
+  from jax_nlu_ppo import sft
+  for name in ("sst2_cpu", "llama2_7b_sst2"):
+    config = config_lib.load_config(ROOT / f"configs/sft/{name}.yaml", cls=sft.SFTConfig)
+    assert config.data.task == config.eval_data.task == "sst2"
+  paper = config_lib.load_config(ROOT / "configs/paper/sst2.yaml")
+  assert (config.lora, config.prompt_format, config.epochs) == (
+      paper.lora, paper.rollout.prompt_format, paper.epochs)
+
+
+def test_config_errors_come_before_any_model_load(workspace, capsys):
+  root, _, data = workspace
+  # A model that does not exist: had it been looked for, the error would name it instead.
+  base = ["model.name=/nonexistent/model", "data.source=file", f"data.path={data}"]
+  for extra, message in [(["lora.rnak=4"], "unknown config key lora.rnak"),
+                         (["ppo.minibatch_size=3"], r"ppo.minibatch_size \(3\) must divide"),
+                         (["eval_every=-1"], "eval_every must be >= 0"),
+                         (["checkpoint.best_metric=eval/accuracy"], "needs eval_data"),
+                         (["data.source=glue_dir", f"data.path={root}/nowhere"],
+                          "GLUE folder .*nowhere not found"),
+                         (["mesh.data=3"], "mesh .* cannot use 1 devices")]:
+    assert cli.main(["train", "--set", *base, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "nonexistent" not in err, err
+    assert err.count("\n") == 1 and re.search(message, err), err
