@@ -89,6 +89,20 @@ def test_shipped_sft_configs_load():
       paper.lora, paper.rollout.prompt_format, paper.epochs)
 
 
+def test_cpu_comparison_configs_give_sft_and_ppo_the_same_examples():
+  """docs/results.md's budgets: per task, SFT and PPO see as many training examples and are
+  scored on the same dev rows."""
+  from jax_nlu_ppo import config as config_lib
+  from jax_nlu_ppo import sft
+  for task in ("sst2", "rte", "mrpc"):
+    ppo = config_lib.load_config(ROOT / f"configs/demo/{task}_cpu.yaml")
+    tuned = config_lib.load_config(ROOT / f"configs/sft/{task}_cpu.yaml", cls=sft.SFTConfig)
+    assert ppo.data.task == tuned.data.task == ppo.eval_data.task == task
+    assert ppo.eval_data == tuned.eval_data
+    assert (ppo.steps * ppo.rollout.batch_size * ppo.ppo.group_size
+            == tuned.steps * tuned.batch_size == 480)
+
+
 def test_config_errors_come_before_any_model_load(workspace, capsys):
   root, _, data = workspace
   # A model that does not exist: had it been looked for, the error would name it instead.

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Usage: scripts/reproduce.sh [TASK ...]        (default: sst2 rte mrpc, then multi-task)
+#
+# Reruns the table of docs/results.md: for each task, zero-shot and 4-shot evaluation, SFT and
+# PPO (same number of training examples), the perplexity of the base, SFT and PPO models on the
+# task's dev sentences, a report comparing the runs; then multi-task PPO over the three tasks.
+# On a CPU it takes the embedded 135M model's configs (configs/demo/, configs/sft/*_cpu.yaml);
+# on a TPU or GPU (JAX's default backend) the paper's LLaMA-2-7B-chat configs
+# (configs/scale/llama2_7b_*/, configs/sft/llama2_7b_sst2.yaml).
+#
+# Environment: OUT [runs/reproduce]  SEEDS ["0"]  GLUE [../shared/data/glue]
+#   DEV_LIMIT [200] dev examples scored (the configs' eval_data.limit)   SKIP_MULTITASK [0]
+set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0
+fi
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/reproduce}"
+SEEDS="${SEEDS:-0}"
+GLUE="${GLUE:-../shared/data/glue}"
+DEV_LIMIT="${DEV_LIMIT:-200}"
+TASKS=("$@")
+if [[ ${#TASKS[@]} -eq 0 ]]; then TASKS=(sst2 rte mrpc); fi
+backend="$(python -c 'import jax; print(jax.default_backend())')"
+
+ppo_config() {
+  if [[ "$backend" == cpu ]]; then echo "configs/demo/$1_cpu.yaml"
+  elif [[ "$backend" == tpu ]]; then echo "configs/scale/llama2_7b_tpu_v5e8/$1.yaml"
+  else echo "configs/scale/llama2_7b_gpu_80gb/$1.yaml"; fi
+}
+sft_config() {
+  if [[ "$backend" == cpu ]]; then echo "configs/sft/$1_cpu.yaml"
+  else echo "configs/sft/llama2_7b_sst2.yaml --set data.task=$1 eval_data.task=$1"; fi
+}
+model() {   # the base model the task's configs train
+  python -c "from jax_nlu_ppo import config; print(config.load_config('$(ppo_config "$1")').model.name)"
+}
+# The dev examples every method is scored on: the configs' eval_data (shuffled with seed 0).
+dev=(--data "$GLUE" --split validation --shuffle-seed 0 --limit "$DEV_LIMIT")
+
+for task in "${TASKS[@]}"; do
+  dir="$OUT/$task"
+  mkdir -p "$dir"
+  base="$(model "$task")"
+  echo "== $task (backend $backend, base $base)"
+  for shots in 0 4; do
+    [[ -f "$dir/eval_${shots}shot.json" ]] || jax-nlu-ppo eval --model "$base" --task "$task" \
+        "${dev[@]}" --shots "$shots" --output "$dir/eval_${shots}shot.json"
+  done
+  [[ -f "$dir/perplexity_base.json" ]] || jax-nlu-ppo perplexity --model "$base" --task "$task" \
+      --data "$GLUE" --split validation --output "$dir/perplexity_base.json"
+  runs=()
+  for seed in $SEEDS; do
+    # shellcheck disable=SC2046  # sft_config may add --set overrides
+    jax-nlu-ppo sft --config $(sft_config "$task") --set seed="$seed" \
+        --output-dir "$dir/sft_seed$seed"
+    jax-nlu-ppo train --config "$(ppo_config "$task")" --set seed="$seed" \
+        --output-dir "$dir/ppo_seed$seed"
+    for method in sft ppo; do
+      jax-nlu-ppo perplexity --model "$dir/${method}_seed$seed" --task "$task" --data "$GLUE" \
+          --split validation --output "$dir/perplexity_${method}_seed$seed.json"
+    done
+    runs+=("$dir/ppo_seed$seed" "$dir/sft_seed$seed")
+  done
+  jax-nlu-ppo report "${runs[@]}" --output "$dir/report"
+done
+
+if [[ "${SKIP_MULTITASK:-0}" != 1 && "$backend" == cpu ]]; then
+  dir="$OUT/multitask"
+  for seed in $SEEDS; do
+    jax-nlu-ppo train --config configs/demo/multitask_cpu.yaml --set seed="$seed" \
+        --output-dir "$dir/ppo_seed$seed"
+    for task in sst2 rte mrpc; do
+      jax-nlu-ppo eval --model "$dir/ppo_seed$seed" --task "$task" "${dev[@]}" \
+          --output "$dir/ppo_seed$seed/eval_$task.json"
+    done
+  done
+fi
+python scripts/results_table.py "$OUT"
