@@ -60,10 +60,6 @@ class PPOTrainer:
     # The rows before the model: a data problem is reported without waiting for a model load.
     examples = (list(train_examples) if train_examples is not None
                 else run_loop.load_training_rows(config.data, config.mixture, config.seed))
-    self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
-                                               config.model.gguf_file, layout=self.layout)
-    sharding_lib.check_model(self.layout, self.lm.config)
-    self.tokenizer = self.lm.tokenizer
     # Each process keeps its block of every global batch (all of it when there is one process).
     self.train_examples = data_lib.deal(examples, self.local_batch, jax.process_count(),
                                         jax.process_index())
@@ -71,6 +67,10 @@ class PPOTrainer:
       where = (f" on process {jax.process_index()} of {jax.process_count()} (fewer rows than "
                "one global batch)" if examples else "")
       raise ValueError(f"no training examples for {', '.join(self.tasks)}{where}")
+    self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
+                                               config.model.gguf_file, layout=self.layout)
+    sharding_lib.check_model(self.layout, self.lm.config)
+    self.tokenizer = self.lm.tokenizer
 
     llama = nnx.merge(self.lm.graphdef, self.lm.params)
     llama.remat_policy = model_lib.REMAT_POLICIES[config.remat]
