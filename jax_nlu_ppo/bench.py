@@ -30,7 +30,6 @@ from flax import nnx
 
 from jax_nlu_ppo import compiles
 from jax_nlu_ppo import config as config_lib
-from jax_nlu_ppo import model as model_lib
 from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import ppo as ppo_lib
 from jax_nlu_ppo import ppo_steps
@@ -128,10 +127,9 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
       f"ppo.minibatch_size={w.minibatch}", "ppo.ppo_epochs=1", "mesh.fsdp=1",
       f"remat={w.remat}"])
   layout = sharding_lib.Layout.create(config.mesh, jax.devices()[:1])
-  llama = nnx.merge(lm.graphdef, lm.params)
-  llama.remat_policy = model_lib.REMAT_POLICIES[config.remat]
-  policy = policy_lib.make_policy(llama, config.lora, config.value_dropout, config.seed)
-  graphdef, trainable, base = policy_lib.split(policy)
+  graphdef, trainable, base = policy_lib.policy_split(
+      lm.graphdef, lm.params, config.lora, value_dropout=config.value_dropout, seed=config.seed,
+      remat=config.remat)
   tx = ppo_lib.make_optimizer(config.optimizer)
   sh = ppo_steps.shardings(layout, base, trainable, tx)
   # No EOS: every row generates all `new_tokens`, as on the PyTorch side.

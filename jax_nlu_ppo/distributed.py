@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jax_nlu_ppo import sharding as sharding_lib
+
 log = logging.getLogger(__name__)
 
 
@@ -63,6 +65,15 @@ def initialize(config: DistributedConfig = DistributedConfig()) -> None:
     return
   log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def per_process(size: int, what: str) -> int:
+  """`size` rows of a global batch split evenly over the processes: this process's share."""
+  if size % jax.process_count():
+    raise sharding_lib.ShardingError(
+        f"{what} ({size}) must be divisible by the number of processes "
+        f"({jax.process_count()}): each process takes an equal share")
+  return size // jax.process_count()
 
 
 def is_primary() -> bool:

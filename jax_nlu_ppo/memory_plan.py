@@ -155,7 +155,8 @@ def plan(config: TrainConfig, model_config: LlamaConfig, layout: sharding_lib.La
     rows2, rep = sh.rows2, sh.replicated
     prompt = jax.ShapeDtypeStruct((samples, prompt_len), jnp.int32, sharding=rows2)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    args = (_abstract(base, sh.base), _abstract(trainable, sh.trainable), prompt, prompt,
+    abstract_base, abstract_trainable = _abstract(base, sh.base), _abstract(trainable, sh.trainable)
+    args = (abstract_base, abstract_trainable, prompt, prompt,
             jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
             jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
     with sharding_lib.activations(layout):
@@ -165,10 +166,10 @@ def plan(config: TrainConfig, model_config: LlamaConfig, layout: sharding_lib.La
                               in _batch_shapes(mb, prompt_len, new)])
       state = ppo_lib.PPOState(
           step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-          trainable=_abstract(trainable, sh.trainable),
+          trainable=abstract_trainable,
           opt_state=_abstract(opt_state, sh.state.opt_state),
           kl_coef=jax.ShapeDtypeStruct((), jnp.float32, sharding=rep))
-      update = steps.update.lower(state, _abstract(base, sh.base), batch,
+      update = steps.update.lower(state, abstract_base, batch,
                                   jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
                                   ).compile().memory_analysis()
     compile_s = time.perf_counter() - start

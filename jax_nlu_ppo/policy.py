@@ -75,6 +75,20 @@ def split(policy: Policy):
   return nnx.split(policy, TRAINABLE, ...)
 
 
+def policy_split(llama_graphdef, llama_params, lora: lora_lib.LoraConfig, *,
+                 value_dropout: float, seed: int, critic_lora: bool = False,
+                 remat: str = "none", initial_trainable=None):
+  """(graphdef, trainable, base) of a trainer's policy on a loaded decoder: fresh adapters and
+  value head (or `initial_trainable`'s values), layers rematerialised as `remat` says in the
+  backward pass. The loaded decoder itself is not modified."""
+  llama = nnx.merge(llama_graphdef, llama_params)
+  llama.remat_policy = model_lib.REMAT_POLICIES[remat]
+  graphdef, trainable, base = split(make_policy(llama, lora, value_dropout, seed, critic_lora))
+  if initial_trainable is not None:
+    nnx.replace_by_pure_dict(trainable, nnx.to_pure_dict(initial_trainable))
+  return graphdef, trainable, base
+
+
 @flax.struct.dataclass
 class ResponseOutputs:
   """Per response token: the policy's logits over the vocabulary and the critic's value."""

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import compiles
@@ -264,11 +263,7 @@ class SFTTrainer:
     self.layout = layout or sharding_lib.Layout.create(config.mesh)
     self.layout.check_batch(config.batch_size // config.gradient_accumulation_steps,
                             "batch_size / gradient_accumulation_steps")
-    if config.batch_size % jax.process_count():
-      raise sharding_lib.ShardingError(
-          f"batch_size ({config.batch_size}) must be divisible by the number of processes "
-          f"({jax.process_count()})")
-    self.local_batch = config.batch_size // jax.process_count()
+    self.local_batch = distributed.per_process(config.batch_size, "batch_size")
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
     self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
     self.train_examples = data_lib.deal(
@@ -286,12 +281,9 @@ class SFTTrainer:
                        "encode prompts and answers")
     self.tokenizer = self.lm.tokenizer
 
-    llama = nnx.merge(self.lm.graphdef, self.lm.params)
-    llama.remat_policy = model_lib.REMAT_POLICIES[config.remat]
-    policy = policy_lib.make_policy(llama, config.lora, value_dropout=0.0, seed=config.seed)
-    self.graphdef, trainable, base = policy_lib.split(policy)
-    if initial_trainable is not None:
-      nnx.replace_by_pure_dict(trainable, nnx.to_pure_dict(initial_trainable))
+    self.graphdef, trainable, base = policy_lib.policy_split(
+        self.lm.graphdef, self.lm.params, config.lora, value_dropout=0.0, seed=config.seed,
+        remat=config.remat, initial_trainable=initial_trainable)
     self.tx = ppo_lib.make_optimizer(config.optimizer)
     L = self.layout
     base_sh, trainable_sh = L.tree(base), L.tree(trainable)
@@ -391,8 +383,7 @@ class SFTTrainer:
     """What a checkpoint holds: the `SFTState`, the key and the data position."""
     return checkpoint_lib.Snapshot(
         arrays={"state": self.state,
-                "key": sharding_lib.place(np.asarray(jax.random.key_data(self.key)),
-                                          self.layout.replicated)},
+                "key": self.layout.replicate(jax.random.key_data(self.key))},
         host={"position": self.position, "iteration": self.iteration,
               "skipped": sorted(self.skipped), "key_impl": str(jax.random.key_impl(self.key))})
 

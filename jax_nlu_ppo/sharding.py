@@ -166,6 +166,11 @@ class Layout:
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())
 
+  def replicate(self, host_value) -> jax.Array:
+    """A host value (NumPy array or scalar) as a global array on every device: what a
+    multi-process checkpoint can save, unlike a single-device array."""
+    return place(np.asarray(host_value), self.replicated)
+
   def batch(self, ndim: int = 1) -> NamedSharding:
     """Leading axis over the batch rule, the rest replicated (prompts, responses, rewards)."""
     return self.sharding(("batch",) + (None,) * (ndim - 1))

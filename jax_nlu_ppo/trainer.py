@@ -12,7 +12,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jax_nlu_ppo import answer as answer_lib
 from jax_nlu_ppo import checkpoint as checkpoint_lib
@@ -20,7 +19,6 @@ from jax_nlu_ppo import compiles
 from jax_nlu_ppo import data as data_lib
 from jax_nlu_ppo import distributed
 from jax_nlu_ppo import evaluate as evaluate_lib
-from jax_nlu_ppo import model as model_lib
 from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import ppo as ppo_lib
 from jax_nlu_ppo import ppo_math
@@ -72,13 +70,10 @@ class PPOTrainer:
     sharding_lib.check_model(self.layout, self.lm.config)
     self.tokenizer = self.lm.tokenizer
 
-    llama = nnx.merge(self.lm.graphdef, self.lm.params)
-    llama.remat_policy = model_lib.REMAT_POLICIES[config.remat]
-    policy = policy_lib.make_policy(llama, config.lora, config.value_dropout, config.seed,
-                                    critic_lora=config.critic_lora)
-    self.graphdef, trainable, base = policy_lib.split(policy)
-    if initial_trainable is not None:
-      nnx.replace_by_pure_dict(trainable, nnx.to_pure_dict(initial_trainable))
+    self.graphdef, trainable, base = policy_lib.policy_split(
+        self.lm.graphdef, self.lm.params, config.lora, value_dropout=config.value_dropout,
+        seed=config.seed, critic_lora=config.critic_lora, remat=config.remat,
+        initial_trainable=initial_trainable)
     self.tx = ppo_lib.make_optimizer(config.optimizer)
     sh = ppo_steps.shardings(self.layout, base, trainable, self.tx)
     self.base = sharding_lib.place(base, sh.base)
@@ -210,8 +205,7 @@ class PPOTrainer:
     kl_per_sample = distributed.all_rows(kl_bn).sum(axis=1)
     kl_coef = float(self.state.kl_coef)
     new_coef = ppo_math.kl_coef_update(cfg.ppo.kl, kl_coef, float(kl_per_sample.mean()), n)
-    self.state = self.state.replace(
-        kl_coef=sharding_lib.place(np.float32(new_coef), L.replicated))
+    self.state = self.state.replace(kl_coef=L.replicate(np.float32(new_coef)))
     self.iteration += 1
 
     task_names = list(self.tasks)
@@ -304,8 +298,7 @@ class PPOTrainer:
     return checkpoint_lib.Snapshot(
         arrays={"state": self.state, "reference": self.reference,
                 # On the mesh like the rest: a multi-process checkpoint saves only global arrays.
-                "key": sharding_lib.place(np.asarray(jax.random.key_data(self.key)),
-                                          self.layout.replicated)},
+                "key": self.layout.replicate(jax.random.key_data(self.key))},
         host={"position": self.position, "iteration": self.iteration,
               "skipped_rows": self.skipped_rows, "host_rng": self.host_rng.bit_generator.state,
               "key_impl": str(jax.random.key_impl(self.key))})
@@ -358,11 +351,7 @@ def check_layout(config: TrainConfig, layout: sharding_lib.Layout) -> int:
   layout.check_batch(prompts * p.group_size, "rollout.batch_size x ppo.group_size")
   layout.check_batch(p.minibatch_size // p.gradient_accumulation_steps,
                      "ppo.minibatch_size / ppo.gradient_accumulation_steps")
-  if prompts % jax.process_count():
-    raise sharding_lib.ShardingError(
-        f"rollout.batch_size ({prompts}) must be divisible by the number of processes "
-        f"({jax.process_count()}): each process prompts its own equal share")
-  return prompts // jax.process_count()
+  return distributed.per_process(prompts, "rollout.batch_size")
 
 
 def format_metrics(m: dict[str, float]) -> str:
