@@ -70,6 +70,8 @@ class TrainConfig:
   epochs: float | None = None       # passes over the training set; when set, replaces `steps`
   seed: int = 0
   eval_every: int = 0               # 0: evaluate only before and after training
+  # The step-0 evaluation is the base model's (zero-shot) score: off when that is known already.
+  eval_before: bool = True
   output_dir: str | None = None     # metrics.jsonl and checkpoints/; a run there continues
   checkpoint: checkpoint_lib.CheckpointConfig = checkpoint_lib.CheckpointConfig()
   mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig()

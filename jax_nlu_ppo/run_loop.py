@@ -165,7 +165,7 @@ class StopSignal:
 
 class PeriodicEval:
   """The policy scored on the run's `eval_data`: before the first step of a fresh run (the
-  zero-shot point), every `eval_every` steps and after the last.
+  zero-shot point, unless `eval_before` is off), every `eval_every` steps and after the last.
 
   Scores join that step's metrics as `eval/<metric>` (metrics.jsonl, TensorBoard, checkpoint
   ranking; the starting point is a line of step 0); each evaluation's predictions go to
@@ -231,7 +231,7 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
   evaluator = (PeriodicEval(config.eval_data, config.eval_every, out_dir)
                if config.eval_data is not None and steps > 0 else None)
   with StopSignal() as stop, tensorboard as scalars:
-    if evaluator is not None and trainer.iteration == 0:
+    if evaluator is not None and trainer.iteration == 0 and config.eval_before:
       start = {"iteration": 0, **evaluator(trainer)}
       history.append(start)
       if out_dir is not None:

@@ -60,6 +60,7 @@ class SFTConfig:
   mixture: tuple[data_lib.MixtureComponent, ...] = ()
   eval_data: data_lib.DataConfig | None = None
   eval_every: int = 0                        # 0: evaluate eval_data only before and after
+  eval_before: bool = True                   # as TrainConfig.eval_before
   prompt_format: tasks_lib.Format = "chat"   # as PPO's rollout.prompt_format
   batch_size: int = 16                       # examples per optimiser step
   # Each batch runs as this many micro-batches; the step is exactly the whole batch's.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: scripts/reproduce.sh [TASK ...]        (default: sst2 rte mrpc, then multi-task)
+# Usage: scripts/reproduce.sh [TASK ...]        (default: sst2 rte mrpc multitask)
 #
 # Reruns the table of docs/results.md: for each task, zero-shot and 4-shot evaluation, SFT and
 # PPO (same number of training examples), the perplexity of the base, SFT and PPO models on the
@@ -9,7 +9,8 @@
 # (configs/scale/llama2_7b_*/, configs/sft/llama2_7b_sst2.yaml).
 #
 # Environment: OUT [runs/reproduce]  SEEDS ["0"]  GLUE [../shared/data/glue]
-#   DEV_LIMIT [200] dev examples scored (the configs' eval_data.limit)   SKIP_MULTITASK [0]
+#   DEV_LIMIT [200] dev examples scored (the configs' eval_data.limit)
+# TASK `multitask` is multi-task PPO over sst2, rte and mrpc (CPU configs only).
 set -euo pipefail
 if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
   sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0
@@ -20,7 +21,13 @@ SEEDS="${SEEDS:-0}"
 GLUE="${GLUE:-../shared/data/glue}"
 DEV_LIMIT="${DEV_LIMIT:-200}"
 TASKS=("$@")
-if [[ ${#TASKS[@]} -eq 0 ]]; then TASKS=(sst2 rte mrpc); fi
+if [[ ${#TASKS[@]} -eq 0 ]]; then TASKS=(sst2 rte mrpc multitask); fi
+multitask=0
+single=()
+for task in "${TASKS[@]}"; do
+  if [[ "$task" == multitask ]]; then multitask=1; else single+=("$task"); fi
+done
+mkdir -p "$OUT"
 backend="$(python -c 'import jax; print(jax.default_backend())')"
 
 ppo_config() {
@@ -35,29 +42,37 @@ sft_config() {
 model() {   # the base model the task's configs train
   python -c "from jax_nlu_ppo import config; print(config.load_config('$(ppo_config "$1")').model.name)"
 }
+timed() {   # timed LABEL COMMAND...: runs COMMAND, then adds "LABEL<tab>seconds" to wall_times.tsv
+  local label="$1" start=$SECONDS
+  shift
+  "$@"
+  printf '%s\t%s\n' "$label" "$((SECONDS - start))" >> "$OUT/wall_times.tsv"
+}
 # The dev examples every method is scored on: the configs' eval_data (shuffled with seed 0).
 dev=(--data "$GLUE" --split validation --shuffle-seed 0 --limit "$DEV_LIMIT")
 
-for task in "${TASKS[@]}"; do
+for task in "${single[@]}"; do
   dir="$OUT/$task"
   mkdir -p "$dir"
   base="$(model "$task")"
   echo "== $task (backend $backend, base $base)"
   for shots in 0 4; do
-    [[ -f "$dir/eval_${shots}shot.json" ]] || jax-nlu-ppo eval --model "$base" --task "$task" \
+    [[ -f "$dir/eval_${shots}shot.json" ]] || timed "$task ${shots}-shot" \
+        jax-nlu-ppo eval --model "$base" --task "$task" \
         "${dev[@]}" --shots "$shots" --output "$dir/eval_${shots}shot.json"
   done
-  [[ -f "$dir/perplexity_base.json" ]] || jax-nlu-ppo perplexity --model "$base" --task "$task" \
-      --data "$GLUE" --split validation --output "$dir/perplexity_base.json"
+  [[ -f "$dir/perplexity_base.json" ]] || timed "$task perplexity base" \
+      jax-nlu-ppo perplexity --model "$base" --task "$task" --data "$GLUE" --split validation --output "$dir/perplexity_base.json"
   runs=()
   for seed in $SEEDS; do
     # shellcheck disable=SC2046  # sft_config may add --set overrides
-    jax-nlu-ppo sft --config $(sft_config "$task") --set seed="$seed" \
+    timed "$task SFT seed $seed" jax-nlu-ppo sft --config $(sft_config "$task") --set seed="$seed" \
         --output-dir "$dir/sft_seed$seed"
-    jax-nlu-ppo train --config "$(ppo_config "$task")" --set seed="$seed" \
+    timed "$task PPO seed $seed" jax-nlu-ppo train --config "$(ppo_config "$task")" --set seed="$seed" \
         --output-dir "$dir/ppo_seed$seed"
     for method in sft ppo; do
-      jax-nlu-ppo perplexity --model "$dir/${method}_seed$seed" --task "$task" --data "$GLUE" \
+      timed "$task perplexity $method seed $seed" \
+          jax-nlu-ppo perplexity --model "$dir/${method}_seed$seed" --task "$task" --data "$GLUE" \
           --split validation --output "$dir/perplexity_${method}_seed$seed.json"
     done
     runs+=("$dir/ppo_seed$seed" "$dir/sft_seed$seed")
@@ -65,15 +80,20 @@ for task in "${TASKS[@]}"; do
   jax-nlu-ppo report "${runs[@]}" --output "$dir/report"
 done
 
-if [[ "${SKIP_MULTITASK:-0}" != 1 && "$backend" == cpu ]]; then
+if [[ "$multitask" == 1 && "$backend" == cpu ]]; then
   dir="$OUT/multitask"
   for seed in $SEEDS; do
-    jax-nlu-ppo train --config configs/demo/multitask_cpu.yaml --set seed="$seed" \
+    # Scored on every task's dev examples after training instead of RTE's during it.
+    timed "multitask PPO seed $seed" jax-nlu-ppo train --config configs/demo/multitask_cpu.yaml \
+        --set seed="$seed" eval_data=null \
         --output-dir "$dir/ppo_seed$seed"
     for task in sst2 rte mrpc; do
-      jax-nlu-ppo eval --model "$dir/ppo_seed$seed" --task "$task" "${dev[@]}" \
+      timed "multitask PPO seed $seed eval $task" \
+          jax-nlu-ppo eval --model "$dir/ppo_seed$seed" --task "$task" "${dev[@]}" \
           --output "$dir/ppo_seed$seed/eval_$task.json"
     done
   done
+elif [[ "$multitask" == 1 ]]; then
+  echo "== multitask: no multi-task config for backend $backend yet (configs/demo/multitask_cpu.yaml is the CPU one)"
 fi
 python scripts/results_table.py "$OUT"

@@ -1,14 +1,16 @@
-"""The table of docs/results.md from the folder `scripts/reproduce.sh` fills:
+"""The tables (and a figure) of docs/results.md from the folder `scripts/reproduce.sh` fills:
 
-    python scripts/results_table.py runs/reproduce
+    python scripts/results_table.py runs/reproduce [--plot docs/results.png]
 
 Per task and method, the task's official metric on the same dev examples (mean and, with
 several seeds, the spread min..max), the unparsed rate, and the dev perplexity. Zero-/4-shot
 come from `eval` results; SFT and PPO from each run's last evaluation (`eval/` metrics of its
-metrics.jsonl); multi-task PPO from `eval` of its run on each task.
+metrics.jsonl); multi-task PPO from `eval` of its run on each task. Wall times come from the
+`wall_times.tsv` the script keeps (one line per command it ran).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import sys
@@ -19,6 +21,8 @@ sys.path.insert(0, str(ROOT))
 from jax_nlu_ppo import run_loop, tasks  # noqa: E402
 
 METHODS = ("zero-shot", "4-shot", "SFT", "PPO", "PPO multi-task")
+WALL_TIMES = "wall_times.tsv"
+ORDER = ("sst2", "rte", "mrpc")     # the table's rows: docs/results.md's order, then the rest
 
 
 def _last_eval(run: pathlib.Path) -> dict | None:
@@ -32,22 +36,13 @@ def _json(path: pathlib.Path) -> dict | None:
   return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _cell(results: list[dict], metric: str) -> str:
-  values = [r[metric] for r in results if r and metric in r]
-  if not values:
-    return ""
-  mean = sum(values) / len(values)
-  spread = f" ({min(values):.3f}..{max(values):.3f})" if len(values) > 1 else ""
-  unparsed = sum(r.get("unparsed_rate", 0) for r in results if r) / len(values)
-  return f"{mean:.3f}{spread} [{unparsed:.0%}]"
-
-
-def table(out: pathlib.Path) -> str:
-  lines = ["| task (metric) | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
-  ppl_lines = ["| task | base | SFT | PPO |", "|---|---|---|---|"]
-  for task_dir in sorted(p for p in out.iterdir() if p.is_dir() and p.name != "multitask"):
+def scores(out: pathlib.Path) -> dict[str, dict[str, list[dict]]]:
+  """{task: {method: [one result per seed, each with the metric and `unparsed_rate`]}}."""
+  found = {}
+  task_dirs = [p for p in out.iterdir() if p.is_dir() and p.name != "multitask"]
+  for task_dir in sorted(task_dirs, key=lambda p: (ORDER.index(p.name) if p.name in ORDER
+                                                   else len(ORDER), p.name)):
     task = tasks.get_task(task_dir.name)
-    metric = task.metrics[0]
     cells = {
         "zero-shot": [_json(task_dir / "eval_0shot.json")],
         "4-shot": [_json(task_dir / "eval_4shot.json")],
@@ -56,16 +51,103 @@ def table(out: pathlib.Path) -> str:
         "PPO multi-task": [_json(p / f"eval_{task.name}.json")
                            for p in sorted((out / "multitask").glob("ppo_seed*"))],
     }
-    lines.append(f"| {task.name} ({metric}) | "
+    found[task.name] = {m: [r for r in results if r] for m, results in cells.items()}
+  return found
+
+
+def _values(results: list[dict], metric: str) -> list[float]:
+  return [r[metric] for r in results if metric in r]
+
+
+def _cell(results: list[dict], metric: str) -> str:
+  values = _values(results, metric)
+  if not values:
+    return "not run"
+  mean = sum(values) / len(values)
+  spread = f" ({min(values):.3f}..{max(values):.3f})" if len(values) > 1 else ""
+  unparsed = sum(r.get("unparsed_rate", 0) for r in results) / len(values)
+  return f"{mean:.3f}{spread} [{unparsed:.0%}]"
+
+
+def wall_times(out: pathlib.Path) -> dict[str, float]:
+  """{command label: seconds}, the last time each label was run."""
+  path = out / WALL_TIMES
+  if not path.is_file():
+    return {}
+  return {label: float(seconds) for label, seconds in
+          (line.split("\t")[:2] for line in path.read_text().splitlines() if line.strip())}
+
+
+def table(out: pathlib.Path) -> str:
+  found = scores(out)
+  lines = ["| task (metric) | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+  ppl_lines = ["| task | base | SFT | PPO |", "|---|---|---|---|"]
+  for name, cells in found.items():
+    metric = tasks.get_task(name).metrics[0]
+    lines.append(f"| {name} ({metric}) | "
                  + " | ".join(_cell(cells[m], metric) for m in METHODS) + " |")
+    task_dir = out / name
     ppl = {"base": [_json(task_dir / "perplexity_base.json")],
            "SFT": [_json(p) for p in sorted(task_dir.glob("perplexity_sft_seed*.json"))],
            "PPO": [_json(p) for p in sorted(task_dir.glob("perplexity_ppo_seed*.json"))]}
-    ppl_lines.append(f"| {task.name} | " + " | ".join(
+    ppl_lines.append(f"| {name} | " + " | ".join(
         " / ".join(f"{r['perplexity']:.2f}" for r in ppl[k] if r) for k in ppl) + " |")
-  return "\n".join(lines + ["", "Dev perplexity (the task's dev sentences; seeds separated by /):",
-                            ""] + ppl_lines)
+  out_lines = lines + ["", "Dev perplexity (the task's dev sentences; seeds separated by /):",
+                       ""] + ppl_lines
+  times = wall_times(out)
+  if times:
+    out_lines += ["", "Wall time of each command (seconds):", "", "| command | seconds |",
+                  "|---|---|"] + [f"| {label} | {seconds:.0f} |" for label, seconds in times.items()]
+  return "\n".join(out_lines)
+
+
+def plot(out: pathlib.Path, path: pathlib.Path) -> None:
+  """One group of bars per task, one bar per method (the mean over seeds, whiskers min..max)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  found = scores(out)
+  fig, ax = plt.subplots(figsize=(1.9 + 1.9 * len(found), 3.4))
+  width = 0.8 / len(METHODS)
+  for j, method in enumerate(METHODS):
+    for i, (name, cells) in enumerate(found.items()):
+      values = _values(cells[method], tasks.get_task(name).metrics[0])
+      if not values:
+        continue
+      mean = sum(values) / len(values)
+      x = i - 0.4 + width * (j + 0.5)
+      ax.bar(x, mean, width, color=f"C{j}", label=method if i == _first(found, method) else None,
+             yerr=[[mean - min(values)], [max(values) - mean]] if len(values) > 1 else None,
+             capsize=2)
+      ax.text(x, mean + 0.01, f"{mean:.2f}", ha="center", va="bottom", fontsize=6)
+  ax.set_xticks(range(len(found)))
+  ax.set_xticklabels([f"{name}\n({tasks.get_task(name).metrics[0]})" for name in found])
+  ax.set_ylim(0, 1.05)
+  ax.set_ylabel("dev score")
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(fontsize=7, ncol=len(METHODS), loc="upper center", bbox_to_anchor=(0.5, -0.2))
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _first(found: dict, method: str) -> int:
+  """The first task with a `method` result: where that method's legend entry comes from."""
+  metrics = {name: tasks.get_task(name).metrics[0] for name in found}
+  return next(i for i, (name, cells) in enumerate(found.items())
+              if _values(cells[method], metrics[name]))
 
 
 if __name__ == "__main__":
-  print(table(pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "runs/reproduce")))
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("out", nargs="?", default="runs/reproduce", help="reproduce.sh's OUT folder")
+  parser.add_argument("--plot", help="also draw the scores as bars into this PNG")
+  args = parser.parse_args()
+  out = pathlib.Path(args.out)
+  if not out.is_dir():
+    sys.exit(f"{out}: no such folder (scripts/reproduce.sh writes it)")
+  print(table(out))
+  if args.plot:
+    plot(out, pathlib.Path(args.plot))
+    print(f"wrote {args.plot}")
