@@ -18,7 +18,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jax_nlu_ppo import run_loop, tasks  # noqa: E402
+from jax_nlu_ppo import metrics, run_loop, tasks  # noqa: E402
 
 METHODS = ("zero-shot", "4-shot", "SFT", "PPO", "PPO multi-task")
 WALL_TIMES = "wall_times.tsv"
@@ -69,6 +69,20 @@ def _cell(results: list[dict], metric: str) -> str:
   return f"{mean:.3f}{spread} [{unparsed:.0%}]"
 
 
+def constant_answer(out: pathlib.Path, task_name: str) -> float | None:
+  """The best score one label given to every dev example gets (the gold labels of the zero-shot
+  evaluation's predictions): what a policy that learned only the label prior reaches."""
+  result = _json(out / task_name / "eval_0shot.json")
+  if not result or not result.get("predictions"):
+    return None
+  task = tasks.get_task(task_name)
+  if task.is_regression:
+    return None
+  golds = [p["label"] for p in result["predictions"]]
+  return max(metrics.compute_metrics([task.metrics[0]], [label] * len(golds), golds)[task.metrics[0]]
+             for label in range(len(task.label_words)))
+
+
 def wall_times(out: pathlib.Path) -> dict[str, float]:
   """{command label: seconds}, the last time each label was run."""
   path = out / WALL_TIMES
@@ -92,6 +106,10 @@ def table(out: pathlib.Path) -> str:
            "PPO": [_json(p) for p in sorted(task_dir.glob("perplexity_ppo_seed*.json"))]}
     ppl_lines.append(f"| {name} | " + " | ".join(
         " / ".join(f"{r['perplexity']:.2f}" for r in ppl[k] if r) for k in ppl) + " |")
+  constants = {name: constant_answer(out, name) for name in found}
+  if any(value is not None for value in constants.values()):
+    lines += ["", "Best constant answer: " + ", ".join(
+        f"{name} {value:.3f}" for name, value in constants.items() if value is not None)]
   out_lines = lines + ["", "Dev perplexity (the task's dev sentences; seeds separated by /):",
                        ""] + ppl_lines
   times = wall_times(out)
@@ -121,12 +139,17 @@ def plot(out: pathlib.Path, path: pathlib.Path) -> None:
              yerr=[[mean - min(values)], [max(values) - mean]] if len(values) > 1 else None,
              capsize=2)
       ax.text(x, mean + 0.01, f"{mean:.2f}", ha="center", va="bottom", fontsize=6)
+  for i, name in enumerate(found):
+    constant = constant_answer(out, name)
+    if constant is not None:
+      ax.hlines(constant, i - 0.42, i + 0.42, colors="black", linestyles="dashed", linewidth=1,
+                label="best constant answer" if i == 0 else None)
   ax.set_xticks(range(len(found)))
   ax.set_xticklabels([f"{name}\n({tasks.get_task(name).metrics[0]})" for name in found])
   ax.set_ylim(0, 1.05)
   ax.set_ylabel("dev score")
   ax.grid(axis="y", alpha=0.3)
-  ax.legend(fontsize=7, ncol=len(METHODS), loc="upper center", bbox_to_anchor=(0.5, -0.2))
+  ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -27,7 +27,9 @@ def _run(path: pathlib.Path, final: dict) -> None:
 
 def test_table_and_plot(tmp_path):
   out = tmp_path / "reproduce"
-  _write(out / "sst2/eval_0shot.json", {"accuracy": 0.2, "unparsed_rate": 0.5})
+  # Gold labels 0, 1, 1, 1: one label for every example scores at best 0.75.
+  _write(out / "sst2/eval_0shot.json", {"accuracy": 0.2, "unparsed_rate": 0.5, "predictions": [
+      {"label": gold, "prediction": None} for gold in (0, 1, 1, 1)]})
   _write(out / "sst2/eval_4shot.json", {"accuracy": 0.6, "unparsed_rate": 0.0})
   _run(out / "sst2/sft_seed0", {"accuracy": 0.7, "unparsed_rate": 0.0})
   _run(out / "sst2/sft_seed1", {"accuracy": 0.8, "unparsed_rate": 0.1})
@@ -48,6 +50,7 @@ def test_table_and_plot(tmp_path):
   assert rows["| mrpc (f1)"] == "| mrpc (f1) | 0.000 [80%] | not run | not run | not run | 0.750 [0%] |"
   assert rows["| sst2"] == "| sst2 | 10.00 |  | 10.50 |"
   assert "| sst2 PPO seed 0 | 1176 |" in text
+  assert "Best constant answer: sst2 0.750\n" in text
 
   module.plot(out, tmp_path / "scores.png")
   assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
