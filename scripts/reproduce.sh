@@ -48,8 +48,17 @@ timed() {   # timed LABEL COMMAND...: runs COMMAND, then adds "LABEL<tab>seconds
   "$@"
   printf '%s\t%s\n' "$label" "$((SECONDS - start))" >> "$OUT/wall_times.tsv"
 }
-# The dev examples every method is scored on: the configs' eval_data (shuffled with seed 0).
-dev=(--data "$GLUE" --split validation --shuffle-seed 0 --limit "$DEV_LIMIT")
+score() {   # score LABEL MODEL TASK OUTPUT [EVAL_ARGS...]: the task's dev examples every method
+  # is scored on (the configs' eval_data: shuffled with seed 0, the first DEV_LIMIT)
+  local label="$1" model="$2" task="$3" output="$4"
+  shift 4
+  timed "$label" jax-nlu-ppo eval --model "$model" --task "$task" --data "$GLUE" \
+      --split validation --shuffle-seed 0 --limit "$DEV_LIMIT" --output "$output" "$@"
+}
+perplexity() {   # perplexity LABEL MODEL TASK OUTPUT: on the task's dev sentences
+  timed "$1" jax-nlu-ppo perplexity --model "$2" --task "$3" --data "$GLUE" --split validation \
+      --output "$4"
+}
 
 for task in "${single[@]}"; do
   dir="$OUT/$task"
@@ -57,12 +66,11 @@ for task in "${single[@]}"; do
   base="$(model "$task")"
   echo "== $task (backend $backend, base $base)"
   for shots in 0 4; do
-    [[ -f "$dir/eval_${shots}shot.json" ]] || timed "$task ${shots}-shot" \
-        jax-nlu-ppo eval --model "$base" --task "$task" \
-        "${dev[@]}" --shots "$shots" --output "$dir/eval_${shots}shot.json"
+    [[ -f "$dir/eval_${shots}shot.json" ]] || score "$task ${shots}-shot" "$base" "$task" \
+        "$dir/eval_${shots}shot.json" --shots "$shots"
   done
-  [[ -f "$dir/perplexity_base.json" ]] || timed "$task perplexity base" \
-      jax-nlu-ppo perplexity --model "$base" --task "$task" --data "$GLUE" --split validation --output "$dir/perplexity_base.json"
+  [[ -f "$dir/perplexity_base.json" ]] || perplexity "$task perplexity base" "$base" "$task" \
+      "$dir/perplexity_base.json"
   runs=()
   for seed in $SEEDS; do
     # shellcheck disable=SC2046  # sft_config may add --set overrides
@@ -71,9 +79,8 @@ for task in "${single[@]}"; do
     timed "$task PPO seed $seed" jax-nlu-ppo train --config "$(ppo_config "$task")" --set seed="$seed" \
         --output-dir "$dir/ppo_seed$seed"
     for method in sft ppo; do
-      timed "$task perplexity $method seed $seed" \
-          jax-nlu-ppo perplexity --model "$dir/${method}_seed$seed" --task "$task" --data "$GLUE" \
-          --split validation --output "$dir/perplexity_${method}_seed$seed.json"
+      perplexity "$task perplexity $method seed $seed" "$dir/${method}_seed$seed" "$task" \
+          "$dir/perplexity_${method}_seed$seed.json"
     done
     runs+=("$dir/ppo_seed$seed" "$dir/sft_seed$seed")
   done
@@ -88,9 +95,8 @@ if [[ "$multitask" == 1 && "$backend" == cpu ]]; then
         --set seed="$seed" eval_data=null \
         --output-dir "$dir/ppo_seed$seed"
     for task in sst2 rte mrpc; do
-      timed "multitask PPO seed $seed eval $task" \
-          jax-nlu-ppo eval --model "$dir/ppo_seed$seed" --task "$task" "${dev[@]}" \
-          --output "$dir/ppo_seed$seed/eval_$task.json"
+      score "multitask PPO seed $seed eval $task" "$dir/ppo_seed$seed" "$task" \
+          "$dir/ppo_seed$seed/eval_$task.json"
     done
   done
 elif [[ "$multitask" == 1 ]]; then

@@ -55,6 +55,11 @@ def scores(out: pathlib.Path) -> dict[str, dict[str, list[dict]]]:
   return found
 
 
+def _metric(task_name: str) -> str:
+  """The task's official metric, the one the table and chart show."""
+  return tasks.get_task(task_name).metrics[0]
+
+
 def _values(results: list[dict], metric: str) -> list[float]:
   return [r[metric] for r in results if metric in r]
 
@@ -79,8 +84,8 @@ def constant_answer(out: pathlib.Path, task_name: str) -> float | None:
   if task.is_regression:
     return None
   golds = [p["label"] for p in result["predictions"]]
-  return max(metrics.compute_metrics([task.metrics[0]], [label] * len(golds), golds)[task.metrics[0]]
-             for label in range(len(task.label_words)))
+  score = metrics.METRICS[_metric(task_name)]
+  return max(score([label] * len(golds), golds) for label in range(len(task.label_words)))
 
 
 def wall_times(out: pathlib.Path) -> dict[str, float]:
@@ -92,12 +97,12 @@ def wall_times(out: pathlib.Path) -> dict[str, float]:
           (line.split("\t")[:2] for line in path.read_text().splitlines() if line.strip())}
 
 
-def table(out: pathlib.Path) -> str:
-  found = scores(out)
+def table(out: pathlib.Path, found: dict, constants: dict[str, float | None]) -> str:
+  """The markdown tables; `found` is `scores(out)`, `constants` each task's `constant_answer`."""
   lines = ["| task (metric) | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
   ppl_lines = ["| task | base | SFT | PPO |", "|---|---|---|---|"]
   for name, cells in found.items():
-    metric = tasks.get_task(name).metrics[0]
+    metric = _metric(name)
     lines.append(f"| {name} ({metric}) | "
                  + " | ".join(_cell(cells[m], metric) for m in METHODS) + " |")
     task_dir = out / name
@@ -106,7 +111,6 @@ def table(out: pathlib.Path) -> str:
            "PPO": [_json(p) for p in sorted(task_dir.glob("perplexity_ppo_seed*.json"))]}
     ppl_lines.append(f"| {name} | " + " | ".join(
         " / ".join(f"{r['perplexity']:.2f}" for r in ppl[k] if r) for k in ppl) + " |")
-  constants = {name: constant_answer(out, name) for name in found}
   if any(value is not None for value in constants.values()):
     lines += ["", "Best constant answer: " + ", ".join(
         f"{name} {value:.3f}" for name, value in constants.items() if value is not None)]
@@ -119,33 +123,35 @@ def table(out: pathlib.Path) -> str:
   return "\n".join(out_lines)
 
 
-def plot(out: pathlib.Path, path: pathlib.Path) -> None:
-  """One group of bars per task, one bar per method (the mean over seeds, whiskers min..max)."""
+def plot(found: dict, constants: dict[str, float | None], path: pathlib.Path) -> None:
+  """One group of bars per task, one bar per method (the mean over seeds, whiskers min..max),
+  each task's best constant answer dashed across its group."""
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
 
-  found = scores(out)
   fig, ax = plt.subplots(figsize=(1.9 + 1.9 * len(found), 3.4))
   width = 0.8 / len(METHODS)
+  labelled = set()      # one legend entry per method, from the first task that has it
   for j, method in enumerate(METHODS):
     for i, (name, cells) in enumerate(found.items()):
-      values = _values(cells[method], tasks.get_task(name).metrics[0])
+      values = _values(cells[method], _metric(name))
       if not values:
         continue
       mean = sum(values) / len(values)
       x = i - 0.4 + width * (j + 0.5)
-      ax.bar(x, mean, width, color=f"C{j}", label=method if i == _first(found, method) else None,
+      ax.bar(x, mean, width, color=f"C{j}", label=None if method in labelled else method,
              yerr=[[mean - min(values)], [max(values) - mean]] if len(values) > 1 else None,
              capsize=2)
       ax.text(x, mean + 0.01, f"{mean:.2f}", ha="center", va="bottom", fontsize=6)
+      labelled.add(method)
   for i, name in enumerate(found):
-    constant = constant_answer(out, name)
-    if constant is not None:
-      ax.hlines(constant, i - 0.42, i + 0.42, colors="black", linestyles="dashed", linewidth=1,
-                label="best constant answer" if i == 0 else None)
+    if constants[name] is not None:
+      ax.hlines(constants[name], i - 0.42, i + 0.42, colors="black", linestyles="dashed",
+                linewidth=1, label=None if "constant" in labelled else "best constant answer")
+      labelled.add("constant")
   ax.set_xticks(range(len(found)))
-  ax.set_xticklabels([f"{name}\n({tasks.get_task(name).metrics[0]})" for name in found])
+  ax.set_xticklabels([f"{name}\n({_metric(name)})" for name in found])
   ax.set_ylim(0, 1.05)
   ax.set_ylabel("dev score")
   ax.grid(axis="y", alpha=0.3)
@@ -153,13 +159,6 @@ def plot(out: pathlib.Path, path: pathlib.Path) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
-
-
-def _first(found: dict, method: str) -> int:
-  """The first task with a `method` result: where that method's legend entry comes from."""
-  metrics = {name: tasks.get_task(name).metrics[0] for name in found}
-  return next(i for i, (name, cells) in enumerate(found.items())
-              if _values(cells[method], metrics[name]))
 
 
 if __name__ == "__main__":
@@ -170,7 +169,9 @@ if __name__ == "__main__":
   out = pathlib.Path(args.out)
   if not out.is_dir():
     sys.exit(f"{out}: no such folder (scripts/reproduce.sh writes it)")
-  print(table(out))
+  found = scores(out)
+  constants = {name: constant_answer(out, name) for name in found}
+  print(table(out, found, constants))
   if args.plot:
-    plot(out, pathlib.Path(args.plot))
+    plot(found, constants, pathlib.Path(args.plot))
     print(f"wrote {args.plot}")

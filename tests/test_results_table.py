@@ -41,7 +41,9 @@ def test_table_and_plot(tmp_path):
   (out / "wall_times.tsv").write_text("sst2 0-shot\t99\nsst2 PPO seed 0\t1176\n")
 
   module = _module()
-  text = module.table(out)
+  found = module.scores(out)
+  constants = {name: module.constant_answer(out, name) for name in found}
+  text = module.table(out, found, constants)
   rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
   # The task's official metric (MRPC: F1), seeds as mean (min..max), unparsed rates averaged.
   assert rows["| sst2 (accuracy)"] == (
@@ -52,5 +54,5 @@ def test_table_and_plot(tmp_path):
   assert "| sst2 PPO seed 0 | 1176 |" in text
   assert "Best constant answer: sst2 0.750\n" in text
 
-  module.plot(out, tmp_path / "scores.png")
+  module.plot(found, constants, tmp_path / "scores.png")
   assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
