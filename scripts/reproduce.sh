@@ -71,7 +71,6 @@ for task in "${single[@]}"; do
   done
   [[ -f "$dir/perplexity_base.json" ]] || perplexity "$task perplexity base" "$base" "$task" \
       "$dir/perplexity_base.json"
-  runs=()
   for seed in $SEEDS; do
     # shellcheck disable=SC2046  # sft_config may add --set overrides
     timed "$task SFT seed $seed" jax-nlu-ppo sft --config $(sft_config "$task") --set seed="$seed" \
@@ -82,9 +81,9 @@ for task in "${single[@]}"; do
       perplexity "$task perplexity $method seed $seed" "$dir/${method}_seed$seed" "$task" \
           "$dir/perplexity_${method}_seed$seed.json"
     done
-    runs+=("$dir/ppo_seed$seed" "$dir/sft_seed$seed")
   done
-  jax-nlu-ppo report "${runs[@]}" --output "$dir/report"
+  # Every seed run so far, so that a later `SEEDS=1` adds to the report instead of replacing it.
+  jax-nlu-ppo report "$dir"/ppo_seed* "$dir"/sft_seed* --output "$dir/report"
 done
 
 if [[ "$multitask" == 1 && "$backend" == cpu ]]; then
