@@ -74,10 +74,11 @@ def _cell(results: list[dict], metric: str) -> str:
   return f"{mean:.3f}{spread} [{unparsed:.0%}]"
 
 
-def constant_answer(out: pathlib.Path, task_name: str) -> float | None:
+def constant_answer(task_name: str, cells: dict[str, list[dict]]) -> float | None:
   """The best score one label given to every dev example gets (the gold labels of the zero-shot
-  evaluation's predictions): what a policy that learned only the label prior reaches."""
-  result = _json(out / task_name / "eval_0shot.json")
+  evaluation's predictions; `cells` is the task's entry of `scores`): what a policy that learned
+  only the label prior reaches."""
+  result = next(iter(cells["zero-shot"]), None)
   if not result or not result.get("predictions"):
     return None
   task = tasks.get_task(task_name)
@@ -170,7 +171,7 @@ if __name__ == "__main__":
   if not out.is_dir():
     sys.exit(f"{out}: no such folder (scripts/reproduce.sh writes it)")
   found = scores(out)
-  constants = {name: constant_answer(out, name) for name in found}
+  constants = {name: constant_answer(name, cells) for name, cells in found.items()}
   print(table(out, found, constants))
   if args.plot:
     plot(found, constants, pathlib.Path(args.plot))

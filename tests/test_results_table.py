@@ -42,7 +42,7 @@ def test_table_and_plot(tmp_path):
 
   module = _module()
   found = module.scores(out)
-  constants = {name: module.constant_answer(out, name) for name in found}
+  constants = {name: module.constant_answer(name, cells) for name, cells in found.items()}
   text = module.table(out, found, constants)
   rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
   # The task's official metric (MRPC: F1), seeds as mean (min..max), unparsed rates averaged.
