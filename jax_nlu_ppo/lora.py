@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 
 import jax
@@ -48,21 +49,50 @@ class LoraConfig:
     return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
-def _adapter_equations(eqn: str) -> tuple[str, str, int]:
-  """Splits a projection `x,kernel->y` into `x,a->...r` and `...r,b->y`; returns n input axes."""
-  lhs, out = eqn.split("->")
-  x, kernel = lhs.split(",")
+def _input_axes(eqn: str) -> int:
+  """How many trailing axes of a projection `x,kernel->y`'s input the kernel contracts.
+
+  The adapter flattens them (and the leading ones) into a matrix, so they must be x's last axes
+  in the kernel's order: true of every projection in `model`.
+  """
+  x, kernel = eqn.split("->")[0].split(",")
   inputs = "".join(c for c in kernel if c in x)
-  outputs = "".join(c for c in kernel if c not in x)
-  batch = "".join(c for c in x if c not in kernel)
-  return f"{x},{inputs}r->{batch}r", f"{batch}r,r{outputs}->{out}", len(inputs)
+  if not x.endswith(inputs) or not kernel.startswith(inputs):
+    raise ValueError(f"LoRA needs a projection whose contracted axes end its input and start "
+                     f"its kernel, got {eqn!r}")
+  return len(inputs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def low_rank(x_ni: Array, a_ir: Array, b_ro: Array, scale: float) -> Array:
+  """scale * x A B on matrices: n rows, i inputs, r rank, o outputs.
+
+  The backward pass is written out so that every transposed operand is a rank-r one. Autodiff
+  of the same product transposes the (rows x outputs) gradient to form B's gradient, which
+  XLA on CPU materialises: it cost more than the MLP's matmuls in the update's backward pass.
+  """
+  return x_ni @ a_ir @ b_ro * scale
+
+
+def _low_rank_fwd(x_ni, a_ir, b_ro, scale):
+  u_nr = x_ni @ a_ir
+  return u_nr @ b_ro * scale, (x_ni, a_ir, b_ro, u_nr)
+
+
+def _low_rank_bwd(scale, residuals, g_no):
+  x_ni, a_ir, b_ro, u_nr = residuals
+  gu_nr = g_no @ b_ro.T * scale
+  return gu_nr @ a_ir.T, (gu_nr.T @ x_ni).T, u_nr.T @ g_no * scale
+
+
+low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 class LoraAdapter(nnx.Module):
   """The low-rank residual of one projection, stacked over layers like the projection itself."""
 
   def __init__(self, proj: model_lib.Einsum, config: LoraConfig, rngs: nnx.Rngs):
-    self.a_eqn, self.b_eqn, n_in = _adapter_equations(proj.eqn)
+    n_in = _input_axes(proj.eqn)
     kernel = proj.kernel
     layers, *shape = kernel.shape
     names = kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim
@@ -83,8 +113,11 @@ class LoraAdapter(nnx.Module):
     if dropout_key is not None and self.dropout > 0:
       keep = jax.random.bernoulli(dropout_key, 1 - self.dropout, x.shape)
       x = jnp.where(keep, x / (1 - self.dropout), 0)
-    low_rank = jnp.einsum(self.a_eqn, x, self.a[...])
-    return jnp.einsum(self.b_eqn, low_rank, self.b[...]) * self.scale
+    a, b = self.a[...], self.b[...]
+    lead = x.shape[:x.ndim - (a.ndim - 1)]
+    y = low_rank(x.reshape(math.prod(lead), -1), a.reshape(-1, a.shape[-1]),
+                 b.reshape(b.shape[0], -1), self.scale)
+    return y.reshape(*lead, *b.shape[1:])
 
 
 def add_lora(llama: model_lib.Llama, config: LoraConfig, rngs: nnx.Rngs) -> model_lib.Llama:

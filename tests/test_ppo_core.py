@@ -262,6 +262,49 @@ def test_adapted_logits_equal_numpy_merged_kernels(targets, rslora):
   assert rel_diff(_llama_logits(folded_def, folded, prompt_bt, mask_bt), reference) <= 1e-5
 
 
+def test_low_rank_gradients_equal_numpy_formulas():
+  # `lora.low_rank` has a hand-written backward pass; this is its calculus, in float64.
+  rng = np.random.default_rng(0)
+  x, a, b, w = (rng.normal(size=s) for s in [(10, 6), (6, 3), (3, 7), (10, 7)])
+  scale = 1.7
+  loss = lambda x, a, b: jnp.sum(lora_lib.low_rank(x, a, b, scale) * w)
+  grads = jax.grad(loss, argnums=(0, 1, 2))(*(jnp.asarray(v, jnp.float32) for v in (x, a, b)))
+  expected = (scale * w @ (a @ b).T, scale * x.T @ w @ b.T, scale * (x @ a).T @ w)
+  for name, ours, ref in zip("xab", grads, expected):
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_adapter_gradients_follow_from_the_merged_kernels_gradients():
+  # Through W' = W + scale A B, dL/dA = scale dL/dW' B^T and dL/dB = scale A^T dL/dW': the
+  # adapted policy's gradients against plain autodiff of the merged decoder, every projection.
+  config = lora_lib.LoraConfig(rank=4, alpha=8.0, dropout=0.0)
+  graphdef, trainable, base = make_policy(config)
+  trainable = randomized(trainable, 2)
+  prompt_bt, mask_bt = prompts()
+  weights = jnp.asarray(np.random.default_rng(3).normal(size=(B, P, VOCAB)), jnp.float32)
+  adapted_loss = lambda t: jnp.sum(_policy_forward(graphdef, t, base, prompt_bt, mask_bt)[0]
+                                   * weights)
+  ours = nnx.to_pure_dict(jax.grad(adapted_loss)(trainable))["llama"]["layers"]
+
+  llama_def, _ = _base()
+  merged, _ = numpy_merged(trainable, lora_lib.ALL_TARGETS, config.scale)
+  merged_loss = lambda p: jnp.sum(_llama_logits(llama_def, p, prompt_bt, mask_bt) * weights)
+  kernel_grads = nnx.to_pure_dict(jax.grad(merged_loss)(merged))["layers"]
+  adapters = nnx.to_pure_dict(trainable)["llama"]["layers"]
+  for target in lora_lib.ALL_TARGETS:
+    block = lora_lib.BLOCKS[target]
+    a_eqn, b_eqn = DELTA_EQNS[target].split("->")[0].split(",")
+    out_eqn = DELTA_EQNS[target].split("->")[1]
+    g = np.asarray(kernel_grads[block][target]["kernel"], np.float64)
+    a = np.asarray(adapters[block][target]["adapter"]["a"], np.float64)
+    b = np.asarray(adapters[block][target]["adapter"]["b"], np.float64)
+    for name, eqn, other in (("a", f"{out_eqn},{b_eqn}->{a_eqn}", b),
+                             ("b", f"{out_eqn},{a_eqn}->{b_eqn}", a)):
+      expected = config.scale * np.einsum(eqn, g, other)
+      got = np.asarray(ours[block][target]["adapter"][name])
+      assert rel_diff(got, expected) <= 1e-4, (target, name, rel_diff(got, expected))
+
+
 # ----------------------------------------------------------------------------------------------
 # Only the adapters and the value head train
 # ----------------------------------------------------------------------------------------------
