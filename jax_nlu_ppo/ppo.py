@@ -228,7 +228,9 @@ def loss_fn(trainable, graphdef, base, batch: Batch, dropout_key, kl_coef, *, co
   logp_bn = ppo_math.token_logprobs(logits_bnv, batch.response_bn)
   pg = ppo_math.policy_loss(logp_bn, batch.old_logp_bn, batch.advantages_bn, mask_bn,
                             config.cliprange)
-  entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits_bnv), mask_bn)
+  # Without an entropy bonus the entropy is only reported: no backward pass through it.
+  entropy_logits_bnv = logits_bnv if config.ent_coef else jax.lax.stop_gradient(logits_bnv)
+  entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(entropy_logits_bnv), mask_bn)
   loss = pg.loss - config.ent_coef * entropy
   metrics = {"policy/approxkl": pg.approx_kl, "policy/clipfrac": pg.clipfrac,
              "policy/ratio": pg.ratio_mean, "loss/policy": pg.loss, "objective/entropy": entropy}
