@@ -144,8 +144,8 @@ def plan(config: TrainConfig, model_config: LlamaConfig, layout: sharding_lib.La
   cache = jax.eval_shape(lambda: model_lib.KVCache.zeros(model_config, samples, prompt_len + new,
                                                          cache_dtype))
   # The cache is split like the batch, and over the tensor axis by KV heads.
-  cache_sh = layout.sharding(("layers", "batch", "length", "kv_heads", "head_dim"))
-  parts.append(Part(KV_CACHE, device_bytes(cache, [cache_sh, cache_sh]),
+  cache_sh = [layout.sharding(axes) for axes in model_lib.KVCache.AXES]
+  parts.append(Part(KV_CACHE, device_bytes(cache, cache_sh),
                     f"{samples} samples x {prompt_len}+{new} tokens"))
 
   compile_s = None

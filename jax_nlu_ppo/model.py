@@ -95,14 +95,38 @@ def rope(x_btnh: Array, sin_bth: Array, cos_bth: Array) -> Array:
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer, preallocated to the full sequence length."""
-  k_lbskh: Array
-  v_lbskh: Array
+  """Keys and values of every layer, preallocated to the full sequence length.
+
+  Each is stored as attention's matmuls read it (keys with slots last, values with slots before
+  head_dim), so that a decode step does not transpose the whole cache in every layer.
+  """
+  k_lbkhs: Array
+  v_lbksh: Array
+  # The fields' logical axis names, for code that places a cache on a mesh.
+  AXES = (("layers", "batch", "kv_heads", "head_dim", "length"),
+          ("layers", "batch", "kv_heads", "length", "head_dim"))
 
   @classmethod
   def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype) -> KVCache:
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    b, s, k, h = batch, length, config.num_kv_heads, config.head_dim
+    layers = config.num_layers
+    return cls(jnp.zeros((layers, b, k, h, s), dtype), jnp.zeros((layers, b, k, s, h), dtype))
+
+
+def _masked_softmax(logits: Array, scale: float, mask: Array) -> Array:
+  """Softmax over the last (key) axis, in float32, of the scaled logits where `mask` allows."""
+  return jax.nn.softmax(jnp.where(mask, logits.astype(jnp.float32) * scale, _MASK_VALUE),
+                        axis=-1)
+
+
+def _decode_attention(q_bkgh: Array, k_bkhs: Array, v_bksh: Array, mask_bs: Array,
+                      scale: float) -> Array:
+  """One query position per row: per (row, kv head) a (g x h) by (h x s) product, too small
+  for a matmul kernel, so written as multiplies and sums that XLA fuses with reading the cache;
+  the result comes out in (b, k, g, h) order, which o_proj reads without a transpose."""
+  logits_bkgs = jnp.sum(q_bkgh[..., None] * k_bkhs[:, :, None], axis=-2)
+  probs_bkgs = _masked_softmax(logits_bkgs, scale, mask_bs[:, None, None])
+  return jnp.sum(probs_bkgs.astype(v_bksh.dtype)[..., None] * v_bksh[:, :, None], axis=-2)
 
 
 class Attention(nnx.Module):
@@ -122,27 +146,33 @@ class Attention(nnx.Module):
     self.scale = h ** -0.5
 
   def __call__(self, x_btd: Array, sin_bth: Array, cos_bth: Array, mask_bts: Array,
-               kv_bskh: tuple[Array, Array] | None, cache_index: Array | None,
+               kv: tuple[Array, Array] | None, cache_index: Array | None,
                dropout_key: Array | None = None):
+    """Returns the output and, with a cache layer `kv`, this call's keys and values in the
+    cache's layout (the caller writes them into the cache)."""
     q_key, k_key, v_key, o_key = _keys(dropout_key, 4)
     q_btnh = rope(self.q_proj(x_btd, q_key), sin_bth, cos_bth)
-    k_btkh = rope(self.k_proj(x_btd, k_key), sin_bth, cos_bth)
-    v_btkh = self.v_proj(x_btd, v_key)
-    if kv_bskh is None:
-      k_bskh, v_bskh = k_btkh, v_btkh
+    k_bkht = rope(self.k_proj(x_btd, k_key), sin_bth, cos_bth).transpose(0, 2, 3, 1)
+    v_bkth = self.v_proj(x_btd, v_key).transpose(0, 2, 1, 3)
+    if kv is None:
+      k_bkhs, v_bksh = k_bkht, v_bkth
     else:
-      start = (0, cache_index, 0, 0)
-      k_bskh = jax.lax.dynamic_update_slice(kv_bskh[0], k_btkh.astype(kv_bskh[0].dtype), start)
-      v_bskh = jax.lax.dynamic_update_slice(kv_bskh[1], v_btkh.astype(kv_bskh[1].dtype), start)
+      k_bkht, v_bkth = k_bkht.astype(kv[0].dtype), v_bkth.astype(kv[1].dtype)
+      k_bkhs = jax.lax.dynamic_update_slice(kv[0], k_bkht, (0, 0, 0, cache_index))
+      v_bksh = jax.lax.dynamic_update_slice(kv[1], v_bkth, (0, 0, cache_index, 0))
     b, t, n, h = q_btnh.shape
     q_btkgh = q_btnh.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
-    logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh.astype(q_btkgh.dtype))
-    logits_bkgts = logits_bkgts.astype(jnp.float32) * self.scale
-    logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, _MASK_VALUE)
-    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskh.dtype)
-    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
-    out_btd = self.o_proj(out_btkgh.reshape(b, t, n, h).astype(x_btd.dtype), o_key)
-    return out_btd, (k_bskh, v_bskh)
+    k_bkhs = k_bkhs.astype(q_btkgh.dtype)
+    if t == 1:
+      out_btnh = _decode_attention(q_btkgh[:, 0], k_bkhs, v_bksh, mask_bts[:, 0], self.scale
+                                   ).reshape(b, t, n, h)
+    else:
+      logits_bkgts = jnp.einsum("btkgh,bkhs->bkgts", q_btkgh, k_bkhs)
+      probs_bkgts = _masked_softmax(logits_bkgts, self.scale, mask_bts[:, None, None])
+      out_btkgh = jnp.einsum("bkgts,bksh->btkgh", probs_bkgts.astype(v_bksh.dtype), v_bksh)
+      out_btnh = out_btkgh.reshape(b, t, n, h)
+    out_btd = self.o_proj(out_btnh.astype(x_btd.dtype), o_key)
+    return out_btd, None if kv is None else (k_bkht, v_bkth)
 
 
 class MLP(nnx.Module):
@@ -171,13 +201,13 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
     self.mlp = MLP(config, dtype=dtype, **kw)
 
-  def __call__(self, x_btd, sin_bth, cos_bth, mask_bts, kv_bskh, cache_index, dropout_key=None):
+  def __call__(self, x_btd, sin_bth, cos_bth, mask_bts, kv, cache_index, dropout_key=None):
     attn_key, mlp_key = _keys(dropout_key, 2)
-    attn_btd, kv_bskh = self.self_attn(self.input_layernorm(x_btd), sin_bth, cos_bth, mask_bts,
-                                       kv_bskh, cache_index, attn_key)
+    attn_btd, new_kv = self.self_attn(self.input_layernorm(x_btd), sin_bth, cos_bth, mask_bts,
+                                      kv, cache_index, attn_key)
     x_btd = x_btd + attn_btd
     x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd), mlp_key)
-    return x_btd, kv_bskh
+    return x_btd, new_kv
 
 
 class Llama(nnx.Module):
@@ -236,20 +266,27 @@ class Llama(nnx.Module):
     graphdef, layer_state = nnx.split(self.layers)
 
     def body(x_btd, xs):
-      state, kv_bskh, layer_key = xs
+      state, kv, layer_key = xs
       layer = nnx.merge(graphdef, state)
       # The residual stream stays split over the batch axes between layers (the weights are
       # gathered to it, not it to them): FSDP's pattern.
       x_btd = sharding.constrain(x_btd, _RESIDUAL)
-      return layer(x_btd, sin_bth, cos_bth, mask_bts, kv_bskh, cache_index, layer_key)
+      return layer(x_btd, sin_bth, cos_bth, mask_bts, kv, cache_index, layer_key)
 
     if self.remat_policy is not None:
       body = jax.checkpoint(body, policy=self.remat_policy)
-    kv = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
+    kv = None if cache is None else (cache.k_lbkhs, cache.v_lbksh)
     layer_keys = (None if dropout_key is None
                   else jax.random.split(dropout_key, self.config.num_layers))
-    x_btd, kv_lbskh = jax.lax.scan(body, x_btd, (layer_state, kv, layer_keys))
-    new_cache = None if cache is None else KVCache(*kv_lbskh)
+    x_btd, new_kv = jax.lax.scan(body, x_btd, (layer_state, kv, layer_keys))
+    new_cache = None
+    if cache is not None:
+      # The layers return only this call's entries; one in-place write per array puts them in
+      # the cache, instead of each layer copying its whole cache slice out as a scan output.
+      k_lbkht, v_lbkth = new_kv
+      new_cache = KVCache(
+          jax.lax.dynamic_update_slice(cache.k_lbkhs, k_lbkht, (0, 0, 0, 0, cache_index)),
+          jax.lax.dynamic_update_slice(cache.v_lbksh, v_lbkth, (0, 0, 0, cache_index, 0)))
     return self.norm(sharding.constrain(x_btd, _RESIDUAL)), new_cache
 
   def logits(self, hidden_btd: Array) -> Array:
