@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jax_nlu_ppo import compiles
+from jax_nlu_ppo import op_profile
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import ppo as ppo_lib
@@ -75,8 +76,10 @@ def phase_flops(config: LlamaConfig, w: Workload) -> dict[str, float]:
           "experience": forward, "update": 2 * forward}
 
 
-def matmul_ceiling(dtype, size: int = 2048, repeats: int = 5) -> float:
-  """GFLOP/s of a jitted (size x size) @ (size x size) matmul: the machine's practical peak."""
+def matmul_ceiling(dtype, size: int = 2048, repeats: int = 15) -> float:
+  """GFLOP/s of a jitted (size x size) @ (size x size) matmul, best of `repeats`: the machine's
+  practical peak. The best rather than the median, because on a shared machine a neighbour's
+  burst during one 50 ms matmul would otherwise lower the ceiling and inflate every MFU."""
   x = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), dtype)
   matmul = jax.jit(lambda a, b: a @ b)
   jax.block_until_ready(matmul(x, x))
@@ -85,7 +88,7 @@ def matmul_ceiling(dtype, size: int = 2048, repeats: int = 5) -> float:
     start = time.perf_counter()
     jax.block_until_ready(matmul(x, x))
     times.append(time.perf_counter() - start)
-  return 2 * size ** 3 / statistics.median(times) / 1e9
+  return 2 * size ** 3 / min(times) / 1e9
 
 
 def prompt_ids(tokenizer, batch: int, length: int, vocab_size: int) -> np.ndarray:
@@ -117,9 +120,11 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
-               progress: Callable[[str], None] = print) -> dict[str, Any]:
+               progress: Callable[[str], None] = print,
+               profile: str | None = None) -> dict[str, Any]:
   """Seconds per phase of `iterations` PPO iterations after a first (compiling) one, through
-  the trainer's jitted programs on one device; and compilations after the first."""
+  the trainer's jitted programs on one device; and compilations after the first. With
+  `profile` (a folder), one more iteration is traced there and its ops tabulated."""
   config = config_lib.load_config(None, [
       f"lora.rank={w.rank}", "lora.dropout=0.0", "value_dropout=0.0",
       f"rollout.batch_size={w.batch}", f"rollout.min_new_tokens={w.new_tokens}",
@@ -141,18 +146,26 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
   mask_bt = np.ones_like(prompt_bt)
   scores_b = np.random.default_rng(0).choice([-1.0, 1.0], w.batch).astype(np.float32)
   rng = np.random.default_rng(0)
+  calls = {}    # each step's last arguments (as shapes), for the profile's program texts
+
+  def call(step, *args):
+    calls[step] = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, jax.Array) else x, args)
+    return step(*args)
 
   def iteration(state, seed: int, limit: int = w.new_tokens):
     times = {}
-    gen, times["rollout"] = _timed(lambda: steps.rollout(base, state.trainable, prompt_bt,
-                                                         mask_bt, jax.random.key(seed), limit))
-    (batch, _), times["experience"] = _timed(lambda: steps.experience(
-        base, state.trainable, reference, prompt_bt, mask_bt, gen, scores_b, state.kl_coef))
+    gen, times["rollout"] = _timed(lambda: call(steps.rollout, base, state.trainable, prompt_bt,
+                                                mask_bt, jax.random.key(seed), limit))
+    (batch, _), times["experience"] = _timed(lambda: call(
+        steps.experience, base, state.trainable, reference, prompt_bt, mask_bt, gen, scores_b,
+        state.kl_coef))
     start = time.perf_counter()
     order = rng.permutation(w.batch)
     for begin in range(0, w.batch, w.minibatch):
       minibatch = steps.minibatch(batch, order[begin:begin + w.minibatch])
-      state, metrics = steps.update(state, base, minibatch, jax.random.key(seed))
+      state, metrics = call(steps.update, state, base, minibatch, jax.random.key(seed))
     jax.block_until_ready(metrics)
     times["update"] = time.perf_counter() - start
     times["iteration"] = sum(times.values())
@@ -173,18 +186,28 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
                                           jax.random.key(99), 1))[1] for _ in range(3)]
   median = {k: statistics.median(r[k] for r in runs) for k in PHASES}
   prefill_s = statistics.median(prefill)
-  return {"first_s": first, "median_s": median, "compile_s": {
-              k: first[k] - median[k] for k in PHASES},
-          "prefill_s": prefill_s,
-          "decode_s": max(median["rollout"] - prefill_s, 1e-9),
-          "compilations_first_iteration": first_compiles,
-          "recompilations_after_first_iteration": compiles.count() - compiled}
+  out = {"first_s": first, "median_s": median, "compile_s": {
+             k: first[k] - median[k] for k in PHASES},
+         "prefill_s": prefill_s,
+         "decode_s": max(median["rollout"] - prefill_s, 1e-9),
+         "compilations_first_iteration": first_compiles,
+         "recompilations_after_first_iteration": compiles.count() - compiled}
+  if profile:
+    with jax.profiler.trace(profile, create_perfetto_trace=True):
+      iteration(state, iterations + 1)
+    # Compiled again ahead of time for their text (op names, shapes, JAX source), after the
+    # recompilation count above was taken.
+    programs = [step.lower(*args).compile().as_text() for step, args in calls.items()]
+    ops = op_profile.op_times(op_profile.latest_trace(profile), programs)
+    out["profile_ops"] = [dataclasses.asdict(op) for op in ops]
+    progress(f"one iteration traced in {profile}; its longest ops:\n{op_profile.table(ops)}")
+  return out
 
 
 def run(model: str = pretrained.DEFAULT_MODEL, preset: str | None = None,
         workload: Workload = Workload(), iterations: int = 3, torch_side: bool = True,
         trl: bool = True, trl_steps: int = 3, output: str | None = None,
-        progress: Callable[[str], None] = print) -> dict[str, Any]:
+        profile: str | None = None, progress: Callable[[str], None] = print) -> dict[str, Any]:
   """The whole benchmark: ceiling, ours, PyTorch; prints the table and returns the figures."""
   w = workload
   lm = (random_model(preset, w.dtype) if preset
@@ -195,7 +218,7 @@ def run(model: str = pretrained.DEFAULT_MODEL, preset: str | None = None,
   ceiling = {"float32": matmul_ceiling(jnp.float32), "bfloat16": matmul_ceiling(jnp.bfloat16)}
   progress(f"matmul ceiling: {ceiling['float32']:.1f} GFLOP/s float32, "
            f"{ceiling['bfloat16']:.1f} bfloat16")
-  ours = bench_ours(lm, w, iterations, progress)
+  ours = bench_ours(lm, w, iterations, progress, profile)
   flops = phase_flops(lm.config, w)
   peak = ceiling[w.dtype] * 1e9
   seconds = {**ours["median_s"], "prefill": ours["prefill_s"], "decode": ours["decode_s"]}

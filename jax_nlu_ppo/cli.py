@@ -217,6 +217,9 @@ def _parser() -> argparse.ArgumentParser:
   bn.add_argument("--trl-steps", type=int, default=2,
                   help="timed TRL steps after the first (default: %(default)s)")
   bn.add_argument("--output", default=None, help="write the figures as JSON here")
+  bn.add_argument("--profile", default=None, metavar="DIR",
+                  help="trace one more iteration into DIR (for Perfetto or TensorBoard) and "
+                  "print its longest XLA ops, each with the JAX operation it came from")
   bn.set_defaults(run=run_bench)
   return parser
 
@@ -559,7 +562,7 @@ def run_bench(args) -> int:
                             args.rank, args.dtype, args.remat)
   bench.run(args.model, args.preset, workload, args.iterations, torch_side=not args.no_torch,
             trl=not args.no_trl, trl_steps=args.trl_steps, output=args.output,
-            progress=log.info)
+            profile=args.profile, progress=log.info)
   return 0
 
 

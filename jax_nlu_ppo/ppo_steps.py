@@ -91,9 +91,11 @@ def build(graphdef, sh: Shardings, tx: optax.GradientTransformation, config: Tra
       out_shardings=(sh.batch, sh.rows2))
   minibatch = jax.jit(lambda batch, rows: jax.tree.map(lambda x: x[rows], batch),
                       in_shardings=(sh.batch, rep), out_shardings=sh.batch)
-  update_fn = functools.partial(ppo_lib.update_minibatch, tx=tx, config=config.ppo,
-                                temperature=r.temperature)
-  update = jax.jit(lambda state, base, batch, key: update_fn(state, graphdef, base, batch, key),
-                   in_shardings=(sh.state, sh.base, sh.batch, rep),
+
+  def update(state, base, batch, key):
+    return ppo_lib.update_minibatch(state, graphdef, base, batch, key, tx=tx, config=config.ppo,
+                                    temperature=r.temperature)
+
+  update = jax.jit(update, in_shardings=(sh.state, sh.base, sh.batch, rep),
                    out_shardings=(sh.state, rep), donate_argnums=0)
   return Steps(rollout, experience, minibatch, update, sh)

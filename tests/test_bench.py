@@ -45,10 +45,19 @@ def test_phase_flops_follow_the_workload():
   assert flops["decode"] == no_head + head
 
 
-def test_bench_ours_runs_the_trainer_steps_without_recompiling():
+def test_bench_ours_runs_the_trainer_steps_without_recompiling(tmp_path):
   lm = pretrained.LanguageModel(CONFIG, *random_llama(CONFIG))
   w = bench.Workload(batch=4, prompt_len=8, new_tokens=4, minibatch=2)
-  out = bench.bench_ours(lm, w, iterations=2, progress=lambda _: None)
+  out = bench.bench_ours(lm, w, iterations=2, progress=lambda _: None, profile=str(tmp_path))
   assert out["compilations_first_iteration"] >= 4           # rollout, experience, minibatch, update
   assert out["recompilations_after_first_iteration"] == 0
   assert all(np.isfinite(v) and v > 0 for v in out["median_s"].values())
+  # The profile: ops of all three steps, named from their programs (the update's backward
+  # pass among them), in the update's two calls per iteration.
+  ops = out["profile_ops"]
+  modules = {op["module"] for op in ops}
+  assert {"jit_rollout", "jit_experience_batch", "jit_update"} <= modules, modules
+  backward = [op for op in ops if "transpose(jvp" in op["source"]]
+  assert backward and all(op["module"] == "jit_update" for op in backward)
+  assert not any(op["op"].startswith("while") for op in ops)
+  assert all(op["source"] for op in ops[:5])

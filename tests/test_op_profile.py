@@ -1,0 +1,35 @@
+"""The op profile against a program whose costs are known: a large matmul and a small add."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jax_nlu_ppo import op_profile
+
+
+def test_op_times_finds_the_matmul_and_names_it(tmp_path):
+  @jax.jit
+  def work(x, y):
+    return (x @ y) + 1.0, y[:8] * 2.0
+
+  x = jnp.ones((768, 768), jnp.float32)
+  jax.block_until_ready(work(x, x))
+  with jax.profiler.trace(tmp_path, create_perfetto_trace=True):
+    for _ in range(3):
+      jax.block_until_ready(work(x, x))
+  program = work.lower(x, x).compile().as_text()
+  ops = op_profile.op_times(op_profile.latest_trace(tmp_path), [program])
+
+  mine = [op for op in ops if op.module == "jit_work"]
+  assert mine, [op.module for op in ops]
+  # A 768^3 matmul is ~1000x the FLOPs of the rest: it must come first, called once per run,
+  # and be traced back to its JAX operation and result shape.
+  top = mine[0]
+  assert top.calls == 3
+  assert "dot_general" in top.source and top.shape.startswith("f32[768,768]")
+  assert all(op.seconds <= top.seconds for op in ops)
+  assert "jit_work" in op_profile.table(ops)
+
+
+def test_latest_trace_says_where_it_looked(tmp_path):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    op_profile.latest_trace(tmp_path)
