@@ -83,5 +83,6 @@ def table(ops: list[OpTime], top: int = 15) -> str:
                  f"{op.source[-70:]} |")
   lines.append("")
   lines.append("op time per program (ms): " + ", ".join(
-      f"{module} {seconds * 1e3:.0f}" for module, seconds in per_module.most_common()))
+      f"{module} {seconds * 1e3:.0f}" for module, seconds in per_module.most_common()
+      if seconds >= 5e-4))
   return "\n".join(lines)
