@@ -123,8 +123,8 @@ def _decode_attention(q_bkgh: Array, k_bkhs: Array, v_bksh: Array, mask_bs: Arra
                       scale: float) -> Array:
   """One query position per row: per (row, kv head) a (g x h) by (h x s) product, too small
   for a matmul kernel, so written as multiplies and sums that XLA fuses with reading the cache;
-  the result comes out in (b, k, g, h) order, which o_proj reads without a transpose. The sums
-  run in float32, as a matmul would accumulate them."""
+  the result comes out in (b, k, g, h) order, o_proj's input order. The sums run in float32, as
+  a matmul would accumulate them."""
   f32 = jnp.float32
   logits_bkgs = jnp.sum(q_bkgh[..., None].astype(f32) * k_bkhs[:, :, None].astype(f32), axis=-2)
   probs_bkgs = _masked_softmax(logits_bkgs, scale, mask_bs[:, None, None])
