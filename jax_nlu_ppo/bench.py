@@ -146,12 +146,13 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
   mask_bt = np.ones_like(prompt_bt)
   scores_b = np.random.default_rng(0).choice([-1.0, 1.0], w.batch).astype(np.float32)
   rng = np.random.default_rng(0)
-  calls = {}    # each step's last arguments (as shapes), for the profile's program texts
+  calls = {}    # with `profile`: each step's last arguments (as shapes), for its program text
 
   def call(step, *args):
-    calls[step] = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        if isinstance(x, jax.Array) else x, args)
+    if profile:
+      calls[step] = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+          if isinstance(x, jax.Array) else x, args)
     return step(*args)
 
   def iteration(state, seed: int, limit: int = w.new_tokens):

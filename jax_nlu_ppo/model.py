@@ -108,9 +108,9 @@ class KVCache:
 
   @classmethod
   def zeros(cls, config: LlamaConfig, batch: int, length: int, dtype) -> KVCache:
-    b, s, k, h = batch, length, config.num_kv_heads, config.head_dim
-    layers = config.num_layers
-    return cls(jnp.zeros((layers, b, k, h, s), dtype), jnp.zeros((layers, b, k, s, h), dtype))
+    sizes = {"layers": config.num_layers, "batch": batch, "kv_heads": config.num_kv_heads,
+             "head_dim": config.head_dim, "length": length}
+    return cls(*(jnp.zeros(tuple(sizes[axis] for axis in axes), dtype) for axes in cls.AXES))
 
 
 def _masked_softmax(logits: Array, scale: float, mask: Array) -> Array:
@@ -165,12 +165,11 @@ class Attention(nnx.Module):
       v_bksh = jax.lax.dynamic_update_slice(kv[1], v_bkth, (0, 0, cache_index, 0))
     b, t, n, h = q_btnh.shape
     q_btkgh = q_btnh.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
-    k_bkhs = k_bkhs.astype(q_btkgh.dtype)
     if t == 1:
       out_btnh = _decode_attention(q_btkgh[:, 0], k_bkhs, v_bksh, mask_bts[:, 0], self.scale
                                    ).reshape(b, t, n, h)
     else:
-      logits_bkgts = jnp.einsum("btkgh,bkhs->bkgts", q_btkgh, k_bkhs)
+      logits_bkgts = jnp.einsum("btkgh,bkhs->bkgts", q_btkgh, k_bkhs.astype(q_btkgh.dtype))
       probs_bkgts = _masked_softmax(logits_bkgts, self.scale, mask_bts[:, None, None])
       out_btkgh = jnp.einsum("bkgts,bksh->btkgh", probs_bkgts.astype(v_bksh.dtype), v_bksh)
       out_btnh = out_btkgh.reshape(b, t, n, h)

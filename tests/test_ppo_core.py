@@ -293,8 +293,8 @@ def test_adapter_gradients_follow_from_the_merged_kernels_gradients():
   adapters = nnx.to_pure_dict(trainable)["llama"]["layers"]
   for target in lora_lib.ALL_TARGETS:
     block = lora_lib.BLOCKS[target]
-    a_eqn, b_eqn = DELTA_EQNS[target].split("->")[0].split(",")
-    out_eqn = DELTA_EQNS[target].split("->")[1]
+    inputs, out_eqn = DELTA_EQNS[target].split("->")
+    a_eqn, b_eqn = inputs.split(",")
     g = np.asarray(kernel_grads[block][target]["kernel"], np.float64)
     a = np.asarray(adapters[block][target]["adapter"]["a"], np.float64)
     b = np.asarray(adapters[block][target]["adapter"]["b"], np.float64)
