@@ -76,10 +76,13 @@ def phase_flops(config: LlamaConfig, w: Workload) -> dict[str, float]:
           "experience": forward, "update": 2 * forward}
 
 
-def matmul_ceiling(dtype, size: int = 2048, repeats: int = 15) -> float:
+def matmul_ceiling(dtype, size: int | None = None, repeats: int = 15) -> float:
   """GFLOP/s of a jitted (size x size) @ (size x size) matmul, best of `repeats`: the machine's
   practical peak. The best rather than the median, because on a shared machine a neighbour's
-  burst during one 50 ms matmul would otherwise lower the ceiling and inflate every MFU."""
+  burst during one 50 ms matmul would otherwise lower the ceiling and inflate every MFU. The
+  default size is 2048 on CPU and 8192 on accelerators, where a smaller one would time the
+  launch rather than the arithmetic."""
+  size = size or (2048 if jax.devices()[0].platform == "cpu" else 8192)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), dtype)
   matmul = jax.jit(lambda a, b: a @ b)
   jax.block_until_ready(matmul(x, x))
@@ -99,7 +102,7 @@ def prompt_ids(tokenizer, batch: int, length: int, vocab_size: int) -> np.ndarra
     lines = found[0].read_text().splitlines()[1:]
     ids = tokenizer(" ".join(line.split("\t")[0] for line in lines))["input_ids"]
     return np.asarray(ids[:batch * length], np.int32).reshape(batch, length)
-  print("(SST-2 dev text not found: random token ids)")
+  print(f"(random token ids: {'no tokenizer' if tokenizer is None else 'no SST-2 dev text'})")
   return np.random.default_rng(0).integers(100, vocab_size, (batch, length), dtype=np.int32)
 
 
@@ -172,10 +175,11 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
     times["iteration"] = sum(times.values())
     return state, times
 
-  compiled = compiles.count()
+  compiled, loaded = compiles.count(), compiles.cache_hits()
   state, first = iteration(state, 0)
-  first_compiles = compiles.count() - compiled
-  progress(f"ours: first iteration {first['iteration']:.1f} s ({first_compiles} compilations)")
+  first_compiles, first_loaded = compiles.count() - compiled, compiles.cache_hits() - loaded
+  progress(f"ours: first iteration {first['iteration']:.1f} s ({first_compiles} compilations, "
+           f"{first_loaded} of them loaded from the persistent cache)")
   compiled = compiles.count()
   runs = []
   for i in range(iterations):
@@ -192,6 +196,7 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
          "prefill_s": prefill_s,
          "decode_s": max(median["rollout"] - prefill_s, 1e-9),
          "compilations_first_iteration": first_compiles,
+         "cache_hits_first_iteration": first_loaded,
          "recompilations_after_first_iteration": compiles.count() - compiled}
   if profile:
     with jax.profiler.trace(profile, create_perfetto_trace=True):
@@ -235,10 +240,11 @@ def run(model: str = pretrained.DEFAULT_MODEL, preset: str | None = None,
       "recompilations_after_first_iteration": ours["recompilations_after_first_iteration"]}
   if torch_side:
     from jax_nlu_ppo import bench_torch
-    if preset:
-      raise ValueError("the PyTorch side needs real weights: drop --preset or add --no-torch")
-    theirs = bench_torch.run(lm, w, iterations, trl=trl, trl_steps=trl_steps,
-                             progress=progress)
+    if trl and lm.tokenizer is None:
+      progress("no TRL step: GRPOTrainer needs a tokenizer, which a --preset's random weights "
+               "do not have")
+    theirs = bench_torch.run(lm, w, iterations, trl=trl and lm.tokenizer is not None,
+                             trl_steps=trl_steps, progress=progress)
     result["torch"] = theirs
     result["rollout_ratio_vs_torch"] = (result["rollout_tokens_per_s"]
                                         / theirs["rollout_tokens_per_s"])
@@ -267,10 +273,12 @@ def table(result: dict[str, Any]) -> str:
       lines.append(f"| TRL GRPOTrainer step ({theirs['trl_workload']}) | | | "
                    f"{theirs['trl_step_s']:.2f} | |")
   mfu = result["mfu"]
-  lines += ["", f"rollout new tokens/s: {tokens}",
+  devices = f"ours on {result['device']}" + (f", PyTorch on {theirs['device']}" if theirs else "")
+  lines += ["", devices, f"rollout new tokens/s: {tokens}",
             f"matmul ceiling {result['matmul_peak_gflops']:.1f} GFLOP/s "
             f"({result['workload']['dtype']}); MFU: prefill {mfu['prefill']:.1%}, decode "
             f"{mfu['decode']:.1%}, experience {mfu['experience']:.1%}, update {mfu['update']:.1%}",
-            f"compilations: {ours['compilations_first_iteration']} in the first iteration, "
+            f"compilations: {ours['compilations_first_iteration']} in the first iteration "
+            f"({ours['cache_hits_first_iteration']} loaded from the persistent cache), "
             f"{ours['recompilations_after_first_iteration']} after it"]
   return "\n".join(lines)

@@ -13,10 +13,15 @@ library).
 
 transformers loads the embedded GGUF dequantised, but will neither train nor save a model
 loaded from a quantised file, so our export writes it once as a plain Hugging Face folder (equal
-to ours within 4.4e-6, tests/test_export.py) and both PyTorch sides load that.
+to ours within 4.4e-6, tests/test_export.py) and both PyTorch sides load that. The same export
+carries a `--preset`'s random weights over, so both stacks run the same model there too.
+
+PyTorch runs on CUDA when it sees a GPU, in the workload's dtype (the adapters stay float32, as
+peft keeps them and as ours are), and each phase's clock stops after a device synchronisation.
 """
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import tempfile
@@ -30,9 +35,17 @@ from jax_nlu_ppo import export
 from jax_nlu_ppo import pretrained
 
 
-def plain_folder(lm: pretrained.LanguageModel, folder: str) -> str:
-  """`lm` as a plain float32 Hugging Face folder (weights and tokenizer), by our own export."""
-  return export.export_merged(lm, None, None, os.path.join(folder, "model"))
+def plain_folder(lm: pretrained.LanguageModel, folder: str, dtype: str = "float32") -> str:
+  """`lm` as a plain Hugging Face folder (weights and tokenizer), by our own export."""
+  return export.export_merged(lm, None, None, os.path.join(folder, "model"), dtype=dtype)
+
+
+def _now(device: str) -> float:
+  """The clock, read once the device has finished the work queued on it."""
+  import torch
+  if device == "cuda":
+    torch.cuda.synchronize()
+  return time.perf_counter()
 
 
 def _lora(rank: int, targets):
@@ -43,44 +56,52 @@ def _lora(rank: int, targets):
 
 def run(lm: pretrained.LanguageModel, w: bench.Workload, iterations: int, trl: bool = True,
         trl_steps: int = 3, progress: Callable[[str], None] = print) -> dict[str, Any]:
+  """Seconds per phase of `iterations` iterations after a first; `trl` adds the GRPOTrainer
+  step (it needs `lm`'s tokenizer: a random-weight preset has none)."""
   import peft
   import torch
   import transformers
   torch.manual_seed(0)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  dtype = getattr(torch, w.dtype)
+  now = functools.partial(_now, device)
   with tempfile.TemporaryDirectory() as tmp:
-    folder = plain_folder(lm, tmp)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    folder = plain_folder(lm, tmp, w.dtype)
+    tokenizer = (transformers.AutoTokenizer.from_pretrained(folder)
+                 if lm.tokenizer is not None else None)
+    pad_id = (tokenizer.pad_token_id if tokenizer is not None else None) or 0
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     policy = peft.get_peft_model(base, _lora(w.rank, list(_TARGETS)))
-    value_head = torch.nn.Linear(base.config.hidden_size, 1)
+    value_head = torch.nn.Linear(base.config.hidden_size, 1, device=device)
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     prompt = torch.as_tensor(bench.prompt_ids(tokenizer, w.batch, w.prompt_len,
-                                              base.config.vocab_size), dtype=torch.long)
+                                              base.config.vocab_size), dtype=torch.long,
+                             device=device)
     mask = torch.ones_like(prompt)
 
     def iteration() -> dict[str, float]:
       times = {}
-      start = time.perf_counter()
+      start = now()
       policy.eval()
       with torch.no_grad():
         tokens = policy.generate(input_ids=prompt, attention_mask=mask, do_sample=True,
                                  temperature=1.0, top_k=0, top_p=1.0,
                                  max_new_tokens=w.new_tokens, min_new_tokens=w.new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id or 0)
-      times["rollout"] = time.perf_counter() - start
-      start = time.perf_counter()
+                                 pad_token_id=pad_id)
+      times["rollout"] = now() - start
+      start = now()
       full_mask = torch.ones_like(tokens)
       with torch.no_grad():
         old_logp, old_values = _logp_values(policy, value_head, tokens, full_mask, w)
         with policy.disable_adapter():
           _logp_values(policy, value_head, tokens, full_mask, w)
-      advantages = torch.randn(old_logp.shape)
+      advantages = torch.randn(old_logp.shape, device=device)
       returns = old_values + advantages
-      times["experience"] = time.perf_counter() - start
-      start = time.perf_counter()
+      times["experience"] = now() - start
+      start = now()
       policy.train()
-      order = torch.randperm(w.batch)
+      order = torch.randperm(w.batch, device=device)
       for begin in range(0, w.batch, w.minibatch):
         rows = order[begin:begin + w.minibatch]
         logp, values = _logp_values(policy, value_head, tokens[rows], full_mask[rows], w)
@@ -92,7 +113,7 @@ def run(lm: pretrained.LanguageModel, w: bench.Workload, iterations: int, trl: b
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-      times["update"] = time.perf_counter() - start
+      times["update"] = now() - start
       times["iteration"] = sum(times.values())
       return times
 
@@ -105,10 +126,11 @@ def run(lm: pretrained.LanguageModel, w: bench.Workload, iterations: int, trl: b
     median = {k: statistics.median(r[k] for r in runs) for k in bench.PHASES}
     out = {"first_s": first, "median_s": median, "torch": torch.__version__,
            "transformers": transformers.__version__, "peft": peft.__version__,
-           "threads": torch.get_num_threads(),
+           "device": (torch.cuda.get_device_name() if device == "cuda"
+                      else f"cpu, {torch.get_num_threads()} threads"),
            "rollout_tokens_per_s": w.batch * w.new_tokens / median["rollout"]}
     if trl:
-      out |= _trl_step(folder, tokenizer, w, trl_steps, progress)
+      out |= _trl_step(folder, tokenizer, w, trl_steps, device, progress)
   return out
 
 
@@ -122,11 +144,11 @@ def _logp_values(policy, value_head, tokens, mask, w: bench.Workload):
   start = w.prompt_len - 1
   logits = out.logits[:, start:start + w.new_tokens].float()
   logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, w.prompt_len:, None])[..., 0]
-  hidden = out.hidden_states[-1][:, start:start + w.new_tokens]
+  hidden = out.hidden_states[-1][:, start:start + w.new_tokens].float()
   return logp, value_head(hidden)[..., 0]
 
 
-def _trl_step(folder: str, tokenizer, w: bench.Workload, steps: int,
+def _trl_step(folder: str, tokenizer, w: bench.Workload, steps: int, device: str,
               progress: Callable[[str], None]) -> dict[str, Any]:
   """Median seconds of TRL GRPOTrainer optimiser steps after the first."""
   import datasets
@@ -141,20 +163,22 @@ def _trl_step(folder: str, tokenizer, w: bench.Workload, steps: int,
 
   times: list[float] = []
 
+  now = functools.partial(_now, device)
+
   class Clock(transformers.TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
-      self.start = time.perf_counter()
+      self.start = now()
 
     def on_step_end(self, args, state, control, **kwargs):
-      times.append(time.perf_counter() - self.start)
+      times.append(now() - self.start)
       progress(f"TRL GRPOTrainer: step {len(times)}/{steps + 1} {times[-1]:.1f} s")
 
   with tempfile.TemporaryDirectory() as out_dir:
     config = trl.GRPOConfig(
         output_dir=out_dir, per_device_train_batch_size=prompts * generations,
         num_generations=generations, max_completion_length=w.new_tokens, max_steps=steps + 1,
-        learning_rate=1e-4, logging_strategy="no", report_to=[], save_strategy="no", use_cpu=True,
-        bf16=False, temperature=1.0, disable_tqdm=True)
+        learning_rate=1e-4, logging_strategy="no", report_to=[], save_strategy="no",
+        use_cpu=device == "cpu", bf16=w.dtype == "bfloat16", temperature=1.0, disable_tqdm=True)
     trainer = trl.GRPOTrainer(
         model=folder, reward_funcs=reward, args=config,
         train_dataset=datasets.Dataset.from_dict({"prompt": text * (steps + 1)}),

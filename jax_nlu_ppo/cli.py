@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from jax_nlu_ppo import config as config_lib
   from jax_nlu_ppo import data as data_lib
   from jax_nlu_ppo import task_files
+  _use_compile_cache(args.compile_cache)
   try:
     return args.run(args)
   except (config_lib.ConfigError, data_lib.DataError, task_files.TaskFileError, KeyError,
@@ -200,7 +201,8 @@ def _parser() -> argparse.ArgumentParser:
   bn.add_argument("--model", default="smollm2-135m-instruct",
                   help="model to load (default: %(default)s)")
   bn.add_argument("--preset", default=None, choices=MODEL_PRESETS,
-                  help="random weights of a preset's shape instead of --model (ours only)")
+                  help="random weights of a preset's shape instead of --model (both stacks get "
+                  "the same weights; no TRL step, which needs a tokenizer)")
   bn.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   bn.add_argument("--batch", type=int, default=32, help="prompts (default: %(default)s)")
   bn.add_argument("--prompt-len", type=int, default=64, help="(default: %(default)s)")
@@ -221,6 +223,12 @@ def _parser() -> argparse.ArgumentParser:
                   help="trace one more iteration into DIR (for Perfetto or TensorBoard) and "
                   "print its longest XLA ops, each with the JAX operation it came from")
   bn.set_defaults(run=run_bench)
+  for command in commands.choices.values():
+    command.add_argument(
+        "--compile-cache", default=None, metavar="DIR",
+        help="keep compiled programs in DIR so that the next run with the same shapes skips "
+        "compiling; 'off' to compile afresh (default: $JAX_NLU_PPO_COMPILE_CACHE, else "
+        "$JAX_COMPILATION_CACHE_DIR, else a folder under ~/.cache/jax_nlu_ppo)")
   return parser
 
 
@@ -233,6 +241,20 @@ HUB_PRESETS = {"meta-llama/Llama-2-7b-chat-hf": "llama2_7b",
                "meta-llama/Llama-3.1-8B-Instruct": "llama3p1_8b",
                "meta-llama/Llama-3.2-1B-Instruct": "llama3p2_1b",
                "smollm2-135m-instruct": "smollm2_135m"}
+
+
+def _use_compile_cache(option: str | None) -> str | None:
+  """The persistent compilation cache's folder from --compile-cache, the environment or the
+  default (`compiles.default_cache_dir`); None when it is off."""
+  import os
+  import jax
+  from jax_nlu_ppo import compiles
+  choice = (option or os.environ.get("JAX_NLU_PPO_COMPILE_CACHE")
+            or os.environ.get("JAX_COMPILATION_CACHE_DIR") or compiles.default_cache_dir())
+  if str(choice).lower() == "off":
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  return compiles.use_persistent_cache(choice)
 
 
 def _distributed_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,8 @@ import re
 from typing import Iterable
 
 _MODULE = re.compile(r"^HloModule (\S+?),", re.M)
-_OP = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+) [\w-]+\(.*?op_name="([^"]*)"', re.M)
+# The result is a shape or a tuple of shapes (a GPU library call returns its workspace too).
+_OP = re.compile(r'^\s*(?:ROOT )?%(\S+) = (.+?) [\w-]+\(.*?op_name="([^"]*)"', re.M)
 # Control flow: a loop's or call's event spans the ops inside it, which have their own events.
 # XLA names an instruction after its opcode unless a pass renamed it.
 _CONTROL_FLOW = re.compile(r"^(while|conditional|call)(\.\d+)?$")
@@ -82,6 +83,9 @@ def table(ops: list[OpTime], top: int = 15) -> str:
     lines.append(f"| {op.module} | {op.op} | {op.calls} | {op.seconds * 1e3:.1f} | {op.shape} | "
                  f"{op.source[-70:]} |")
   lines.append("")
+  if any(op.op.startswith("command_buffer") for op in ops[:top]):
+    lines.append("(on GPU, XLA launches groups of kernels as CUDA graphs, one trace event "
+                 "each: set XLA_FLAGS=--xla_gpu_enable_command_buffer= to see every kernel)")
   lines.append("op time per program (ms): " + ", ".join(
       f"{module} {seconds * 1e3:.0f}" for module, seconds in per_module.most_common()
       if seconds >= 5e-4))

@@ -5,8 +5,22 @@ its absence is a failure, since CI always has it.
 """
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
+
+# The command line keeps compiled programs in a persistent cache; in tests, one of their own for
+# the session (commands run in-process and in subprocesses alike), never the user's.
+_COMPILE_CACHE = None
+if "JAX_NLU_PPO_COMPILE_CACHE" not in os.environ:
+  _COMPILE_CACHE = tempfile.mkdtemp(prefix="jax_nlu_ppo_test_xla_")
+  os.environ["JAX_NLU_PPO_COMPILE_CACHE"] = _COMPILE_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _COMPILE_CACHE:
+    shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"

@@ -61,3 +61,18 @@ def test_bench_ours_runs_the_trainer_steps_without_recompiling(tmp_path):
   assert backward and all(op["module"] == "jit_update" for op in backward)
   assert not any(op["op"].startswith("while") for op in ops)
   assert all(op["source"] for op in ops[:5])
+
+
+def test_torch_side_runs_a_random_weight_model_without_a_tokenizer():
+  """The PyTorch side as `--preset` runs it: our export carries the random weights over, the
+  prompts are random ids, and there is no TRL step (it needs a tokenizer)."""
+  pytest.importorskip("peft")
+  from jax_nlu_ppo import bench_torch
+  lm = pretrained.LanguageModel(CONFIG, *random_llama(CONFIG))
+  w = bench.Workload(batch=4, prompt_len=8, new_tokens=4, minibatch=2)
+  out = bench_torch.run(lm, w, iterations=1, trl=False, progress=lambda _: None)
+  assert set(out["median_s"]) == set(bench.PHASES)
+  assert all(np.isfinite(v) and v > 0 for v in out["median_s"].values())
+  assert out["device"].startswith(("cpu", "NVIDIA"))
+  assert out["rollout_tokens_per_s"] == pytest.approx(16 / out["median_s"]["rollout"])
+  assert "trl_step_s" not in out

@@ -33,3 +33,25 @@ def test_op_times_finds_the_matmul_and_names_it(tmp_path):
 def test_latest_trace_says_where_it_looked(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     op_profile.latest_trace(tmp_path)
+
+
+def test_table_says_how_to_see_kernels_inside_cuda_graphs():
+  graph = op_profile.OpTime("jit_update", "command_buffer_12", 8, 0.07)
+  fusion = op_profile.OpTime("jit_update", "loop_fusion.3", 8, 0.01, "f32[8]", "tanh")
+  assert "xla_gpu_enable_command_buffer" in op_profile.table([graph, fusion])
+  assert "xla_gpu_enable_command_buffer" not in op_profile.table([fusion])
+
+
+def test_describe_reads_tuple_results():
+  """On GPU a cuBLAS matmul is a custom-call whose result is a tuple (output, workspace)."""
+  text = """HloModule jit_update, entry_computation_layout={}
+
+ENTRY %main {
+  %custom-call.2 = (bf16[128,2048]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(update)/dot_general" source_file="x.py"}
+  ROOT %fusion.1 = f32[8]{0} fusion(%c), kind=kLoop, metadata={op_name="jit(update)/tanh"}
+}
+"""
+  assert op_profile.describe([text]) == {
+      ("jit_update", "custom-call.2"): ("(bf16[128,2048]{1,0}, s8[4194304]{0})",
+                                        "jit(update)/dot_general"),
+      ("jit_update", "fusion.1"): ("f32[8]{0}", "jit(update)/tanh")}
