@@ -251,10 +251,15 @@ def _use_compile_cache(option: str | None) -> str | None:
   from jax_nlu_ppo import compiles
   choice = (option or os.environ.get("JAX_NLU_PPO_COMPILE_CACHE")
             or os.environ.get("JAX_COMPILATION_CACHE_DIR") or compiles.default_cache_dir())
-  if str(choice).lower() == "off":
-    jax.config.update("jax_enable_compilation_cache", False)
-    return None
-  return compiles.use_persistent_cache(choice)
+  if str(choice).lower() != "off":
+    try:
+      return compiles.use_persistent_cache(choice)
+    except OSError as e:
+      if option:
+        raise ValueError(f"--compile-cache {option}: cannot use it as a folder ({e})") from e
+      log.warning("compiling afresh: the compilation cache folder %s is unusable (%s)", choice, e)
+  jax.config.update("jax_enable_compilation_cache", False)
+  return None
 
 
 def _distributed_arguments(parser: argparse.ArgumentParser) -> None:

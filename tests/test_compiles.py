@@ -77,3 +77,23 @@ def test_compile_cache_option(tmp_path, monkeypatch, option, env, expected):
   finally:
     jax.config.update("jax_compilation_cache_dir", saved[0])
     jax.config.update("jax_enable_compilation_cache", saved[1])
+
+
+def test_unusable_cache_folder(tmp_path, monkeypatch):
+  """Given explicitly, an unusable folder is an error naming the option; the default (a
+  read-only home, say) falls back to compiling afresh."""
+  import jax
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  saved = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+  try:
+    with pytest.raises(ValueError, match="--compile-cache"):
+      cli._use_compile_cache(str(blocker / "cache"))
+    monkeypatch.delenv("JAX_NLU_PPO_COMPILE_CACHE", raising=False)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    assert cli._use_compile_cache(None) is None
+    assert not jax.config.jax_enable_compilation_cache
+  finally:
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_enable_compilation_cache", saved[1])
