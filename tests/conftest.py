@@ -22,6 +22,7 @@ def pytest_sessionfinish(session, exitstatus):
   if _COMPILE_CACHE:
     shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
 
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
 
