@@ -243,8 +243,9 @@ def run(model: str = pretrained.DEFAULT_MODEL, preset: str | None = None,
     if trl and lm.tokenizer is None:
       progress("no TRL step: GRPOTrainer needs a tokenizer, which a --preset's random weights "
                "do not have")
-    theirs = bench_torch.run(lm, w, iterations, trl=trl and lm.tokenizer is not None,
-                             trl_steps=trl_steps, progress=progress)
+      trl = False
+    theirs = bench_torch.run(lm, w, iterations, trl=trl, trl_steps=trl_steps,
+                             progress=progress)
     result["torch"] = theirs
     result["rollout_ratio_vs_torch"] = (result["rollout_tokens_per_s"]
                                         / theirs["rollout_tokens_per_s"])

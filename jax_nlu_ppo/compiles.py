@@ -65,14 +65,12 @@ def default_cache_dir() -> pathlib.Path:
   return root / "jax_nlu_ppo" / "xla" / f"{platform.machine()}-{cpu}"
 
 
-def use_persistent_cache(directory: str | os.PathLike | None) -> str | None:
+def use_persistent_cache(directory: str | os.PathLike) -> str:
   """Keeps compiled programs in `directory` (created if missing) so that the next run with the
-  same shapes loads them instead of compiling; None leaves JAX's setting alone (its
-  JAX_COMPILATION_CACHE_DIR). Call before the first compilation. Returns the folder in use.
-  The folder is trusted: whoever can write to it can run code in this process."""
-  if directory is not None:
-    pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
+  same shapes loads them instead of compiling. Call before the first compilation. Returns the
+  folder. It is trusted: whoever can write to it can run code in this process."""
+  pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(directory))
   # JAX's default keeps only programs that took a second or more to compile, which leaves out
   # steps that take most of a second on a fast machine; eager ops (milliseconds) stay out.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)

@@ -112,6 +112,13 @@ class KVCache:
              "head_dim": config.head_dim, "length": length}
     return cls(*(jnp.zeros(tuple(sizes[axis] for axis in axes), dtype) for axes in cls.AXES))
 
+  @classmethod
+  def write_starts(cls, slot: Array | int, *, layers: bool = True) -> tuple[tuple, tuple]:
+    """Where entries for `slot` onwards go in the keys and in the values: the start indices of
+    their `dynamic_update_slice`, over all layers or (`layers=False`) one layer's slice."""
+    return tuple(tuple(slot if axis == "length" else 0 for axis in axes[0 if layers else 1:])
+                 for axes in cls.AXES)
+
 
 def _masked_softmax(logits: Array, scale: float, mask: Array) -> Array:
   """Softmax over the last (key) axis, in float32, of the scaled logits where `mask` allows."""
@@ -161,8 +168,9 @@ class Attention(nnx.Module):
       k_bkhs, v_bksh = k_bkht, v_bkth
     else:
       k_bkht, v_bkth = k_bkht.astype(kv[0].dtype), v_bkth.astype(kv[1].dtype)
-      k_bkhs = jax.lax.dynamic_update_slice(kv[0], k_bkht, (0, 0, 0, cache_index))
-      v_bksh = jax.lax.dynamic_update_slice(kv[1], v_bkth, (0, 0, cache_index, 0))
+      k_start, v_start = KVCache.write_starts(cache_index, layers=False)
+      k_bkhs = jax.lax.dynamic_update_slice(kv[0], k_bkht, k_start)
+      v_bksh = jax.lax.dynamic_update_slice(kv[1], v_bkth, v_start)
     b, t, n, h = q_btnh.shape
     q_btkgh = q_btnh.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
     if t == 1:
@@ -285,10 +293,9 @@ class Llama(nnx.Module):
     if cache is not None:
       # The layers return only this call's entries; one in-place write per array puts them in
       # the cache, instead of each layer copying its whole cache slice out as a scan output.
-      k_lbkht, v_lbkth = new_kv
-      new_cache = KVCache(
-          jax.lax.dynamic_update_slice(cache.k_lbkhs, k_lbkht, (0, 0, 0, 0, cache_index)),
-          jax.lax.dynamic_update_slice(cache.v_lbksh, v_lbkth, (0, 0, 0, cache_index, 0)))
+      new_cache = KVCache(*(
+          jax.lax.dynamic_update_slice(full, entries, start)
+          for full, entries, start in zip(kv, new_kv, KVCache.write_starts(cache_index))))
     return self.norm(sharding.constrain(x_btd, _RESIDUAL)), new_cache
 
   def logits(self, hidden_btd: Array) -> Array:

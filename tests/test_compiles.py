@@ -12,6 +12,19 @@ from jax_nlu_ppo import compiles
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+
+@pytest.fixture
+def jax_cache_config(monkeypatch):
+  """JAX's cache settings restored after the test, and no cache variables from outside."""
+  import jax
+  monkeypatch.delenv("JAX_NLU_PPO_COMPILE_CACHE", raising=False)
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  saved = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+  yield jax.config
+  jax.config.update("jax_compilation_cache_dir", saved[0])
+  jax.config.update("jax_enable_compilation_cache", saved[1])
+
+
 # One jitted program (min compile time 0: cache even a small one), then the counters.
 PROGRAM = """
 import json, sys
@@ -57,43 +70,27 @@ def test_default_cache_folder_is_per_processor_under_the_user_cache(tmp_path, mo
     (None, {"JAX_COMPILATION_CACHE_DIR": "JAXENV"}, "JAXENV"),
     ("off", {"JAX_COMPILATION_CACHE_DIR": "JAXENV"}, None),
 ])
-def test_compile_cache_option(tmp_path, monkeypatch, option, env, expected):
+def test_compile_cache_option(tmp_path, monkeypatch, jax_cache_config, option, env, expected):
   """--compile-cache beats the environment; 'off' turns JAX's cache off even where its own
   variable is set."""
-  import jax
-  monkeypatch.delenv("JAX_NLU_PPO_COMPILE_CACHE", raising=False)
-  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
   for name, value in env.items():
     monkeypatch.setenv(name, str(tmp_path / value))
-  saved = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
-  try:
-    args = cli._parser().parse_args(
-        ["plan", "--config", "x.yaml"]
-        + ([] if option is None else
-           ["--compile-cache", option if option == "off" else str(tmp_path / option)]))
-    used = cli._use_compile_cache(args.compile_cache)
-    assert used == (None if expected is None else str(tmp_path / expected))
-    assert jax.config.jax_enable_compilation_cache == (expected is not None)
-  finally:
-    jax.config.update("jax_compilation_cache_dir", saved[0])
-    jax.config.update("jax_enable_compilation_cache", saved[1])
+  args = cli._parser().parse_args(
+      ["plan", "--config", "x.yaml"]
+      + ([] if option is None else
+         ["--compile-cache", option if option == "off" else str(tmp_path / option)]))
+  used = cli._use_compile_cache(args.compile_cache)
+  assert used == (None if expected is None else str(tmp_path / expected))
+  assert jax_cache_config.jax_enable_compilation_cache == (expected is not None)
 
 
-def test_unusable_cache_folder(tmp_path, monkeypatch):
+def test_unusable_cache_folder(tmp_path, monkeypatch, jax_cache_config):
   """Given explicitly, an unusable folder is an error naming the option; the default (a
   read-only home, say) falls back to compiling afresh."""
-  import jax
   blocker = tmp_path / "a_file"
   blocker.write_text("")
-  saved = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
-  try:
-    with pytest.raises(ValueError, match="--compile-cache"):
-      cli._use_compile_cache(str(blocker / "cache"))
-    monkeypatch.delenv("JAX_NLU_PPO_COMPILE_CACHE", raising=False)
-    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
-    assert cli._use_compile_cache(None) is None
-    assert not jax.config.jax_enable_compilation_cache
-  finally:
-    jax.config.update("jax_compilation_cache_dir", saved[0])
-    jax.config.update("jax_enable_compilation_cache", saved[1])
+  with pytest.raises(ValueError, match="--compile-cache"):
+    cli._use_compile_cache(str(blocker / "cache"))
+  monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+  assert cli._use_compile_cache(None) is None
+  assert not jax_cache_config.jax_enable_compilation_cache
