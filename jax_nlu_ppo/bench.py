@@ -3,7 +3,10 @@ the machine's matmul ceiling and the model FLOPs utilisation (MFU) of each phase
 
 Workload (the issue's): the embedded 135M model, 32 prompts of 64 tokens of SST-2 text, 16 new
 tokens sampled at temperature 1 with EOS ignored (every row generates all of them), LoRA rank 8
-on every projection plus a value head, one PPO epoch in minibatches of 8. Our side runs the
+on every projection plus a value head, one PPO epoch in minibatches of 8. `prompts="task"`
+gives both stacks the trainer's SST-2 prompts instead (chat format, left-padded: 74 to 115
+tokens, the first 58 shared by all), whose shared prefix ours runs once per call
+(`model.prefill`) unless `shared_prefix=False`. Our side runs the
 trainer's own jitted programs (`ppo_steps.build`); the PyTorch side (`bench_torch`) runs
 transformers `generate`, transformers + peft forward/backward, and TRL's `GRPOTrainer`.
 
@@ -53,6 +56,12 @@ class Workload:
   rank: int = 8
   dtype: str = "float32"
   remat: str = "none"       # the trainer's `remat` option, for the update
+  prompts: str = "text"     # "text": `prompt_len` tokens of SST-2 text a row; "task": the trainer's
+  shared_prefix: bool = True  # ours runs the prompts' shared first tokens once
+
+  def __post_init__(self):
+    if self.prompts not in ("text", "task"):
+      raise ValueError(f"prompts must be 'text' or 'task', got {self.prompts!r}")
 
 
 def forward_flops(config: LlamaConfig, tokens: int, keys: int, logits: int) -> float:
@@ -66,14 +75,21 @@ def forward_flops(config: LlamaConfig, tokens: int, keys: int, logits: int) -> f
                 + logits * d * config.vocab_size)
 
 
-def phase_flops(config: LlamaConfig, w: Workload) -> dict[str, float]:
-  """FLOPs of each phase of one iteration (prefill and decode are the rollout's two parts)."""
-  length = w.prompt_len + w.new_tokens
-  prefill = forward_flops(config, w.batch * w.prompt_len, length, w.batch)
-  decode = forward_flops(config, w.batch * w.new_tokens, length, w.batch * w.new_tokens)
-  forward = forward_flops(config, w.batch * length, length, w.batch * w.new_tokens)
+def phase_flops(config: LlamaConfig, w: Workload, prompt_len: int | None = None,
+                shared_prefix: int = 0) -> dict[str, float]:
+  """FLOPs of each phase of one iteration (prefill and decode are the rollout's two parts), for
+  prompts padded to `prompt_len` (default the workload's) whose first `shared_prefix` tokens
+  run once per call: once per rollout and experience, once per minibatch in the update."""
+  t = prompt_len or w.prompt_len
+  length, rest, responses = t + w.new_tokens, t - shared_prefix, w.batch * w.new_tokens
+  prefill = forward_flops(config, shared_prefix + w.batch * rest, length, w.batch)
+  decode = forward_flops(config, responses, length, responses)
+  forward = forward_flops(config, shared_prefix + w.batch * (rest + w.new_tokens), length,
+                          responses)
+  update = 2 * forward_flops(config, w.batch // w.minibatch * shared_prefix
+                             + w.batch * (rest + w.new_tokens), length, responses)
   return {"prefill": prefill, "decode": decode, "rollout": prefill + decode,
-          "experience": forward, "update": 2 * forward}
+          "experience": forward, "update": update}
 
 
 def matmul_ceiling(dtype, size: int | None = None, repeats: int = 15) -> float:
@@ -92,6 +108,21 @@ def matmul_ceiling(dtype, size: int | None = None, repeats: int = 15) -> float:
     jax.block_until_ready(matmul(x, x))
     times.append(time.perf_counter() - start)
   return 2 * size ** 3 / min(times) / 1e9
+
+
+def prompt_rows(tokenizer, w: Workload, vocab_size: int) -> list[list[int]]:
+  """The workload's prompts as token ids, unpadded."""
+  if w.prompts == "text":
+    return [list(row) for row in prompt_ids(tokenizer, w.batch, w.prompt_len, vocab_size)]
+  found = [path for path in SST2_DEV if path.exists()]
+  if tokenizer is None or not found:
+    raise ValueError("prompts='task' needs the model's tokenizer (not a --preset) and the "
+                     f"SST-2 dev set at {SST2_DEV[0]}")
+  from jax_nlu_ppo import data, tasks
+  rows, _ = data.load_glue_dir("sst2", "validation", found[0].parents[1])
+  task = tasks.get_task("sst2")
+  return [pretrained.render_prompt(tokenizer, tasks.build_prompt(task, rows[i], "chat"), True)
+          for i in range(w.batch)]
 
 
 def prompt_ids(tokenizer, batch: int, length: int, vocab_size: int) -> np.ndarray:
@@ -145,8 +176,9 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
   base, trainable = sharding_lib.place(base, sh.base), sharding_lib.place(trainable, sh.trainable)
   reference = jax.tree.map(jnp.copy, trainable)
   state = ppo_steps.initial_state(trainable, tx, sh, kl_coef=0.2)
-  prompt_bt = prompt_ids(lm.tokenizer, w.batch, w.prompt_len, lm.config.vocab_size)
-  mask_bt = np.ones_like(prompt_bt)
+  rows = prompt_rows(lm.tokenizer, w, lm.config.vocab_size)
+  shared = pretrained.shared_prefix_length(rows) if w.shared_prefix else 0
+  prompt_bt, mask_bt = pretrained.pad_left(rows, lm.pad_id, shared_prefix=shared)
   scores_b = np.random.default_rng(0).choice([-1.0, 1.0], w.batch).astype(np.float32)
   rng = np.random.default_rng(0)
   calls = {}    # with `profile`: each step's last arguments (as shapes), for its program text
@@ -161,15 +193,15 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
   def iteration(state, seed: int, limit: int = w.new_tokens):
     times = {}
     gen, times["rollout"] = _timed(lambda: call(steps.rollout, base, state.trainable, prompt_bt,
-                                                mask_bt, jax.random.key(seed), limit))
+                                                mask_bt, jax.random.key(seed), limit, shared))
     (batch, _), times["experience"] = _timed(lambda: call(
         steps.experience, base, state.trainable, reference, prompt_bt, mask_bt, gen, scores_b,
-        state.kl_coef))
+        state.kl_coef, shared))
     start = time.perf_counter()
     order = rng.permutation(w.batch)
     for begin in range(0, w.batch, w.minibatch):
       minibatch = steps.minibatch(batch, order[begin:begin + w.minibatch])
-      state, metrics = call(steps.update, state, base, minibatch, jax.random.key(seed))
+      state, metrics = call(steps.update, state, base, minibatch, jax.random.key(seed), shared)
     jax.block_until_ready(metrics)
     times["update"] = time.perf_counter() - start
     times["iteration"] = sum(times.values())
@@ -188,12 +220,12 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
     progress(f"ours: iteration {i + 1}/{iterations} {times['iteration']:.2f} s")
   # Prefill alone: the rollout stopped after its first token (`limit` is traced: no compile).
   prefill = [_timed(lambda: steps.rollout(base, state.trainable, prompt_bt, mask_bt,
-                                          jax.random.key(99), 1))[1] for _ in range(3)]
+                                          jax.random.key(99), 1, shared))[1] for _ in range(3)]
   median = {k: statistics.median(r[k] for r in runs) for k in PHASES}
   prefill_s = statistics.median(prefill)
   out = {"first_s": first, "median_s": median, "compile_s": {
              k: first[k] - median[k] for k in PHASES},
-         "prefill_s": prefill_s,
+         "prefill_s": prefill_s, "prompt_len": prompt_bt.shape[1], "shared_prefix": shared,
          "decode_s": max(median["rollout"] - prefill_s, 1e-9),
          "compilations_first_iteration": first_compiles,
          "cache_hits_first_iteration": first_loaded,
@@ -218,14 +250,15 @@ def run(model: str = pretrained.DEFAULT_MODEL, preset: str | None = None,
   w = workload
   lm = (random_model(preset, w.dtype) if preset
         else pretrained.load_pretrained(model, dtype=w.dtype))
+  prompts = f"{w.prompt_len}-token" if w.prompts == "text" else "SST-2 task"
   progress(f"devices {jax.devices()}; model {preset or model} {w.dtype}; batch {w.batch} x "
-           f"{w.prompt_len} prompt x {w.new_tokens} new tokens, LoRA r{w.rank}, minibatch "
+           f"{prompts} prompt x {w.new_tokens} new tokens, LoRA r{w.rank}, minibatch "
            f"{w.minibatch}")
   ceiling = {"float32": matmul_ceiling(jnp.float32), "bfloat16": matmul_ceiling(jnp.bfloat16)}
   progress(f"matmul ceiling: {ceiling['float32']:.1f} GFLOP/s float32, "
            f"{ceiling['bfloat16']:.1f} bfloat16")
   ours = bench_ours(lm, w, iterations, progress, profile)
-  flops = phase_flops(lm.config, w)
+  flops = phase_flops(lm.config, w, ours["prompt_len"], ours["shared_prefix"])
   peak = ceiling[w.dtype] * 1e9
   seconds = {**ours["median_s"], "prefill": ours["prefill_s"], "decode": ours["decode_s"]}
   mfu = {k: flops[k] / seconds[k] / peak for k in ("prefill", "decode", "rollout",
@@ -275,7 +308,11 @@ def table(result: dict[str, Any]) -> str:
                    f"{theirs['trl_step_s']:.2f} | |")
   mfu = result["mfu"]
   devices = f"ours on {result['device']}" + (f", PyTorch on {theirs['device']}" if theirs else "")
-  lines += ["", devices, f"rollout new tokens/s: {tokens}",
+  shared = ours["shared_prefix"]
+  lines += ["", devices,
+            f"prompts: {ours['prompt_len']} tokens padded"
+            + (f", the first {shared} shared by all and run once by ours" if shared else ""),
+            f"rollout new tokens/s: {tokens}",
             f"matmul ceiling {result['matmul_peak_gflops']:.1f} GFLOP/s "
             f"({result['workload']['dtype']}); MFU: prefill {mfu['prefill']:.1%}, decode "
             f"{mfu['decode']:.1%}, experience {mfu['experience']:.1%}, update {mfu['update']:.1%}",

@@ -75,10 +75,11 @@ def run(lm: pretrained.LanguageModel, w: bench.Workload, iterations: int, trl: b
     value_head = torch.nn.Linear(base.config.hidden_size, 1, device=device)
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    prompt = torch.as_tensor(bench.prompt_ids(tokenizer, w.batch, w.prompt_len,
-                                              base.config.vocab_size), dtype=torch.long,
-                             device=device)
-    mask = torch.ones_like(prompt)
+    # Left-padded to the longest prompt, as a tokenizer pads a batch for generate.
+    rows = bench.prompt_rows(tokenizer, w, base.config.vocab_size)
+    prompt, mask = (torch.as_tensor(x, dtype=torch.long, device=device)
+                    for x in pretrained.pad_left(rows, pad_id, max(map(len, rows))))
+    prompt_len = prompt.shape[1]
 
     def iteration() -> dict[str, float]:
       times = {}
@@ -91,11 +92,13 @@ def run(lm: pretrained.LanguageModel, w: bench.Workload, iterations: int, trl: b
                                  pad_token_id=pad_id)
       times["rollout"] = now() - start
       start = now()
-      full_mask = torch.ones_like(tokens)
+      full_mask = torch.cat([mask, torch.ones_like(tokens[:, prompt_len:])], dim=1)
+      forward = functools.partial(_logp_values, policy, value_head, prompt_len=prompt_len,
+                                  new_tokens=w.new_tokens)
       with torch.no_grad():
-        old_logp, old_values = _logp_values(policy, value_head, tokens, full_mask, w)
+        old_logp, old_values = forward(tokens, full_mask)
         with policy.disable_adapter():
-          _logp_values(policy, value_head, tokens, full_mask, w)
+          forward(tokens, full_mask)
       advantages = torch.randn(old_logp.shape, device=device)
       returns = old_values + advantages
       times["experience"] = now() - start
@@ -104,7 +107,7 @@ def run(lm: pretrained.LanguageModel, w: bench.Workload, iterations: int, trl: b
       order = torch.randperm(w.batch, device=device)
       for begin in range(0, w.batch, w.minibatch):
         rows = order[begin:begin + w.minibatch]
-        logp, values = _logp_values(policy, value_head, tokens[rows], full_mask[rows], w)
+        logp, values = forward(tokens[rows], full_mask[rows])
         ratio = torch.exp(logp - old_logp[rows])
         adv = advantages[rows]
         pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
@@ -130,32 +133,36 @@ def run(lm: pretrained.LanguageModel, w: bench.Workload, iterations: int, trl: b
                       else f"cpu, {torch.get_num_threads()} threads"),
            "rollout_tokens_per_s": w.batch * w.new_tokens / median["rollout"]}
     if trl:
-      out |= _trl_step(folder, tokenizer, w, trl_steps, device, progress)
+      out |= _trl_step(folder, tokenizer, w, rows, trl_steps, device, progress)
   return out
 
 
 _TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _logp_values(policy, value_head, tokens, mask, w: bench.Workload):
+def _logp_values(policy, value_head, tokens, mask, *, prompt_len: int, new_tokens: int):
   """Log-probs of the response tokens and values at the positions predicting them."""
   import torch
-  out = policy(input_ids=tokens, attention_mask=mask, output_hidden_states=True)
-  start = w.prompt_len - 1
-  logits = out.logits[:, start:start + w.new_tokens].float()
-  logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, w.prompt_len:, None])[..., 0]
-  hidden = out.hidden_states[-1][:, start:start + w.new_tokens].float()
+  # Positions from the mask, as generate computes them: left padding does not shift a row.
+  positions = (mask.cumsum(-1) - 1).clamp(min=0)
+  out = policy(input_ids=tokens, attention_mask=mask, position_ids=positions,
+               output_hidden_states=True)
+  start = prompt_len - 1
+  logits = out.logits[:, start:start + new_tokens].float()
+  logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, prompt_len:, None])[..., 0]
+  hidden = out.hidden_states[-1][:, start:start + new_tokens].float()
   return logp, value_head(hidden)[..., 0]
 
 
-def _trl_step(folder: str, tokenizer, w: bench.Workload, steps: int, device: str,
-              progress: Callable[[str], None]) -> dict[str, Any]:
-  """Median seconds of TRL GRPOTrainer optimiser steps after the first."""
+def _trl_step(folder: str, tokenizer, w: bench.Workload, rows: list[list[int]], steps: int,
+              device: str, progress: Callable[[str], None]) -> dict[str, Any]:
+  """Median seconds of TRL GRPOTrainer optimiser steps after the first, on the first 8 of the
+  workload's prompts (`rows`), 4 generations each."""
   import datasets
   import transformers
   import trl
   prompts, generations = 8, 4
-  text = tokenizer.batch_decode(bench.prompt_ids(tokenizer, prompts, w.prompt_len, 0))
+  text = tokenizer.batch_decode(rows[:prompts])
   rng = np.random.default_rng(0)
 
   def reward(completions, **_):

@@ -205,7 +205,14 @@ def _parser() -> argparse.ArgumentParser:
                   "the same weights; no TRL step, which needs a tokenizer)")
   bn.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   bn.add_argument("--batch", type=int, default=32, help="prompts (default: %(default)s)")
-  bn.add_argument("--prompt-len", type=int, default=64, help="(default: %(default)s)")
+  bn.add_argument("--prompt-len", type=int, default=64,
+                  help="tokens of SST-2 text per prompt (default: %(default)s)")
+  bn.add_argument("--prompts", default="text", choices=("text", "task"),
+                  help="text: --prompt-len tokens of SST-2 text a row; task: the trainer's SST-2 "
+                  "prompts (chat format, 74-115 tokens, left-padded), whose shared first tokens "
+                  "ours runs once (default: %(default)s)")
+  bn.add_argument("--no-shared-prefix", action="store_true",
+                  help="run every prompt whole, shared first tokens included (for comparison)")
   bn.add_argument("--new-tokens", type=int, default=16, help="(default: %(default)s)")
   bn.add_argument("--minibatch", type=int, default=8, help="(default: %(default)s)")
   bn.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
@@ -586,7 +593,8 @@ def run_report(args) -> int:
 def run_bench(args) -> int:
   from jax_nlu_ppo import bench
   workload = bench.Workload(args.batch, args.prompt_len, args.new_tokens, args.minibatch,
-                            args.rank, args.dtype, args.remat)
+                            args.rank, args.dtype, args.remat, args.prompts,
+                            not args.no_shared_prefix)
   bench.run(args.model, args.preset, workload, args.iterations, torch_side=not args.no_torch,
             trl=not args.no_trl, trl_steps=args.trl_steps, output=args.output,
             profile=args.profile, progress=log.info)

@@ -48,6 +48,9 @@ class RolloutConfig:
   # "chat" (the paper's tagged answer in the tokenizer's chat template), "paper" (its plain-text
   # prompt) or "plain" (chat, the bare label word, no tags).
   prompt_format: str = "chat"
+  # Run the first tokens every prompt of a batch shares (the task's instructions and
+  # demonstrations) once per step instead of once per row; the outputs are the same.
+  shared_prefix: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -117,3 +118,18 @@ def max_over_processes(value: int) -> int:
   if jax.process_count() == 1:
     return value
   return int(np.max(multihost_utils.process_allgather(np.asarray([value]))))
+
+
+def shared_over_processes(prefix: Sequence[int], multiple: int = 8) -> int:
+  """How many first tokens of `prefix` every process's `prefix` begins with, rounded down to a
+  multiple of `multiple` (e.g. the prompt start all rows of the global batch share)."""
+  if jax.process_count() == 1:
+    return len(prefix)
+  n = -max_over_processes(-len(prefix))
+  if n == 0:
+    return 0
+  # Every process compares the same gathered rows, so all reach the same answer.
+  gathered = np.asarray(multihost_utils.process_allgather(np.asarray(prefix[:n], np.int32)))
+  agree = (gathered == gathered[0]).all(axis=0)
+  return (n if agree.all() else int(np.argmin(agree))) // multiple * multiple
+

@@ -120,6 +120,11 @@ class LoraAdapter(nnx.Module):
     return y.reshape(*lead, *b.shape[1:])
 
 
+def applies_dropout(module: nnx.Module) -> bool:
+  """Whether any adapter in `module` drops inputs when given a dropout key."""
+  return any(isinstance(m, LoraAdapter) and m.dropout > 0 for _, m in nnx.iter_graph(module))
+
+
 def add_lora(llama: model_lib.Llama, config: LoraConfig, rngs: nnx.Rngs) -> model_lib.Llama:
   """Attaches adapters to `config.targets` in every layer (in place); returns the model."""
   for _, proj in projections(llama, config.targets):

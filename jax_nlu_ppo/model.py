@@ -311,11 +311,50 @@ def positions_from_mask(mask_bt: Array) -> Array:
   return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def cache_slots_valid(mask_bt: Array, cache_len: int) -> Array:
+  """Which of `cache_len` slots hold real tokens: the batch's (`mask_bt`), then every slot
+  after it (tokens yet to be generated)."""
+  b, t = mask_bt.shape
+  return jnp.concatenate([mask_bt.astype(bool), jnp.ones((b, cache_len - t), bool)], axis=1)
+
+
 def attention_mask(key_valid_bs: Array, query_slots_t: Array) -> Array:
   """mask[b, t, s] = key slot s holds a real token of row b and is not after query slot t."""
   key_slots_s = jnp.arange(key_valid_bs.shape[-1])
   causal_ts = key_slots_s[None, :] <= query_slots_t[:, None]
   return key_valid_bs[:, None, :].astype(bool) & causal_ts[None]
+
+
+def prefill(model: Llama, tokens_bt: Array, mask_bt: Array, cache_len: int, *,
+            shared_prefix: int = 0, cache_dtype=None,
+            dropout_key: Array | None = None) -> tuple[Array, KVCache]:
+  """Runs a left-padded batch into a fresh cache of `cache_len` slots (slots after the batch's
+  are left for later tokens, which may attend to them).
+
+  With `shared_prefix` p > 0, the first p tokens are the same real tokens in every row (and
+  the padding comes after them, see `pretrained.pad_left`): they run once, at batch 1, and
+  their keys and values are copied to every row. The outputs are those of running every row
+  whole, since positions and masks come from `mask_bt` either way.
+
+  Returns (hidden states of the tokens after the prefix, the cache).
+  """
+  b, t = tokens_bt.shape
+  p = shared_prefix
+  dtype = cache_dtype or model.dtype
+  key_valid_bs = cache_slots_valid(mask_bt, cache_len)
+  positions_bt = positions_from_mask(mask_bt)
+  if p:
+    if dropout_key is not None:
+      # One prefix pass would give every row the same dropout masks there.
+      raise ValueError("a shared prefix cannot be used with dropout")
+    cache = KVCache.zeros(model.config, 1, cache_len, dtype)
+    _, cache = model(tokens_bt[:1, :p], positions_bt[:1, :p],
+                     attention_mask(key_valid_bs[:1], jnp.arange(p)), cache, 0)
+    cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (x.shape[0], b) + x.shape[2:]), cache)
+  else:
+    cache = KVCache.zeros(model.config, b, cache_len, dtype)
+  return model(tokens_bt[:, p:], positions_bt[:, p:],
+               attention_mask(key_valid_bs, jnp.arange(p, t)), cache, p, dropout_key)
 
 
 def forward_logits(model: Llama, tokens_bt: Array, mask_bt: Array) -> Array:

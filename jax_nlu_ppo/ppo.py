@@ -133,9 +133,10 @@ def _scaled(logits_bnv: Array, temperature: float) -> Array:
   return logits_bnv / temperature if temperature > 0 else logits_bnv
 
 
-def rollout(graphdef, base, trainable, prompt_bt, prompt_mask_bt, key, limit, *,
-            max_new_tokens: int, sampling: sampling_lib.SamplingConfig,
-            eos_ids: tuple[int, ...], pad_id: int) -> sampling_lib.Generation:
+def rollout(graphdef, base, trainable, prompt_bt, prompt_mask_bt, key, limit,
+            shared_prefix: int = 0, *, max_new_tokens: int,
+            sampling: sampling_lib.SamplingConfig, eos_ids: tuple[int, ...],
+            pad_id: int) -> sampling_lib.Generation:
   """Samples responses from the current policy (adapters on, dropout off).
 
   With the shared-trunk critic, the value head reads each decode step's hidden state, so the
@@ -145,7 +146,8 @@ def rollout(graphdef, base, trainable, prompt_bt, prompt_mask_bt, key, limit, *,
   value_fn = policy.value_head if policy.critic is None else None
   return sampling_lib.generate(policy.llama, prompt_bt, prompt_mask_bt, key,
                                max_new_tokens=max_new_tokens, sampling=sampling,
-                               eos_ids=eos_ids, pad_id=pad_id, limit=limit, value_fn=value_fn)
+                               eos_ids=eos_ids, pad_id=pad_id, limit=limit, value_fn=value_fn,
+                               shared_prefix=shared_prefix)
 
 
 def reuses_rollout(sampling: sampling_lib.SamplingConfig, critic_lora: bool) -> bool:
@@ -160,7 +162,7 @@ def reuses_rollout(sampling: sampling_lib.SamplingConfig, critic_lora: bool) -> 
 
 def experience(graphdef, base, trainable, reference, tokens_bt, mask_bt,
                gen: sampling_lib.Generation, *, temperature: float, values: bool = True,
-               reuse_rollout: bool = False) -> tuple[Array, Array, Array]:
+               reuse_rollout: bool = False, shared_prefix: int = 0) -> tuple[Array, Array, Array]:
   """(log pi_old, V_old, log pi_ref) of each response token, without dropout.
 
   With `reuse_rollout` pi_old and V_old come from the rollout and only the reference forward
@@ -169,12 +171,14 @@ def experience(graphdef, base, trainable, reference, tokens_bt, mask_bt,
   """
   prompt_len = tokens_bt.shape[1] - gen.tokens_bn.shape[1]
   ref = policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, reference),
-                                    tokens_bt, mask_bt, prompt_len, values=False)
+                                    tokens_bt, mask_bt, prompt_len, values=False,
+                                    shared_prefix=shared_prefix)
   ref_logp_bn = ppo_math.token_logprobs(_scaled(ref.logits_bnv, temperature), gen.tokens_bn)
   if reuse_rollout:
     return gen.logprobs_bn, gen.values_bn, ref_logp_bn
   out = policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, trainable),
-                                    tokens_bt, mask_bt, prompt_len, values=values)
+                                    tokens_bt, mask_bt, prompt_len, values=values,
+                                    shared_prefix=shared_prefix)
   logp_bn = ppo_math.token_logprobs(_scaled(out.logits_bnv, temperature), gen.tokens_bn)
   return logp_bn, out.values_bn, ref_logp_bn
 
@@ -201,15 +205,17 @@ def advantages(scores_b, old_logp_bn, ref_logp_bn, old_values_bn, response_mask_
 
 
 def experience_batch(graphdef, base, trainable, reference, prompt_bt, prompt_mask_bt,
-                     gen: sampling_lib.Generation, scores_b, kl_coef, *, temperature: float,
-                     values: bool, reuse_rollout: bool, config: PPOConfig) -> tuple[Batch, Array]:
+                     gen: sampling_lib.Generation, scores_b, kl_coef, shared_prefix: int = 0, *,
+                     temperature: float, values: bool, reuse_rollout: bool,
+                     config: PPOConfig) -> tuple[Batch, Array]:
   """A rollout and its rewards made into the update's `Batch` (`experience`, then `advantages`);
   also returns the per-token KL the controller reads."""
   tokens_bt = jnp.concatenate([prompt_bt, gen.tokens_bn], axis=1)
   mask_bt = jnp.concatenate([prompt_mask_bt, gen.mask_bn.astype(prompt_mask_bt.dtype)], axis=1)
   old_logp, old_values, ref_logp = experience(graphdef, base, trainable, reference, tokens_bt,
                                               mask_bt, gen, temperature=temperature,
-                                              values=values, reuse_rollout=reuse_rollout)
+                                              values=values, reuse_rollout=reuse_rollout,
+                                              shared_prefix=shared_prefix)
   adv, returns, kl_bn = advantages(scores_b, old_logp, ref_logp, old_values, gen.mask_bn,
                                    kl_coef, config=config)
   return Batch(tokens_bt, mask_bt, gen.tokens_bn, gen.mask_bn, old_logp, ref_logp, old_values,
@@ -217,12 +223,13 @@ def experience_batch(graphdef, base, trainable, reference, prompt_bt, prompt_mas
 
 
 def loss_fn(trainable, graphdef, base, batch: Batch, dropout_key, kl_coef, *, config: PPOConfig,
-            temperature: float):
+            temperature: float, shared_prefix: int = 0):
   """pg + vf_coef * vf - ent_coef * H (+ kl_coef * KL for critic-free advantages)."""
   prompt_len = batch.tokens_bt.shape[1] - batch.response_bn.shape[1]
   policy = policy_lib.with_trainable(graphdef, base, trainable)
   out = policy_lib.response_outputs(policy, batch.tokens_bt, batch.mask_bt, prompt_len,
-                                    dropout_key, values=config.uses_critic)
+                                    dropout_key, values=config.uses_critic,
+                                    shared_prefix=shared_prefix)
   logits_bnv = _scaled(out.logits_bnv, temperature)
   mask_bn = batch.response_mask_bn.astype(bool)
   logp_bn = ppo_math.token_logprobs(logits_bnv, batch.response_bn)
@@ -250,7 +257,8 @@ def loss_fn(trainable, graphdef, base, batch: Batch, dropout_key, kl_coef, *, co
 
 def update_minibatch(state: PPOState, graphdef, base, batch: Batch, dropout_key, *,
                      tx: optax.GradientTransformation, config: PPOConfig,
-                     temperature: float) -> tuple[PPOState, dict[str, Array]]:
+                     temperature: float, shared_prefix: int = 0
+                     ) -> tuple[PPOState, dict[str, Array]]:
   """One optimiser step on one minibatch; a non-finite loss or exploding ratio skips it.
 
   A skipped step leaves parameters and optimiser state exactly as they were and is counted in
@@ -259,7 +267,7 @@ def update_minibatch(state: PPOState, graphdef, base, batch: Batch, dropout_key,
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   value_and_grad = functools.partial(grad_fn, state.trainable, graphdef, base,
                                      kl_coef=state.kl_coef, config=config,
-                                     temperature=temperature)
+                                     temperature=temperature, shared_prefix=shared_prefix)
   steps = config.gradient_accumulation_steps
   if steps == 1:
     (loss, (metrics, ratio)), grads = value_and_grad(batch, dropout_key)

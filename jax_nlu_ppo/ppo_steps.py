@@ -34,11 +34,17 @@ class Shardings:
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  """rollout(base, trainable, prompt_bt, prompt_mask_bt, key, limit) -> Generation
-  experience(base, trainable, reference, prompt_bt, prompt_mask_bt, gen, scores_b, kl_coef)
-      -> (Batch, kl_bn)
+  """rollout(base, trainable, prompt_bt, prompt_mask_bt, key, limit, shared_prefix)
+      -> Generation
+  experience(base, trainable, reference, prompt_bt, prompt_mask_bt, gen, scores_b, kl_coef,
+             shared_prefix) -> (Batch, kl_bn)
   minibatch(batch, rows) -> Batch
-  update(state, base, batch, dropout_key) -> (state, metrics); `state` is donated.
+  update(state, base, batch, dropout_key, shared_prefix) -> (state, metrics); `state` is
+      donated.
+
+  `shared_prefix` (static, default 0) is how many leading prompt tokens all rows share
+  (`pretrained.shared_prefix_length`): they run once per call instead of once per row. Each
+  value compiles its own programs; a single-task run has one.
   """
   rollout: Callable
   experience: Callable
@@ -80,7 +86,7 @@ def build(graphdef, sh: Shardings, tx: optax.GradientTransformation, config: Tra
       functools.partial(ppo_lib.rollout, graphdef, max_new_tokens=r.max_new_tokens,
                         sampling=sampling, eos_ids=eos_ids, pad_id=pad_id),
       in_shardings=(sh.base, sh.trainable, sh.rows2, sh.rows2, rep, rep),
-      out_shardings=sh.generation)
+      out_shardings=sh.generation, static_argnums=6)
   experience = jax.jit(
       functools.partial(ppo_lib.experience_batch, graphdef, temperature=r.temperature,
                         values=config.ppo.uses_critic,
@@ -88,14 +94,16 @@ def build(graphdef, sh: Shardings, tx: optax.GradientTransformation, config: Tra
                         config=config.ppo),
       in_shardings=(sh.base, sh.trainable, sh.trainable, sh.rows2, sh.rows2, sh.generation,
                     sh.rows1, rep),
-      out_shardings=(sh.batch, sh.rows2))
+      out_shardings=(sh.batch, sh.rows2), static_argnums=8)
   minibatch = jax.jit(lambda batch, rows: jax.tree.map(lambda x: x[rows], batch),
                       in_shardings=(sh.batch, rep), out_shardings=sh.batch)
 
-  def update(state, base, batch, key):
+  def update(state, base, batch, key, shared_prefix=0):
+    # A prefix run once would give every row the same adapter-dropout masks there.
+    shared_prefix = 0 if config.lora.dropout else shared_prefix
     return ppo_lib.update_minibatch(state, graphdef, base, batch, key, tx=tx, config=config.ppo,
-                                    temperature=r.temperature)
+                                    temperature=r.temperature, shared_prefix=shared_prefix)
 
   update = jax.jit(update, in_shardings=(sh.state, sh.base, sh.batch, rep),
-                   out_shardings=(sh.state, rep), donate_argnums=0)
+                   out_shardings=(sh.state, rep), donate_argnums=0, static_argnums=4)
   return Steps(rollout, experience, minibatch, update, sh)

@@ -140,12 +140,12 @@ def _forward_logits(graphdef, params, tokens_bt, mask_bt):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
-                                             "eos_ids", "pad_id"))
+                                             "eos_ids", "pad_id", "shared_prefix"))
 def _generate(graphdef, params, prompt_bt, prompt_mask_bt, key, *, max_new_tokens, sampling,
-              eos_ids, pad_id):
+              eos_ids, pad_id, shared_prefix=0):
   return sampling_lib.generate(nnx.merge(graphdef, params), prompt_bt, prompt_mask_bt, key,
                                max_new_tokens=max_new_tokens, sampling=sampling,
-                               eos_ids=eos_ids, pad_id=pad_id)
+                               eos_ids=eos_ids, pad_id=pad_id, shared_prefix=shared_prefix)
 
 
 Prompt = str | list[dict[str, str]]
@@ -178,18 +178,46 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt], chat: bool = True,
                   length)
 
 
-def pad_left(ids: Sequence[Sequence[int]], pad_id: int,
-             length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Rendered prompts as left-padded (ids, mask) of `length` or the longest prompt's bucket."""
+def shared_prefix_length(ids: Sequence[Sequence[int]], multiple: int = 8) -> int:
+  """How many leading tokens all prompts share (a task's instructions and demonstrations),
+  rounded down to a multiple of `multiple` so that a run meets few distinct values; every
+  prompt keeps at least one token after it."""
+  first, limit = ids[0], min(len(x) for x in ids) - 1
+  n = 0
+  while n < limit and all(x[n] == first[n] for x in ids):
+    n += 1
+  return n // multiple * multiple
+
+
+def padded_length(ids: Sequence[Sequence[int]], shared_prefix: int = 0) -> int:
+  """The bucketed length `pad_left` gives these prompts: the shared prefix, then the bucket of
+  the longest remainder."""
+  return shared_prefix + bucket_length(max(len(x) for x in ids) - shared_prefix)
+
+
+def pad_left(ids: Sequence[Sequence[int]], pad_id: int, length: int | None = None,
+             shared_prefix: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Rendered prompts as left-padded (ids, mask) of `length` (default `padded_length`).
+
+  With `shared_prefix` p, the padding goes after the first p tokens, which every prompt must
+  share: [prefix | padding | rest]. Positions and attention come from the mask, so the model
+  reads each row as if left-padded, and the prefix can run once for all rows
+  (`model.prefill`).
+  """
   longest = max(len(x) for x in ids)
-  length = length or bucket_length(longest)
+  length = length or padded_length(ids, shared_prefix)
   if longest > length:
     raise ValueError(f"a prompt has {longest} tokens, more than the {length} allowed")
+  p = shared_prefix
+  if p and any(list(x[:p]) != list(ids[0][:p]) or len(x) <= p for x in ids):
+    raise ValueError(f"shared_prefix={p}: the prompts do not all share their first {p} tokens "
+                     "and have more after them (see shared_prefix_length)")
   ids_bt = np.full((len(ids), length), pad_id, np.int32)
   mask_bt = np.zeros((len(ids), length), np.int32)
   for row, x in enumerate(ids):
-    ids_bt[row, length - len(x):] = x
-    mask_bt[row, length - len(x):] = 1
+    ids_bt[row, :p], mask_bt[row, :p] = x[:p], 1
+    ids_bt[row, length - len(x) + p:] = x[p:]
+    mask_bt[row, length - len(x) + p:] = 1
   return ids_bt, mask_bt
 
 
@@ -251,21 +279,21 @@ class LanguageModel:
     return int(self.config.pad_token_id or 0)
 
   def generate_ids(self, prompt_bt, prompt_mask_bt, max_new_tokens: int,
-                   sampling: sampling_lib.SamplingConfig, seed: int = 0
-                   ) -> sampling_lib.Generation:
-    """Token-level generation over a left-padded batch (one compiled program per shape)."""
+                   sampling: sampling_lib.SamplingConfig, seed: int = 0,
+                   shared_prefix: int = 0) -> sampling_lib.Generation:
+    """Token-level generation over a left-padded batch (one compiled program per shape), the
+    first `shared_prefix` tokens of every row run once (see `pad_left`)."""
+    kw = dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=self.eos_ids(),
+              pad_id=self.pad_id, shared_prefix=shared_prefix)
     if self.layout is None:
       return _generate(self.graphdef, self.params, jnp.asarray(prompt_bt),
-                       jnp.asarray(prompt_mask_bt), jax.random.key(seed),
-                       max_new_tokens=max_new_tokens, sampling=sampling,
-                       eos_ids=self.eos_ids(), pad_id=self.pad_id)
+                       jnp.asarray(prompt_mask_bt), jax.random.key(seed), **kw)
     rows = self.layout.batch(2)
     with sharding_lib.activations(self.layout):
       gen = _generate(self.graphdef, self.params,
                       sharding_lib.place(np.asarray(prompt_bt), rows),
                       sharding_lib.place(np.asarray(prompt_mask_bt), rows), jax.random.key(seed),
-                      max_new_tokens=max_new_tokens, sampling=sampling,
-                      eos_ids=self.eos_ids(), pad_id=self.pad_id)
+                      **kw)
     return jax.tree.map(distributed.all_rows, gen)
 
   def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -285,14 +313,16 @@ class LanguageModel:
     outputs = []
     for start in range(0, len(prompt_ids), self.batch_size):
       chunk = list(prompt_ids[start:start + self.batch_size])
-      ids_bt, mask_bt = pad_left(chunk, self.pad_id)
+      # A task's instructions (and k-shot demonstrations) begin every prompt: run them once.
+      shared = shared_prefix_length(chunk)
+      ids_bt, mask_bt = pad_left(chunk, self.pad_id, shared_prefix=shared)
       # A short last batch is padded with copies so that it reuses the compiled shape (and, on
       # a mesh, so that it splits evenly).
       fill = (self.batch_size - len(chunk)
               if len(prompt_ids) > self.batch_size or self.layout is not None else 0)
       ids_bt = np.concatenate([ids_bt, np.repeat(ids_bt[:1], fill, 0)])
       mask_bt = np.concatenate([mask_bt, np.repeat(mask_bt[:1], fill, 0)])
-      gen = self.generate_ids(ids_bt, mask_bt, max_new_tokens, sampling, seed + start)
+      gen = self.generate_ids(ids_bt, mask_bt, max_new_tokens, sampling, seed + start, shared)
       outputs += decode_responses(tok, gen, self.eos_ids())[:len(chunk)]
     return outputs
 

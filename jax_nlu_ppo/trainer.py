@@ -144,6 +144,14 @@ class PPOTrainer:
                   self.lm.config.max_position_embeddings)
     return None
 
+  def _shared_prefix(self, ids: list[list[int]]) -> int:
+    """How many first tokens all prompts of the global batch share, to run once (0 when
+    `rollout.shared_prefix` is off)."""
+    if not self.config.rollout.shared_prefix:
+      return 0
+    local = pretrained.shared_prefix_length(ids)
+    return distributed.shared_over_processes(ids[0][:local])
+
   def step(self) -> dict[str, float]:
     """One PPO iteration; returns its metrics (TRL names where TRL has one).
 
@@ -158,9 +166,10 @@ class PPOTrainer:
     examples = [example for example, _ in rows]
     specs = [self.task_of(ex) for ex in examples]
     ids = [ids for _, ids in rows]
+    shared = self._shared_prefix(ids)
     # Every process pads to the same length: the global batch has one shape.
-    length = distributed.max_over_processes(pretrained.bucket_length(max(map(len, ids))))
-    prompt_np, prompt_mask_np = pretrained.pad_left(ids, self.lm.pad_id, length)
+    length = distributed.max_over_processes(pretrained.padded_length(ids, shared))
+    prompt_np, prompt_mask_np = pretrained.pad_left(ids, self.lm.pad_id, length, shared)
     prompt_bt = distributed.global_batch(prompt_np, L.batch(2))
     prompt_mask_bt = distributed.global_batch(prompt_mask_np, L.batch(2))
     self.key, rollout_key = jax.random.split(self.key)
@@ -168,7 +177,7 @@ class PPOTrainer:
                                        cfg.rollout.max_new_tokens + 1))
     with sharding_lib.activations(L):
       gen = self.steps.rollout(self.base, self.state.trainable, prompt_bt, prompt_mask_bt,
-                          rollout_key, limit)
+                               rollout_key, limit, shared)
     local_gen = jax.tree.map(distributed.local_rows, jax.block_until_ready(gen))
     times["time/rollout"] = time.perf_counter() - start
 
@@ -181,7 +190,7 @@ class PPOTrainer:
     with sharding_lib.activations(L):
       batch, kl_bn = self.steps.experience(
           self.base, self.state.trainable, self.reference, prompt_bt, prompt_mask_bt, gen,
-          distributed.global_batch(scores_b, L.batch(1)), self.state.kl_coef)
+          distributed.global_batch(scores_b, L.batch(1)), self.state.kl_coef, shared)
     jax.block_until_ready(batch)
     times["time/experience"] = time.perf_counter() - start
 
@@ -194,7 +203,8 @@ class PPOTrainer:
         self.key, dropout_key = jax.random.split(self.key)
         with sharding_lib.activations(L):
           minibatch = self.steps.minibatch(batch, order[begin:begin + mb])
-          self.state, metrics = self.steps.update(self.state, self.base, minibatch, dropout_key)
+          self.state, metrics = self.steps.update(self.state, self.base, minibatch, dropout_key,
+                                                  shared)
         updates.append(metrics)
     update_metrics = {k: float(np.mean([jax.device_get(m[k]) for m in updates]))
                       for k in updates[0]}
@@ -228,6 +238,7 @@ class PPOTrainer:
         "tokens/response_len_mean": float(mask_np.sum(axis=1).mean()),
         "tokens/max_new_tokens": limit,
         "tokens/prompt_len": int(prompt_bt.shape[1]),
+        "tokens/shared_prefix": shared,
         "data/skipped_rows": self.skipped_rows,
         **update_metrics, **times,
     }

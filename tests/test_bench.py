@@ -76,3 +76,30 @@ def test_torch_side_runs_a_random_weight_model_without_a_tokenizer():
   assert out["device"].startswith(("cpu", "NVIDIA"))
   assert out["rollout_tokens_per_s"] == pytest.approx(16 / out["median_s"]["rollout"])
   assert "trl_step_s" not in out
+
+
+def test_task_prompts_run_their_shared_start_once(glue_dir):
+  """`--prompts task`: the trainer's SST-2 chat prompts, laid out [shared start | padding | rest],
+  through the same steps (a tiny tokenizer: its unknown words do not matter for speed)."""
+  from jax_nlu_ppo import tasks
+  from tests.test_ppo_core import tiny_chat_tokenizer
+  task = tasks.get_task("sst2")
+  example = {"sentence": "a film", "label": 1, "idx": 0}
+  texts = [m["content"] for m in tasks.build_prompt(task, example, "chat")]
+  tokenizer = tiny_chat_tokenizer(texts + ["system user assistant"])
+  config = dataclasses.replace(CONFIG, vocab_size=len(tokenizer))
+  lm = pretrained.LanguageModel(config, *random_llama(config), tokenizer)
+  w = bench.Workload(batch=4, new_tokens=4, minibatch=2, prompts="task")
+  rows = bench.prompt_rows(tokenizer, w, config.vocab_size)
+  assert len(rows) == 4 and len({len(r) for r in rows}) > 1        # real, uneven prompts
+  out = bench.bench_ours(lm, w, iterations=1, progress=lambda _: None)
+  shared = pretrained.shared_prefix_length(rows)
+  assert out["shared_prefix"] == shared >= 8
+  assert out["prompt_len"] == pretrained.padded_length(rows, shared)
+  assert out["recompilations_after_first_iteration"] == 0
+  flops = bench.phase_flops(config, w, out["prompt_len"], shared)
+  whole = bench.phase_flops(config, w, out["prompt_len"])
+  assert all(flops[k] < whole[k] for k in ("prefill", "experience", "update"))
+  assert flops["decode"] == whole["decode"]
+  with pytest.raises(ValueError, match="prompts must be"):
+    bench.Workload(prompts="chat")

@@ -4,6 +4,7 @@ LoRA against kernels merged in NumPy; the frozen base; KL and the rollout's log-
 against full forwards; the skip guard; the loss against NumPy; GRPO; a `PPOTrainer` run; and a
 short hand-driven PPO run that must raise a reward.
 """
+import dataclasses
 import functools
 import json
 
@@ -18,6 +19,7 @@ from jax_nlu_ppo import model as model_lib
 from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import ppo
 from jax_nlu_ppo import ppo_math
+from jax_nlu_ppo import pretrained
 from jax_nlu_ppo import sampling
 from jax_nlu_ppo.llama_config import LlamaConfig
 
@@ -41,11 +43,13 @@ DELTA_EQNS = {"q_proj": "ldr,lrnh->ldnh", "k_proj": "ldr,lrkh->ldkh", "v_proj": 
               "down_proj": "lfr,lrd->lfd"}
 
 _rollout = jax.jit(ppo.rollout, static_argnums=0,
-                   static_argnames=("max_new_tokens", "sampling", "eos_ids", "pad_id"))
+                   static_argnames=("max_new_tokens", "sampling", "eos_ids", "pad_id",
+                                    "shared_prefix"))
 _experience = jax.jit(ppo.experience, static_argnums=0,
-                      static_argnames=("temperature", "values", "reuse_rollout"))
+                      static_argnames=("temperature", "values", "reuse_rollout", "shared_prefix"))
 _advantages = jax.jit(ppo.advantages, static_argnames="config")
-_loss = jax.jit(ppo.loss_fn, static_argnums=1, static_argnames=("config", "temperature"))
+_loss = jax.jit(ppo.loss_fn, static_argnums=1,
+                static_argnames=("config", "temperature", "shared_prefix"))
 _update = jax.jit(ppo.update_minibatch, static_argnums=1,
                   static_argnames=("tx", "config", "temperature"))
 
@@ -407,6 +411,80 @@ def test_rollout_logprobs_and_values_match_the_full_forward():
   np.testing.assert_array_equal(np.asarray(short.logprobs_bn)[:, :3], logprobs[:, :3])
 
 
+def test_shared_prefix_length_and_layout():
+  ids = [[7, 8, 9, 4, 5], [7, 8, 9, 6], [7, 8, 9, 4]]
+  assert pretrained.shared_prefix_length(ids, multiple=1) == 3
+  assert pretrained.shared_prefix_length(ids, multiple=2) == 2
+  assert pretrained.shared_prefix_length(ids) == 0           # a multiple of 8
+  # Every prompt keeps a token after the prefix, even one that is all prefix.
+  assert pretrained.shared_prefix_length([[7, 8], [7, 8, 9]], multiple=1) == 1
+  ids_bt, mask_bt = pretrained.pad_left(ids, PAD, shared_prefix=2)
+  assert ids_bt.shape == (3, 2 + 16)
+  np.testing.assert_array_equal(ids_bt[:, :2], [[7, 8]] * 3)
+  np.testing.assert_array_equal(ids_bt[1, -2:], [9, 6])
+  np.testing.assert_array_equal(mask_bt.sum(1), [5, 4, 4])
+  np.testing.assert_array_equal(mask_bt[1, :2], [1, 1])
+  assert not mask_bt[1, 2:-2].any() and (ids_bt[1, 2:-2] == PAD).all()
+  with pytest.raises(ValueError, match="do not all share their first 4 tokens"):
+    pretrained.pad_left(ids, PAD, shared_prefix=4)
+
+
+def test_a_shared_prefix_run_once_changes_no_output():
+  """Prompts that share their first tokens (a task's instructions), laid out [prefix | padding |
+  rest] and run with the prefix once at batch 1, give the rollout, experience, loss and
+  gradients that the same prompts give left-padded and run whole."""
+  graphdef, trainable, base = make_policy()
+  trainable, reference = randomized(trainable, 4), randomized(trainable, 5)
+  rng = np.random.default_rng(3)
+  prefix = [int(x) for x in rng.integers(3, VOCAB, 5)]
+  ids = [prefix + [int(x) for x in rng.integers(3, VOCAB, n)] for n in (1, 4, 2, 3)]
+  p = pretrained.shared_prefix_length(ids, multiple=4)
+  assert p == 4
+  layouts = {0: pretrained.pad_left(ids, PAD), p: pretrained.pad_left(ids, PAD, shared_prefix=p)}
+  outs = {}
+  for shared, (prompt_bt, prompt_mask_bt) in layouts.items():
+    gen = _rollout(graphdef, base, trainable, prompt_bt, prompt_mask_bt, jax.random.key(2),
+                   jnp.int32(N), max_new_tokens=N, sampling=SAMPLING, eos_ids=(EOS,),
+                   pad_id=PAD, shared_prefix=shared)
+    tokens_bt, mask_bt = joined(prompt_bt, prompt_mask_bt, gen)
+    logp, values, ref_logp = _experience(graphdef, base, trainable, reference, tokens_bt,
+                                         mask_bt, gen, temperature=1.0, values=True,
+                                         shared_prefix=shared)
+    outs[shared] = (gen, tokens_bt, mask_bt, logp, values, ref_logp)
+  (gen, *_, logp, values, ref_logp), (gen_p, *_, logp_p, values_p, ref_logp_p) = outs.values()
+  np.testing.assert_array_equal(gen_p.tokens_bn, gen.tokens_bn)
+  np.testing.assert_array_equal(gen_p.mask_bn, gen.mask_bn)
+  for ours, expected in ((gen_p.logprobs_bn, gen.logprobs_bn), (gen_p.values_bn, gen.values_bn),
+                         (logp_p, logp), (values_p, values), (ref_logp_p, ref_logp)):
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(ref_logp) - np.asarray(logp)).max() > 1e-3   # the reference differs
+
+  adv_bn, returns_bn = (jnp.asarray(rng.normal(size=(B, N)), jnp.float32) for _ in range(2))
+  grad_fn = jax.jit(jax.value_and_grad(ppo.loss_fn, has_aux=True), static_argnums=1,
+                    static_argnames=("config", "temperature", "shared_prefix"))
+  results = []
+  for shared, (gen_s, tokens_bt, mask_bt, *_) in outs.items():
+    batch = ppo.Batch(tokens_bt, mask_bt, gen_s.tokens_bn, gen_s.mask_bn, logp + 0.1, ref_logp,
+                      values, adv_bn, returns_bn)
+    # A dropout key, as the update passes: these adapters have no dropout, so it changes nothing.
+    results.append(grad_fn(trainable, graphdef, base, batch, jax.random.key(0),
+                           jnp.float32(0.05), config=GAE, temperature=1.0, shared_prefix=shared))
+  ((loss, _), grads), ((loss_p, _), grads_p) = results
+  np.testing.assert_allclose(loss_p, loss, rtol=1e-5)
+  flat_grads, flat_grads_p = flat(grads), flat(grads_p)
+  assert max(np.abs(g).max() for g in flat_grads.values()) > 1e-3
+  for name, g in flat_grads.items():
+    np.testing.assert_allclose(flat_grads_p[name], g, rtol=1e-4, atol=1e-6, err_msg=name)
+
+  # With adapter dropout, one prefix pass would give every row the same dropout masks: refused.
+  graphdef, trainable, base = make_policy(dataclasses.replace(LORA, dropout=0.1))
+  prompt_bt, prompt_mask_bt = layouts[p]
+  with pytest.raises(ValueError, match="dropout"):
+    policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, trainable), prompt_bt,
+                                prompt_mask_bt, prompt_bt.shape[1] - 1, jax.random.key(0),
+                                shared_prefix=p)
+
+
 def test_eos_ends_a_row():
   graphdef, trainable, base = make_policy()
   prompt_bt, mask_bt = prompts()
@@ -672,31 +750,38 @@ def tiny_chat_tokenizer(texts):
                                  chat_template=CHATML, padding_side="left")
 
 
-def test_trainer_runs_ppo_iterations(tmp_path):
-  """`PPOTrainer` end to end (chat prompts, rollout, reward, update) on a tiny random model."""
+SENTENCES = ["a gorgeous, witty film", "dull and far too long", "the cast is superb"]
+
+
+def tiny_trainer(output_dir=None, lora_dropout: float = 0.05, shared_prefix: bool = True):
+  """A `PPOTrainer` on SST-2 chat prompts and a tiny random model with a word-level tokenizer."""
   from jax_nlu_ppo import answer
   from jax_nlu_ppo import config as config_lib
-  from jax_nlu_ppo import pretrained
   from jax_nlu_ppo import tasks
   from jax_nlu_ppo import trainer as trainer_lib
 
   task = tasks.get_task("sst2")
-  sentences = ["a gorgeous, witty film", "dull and far too long", "the cast is superb"]
-  examples = [{"sentence": s, "label": i % 2, "idx": i} for i, s in enumerate(sentences)]
+  examples = [{"sentence": s, "label": i % 2, "idx": i} for i, s in enumerate(SENTENCES)]
   texts = [m["content"] for ex in examples for m in tasks.build_prompt(task, ex, "chat")]
   tokenizer = tiny_chat_tokenizer(texts + ["system user assistant", *task.label_words])
   llama_config = LlamaConfig.tiny(vocab_size=len(tokenizer), hidden_size=32,
                                   intermediate_size=64, head_dim=8)
   lm = pretrained.LanguageModel(llama_config, *random_llama(llama_config), tokenizer)
-
   config = config_lib.TrainConfig(
-      lora=lora_lib.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj")),
+      lora=lora_lib.LoraConfig(rank=4, alpha=8.0, dropout=lora_dropout,
+                               targets=("q_proj", "v_proj")),
       ppo=ppo.PPOConfig(ppo_epochs=2, minibatch_size=2),
-      rollout=config_lib.RolloutConfig(batch_size=4, min_new_tokens=3, max_new_tokens=5),
+      rollout=config_lib.RolloutConfig(batch_size=4, min_new_tokens=3, max_new_tokens=5,
+                                       shared_prefix=shared_prefix),
       # Lenient extraction finds label words anywhere, so random text earns varied rewards.
       reward=answer.RewardConfig(lenient=True),
-      output_dir=str(tmp_path))
-  trainer = trainer_lib.PPOTrainer(config, lm=lm, train_examples=examples)
+      output_dir=output_dir)
+  return trainer_lib.PPOTrainer(config, lm=lm, train_examples=examples)
+
+
+def test_trainer_runs_ppo_iterations(tmp_path):
+  """`PPOTrainer` end to end (chat prompts, rollout, reward, update) on a tiny random model."""
+  trainer = tiny_trainer(str(tmp_path))
   base_before, reference_before = flat(trainer.base), flat(trainer.reference)
   trainable_before = flat(trainer.state.trainable)
 
@@ -725,3 +810,23 @@ def test_trainer_runs_ppo_iterations(tmp_path):
   trainable_after = flat(trainer.state.trainable)
   assert all(not np.array_equal(trainable_after[k], v) for k, v in trainable_before.items())
   assert len(trainer.last_responses()) == 4
+
+
+def test_trainer_running_the_shared_prefix_once_changes_no_metric():
+  """Two iterations with the prompts' shared start run once (rollout, experience and update:
+  no adapter dropout) and with every prompt run whole: the same metrics and adapters."""
+  runs = {}
+  for shared in (True, False):
+    trainer = tiny_trainer(lora_dropout=0.0, shared_prefix=shared)
+    runs[shared] = trainer.train(steps=2), flat(trainer.state.trainable)
+  (history, params), (whole_history, whole_params) = runs[True], runs[False]
+  assert all(m["tokens/shared_prefix"] >= 8 for m in history)
+  assert all(m["tokens/shared_prefix"] == 0 for m in whole_history)
+  layout_keys = ("time/", "jit/", "tokens/per_s", "tokens/prompt_len", "tokens/shared_prefix")
+  for metrics, whole in zip(history, whole_history):
+    for name, value in whole.items():
+      if not name.startswith(layout_keys):
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+  for name, value in whole_params.items():
+    np.testing.assert_allclose(params[name], value, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(value).max()), err_msg=name)

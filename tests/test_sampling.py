@@ -65,3 +65,31 @@ def test_greedy_is_argmax():
 def test_bad_options(kwargs, match):
   with pytest.raises(ValueError, match=match):
     sampling.SamplingConfig(**kwargs)
+
+
+def test_first_argmax_is_numpys_argmax_with_ties_and_infinities():
+  rng = np.random.default_rng(2)
+  x = rng.integers(0, 4, (64, 40)).astype(np.float32)      # many ties
+  x[0, :] = -np.inf
+  x[1, 5:] = -np.inf
+  x[2, 7] = np.inf
+  np.testing.assert_array_equal(np.asarray(jax.jit(sampling.first_argmax)(x)), x.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 5), (0.0, 0)])
+def test_sample_draws_the_tokens_jax_categorical_draws(temperature, top_k):
+  """The Gumbel-max draw written out gives jax.random.categorical's tokens from the same key."""
+  logits = np.random.default_rng(3).normal(size=(16, 300)).astype(np.float32) * 3
+  config = sampling.SamplingConfig(temperature, top_k)
+  draw = jax.jit(sampling.sample, static_argnums=2)
+  for seed in range(10):
+    key = jax.random.key(seed)
+    tokens, logp = draw(logits, key, config)
+    logprobs = sampling.sampling_logprobs(logits, config)
+    expected = (logits.argmax(-1) if temperature == 0
+                else jax.random.categorical(key, logprobs, axis=-1))
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(expected))
+    # (eager and jitted log-softmax may round differently)
+    np.testing.assert_allclose(
+        np.asarray(logp), np.take_along_axis(np.asarray(logprobs), np.asarray(expected)[:, None],
+                                             -1)[:, 0], rtol=1e-6, atol=1e-6)

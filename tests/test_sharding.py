@@ -173,6 +173,8 @@ def test_ppo_iterations_on_a_mesh_match_one_device(sharded_runs, mesh):
     np.testing.assert_allclose(got_metrics[name], want, rtol=1e-5, atol=1e-5, err_msg=name)
   # The run trained: losses were computed and adapters moved.
   assert np.all(want_metrics["ppo/skipped"] == 0)
+  # The prompts' shared start (the task's instructions) ran once per step, on every mesh.
+  assert np.all(want_metrics["tokens/shared_prefix"] >= 8)
   want_params = _group(sharded_runs, "one_device", "param")
   got_params = _group(sharded_runs, mesh, "param")
   assert want_params.keys() == got_params.keys()
