@@ -11,6 +11,9 @@ library).
 - TRL `GRPOTrainer` (its PPO trainer is gone from current TRL): seconds per optimiser step with
   8 prompts x 4 generations, `new_tokens` new tokens, LoRA on all linear layers.
 
+The prompts are the workload's (`bench.prompt_rows`), left-padded to the longest as a tokenizer
+pads a batch; the forwards take positions from the mask, as `generate` does.
+
 transformers loads the embedded GGUF dequantised, but will neither train nor save a model
 loaded from a quantised file, so our export writes it once as a plain Hugging Face folder (equal
 to ours within 4.4e-6, tests/test_export.py) and both PyTorch sides load that. The same export

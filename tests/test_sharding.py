@@ -208,6 +208,31 @@ def test_arrays_are_sharded_as_the_rules_say(sharded_runs, mesh):
   assert {str(v) for v in _group(sharded_runs, "one_device", "spec").values()} == {"()"}
 
 
+def test_processes_share_the_prompt_start_all_of_them_have(monkeypatch):
+  """`shared_over_processes` with three simulated processes: the shortest start first, then
+  only the tokens every process agrees on, rounded down to the multiple."""
+  import jax
+  from jax_nlu_ppo import distributed
+  starts = [list(range(10, 26)), list(range(10, 29)), list(range(10, 15)) + [99] + list(
+      range(16, 26))]
+  gathered = []
+
+  def allgather(local):      # what process 0 receives: every process's array, stacked
+    if local.shape == (1,):  # max_over_processes of minus the lengths
+      return np.asarray([[-len(x)] for x in starts])
+    gathered.append(local)
+    return np.stack([np.asarray(x[:len(local)], np.int32) for x in starts])
+
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  monkeypatch.setattr(distributed.multihost_utils, "process_allgather", allgather)
+  assert distributed.shared_over_processes(starts[0], multiple=1) == 5    # token 5 differs
+  assert distributed.shared_over_processes(starts[0], multiple=4) == 4
+  assert distributed.shared_over_processes(starts[0], multiple=8) == 0
+  assert gathered[0].shape == (16,)          # the shortest start (16 of 16, 19 and 16)
+  starts[2][5] = 15
+  assert distributed.shared_over_processes(starts[0], multiple=8) == 16
+
+
 # --------------------------------------------------------------------------------------------
 # Two processes on this machine (gloo collectives), against one process with the same mesh.
 
@@ -239,6 +264,8 @@ def test_two_processes_train_and_checkpoint_like_one(tmp_path):
                      str(single_out), str(multi_dir))
   assert done.returncode == 0, done.stderr[-3000:]
   multi, single = dict(np.load(multi_out)), dict(np.load(single_out))
+  # Both processes agreed on the prompts' shared start, as one process finds it.
+  assert np.all(multi["metric/tokens/shared_prefix"] >= 8)
   for name in (k for k in single if k.startswith("metric/")):
     np.testing.assert_allclose(multi[name], single[name], rtol=1e-5, atol=1e-5, err_msg=name)
   params = [k for k in single if k.startswith("param/")]
