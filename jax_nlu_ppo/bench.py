@@ -5,10 +5,10 @@ Workload (the issue's): the embedded 135M model, 32 prompts of 64 tokens of SST-
 tokens sampled at temperature 1 with EOS ignored (every row generates all of them), LoRA rank 8
 on every projection plus a value head, one PPO epoch in minibatches of 8. `prompts="task"`
 gives both stacks the trainer's SST-2 prompts instead (chat format, left-padded: 74 to 115
-tokens, the first 58 shared by all), whose shared prefix ours runs once per call
-(`model.prefill`) unless `shared_prefix=False`. Our side runs the
-trainer's own jitted programs (`ppo_steps.build`); the PyTorch side (`bench_torch`) runs
-transformers `generate`, transformers + peft forward/backward, and TRL's `GRPOTrainer`.
+tokens, the first 58 shared by all), whose shared start ours runs once per call
+(`model.prefill`) unless `shared_prefix=False`. Our side runs the trainer's own jitted programs
+(`ppo_steps.build`); the PyTorch side (`bench_torch`) runs transformers `generate`,
+transformers + peft forward/backward, and TRL's `GRPOTrainer`.
 
 FLOPs are counted from the model shape (`forward_flops`): 2 per multiply-add of every
 projection, of attention scores and values over the keys each query sees in our programs (the
@@ -56,7 +56,7 @@ class Workload:
   rank: int = 8
   dtype: str = "float32"
   remat: str = "none"       # the trainer's `remat` option, for the update
-  prompts: str = "text"     # "text": `prompt_len` tokens of SST-2 text a row; "task": the trainer's
+  prompts: str = "text"     # "text": `prompt_len` tokens of SST-2 text a row; "task": see above
   shared_prefix: bool = True  # ours runs the prompts' shared first tokens once
 
   def __post_init__(self):

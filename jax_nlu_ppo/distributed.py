@@ -132,4 +132,3 @@ def shared_over_processes(prefix: Sequence[int], multiple: int = 8) -> int:
   gathered = np.asarray(multihost_utils.process_allgather(np.asarray(prefix[:n], np.int32)))
   agree = (gathered == gathered[0]).all(axis=0)
   return (n if agree.all() else int(np.argmin(agree))) // multiple * multiple
-
