@@ -110,16 +110,20 @@ def matmul_ceiling(dtype, size: int | None = None, repeats: int = 15) -> float:
   return 2 * size ** 3 / min(times) / 1e9
 
 
+def _sst2_dev() -> pathlib.Path | None:
+  return next((path for path in SST2_DEV if path.exists()), None)
+
+
 def prompt_rows(tokenizer, w: Workload, vocab_size: int) -> list[list[int]]:
   """The workload's prompts as token ids, unpadded."""
   if w.prompts == "text":
     return [list(row) for row in prompt_ids(tokenizer, w.batch, w.prompt_len, vocab_size)]
-  found = [path for path in SST2_DEV if path.exists()]
-  if tokenizer is None or not found:
+  dev = _sst2_dev()
+  if tokenizer is None or dev is None:
     raise ValueError("prompts='task' needs the model's tokenizer (not a --preset) and the "
                      f"SST-2 dev set at {SST2_DEV[0]}")
   from jax_nlu_ppo import data, tasks
-  rows, _ = data.load_glue_dir("sst2", "validation", found[0].parents[1])
+  rows, _ = data.load_glue_dir("sst2", "validation", dev.parents[1])
   task = tasks.get_task("sst2")
   return [pretrained.render_prompt(tokenizer, tasks.build_prompt(task, rows[i], "chat"), True)
           for i in range(w.batch)]
@@ -128,9 +132,9 @@ def prompt_rows(tokenizer, w: Workload, vocab_size: int) -> list[list[int]]:
 def prompt_ids(tokenizer, batch: int, length: int, vocab_size: int) -> np.ndarray:
   """`batch` rows of exactly `length` real tokens of SST-2 dev text (random ids without it or
   without a tokenizer)."""
-  found = [path for path in SST2_DEV if path.exists()]
-  if tokenizer is not None and found:
-    lines = found[0].read_text().splitlines()[1:]
+  dev = _sst2_dev()
+  if tokenizer is not None and dev is not None:
+    lines = dev.read_text().splitlines()[1:]
     ids = tokenizer(" ".join(line.split("\t")[0] for line in lines))["input_ids"]
     return np.asarray(ids[:batch * length], np.int32).reshape(batch, length)
   print(f"(random token ids: {'no tokenizer' if tokenizer is None else 'no SST-2 dev text'})")

