@@ -38,8 +38,10 @@ from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import ppo as ppo_lib
 from jax_nlu_ppo import ppo_steps
 from jax_nlu_ppo import pretrained
+from jax_nlu_ppo import prompt_layout
 from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo.llama_config import LlamaConfig
+from jax_nlu_ppo.prompt_layout import PromptLayout
 
 # Beside this checkout (../shared/data), or from where the command runs.
 SST2_DEV = [pathlib.Path(__file__).resolve().parents[2] / "shared/data/glue/SST-2/dev.tsv",
@@ -58,6 +60,7 @@ class Workload:
   remat: str = "none"       # the trainer's `remat` option, for the update
   prompts: str = "text"     # "text": `prompt_len` tokens of SST-2 text a row; "task": see above
   shared_prefix: bool = True  # ours runs the prompts' shared first tokens once
+  sort_by_length: bool = False  # ours sorts rows by length; the shorter half skips padding
 
   def __post_init__(self):
     if self.prompts not in ("text", "task"):
@@ -76,18 +79,19 @@ def forward_flops(config: LlamaConfig, tokens: int, keys: int, logits: int) -> f
 
 
 def phase_flops(config: LlamaConfig, w: Workload, prompt_len: int | None = None,
-                shared_prefix: int = 0) -> dict[str, float]:
+                layout: PromptLayout = PromptLayout()) -> dict[str, float]:
   """FLOPs of each phase of one iteration (prefill and decode are the rollout's two parts), for
-  prompts padded to `prompt_len` (default the workload's) whose first `shared_prefix` tokens
-  run once per call: once per rollout and experience, once per minibatch in the update."""
+  prompts padded to `prompt_len` (default the workload's) and laid out by `layout`: the shared
+  start runs once per call (once per rollout and experience, once per minibatch in the update),
+  and half the rows skip `layout.skip` columns in every phase."""
   t = prompt_len or w.prompt_len
-  length, rest, responses = t + w.new_tokens, t - shared_prefix, w.batch * w.new_tokens
-  prefill = forward_flops(config, shared_prefix + w.batch * rest, length, w.batch)
+  length, responses = t + w.new_tokens, w.batch * w.new_tokens
+  rows = w.batch * (t - layout.shared) - w.batch // 2 * layout.skip
+  prefill = forward_flops(config, layout.shared + rows, length, w.batch)
   decode = forward_flops(config, responses, length, responses)
-  forward = forward_flops(config, shared_prefix + w.batch * (rest + w.new_tokens), length,
-                          responses)
-  update = 2 * forward_flops(config, w.batch // w.minibatch * shared_prefix
-                             + w.batch * (rest + w.new_tokens), length, responses)
+  forward = forward_flops(config, layout.shared + rows + responses, length, responses)
+  update = 2 * forward_flops(config, w.batch // w.minibatch * layout.shared + rows + responses,
+                             length, responses)
   return {"prefill": prefill, "decode": decode, "rollout": prefill + decode,
           "experience": forward, "update": update}
 
@@ -181,8 +185,8 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
   reference = jax.tree.map(jnp.copy, trainable)
   state = ppo_steps.initial_state(trainable, tx, sh, kl_coef=0.2)
   rows = prompt_rows(lm.tokenizer, w, lm.config.vocab_size)
-  shared = pretrained.shared_prefix_length(rows) if w.shared_prefix else 0
-  prompt_bt, mask_bt = pretrained.pad_left(rows, lm.pad_id, shared_prefix=shared)
+  _, prompt_bt, mask_bt, layout = prompt_layout.lay_out(rows, lm.pad_id, share=w.shared_prefix,
+                                                        sort=w.sort_by_length)
   scores_b = np.random.default_rng(0).choice([-1.0, 1.0], w.batch).astype(np.float32)
   rng = np.random.default_rng(0)
   calls = {}    # with `profile`: each step's last arguments (as shapes), for its program text
@@ -197,15 +201,16 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
   def iteration(state, seed: int, limit: int = w.new_tokens):
     times = {}
     gen, times["rollout"] = _timed(lambda: call(steps.rollout, base, state.trainable, prompt_bt,
-                                                mask_bt, jax.random.key(seed), limit, shared))
+                                                mask_bt, jax.random.key(seed), limit, layout))
     (batch, _), times["experience"] = _timed(lambda: call(
         steps.experience, base, state.trainable, reference, prompt_bt, mask_bt, gen, scores_b,
-        state.kl_coef, shared))
+        state.kl_coef, layout))
     start = time.perf_counter()
-    order = rng.permutation(w.batch)
-    for begin in range(0, w.batch, w.minibatch):
-      minibatch = steps.minibatch(batch, order[begin:begin + w.minibatch])
-      state, metrics = call(steps.update, state, base, minibatch, jax.random.key(seed), shared)
+    picks, update_layout = prompt_layout.minibatches(rng, w.batch, w.minibatch, layout)
+    for picked in picks:
+      minibatch = steps.minibatch(batch, picked)
+      state, metrics = call(steps.update, state, base, minibatch, jax.random.key(seed),
+                            update_layout)
     jax.block_until_ready(metrics)
     times["update"] = time.perf_counter() - start
     times["iteration"] = sum(times.values())
@@ -224,12 +229,13 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
     progress(f"ours: iteration {i + 1}/{iterations} {times['iteration']:.2f} s")
   # Prefill alone: the rollout stopped after its first token (`limit` is traced: no compile).
   prefill = [_timed(lambda: steps.rollout(base, state.trainable, prompt_bt, mask_bt,
-                                          jax.random.key(99), 1, shared))[1] for _ in range(3)]
+                                          jax.random.key(99), 1, layout))[1] for _ in range(3)]
   median = {k: statistics.median(r[k] for r in runs) for k in PHASES}
   prefill_s = statistics.median(prefill)
   out = {"first_s": first, "median_s": median, "compile_s": {
              k: first[k] - median[k] for k in PHASES},
-         "prefill_s": prefill_s, "prompt_len": prompt_bt.shape[1], "shared_prefix": shared,
+         "prefill_s": prefill_s, "prompt_len": prompt_bt.shape[1],
+         "shared_prefix": layout.shared, "skip": layout.skip,
          "decode_s": max(median["rollout"] - prefill_s, 1e-9),
          "compilations_first_iteration": first_compiles,
          "cache_hits_first_iteration": first_loaded,
@@ -249,11 +255,15 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
 def run(model: str = pretrained.DEFAULT_MODEL, preset: str | None = None,
         workload: Workload = Workload(), iterations: int = 3, torch_side: bool = True,
         trl: bool = True, trl_steps: int = 3, output: str | None = None,
-        profile: str | None = None, progress: Callable[[str], None] = print) -> dict[str, Any]:
-  """The whole benchmark: ceiling, ours, PyTorch; prints the table and returns the figures."""
+        profile: str | None = None, progress: Callable[[str], None] = print,
+        tokenizer: str | None = None) -> dict[str, Any]:
+  """The whole benchmark: ceiling, ours, PyTorch; prints the table and returns the figures.
+  `tokenizer` (a tokenizer folder or a model) renders task prompts for a `preset`."""
   w = workload
   lm = (random_model(preset, w.dtype) if preset
         else pretrained.load_pretrained(model, dtype=w.dtype))
+  if preset and tokenizer:
+    lm.tokenizer = pretrained.tokenizer_only(tokenizer)
   prompts = f"{w.prompt_len}-token" if w.prompts == "text" else "SST-2 task"
   progress(f"devices {jax.devices()}; model {preset or model} {w.dtype}; batch {w.batch} x "
            f"{prompts} prompt x {w.new_tokens} new tokens, LoRA r{w.rank}, minibatch "
@@ -262,7 +272,8 @@ def run(model: str = pretrained.DEFAULT_MODEL, preset: str | None = None,
   progress(f"matmul ceiling: {ceiling['float32']:.1f} GFLOP/s float32, "
            f"{ceiling['bfloat16']:.1f} bfloat16")
   ours = bench_ours(lm, w, iterations, progress, profile)
-  flops = phase_flops(lm.config, w, ours["prompt_len"], ours["shared_prefix"])
+  flops = phase_flops(lm.config, w, ours["prompt_len"],
+                      PromptLayout(ours["shared_prefix"], ours["skip"]))
   peak = ceiling[w.dtype] * 1e9
   seconds = {**ours["median_s"], "prefill": ours["prefill_s"], "decode": ours["decode_s"]}
   mfu = {k: flops[k] / seconds[k] / peak for k in ("prefill", "decode", "rollout",
@@ -312,10 +323,12 @@ def table(result: dict[str, Any]) -> str:
                    f"{theirs['trl_step_s']:.2f} | |")
   mfu = result["mfu"]
   devices = f"ours on {result['device']}" + (f", PyTorch on {theirs['device']}" if theirs else "")
-  shared = ours["shared_prefix"]
+  shared, skip = ours["shared_prefix"], ours["skip"]
   lines += ["", devices,
             f"prompts: {ours['prompt_len']} tokens padded"
-            + (f", the first {shared} shared by all and run once by ours" if shared else ""),
+            + (f", the first {shared} shared by all and run once by ours" if shared else "")
+            + (f", the shorter half's {skip} extra padding columns skipped by ours" if skip
+               else ""),
             f"rollout new tokens/s: {tokens}",
             f"matmul ceiling {result['matmul_peak_gflops']:.1f} GFLOP/s "
             f"({result['workload']['dtype']}); MFU: prefill {mfu['prefill']:.1%}, decode "

@@ -36,6 +36,7 @@ import numpy as np
 from jax_nlu_ppo import bench
 from jax_nlu_ppo import export
 from jax_nlu_ppo import pretrained
+from jax_nlu_ppo import prompt_layout
 
 
 def plain_folder(lm: pretrained.LanguageModel, folder: str, dtype: str = "float32") -> str:
@@ -81,7 +82,7 @@ def run(lm: pretrained.LanguageModel, w: bench.Workload, iterations: int, trl: b
     # Left-padded to the longest prompt, as a tokenizer pads a batch for generate.
     rows = bench.prompt_rows(tokenizer, w, base.config.vocab_size)
     prompt, mask = (torch.as_tensor(x, dtype=torch.long, device=device)
-                    for x in pretrained.pad_left(rows, pad_id, max(map(len, rows))))
+                    for x in prompt_layout.pad_left(rows, pad_id, max(map(len, rows))))
     prompt_len = prompt.shape[1]
 
     def iteration() -> dict[str, float]:

@@ -203,6 +203,9 @@ def _parser() -> argparse.ArgumentParser:
   bn.add_argument("--preset", default=None, choices=MODEL_PRESETS,
                   help="random weights of a preset's shape instead of --model (both stacks get "
                   "the same weights; no TRL step, which needs a tokenizer)")
+  bn.add_argument("--tokenizer", default=None,
+                  help="with --preset: the tokenizer that renders --prompts task (a folder of "
+                  "tokenizer files, or a model name, folder or .gguf)")
   bn.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   bn.add_argument("--batch", type=int, default=32, help="prompts (default: %(default)s)")
   bn.add_argument("--prompt-len", type=int, default=64,
@@ -213,6 +216,9 @@ def _parser() -> argparse.ArgumentParser:
                   "ours runs once (default: %(default)s)")
   bn.add_argument("--no-shared-prefix", action="store_true",
                   help="run every prompt whole, shared first tokens included (for comparison)")
+  bn.add_argument("--sort", action="store_true",
+                  help="sort the prompts by length, the shorter half skipping half the columns "
+                  "(the trainer's rollout.sort_by_length)")
   bn.add_argument("--new-tokens", type=int, default=16, help="(default: %(default)s)")
   bn.add_argument("--minibatch", type=int, default=8, help="(default: %(default)s)")
   bn.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
@@ -594,10 +600,10 @@ def run_bench(args) -> int:
   from jax_nlu_ppo import bench
   workload = bench.Workload(args.batch, args.prompt_len, args.new_tokens, args.minibatch,
                             args.rank, args.dtype, args.remat, args.prompts,
-                            not args.no_shared_prefix)
+                            not args.no_shared_prefix, args.sort)
   bench.run(args.model, args.preset, workload, args.iterations, torch_side=not args.no_torch,
             trl=not args.no_trl, trl_steps=args.trl_steps, output=args.output,
-            profile=args.profile, progress=log.info)
+            profile=args.profile, progress=log.info, tokenizer=args.tokenizer)
   return 0
 
 

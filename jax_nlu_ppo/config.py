@@ -51,6 +51,12 @@ class RolloutConfig:
   # Run the first tokens every prompt of a batch shares (the task's instructions and
   # demonstrations) once per step instead of once per row; the outputs are the same.
   shared_prefix: bool = True
+  # Sort each batch shard's prompts by length, so that its shorter half skips the half of the
+  # columns it does not need (rollout, experience, and minibatches that take half from each);
+  # the outputs are the same, only the order of the rows changes. Off by default: it pays on
+  # compute-bound devices with many rows a shard and prompts of very different lengths, and
+  # costs time where a step is bound by kernel launches (README, PPO section).
+  sort_by_length: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

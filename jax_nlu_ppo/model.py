@@ -21,6 +21,7 @@ from flax import nnx
 
 from jax_nlu_ppo import sharding
 from jax_nlu_ppo.llama_config import LlamaConfig
+from jax_nlu_ppo.prompt_layout import PromptLayout
 
 Array = jax.Array
 # A large finite negative rather than -inf: fully masked rows (left padding) then give a uniform
@@ -326,20 +327,22 @@ def attention_mask(key_valid_bs: Array, query_slots_t: Array) -> Array:
 
 
 def prefill(model: Llama, tokens_bt: Array, mask_bt: Array, cache_len: int, *,
-            shared_prefix: int = 0, cache_dtype=None,
+            layout: PromptLayout = PromptLayout(), cache_dtype=None,
             dropout_key: Array | None = None) -> tuple[Array, KVCache]:
   """Runs a left-padded batch into a fresh cache of `cache_len` slots (slots after the batch's
   are left for later tokens, which may attend to them).
 
-  With `shared_prefix` p > 0, the first p tokens are the same real tokens in every row (and
-  the padding comes after them, see `pretrained.pad_left`): they run once, at batch 1, and
-  their keys and values are copied to every row. The outputs are those of running every row
-  whole, since positions and masks come from `mask_bt` either way.
+  `layout` says which columns may be left out (`prompt_layout.PromptLayout`). A shared start
+  of p tokens runs once, at batch 1, and its keys and values are copied to every row. With
+  `skip`, the first half of each block of rows starts `skip` columns after it, in a pass of its
+  own (those columns are padding there; their hidden states come back as zeros). The outputs
+  are those of running every row whole, since positions and masks come from `mask_bt` either
+  way.
 
-  Returns (hidden states of the tokens after the prefix, the cache).
+  Returns (hidden states of the tokens after the shared start, the cache).
   """
   b, t = tokens_bt.shape
-  p = shared_prefix
+  p = layout.shared
   dtype = cache_dtype or model.dtype
   key_valid_bs = cache_slots_valid(mask_bt, cache_len)
   positions_bt = positions_from_mask(mask_bt)
@@ -347,14 +350,49 @@ def prefill(model: Llama, tokens_bt: Array, mask_bt: Array, cache_len: int, *,
     if dropout_key is not None:
       # One prefix pass would give every row the same dropout masks there.
       raise ValueError("a shared prefix cannot be used with dropout")
-    cache = KVCache.zeros(model.config, 1, cache_len, dtype)
-    _, cache = model(tokens_bt[:1, :p], positions_bt[:1, :p],
-                     attention_mask(key_valid_bs[:1], jnp.arange(p)), cache, 0)
-    cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (x.shape[0], b) + x.shape[2:]), cache)
-  else:
-    cache = KVCache.zeros(model.config, b, cache_len, dtype)
-  return model(tokens_bt[:, p:], positions_bt[:, p:],
-               attention_mask(key_valid_bs, jnp.arange(p, t)), cache, p, dropout_key)
+    prefix = KVCache.zeros(model.config, 1, cache_len, dtype)
+    _, prefix = model(tokens_bt[:1, :p], positions_bt[:1, :p],
+                      attention_mask(key_valid_bs[:1], jnp.arange(p)), prefix, 0)
+
+  def run(half, start, key):
+    """Every row's (half None) or one half's columns from `start` on, into a cache of its own."""
+    n = b if half is None else b // 2
+    pick = (lambda x: x) if half is None else (lambda x: _half(x, half, layout.blocks))
+    if p:
+      cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (x.shape[0], n) + x.shape[2:]), prefix)
+    else:
+      cache = KVCache.zeros(model.config, n, cache_len, dtype)
+    return model(pick(tokens_bt)[:, start:], pick(positions_bt)[:, start:],
+                 attention_mask(pick(key_valid_bs), jnp.arange(start, t)), cache, start, key)
+
+  if not layout.skip:
+    return run(None, p, dropout_key)
+  if not layout.splits(b):
+    raise ValueError(f"{b} rows do not split into {layout.blocks} blocks of two equal halves")
+  keys = (None, None) if dropout_key is None else [jax.random.fold_in(dropout_key, i)
+                                                   for i in (0, 1)]
+  short_btd, short_cache = run(0, p + layout.skip, keys[0])
+  long_btd, long_cache = run(1, p, keys[1])
+  short_btd = jnp.pad(short_btd, ((0, 0), (layout.skip, 0), (0, 0)))
+  return (_join_halves(short_btd, long_btd, layout.blocks, 0),
+          jax.tree.map(lambda x, y: _join_halves(x, y, layout.blocks, 1), short_cache,
+                       long_cache))
+
+
+def _half(x: Array, which: int, blocks: int, axis: int = 0) -> Array:
+  """The first (0) or second (1) half of each of `blocks` blocks along `axis`, concatenated."""
+  n = x.shape[axis]
+  x = x.reshape(x.shape[:axis] + (blocks, 2, n // (2 * blocks)) + x.shape[axis + 1:])
+  return jax.lax.index_in_dim(x, which, axis + 1, keepdims=False).reshape(
+      x.shape[:axis] + (n // 2,) + x.shape[axis + 3:])
+
+
+def _join_halves(first: Array, second: Array, blocks: int, axis: int) -> Array:
+  """The inverse of `_half`: each block is its first half, then its second."""
+  def split(x):
+    return x.reshape(x.shape[:axis] + (blocks, 1, x.shape[axis] // blocks) + x.shape[axis + 1:])
+  joined = jnp.concatenate([split(first), split(second)], axis=axis + 1)
+  return joined.reshape(first.shape[:axis] + (2 * first.shape[axis],) + first.shape[axis + 1:])
 
 
 def forward_logits(model: Llama, tokens_bt: Array, mask_bt: Array) -> Array:

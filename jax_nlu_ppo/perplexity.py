@@ -24,6 +24,7 @@ from flax import nnx
 from jax_nlu_ppo import lm_loss
 from jax_nlu_ppo import model as model_lib
 from jax_nlu_ppo import pretrained
+from jax_nlu_ppo import prompt_layout
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def perplexity(lm: pretrained.LanguageModel, texts: Sequence[str], *,
   order = np.argsort([len(x) for x in ids], kind="stable")
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
-    length = pretrained.bucket_length(max(len(ids[i]) for i in rows))
+    length = prompt_layout.bucket_length(max(len(ids[i]) for i in rows))
     # A short last batch is filled with empty rows so that it reuses the compiled shape.
     ids_bt = np.full((batch_size, length), lm.pad_id, np.int32)
     mask_bt = np.zeros((batch_size, length), np.int32)

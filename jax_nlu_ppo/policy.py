@@ -15,6 +15,7 @@ from flax import nnx
 
 from jax_nlu_ppo import lora as lora_lib
 from jax_nlu_ppo import model as model_lib
+from jax_nlu_ppo.prompt_layout import PromptLayout
 
 Array = jax.Array
 
@@ -98,29 +99,29 @@ class ResponseOutputs:
 
 def response_outputs(policy: Policy, tokens_bt: Array, mask_bt: Array, prompt_len: int,
                      dropout_key: Array | None = None, values: bool = True,
-                     shared_prefix: int = 0) -> ResponseOutputs:
+                     layout: PromptLayout = PromptLayout()) -> ResponseOutputs:
   """One forward over prompt + response; logits and values where response tokens are predicted.
 
   `tokens_bt` is a left-padded prompt of static length `prompt_len` followed by the response.
   Position `prompt_len - 1 + i` predicts response token i, so only those positions go through
   the vocabulary projection: the (batch, prompt, vocab) logits are never built. `values=False`
-  (critic-free advantages) skips the critic. `shared_prefix` (static): leading tokens every
-  row shares, run once (`model.prefill`); not with adapter dropout and a `dropout_key`.
+  (critic-free advantages) skips the critic. `layout` (static): prompt columns the forward
+  may leave out (`model.prefill`); a shared start not with adapter dropout and a `dropout_key`.
   """
   keys = [None] * 4 if dropout_key is None else list(jax.random.split(dropout_key, 4))
   llama = policy.llama
 
   def response_hidden(key):
     if not lora_lib.applies_dropout(llama):
-      key = None    # the same forward; and a shared prefix is allowed
-    if shared_prefix:
+      key = None    # the same forward; and a shared start is allowed
+    if not layout.whole:
       hidden_btd, _ = model_lib.prefill(llama, tokens_bt, mask_bt, tokens_bt.shape[1],
-                                        shared_prefix=shared_prefix, dropout_key=key)
+                                        layout=layout, dropout_key=key)
     else:
       hidden_btd, _ = llama(tokens_bt, model_lib.positions_from_mask(mask_bt),
                             model_lib.attention_mask(mask_bt, jnp.arange(tokens_bt.shape[1])),
                             dropout_key=key)
-    return hidden_btd[:, prompt_len - 1 - shared_prefix:-1]
+    return hidden_btd[:, prompt_len - 1 - layout.shared:-1]
 
   hidden_bnd = response_hidden(keys[0])
   logits_bnv = llama.logits(hidden_bnd).astype(jnp.float32)

@@ -18,6 +18,7 @@ import optax
 from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import ppo_math
 from jax_nlu_ppo import sampling as sampling_lib
+from jax_nlu_ppo.prompt_layout import PromptLayout
 
 Array = jax.Array
 
@@ -134,7 +135,7 @@ def _scaled(logits_bnv: Array, temperature: float) -> Array:
 
 
 def rollout(graphdef, base, trainable, prompt_bt, prompt_mask_bt, key, limit,
-            shared_prefix: int = 0, *, max_new_tokens: int,
+            layout: PromptLayout = PromptLayout(), *, max_new_tokens: int,
             sampling: sampling_lib.SamplingConfig, eos_ids: tuple[int, ...],
             pad_id: int) -> sampling_lib.Generation:
   """Samples responses from the current policy (adapters on, dropout off).
@@ -147,7 +148,7 @@ def rollout(graphdef, base, trainable, prompt_bt, prompt_mask_bt, key, limit,
   return sampling_lib.generate(policy.llama, prompt_bt, prompt_mask_bt, key,
                                max_new_tokens=max_new_tokens, sampling=sampling,
                                eos_ids=eos_ids, pad_id=pad_id, limit=limit, value_fn=value_fn,
-                               shared_prefix=shared_prefix)
+                               layout=layout)
 
 
 def reuses_rollout(sampling: sampling_lib.SamplingConfig, critic_lora: bool) -> bool:
@@ -162,7 +163,8 @@ def reuses_rollout(sampling: sampling_lib.SamplingConfig, critic_lora: bool) -> 
 
 def experience(graphdef, base, trainable, reference, tokens_bt, mask_bt,
                gen: sampling_lib.Generation, *, temperature: float, values: bool = True,
-               reuse_rollout: bool = False, shared_prefix: int = 0) -> tuple[Array, Array, Array]:
+               reuse_rollout: bool = False,
+               layout: PromptLayout = PromptLayout()) -> tuple[Array, Array, Array]:
   """(log pi_old, V_old, log pi_ref) of each response token, without dropout.
 
   With `reuse_rollout` pi_old and V_old come from the rollout and only the reference forward
@@ -172,13 +174,13 @@ def experience(graphdef, base, trainable, reference, tokens_bt, mask_bt,
   prompt_len = tokens_bt.shape[1] - gen.tokens_bn.shape[1]
   ref = policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, reference),
                                     tokens_bt, mask_bt, prompt_len, values=False,
-                                    shared_prefix=shared_prefix)
+                                    layout=layout)
   ref_logp_bn = ppo_math.token_logprobs(_scaled(ref.logits_bnv, temperature), gen.tokens_bn)
   if reuse_rollout:
     return gen.logprobs_bn, gen.values_bn, ref_logp_bn
   out = policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, trainable),
                                     tokens_bt, mask_bt, prompt_len, values=values,
-                                    shared_prefix=shared_prefix)
+                                    layout=layout)
   logp_bn = ppo_math.token_logprobs(_scaled(out.logits_bnv, temperature), gen.tokens_bn)
   return logp_bn, out.values_bn, ref_logp_bn
 
@@ -205,7 +207,8 @@ def advantages(scores_b, old_logp_bn, ref_logp_bn, old_values_bn, response_mask_
 
 
 def experience_batch(graphdef, base, trainable, reference, prompt_bt, prompt_mask_bt,
-                     gen: sampling_lib.Generation, scores_b, kl_coef, shared_prefix: int = 0, *,
+                     gen: sampling_lib.Generation, scores_b, kl_coef,
+                     layout: PromptLayout = PromptLayout(), *,
                      temperature: float, values: bool, reuse_rollout: bool,
                      config: PPOConfig) -> tuple[Batch, Array]:
   """A rollout and its rewards made into the update's `Batch` (`experience`, then `advantages`);
@@ -215,7 +218,7 @@ def experience_batch(graphdef, base, trainable, reference, prompt_bt, prompt_mas
   old_logp, old_values, ref_logp = experience(graphdef, base, trainable, reference, tokens_bt,
                                               mask_bt, gen, temperature=temperature,
                                               values=values, reuse_rollout=reuse_rollout,
-                                              shared_prefix=shared_prefix)
+                                              layout=layout)
   adv, returns, kl_bn = advantages(scores_b, old_logp, ref_logp, old_values, gen.mask_bn,
                                    kl_coef, config=config)
   return Batch(tokens_bt, mask_bt, gen.tokens_bn, gen.mask_bn, old_logp, ref_logp, old_values,
@@ -223,13 +226,13 @@ def experience_batch(graphdef, base, trainable, reference, prompt_bt, prompt_mas
 
 
 def loss_fn(trainable, graphdef, base, batch: Batch, dropout_key, kl_coef, *, config: PPOConfig,
-            temperature: float, shared_prefix: int = 0):
+            temperature: float, layout: PromptLayout = PromptLayout()):
   """pg + vf_coef * vf - ent_coef * H (+ kl_coef * KL for critic-free advantages)."""
   prompt_len = batch.tokens_bt.shape[1] - batch.response_bn.shape[1]
   policy = policy_lib.with_trainable(graphdef, base, trainable)
   out = policy_lib.response_outputs(policy, batch.tokens_bt, batch.mask_bt, prompt_len,
                                     dropout_key, values=config.uses_critic,
-                                    shared_prefix=shared_prefix)
+                                    layout=layout)
   logits_bnv = _scaled(out.logits_bnv, temperature)
   mask_bn = batch.response_mask_bn.astype(bool)
   logp_bn = ppo_math.token_logprobs(logits_bnv, batch.response_bn)
@@ -257,7 +260,7 @@ def loss_fn(trainable, graphdef, base, batch: Batch, dropout_key, kl_coef, *, co
 
 def update_minibatch(state: PPOState, graphdef, base, batch: Batch, dropout_key, *,
                      tx: optax.GradientTransformation, config: PPOConfig,
-                     temperature: float, shared_prefix: int = 0
+                     temperature: float, layout: PromptLayout = PromptLayout()
                      ) -> tuple[PPOState, dict[str, Array]]:
   """One optimiser step on one minibatch; a non-finite loss or exploding ratio skips it.
 
@@ -267,7 +270,7 @@ def update_minibatch(state: PPOState, graphdef, base, batch: Batch, dropout_key,
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   value_and_grad = functools.partial(grad_fn, state.trainable, graphdef, base,
                                      kl_coef=state.kl_coef, config=config,
-                                     temperature=temperature, shared_prefix=shared_prefix)
+                                     temperature=temperature, layout=layout)
   steps = config.gradient_accumulation_steps
   if steps == 1:
     (loss, (metrics, ratio)), grads = value_and_grad(batch, dropout_key)

@@ -17,6 +17,7 @@ from jax_nlu_ppo import ppo as ppo_lib
 from jax_nlu_ppo import sampling as sampling_lib
 from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo.config import TrainConfig
+from jax_nlu_ppo.prompt_layout import PromptLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,17 +35,16 @@ class Shardings:
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  """rollout(base, trainable, prompt_bt, prompt_mask_bt, key, limit, shared_prefix)
-      -> Generation
+  """rollout(base, trainable, prompt_bt, prompt_mask_bt, key, limit, layout) -> Generation
   experience(base, trainable, reference, prompt_bt, prompt_mask_bt, gen, scores_b, kl_coef,
-             shared_prefix) -> (Batch, kl_bn)
+             layout) -> (Batch, kl_bn)
   minibatch(batch, rows) -> Batch
-  update(state, base, batch, dropout_key, shared_prefix) -> (state, metrics); `state` is
-      donated.
+  update(state, base, batch, dropout_key, layout) -> (state, metrics); `state` is donated.
 
-  `shared_prefix` (static, default 0) is how many leading prompt tokens all rows share
-  (`pretrained.shared_prefix_length`): they run once per call instead of once per row. Each
-  value compiles its own programs; a single-task run has one.
+  `layout` (static, default: rows whole) is the prompts' `prompt_layout.PromptLayout`: the
+  shared start all rows have runs once per call instead of once per row, and the shorter half
+  of each batch shard's rows skips the padding it does not need. Each layout compiles its own
+  programs; a run meets a few (the trainer logs `tokens/shared_prefix` and `tokens/skipped`).
   """
   rollout: Callable
   experience: Callable
@@ -98,11 +98,11 @@ def build(graphdef, sh: Shardings, tx: optax.GradientTransformation, config: Tra
   minibatch = jax.jit(lambda batch, rows: jax.tree.map(lambda x: x[rows], batch),
                       in_shardings=(sh.batch, rep), out_shardings=sh.batch)
 
-  def update(state, base, batch, key, shared_prefix=0):
-    # A prefix run once would give every row the same adapter-dropout masks there.
-    shared_prefix = 0 if config.lora.dropout else shared_prefix
+  def update(state, base, batch, key, layout=PromptLayout()):
+    # A start run once would give every row the same adapter-dropout masks there.
+    layout = layout.without_shared() if config.lora.dropout else layout
     return ppo_lib.update_minibatch(state, graphdef, base, batch, key, tx=tx, config=config.ppo,
-                                    temperature=r.temperature, shared_prefix=shared_prefix)
+                                    temperature=r.temperature, layout=layout)
 
   update = jax.jit(update, in_shardings=(sh.state, sh.base, sh.batch, rep),
                    out_shardings=(sh.state, rep), donate_argnums=0, static_argnums=4)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jax_nlu_ppo import distributed
+from jax_nlu_ppo import prompt_layout
 from jax_nlu_ppo import model as model_lib
 from jax_nlu_ppo import sampling as sampling_lib
 from jax_nlu_ppo import sharding as sharding_lib
@@ -46,16 +47,6 @@ def embedded_model_path(name: str) -> str:
     if f.name == filename:
       return str(f.locate())
   raise FileNotFoundError(f"package {dist!r} is installed but has no {filename}")
-
-
-def bucket_length(n: int, minimum: int = 16) -> int:
-  """The next of 16, 24, 32, 48, 64, 96, ... >= n.
-
-  A run compiles a handful of sequence shapes, not one per batch, and padding wastes at most a
-  third of the compute (powers of two alone waste up to half).
-  """
-  power = 1 << max(0, n - 1).bit_length()
-  return max(minimum, power * 3 // 4 if n <= power * 3 // 4 else power)
 
 
 @dataclasses.dataclass
@@ -128,6 +119,15 @@ def load_tokenizer(checkpoint: Checkpoint):
   return tokenizer
 
 
+def tokenizer_only(name_or_path: str):
+  """A tokenizer without its model: from a folder of tokenizer files (`save_pretrained`), or
+  from anything `resolve` takes."""
+  if os.path.isdir(name_or_path) and not os.path.exists(
+      os.path.join(name_or_path, "config.json")):
+    return load_tokenizer(Checkpoint(None, None, name_or_path, name_or_path))
+  return load_tokenizer(resolve(name_or_path))
+
+
 def abstract_model(config: LlamaConfig, dtype) -> model_lib.Llama:
   """The model's structure with `ShapeDtypeStruct` leaves: no parameter memory allocated."""
   return nnx.eval_shape(lambda: model_lib.Llama(config, dtype=dtype, param_dtype=dtype,
@@ -140,12 +140,12 @@ def _forward_logits(graphdef, params, tokens_bt, mask_bt):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
-                                             "eos_ids", "pad_id", "shared_prefix"))
+                                             "eos_ids", "pad_id", "layout"))
 def _generate(graphdef, params, prompt_bt, prompt_mask_bt, key, *, max_new_tokens, sampling,
-              eos_ids, pad_id, shared_prefix=0):
+              eos_ids, pad_id, layout=prompt_layout.PromptLayout()):
   return sampling_lib.generate(nnx.merge(graphdef, params), prompt_bt, prompt_mask_bt, key,
                                max_new_tokens=max_new_tokens, sampling=sampling,
-                               eos_ids=eos_ids, pad_id=pad_id, shared_prefix=shared_prefix)
+                               eos_ids=eos_ids, pad_id=pad_id, layout=layout)
 
 
 Prompt = str | list[dict[str, str]]
@@ -174,56 +174,8 @@ def render_prompt(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
 def encode_prompts(tokenizer, prompts: Sequence[Prompt], chat: bool = True,
                    length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded (ids, mask), padded to `length` or the bucket of the longest prompt."""
-  return pad_left([render_prompt(tokenizer, p, chat) for p in prompts], tokenizer.pad_token_id,
-                  length)
-
-
-# Shared prompt starts are rounded down to a multiple of this, so that a run meets few
-# distinct lengths (each compiles its own programs).
-SHARED_PREFIX_MULTIPLE = 8
-
-
-def shared_prefix_length(ids: Sequence[Sequence[int]],
-                         multiple: int = SHARED_PREFIX_MULTIPLE) -> int:
-  """How many leading tokens all prompts share (a task's instructions and demonstrations),
-  rounded down to a multiple of `multiple`; every prompt keeps at least one token after it."""
-  first, limit = ids[0], min(len(x) for x in ids) - 1
-  n = 0
-  while n < limit and all(x[n] == first[n] for x in ids):
-    n += 1
-  return n // multiple * multiple
-
-
-def padded_length(ids: Sequence[Sequence[int]], shared_prefix: int = 0) -> int:
-  """The bucketed length `pad_left` gives these prompts: the shared prefix, then the bucket of
-  the longest remainder."""
-  return shared_prefix + bucket_length(max(len(x) for x in ids) - shared_prefix)
-
-
-def pad_left(ids: Sequence[Sequence[int]], pad_id: int, length: int | None = None,
-             shared_prefix: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Rendered prompts as left-padded (ids, mask) of `length` (default `padded_length`).
-
-  With `shared_prefix` p, the padding goes after the first p tokens, which every prompt must
-  share: [prefix | padding | rest]. Positions and attention come from the mask, so the model
-  reads each row as if left-padded, and the prefix can run once for all rows
-  (`model.prefill`).
-  """
-  longest = max(len(x) for x in ids)
-  length = length or padded_length(ids, shared_prefix)
-  if longest > length:
-    raise ValueError(f"a prompt has {longest} tokens, more than the {length} allowed")
-  p = shared_prefix
-  if p and any(list(x[:p]) != list(ids[0][:p]) or len(x) <= p for x in ids):
-    raise ValueError(f"shared_prefix={p}: the prompts do not all share their first {p} tokens "
-                     "and have more after them (see shared_prefix_length)")
-  ids_bt = np.full((len(ids), length), pad_id, np.int32)
-  mask_bt = np.zeros((len(ids), length), np.int32)
-  for row, x in enumerate(ids):
-    ids_bt[row, :p], mask_bt[row, :p] = x[:p], 1
-    ids_bt[row, length - len(x) + p:] = x[p:]
-    mask_bt[row, length - len(x) + p:] = 1
-  return ids_bt, mask_bt
+  return prompt_layout.pad_left([render_prompt(tokenizer, p, chat) for p in prompts],
+                                tokenizer.pad_token_id, length)
 
 
 def decode_responses(tokenizer, gen: sampling_lib.Generation, eos_ids) -> list[str]:
@@ -267,7 +219,7 @@ class LanguageModel:
     b, t = ids_bt.shape
     # Right-padding to a bucket keeps compiled shapes few; causal attention makes the extra
     # columns invisible to the real ones.
-    padded = bucket_length(t)
+    padded = prompt_layout.bucket_length(t)
     ids_bt = np.pad(ids_bt, ((0, 0), (0, padded - t)))
     mask_bt = np.pad(mask_bt, ((0, 0), (0, padded - t)))
     out = _forward_logits(self.graphdef, self.params, ids_bt, mask_bt)
@@ -285,11 +237,12 @@ class LanguageModel:
 
   def generate_ids(self, prompt_bt, prompt_mask_bt, max_new_tokens: int,
                    sampling: sampling_lib.SamplingConfig, seed: int = 0,
-                   shared_prefix: int = 0) -> sampling_lib.Generation:
+                   layout: prompt_layout.PromptLayout = prompt_layout.PromptLayout()
+                   ) -> sampling_lib.Generation:
     """Token-level generation over a left-padded batch (one compiled program per shape), the
-    first `shared_prefix` tokens of every row run once (see `pad_left`)."""
+    prompt columns `layout` allows left out (see `prompt_layout.lay_out`)."""
     kw = dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=self.eos_ids(),
-              pad_id=self.pad_id, shared_prefix=shared_prefix)
+              pad_id=self.pad_id, layout=layout)
     if self.layout is None:
       return _generate(self.graphdef, self.params, jnp.asarray(prompt_bt),
                        jnp.asarray(prompt_mask_bt), jax.random.key(seed), **kw)
@@ -318,16 +271,13 @@ class LanguageModel:
     outputs = []
     for start in range(0, len(prompt_ids), self.batch_size):
       chunk = list(prompt_ids[start:start + self.batch_size])
-      # A task's instructions (and k-shot demonstrations) begin every prompt: run them once.
-      shared = shared_prefix_length(chunk)
-      ids_bt, mask_bt = pad_left(chunk, self.pad_id, shared_prefix=shared)
       # A short last batch is padded with copies so that it reuses the compiled shape (and, on
       # a mesh, so that it splits evenly).
       fill = (self.batch_size - len(chunk)
               if len(prompt_ids) > self.batch_size or self.layout is not None else 0)
-      ids_bt = np.concatenate([ids_bt, np.repeat(ids_bt[:1], fill, 0)])
-      mask_bt = np.concatenate([mask_bt, np.repeat(mask_bt[:1], fill, 0)])
-      gen = self.generate_ids(ids_bt, mask_bt, max_new_tokens, sampling, seed + start, shared)
+      # A task's instructions (and k-shot demonstrations) begin every prompt: they run once.
+      _, ids_bt, mask_bt, layout = prompt_layout.lay_out(chunk + [chunk[0]] * fill, self.pad_id)
+      gen = self.generate_ids(ids_bt, mask_bt, max_new_tokens, sampling, seed + start, layout)
       outputs += decode_responses(tok, gen, self.eos_ids())[:len(chunk)]
     return outputs
 

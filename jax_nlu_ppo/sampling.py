@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_nlu_ppo import model as model_lib
+from jax_nlu_ppo.prompt_layout import PromptLayout
 
 Array = jax.Array
 
@@ -91,7 +92,7 @@ def generate(model: model_lib.Llama, prompt_bt: Array, prompt_mask_bt: Array, ke
              max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...],
              pad_id: int, limit: Array | int | None = None, cache_dtype=None,
              value_fn: Callable[[Array], Array] | None = None,
-             shared_prefix: int = 0) -> Generation:
+             layout: PromptLayout = PromptLayout()) -> Generation:
   """Samples up to `max_new_tokens` per row; a row stops at its first EOS, the loop when all have.
 
   `prompt_bt` must be left-padded (`prompt_mask_bt` False on padding). Everything here is
@@ -100,13 +101,12 @@ def generate(model: model_lib.Llama, prompt_bt: Array, prompt_mask_bt: Array, ke
   batch (the paper's 12..31) keeps one output shape, `max_new_tokens`.
   `value_fn` maps the (batch, hidden) state each token is sampled from to one number per row
   (a critic's value), so a rollout yields log-probs and values without a second forward.
-  `shared_prefix` (static): how many leading prompt tokens every row shares, run once
-  (`model.prefill`).
+  `layout` (static): which prompt columns the prefill may leave out (`model.prefill`).
   """
   limit = max_new_tokens if limit is None else jnp.minimum(limit, max_new_tokens)
   b, t = prompt_bt.shape
   hidden_btd, cache = model_lib.prefill(model, prompt_bt, prompt_mask_bt, t + max_new_tokens,
-                                        shared_prefix=shared_prefix, cache_dtype=cache_dtype)
+                                        layout=layout, cache_dtype=cache_dtype)
   key_valid_bs = model_lib.cache_slots_valid(prompt_mask_bt, t + max_new_tokens)
   value_fn = value_fn or (lambda hidden_bd: jnp.zeros(hidden_bd.shape[:1], jnp.float32))
   hidden_bd = hidden_btd[:, -1]

@@ -38,6 +38,7 @@ from jax_nlu_ppo import model as model_lib
 from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import ppo as ppo_lib
 from jax_nlu_ppo import pretrained
+from jax_nlu_ppo import prompt_layout
 from jax_nlu_ppo import run_loop
 from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo import tasks as tasks_lib
@@ -175,8 +176,8 @@ def make_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
 
 def batch_lengths(rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[int, int]:
   """(prompt, target) lengths a batch pads to: both bucketed, so shapes are few."""
-  return (pretrained.bucket_length(max(len(p) for p, _ in rows)),
-          pretrained.bucket_length(max(len(t) for _, t in rows), _MIN_ANSWER_BUCKET))
+  return (prompt_layout.bucket_length(max(len(p) for p, _ in rows)),
+          prompt_layout.bucket_length(max(len(t) for _, t in rows), _MIN_ANSWER_BUCKET))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from jax_nlu_ppo import ppo as ppo_lib
 from jax_nlu_ppo import ppo_math
 from jax_nlu_ppo import ppo_steps
 from jax_nlu_ppo import pretrained
+from jax_nlu_ppo import prompt_layout
 from jax_nlu_ppo import run_loop
 from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo import tasks as tasks_lib
@@ -149,8 +150,25 @@ class PPOTrainer:
     `rollout.shared_prefix` is off)."""
     if not self.config.rollout.shared_prefix:
       return 0
-    local = pretrained.shared_prefix_length(ids)
-    return distributed.shared_over_processes(ids[0][:local], pretrained.SHARED_PREFIX_MULTIPLE)
+    local = prompt_layout.shared_prefix_length(ids)
+    return distributed.shared_over_processes(ids[0][:local],
+                                             prompt_layout.SHARED_PREFIX_MULTIPLE)
+
+  def _sort_blocks(self) -> int:
+    """The blocks of the global batch whose rows are sorted among themselves: one per batch
+    shard, so that sorting moves no row to another device (a process's rows are consecutive
+    and fill its shards)."""
+    return self.layout.batch_ways
+
+  def _skip(self, ids: list[list[int]], shared: int, length: int) -> int:
+    """`PromptLayout.skip` for these rows (sorted by `rollout.sort_by_length`), the smallest
+    of every process's."""
+    if not self.config.rollout.sort_by_length:
+      return 0
+    local = prompt_layout.short_half_skip([len(x) for x in ids],
+                                          self._sort_blocks() // jax.process_count(), shared,
+                                          length)
+    return -distributed.max_over_processes(-local)
 
   def step(self) -> dict[str, float]:
     """One PPO iteration; returns its metrics (TRL names where TRL has one).
@@ -162,14 +180,21 @@ class PPOTrainer:
     group = cfg.ppo.group_size
     compiled_before = compiles.count()
     start = time.perf_counter()
-    rows = [row for row in self._next_rows(self.local_batch) for _ in range(group)]
+    rows = self._next_rows(self.local_batch)
+    if cfg.rollout.sort_by_length:
+      # Whole groups move, so a prompt's samples stay together.
+      rows = [rows[i] for i in prompt_layout.sorted_within_blocks(
+          [len(ids) for _, ids in rows], self._sort_blocks() // jax.process_count())]
+    rows = [row for row in rows for _ in range(group)]
     examples = [example for example, _ in rows]
     specs = [self.task_of(ex) for ex in examples]
     ids = [ids for _, ids in rows]
     shared = self._shared_prefix(ids)
     # Every process pads to the same length: the global batch has one shape.
-    length = distributed.max_over_processes(pretrained.padded_length(ids, shared))
-    prompt_np, prompt_mask_np = pretrained.pad_left(ids, self.lm.pad_id, length, shared)
+    length = distributed.max_over_processes(prompt_layout.padded_length(ids, shared))
+    prompt_np, prompt_mask_np = prompt_layout.pad_left(ids, self.lm.pad_id, length, shared)
+    layout = prompt_layout.PromptLayout(shared, self._skip(ids, shared, length),
+                                        self._sort_blocks())
     prompt_bt = distributed.global_batch(prompt_np, L.batch(2))
     prompt_mask_bt = distributed.global_batch(prompt_mask_np, L.batch(2))
     self.key, rollout_key = jax.random.split(self.key)
@@ -177,7 +202,7 @@ class PPOTrainer:
                                        cfg.rollout.max_new_tokens + 1))
     with sharding_lib.activations(L):
       gen = self.steps.rollout(self.base, self.state.trainable, prompt_bt, prompt_mask_bt,
-                               rollout_key, limit, shared)
+                               rollout_key, limit, layout)
     local_gen = jax.tree.map(distributed.local_rows, jax.block_until_ready(gen))
     times["time/rollout"] = time.perf_counter() - start
 
@@ -190,7 +215,7 @@ class PPOTrainer:
     with sharding_lib.activations(L):
       batch, kl_bn = self.steps.experience(
           self.base, self.state.trainable, self.reference, prompt_bt, prompt_mask_bt, gen,
-          distributed.global_batch(scores_b, L.batch(1)), self.state.kl_coef, shared)
+          distributed.global_batch(scores_b, L.batch(1)), self.state.kl_coef, layout)
     jax.block_until_ready(batch)
     times["time/experience"] = time.perf_counter() - start
 
@@ -198,13 +223,14 @@ class PPOTrainer:
     n, mb = batch.tokens_bt.shape[0], cfg.ppo.minibatch_size
     updates = []
     for _ in range(cfg.ppo.ppo_epochs):
-      order = self.host_rng.permutation(n)
-      for begin in range(0, n, mb):
+      picks, update_layout = prompt_layout.minibatches(self.host_rng, n, mb, layout,
+                                                       cfg.ppo.gradient_accumulation_steps)
+      for picked in picks:
         self.key, dropout_key = jax.random.split(self.key)
         with sharding_lib.activations(L):
-          minibatch = self.steps.minibatch(batch, order[begin:begin + mb])
+          minibatch = self.steps.minibatch(batch, picked)
           self.state, metrics = self.steps.update(self.state, self.base, minibatch, dropout_key,
-                                                  shared)
+                                                  update_layout)
         updates.append(metrics)
     update_metrics = {k: float(np.mean([jax.device_get(m[k]) for m in updates]))
                       for k in updates[0]}
@@ -239,6 +265,7 @@ class PPOTrainer:
         "tokens/max_new_tokens": limit,
         "tokens/prompt_len": int(prompt_bt.shape[1]),
         "tokens/shared_prefix": shared,
+        "tokens/skipped": layout.skip,
         "data/skipped_rows": self.skipped_rows,
         **update_metrics, **times,
     }

@@ -32,6 +32,12 @@ MESHES = {"one_device": None, "data8": dict(data=8, fsdp=1), "fsdp8": dict(fsdp=
           "tensor2_fsdp4": dict(fsdp=4, tensor=2), "data2_fsdp2_tensor2": dict(data=2, fsdp=2,
                                                                                 tensor=2)}
 STEPS = 2
+# Prompts of very different lengths (every other one long, in the same words), so that each
+# block's shorter half skips padding (`PromptLayout.skip`); one iteration, for its metrics.
+LONG = " ".join(SENTENCES * 2)
+LAYOUT_EXAMPLES = [dict(ex, sentence=f"{ex['sentence']}; {LONG}") if i % 2 else ex
+                   for i, ex in enumerate(EXAMPLES)]
+LAYOUT_MESHES = ("one_device", "data8", "tensor2_fsdp4")
 
 
 def tiny_lm() -> pretrained.LanguageModel:
@@ -47,16 +53,18 @@ def tiny_lm() -> pretrained.LanguageModel:
   return pretrained.LanguageModel(config, *random_llama(config), tokenizer)
 
 
-def make_config(mesh: dict) -> config_lib.TrainConfig:
+def make_config(mesh: dict, minibatch: int = 8, steps: int = STEPS,
+                sort: bool = False) -> config_lib.TrainConfig:
   # Value-head dropout on: its masks must not depend on the mesh either (adapter dropout's are
   # checked by the SFT runs). Adapter dropout off, so that the update runs the prompts' shared
   # prefix once, as rollout and experience do.
   return config_lib.TrainConfig(
       lora=lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj",
                                                                      "up_proj")),
-      ppo=ppo.PPOConfig(ppo_epochs=2, minibatch_size=8),
-      rollout=config_lib.RolloutConfig(batch_size=16, min_new_tokens=3, max_new_tokens=5),
-      reward=answer.RewardConfig(lenient=True), steps=STEPS,
+      ppo=ppo.PPOConfig(ppo_epochs=2, minibatch_size=minibatch),
+      rollout=config_lib.RolloutConfig(batch_size=16, min_new_tokens=3, max_new_tokens=5,
+                                       sort_by_length=sort),
+      reward=answer.RewardConfig(lenient=True), steps=steps,
       mesh=sharding.MeshConfig(**(mesh or dict(fsdp=1))))
 
 
@@ -69,14 +77,25 @@ def spec(x) -> str:
   return str(tuple(x.sharding.spec))
 
 
-def run(name: str, mesh: dict | None, lm) -> dict[str, np.ndarray]:
+def run_layout(name: str, mesh: dict | None, lm) -> dict[str, np.ndarray]:
+  """One iteration on `LAYOUT_EXAMPLES`, in minibatches of 16 ([short | long] in each of 8
+  blocks): its metrics."""
+  return train(name, mesh, lm, make_config(mesh, minibatch=16, steps=1, sort=True),
+               LAYOUT_EXAMPLES)[0]
+
+
+def train(name: str, mesh: dict | None, lm, config, examples):
   devices = jax.devices()[:1] if mesh is None else jax.devices()
-  config = make_config(mesh)
   layout = sharding.Layout.create(config.mesh, devices)
-  trainer = trainer_lib.PPOTrainer(config, lm=lm, train_examples=EXAMPLES, layout=layout)
+  trainer = trainer_lib.PPOTrainer(config, lm=lm, train_examples=examples, layout=layout)
   history = trainer.train()
-  out = {f"{name}/metric/{k}": np.asarray([m[k] for m in history], np.float64)
-         for k in history[0] if not k.startswith(("time/", "jit/")) and k != "tokens/per_s"}
+  return {f"{name}/metric/{k}": np.asarray([m[k] for m in history], np.float64)
+          for k in history[0] if not k.startswith(("time/", "jit/")) and k != "tokens/per_s"
+          }, trainer
+
+
+def run(name: str, mesh: dict | None, lm) -> dict[str, np.ndarray]:
+  out, trainer = train(name, mesh, lm, make_config(mesh), EXAMPLES)
   out |= {f"{name}/param/{k}": v for k, v in flat(trainer.state.trainable).items()}
   # Greedy evaluation of the trained policy, batches split over the mesh (13 rows: the last
   # batch is padded).
@@ -116,11 +135,16 @@ def run_sft(name: str, mesh: dict | None, lm) -> dict[str, np.ndarray]:
 
 
 def main(argv) -> int:
+  # The layout runs sort their rows in 8 blocks, as the 8-way meshes do by themselves, so that
+  # all see the same rows in the same order (the 4-way meshes hold two blocks a shard).
+  trainer_lib.PPOTrainer._sort_blocks = lambda self: 8
   lm = tiny_lm()
   results = {}
   for name, mesh in MESHES.items():
     results |= run(name, mesh, lm)
     print(f"{name}: done", flush=True)
+  for name in LAYOUT_MESHES:
+    results |= run_layout(f"layout_{name}", MESHES[name], lm)
   for name in ("one_device", "data2_fsdp2_tensor2"):
     results |= run_sft(name, MESHES[name], lm)
   np.savez(argv[1], **results)

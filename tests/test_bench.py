@@ -10,6 +10,8 @@ from flax import nnx
 from jax_nlu_ppo import bench
 from jax_nlu_ppo import model as model_lib
 from jax_nlu_ppo import pretrained
+from jax_nlu_ppo import prompt_layout
+from jax_nlu_ppo.prompt_layout import PromptLayout
 from jax_nlu_ppo.llama_config import LlamaConfig
 from tests.test_ppo_core import random_llama
 
@@ -89,17 +91,24 @@ def test_task_prompts_run_their_shared_start_once(glue_dir):
   tokenizer = tiny_chat_tokenizer(texts + ["system user assistant"])
   config = dataclasses.replace(CONFIG, vocab_size=len(tokenizer))
   lm = pretrained.LanguageModel(config, *random_llama(config), tokenizer)
-  w = bench.Workload(batch=4, new_tokens=4, minibatch=2, prompts="task")
+  w = bench.Workload(batch=4, new_tokens=4, minibatch=2, prompts="task", sort_by_length=True)
   rows = bench.prompt_rows(tokenizer, w, config.vocab_size)
   assert len(rows) == 4 and len({len(r) for r in rows}) > 1        # real, uneven prompts
   out = bench.bench_ours(lm, w, iterations=1, progress=lambda _: None)
-  shared = pretrained.shared_prefix_length(rows)
+  shared = prompt_layout.shared_prefix_length(rows)
   assert out["shared_prefix"] == shared >= 8
-  assert out["prompt_len"] == pretrained.padded_length(rows, shared)
+  assert out["prompt_len"] == prompt_layout.padded_length(rows, shared)
   assert out["recompilations_after_first_iteration"] == 0
-  flops = bench.phase_flops(config, w, out["prompt_len"], shared)
+  lengths = sorted(len(r) for r in rows)
+  assert out["skip"] == prompt_layout.short_half_skip(lengths, 1, shared, out["prompt_len"])
   whole = bench.phase_flops(config, w, out["prompt_len"])
-  assert all(flops[k] < whole[k] for k in ("prefill", "experience", "update"))
-  assert flops["decode"] == whole["decode"]
+  flops = bench.phase_flops(config, w, out["prompt_len"], PromptLayout(shared))
+  skipping = bench.phase_flops(config, w, out["prompt_len"], PromptLayout(shared, 8))
+  for phase in ("prefill", "experience", "update"):
+    assert skipping[phase] < flops[phase] < whole[phase]
+  # Half the rows skip 8 columns: 2 x 8 fewer token positions in each forward.
+  per_token = bench.forward_flops(config, 1, out["prompt_len"] + w.new_tokens, 0)
+  np.testing.assert_allclose(flops["prefill"] - skipping["prefill"], 16 * per_token)
+  assert flops["decode"] == whole["decode"] == skipping["decode"]
   with pytest.raises(ValueError, match="prompts must be"):
     bench.Workload(prompts="chat")

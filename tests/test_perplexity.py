@@ -11,7 +11,7 @@ import torch
 import jax_nlu_ppo
 from jax_nlu_ppo import lm_loss
 from jax_nlu_ppo import perplexity as perplexity_lib
-from jax_nlu_ppo import pretrained
+from jax_nlu_ppo import prompt_layout
 from tests import tiny_hf
 
 TEXTS = ["a", "the film is a gorgeous, witty ride", "dull",
@@ -117,7 +117,7 @@ def test_perplexity_matches_transformers(tiny):
   lm, torch_model, tokenizer = tiny
   ids = [tokenizer(t)["input_ids"] for t in TEXTS]
   assert all(x[0] == tokenizer.bos_token_id for x in ids)
-  assert len({pretrained.bucket_length(len(x)) for x in ids}) > 1       # several compiled lengths
+  assert len({prompt_layout.bucket_length(len(x)) for x in ids}) > 1   # several compiled lengths
   ref_nll = np.asarray([torch_text_nll(torch_model, x) for x in ids])
   ref_ppl = math.exp(ref_nll.sum() / sum(len(x) - 1 for x in ids))
 

@@ -20,6 +20,7 @@ from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import ppo
 from jax_nlu_ppo import ppo_math
 from jax_nlu_ppo import pretrained
+from jax_nlu_ppo import prompt_layout
 from jax_nlu_ppo import sampling
 from jax_nlu_ppo.llama_config import LlamaConfig
 
@@ -44,12 +45,12 @@ DELTA_EQNS = {"q_proj": "ldr,lrnh->ldnh", "k_proj": "ldr,lrkh->ldkh", "v_proj": 
 
 _rollout = jax.jit(ppo.rollout, static_argnums=0,
                    static_argnames=("max_new_tokens", "sampling", "eos_ids", "pad_id",
-                                    "shared_prefix"))
+                                    "layout"))
 _experience = jax.jit(ppo.experience, static_argnums=0,
-                      static_argnames=("temperature", "values", "reuse_rollout", "shared_prefix"))
+                      static_argnames=("temperature", "values", "reuse_rollout", "layout"))
 _advantages = jax.jit(ppo.advantages, static_argnames="config")
 _loss = jax.jit(ppo.loss_fn, static_argnums=1,
-                static_argnames=("config", "temperature", "shared_prefix"))
+                static_argnames=("config", "temperature", "layout"))
 _update = jax.jit(ppo.update_minibatch, static_argnums=1,
                   static_argnames=("tx", "config", "temperature"))
 
@@ -411,46 +412,36 @@ def test_rollout_logprobs_and_values_match_the_full_forward():
   np.testing.assert_array_equal(np.asarray(short.logprobs_bn)[:, :3], logprobs[:, :3])
 
 
-def test_shared_prefix_length_and_layout():
-  ids = [[7, 8, 9, 4, 5], [7, 8, 9, 6], [7, 8, 9, 4]]
-  assert pretrained.shared_prefix_length(ids, multiple=1) == 3
-  assert pretrained.shared_prefix_length(ids, multiple=2) == 2
-  assert pretrained.shared_prefix_length(ids) == 0           # a multiple of 8
-  # Every prompt keeps a token after the prefix, even one that is all prefix.
-  assert pretrained.shared_prefix_length([[7, 8], [7, 8, 9]], multiple=1) == 1
-  ids_bt, mask_bt = pretrained.pad_left(ids, PAD, shared_prefix=2)
-  assert ids_bt.shape == (3, 2 + 16)
-  np.testing.assert_array_equal(ids_bt[:, :2], [[7, 8]] * 3)
-  np.testing.assert_array_equal(ids_bt[1, -2:], [9, 6])
-  np.testing.assert_array_equal(mask_bt.sum(1), [5, 4, 4])
-  np.testing.assert_array_equal(mask_bt[1, :2], [1, 1])
-  assert not mask_bt[1, 2:-2].any() and (ids_bt[1, 2:-2] == PAD).all()
-  with pytest.raises(ValueError, match="do not all share their first 4 tokens"):
-    pretrained.pad_left(ids, PAD, shared_prefix=4)
-
-
-def test_a_shared_prefix_run_once_changes_no_output():
-  """Prompts that share their first tokens (a task's instructions), laid out [prefix | padding |
-  rest] and run with the prefix once at batch 1, give the rollout, experience, loss and
-  gradients that the same prompts give left-padded and run whole."""
+@pytest.mark.parametrize("share,sort,blocks", [(True, False, 1), (True, True, 1),
+                                               (False, True, 2)])
+def test_a_prompt_layout_changes_no_output(share, sort, blocks):
+  """Prompts laid out to run less (`prompt_layout.lay_out`: the shared start once at batch 1;
+  rows sorted within blocks, the shorter half of each from after its extra padding) give the
+  rollout, experience, loss and gradients that the same rows give left-padded and run whole."""
   graphdef, trainable, base = make_policy()
   trainable, reference = randomized(trainable, 4), randomized(trainable, 5)
   rng = np.random.default_rng(3)
-  prefix = [int(x) for x in rng.integers(3, VOCAB, 5)]
-  ids = [prefix + [int(x) for x in rng.integers(3, VOCAB, n)] for n in (1, 4, 2, 3)]
-  p = pretrained.shared_prefix_length(ids, multiple=4)
-  assert p == 4
-  layouts = {0: pretrained.pad_left(ids, PAD), p: pretrained.pad_left(ids, PAD, shared_prefix=p)}
+  prefix = [int(x) for x in rng.integers(3, VOCAB, 9)]
+  ids = [prefix + [int(x) for x in rng.integers(3, VOCAB, n)] for n in (1, 20, 3, 26)]
+  order, *laid_out, layout = prompt_layout.lay_out(ids, PAD, blocks, share=share, sort=sort)
+  # The longest row needs 32 columns after the shared start (48 with none); each block's shorter
+  # half fits in half of them.
+  skip = 0 if not sort else 16 if share else 24
+  assert layout == prompt_layout.PromptLayout(8 if share else 0, skip, blocks)
+  # Sorting moves rows within their block only.
+  assert all(i // (B // blocks) == row // (B // blocks) for row, i in enumerate(order))
+  whole = prompt_layout.PromptLayout()
+  layouts = {whole: prompt_layout.pad_left([ids[i] for i in order], PAD), layout: laid_out}
   outs = {}
-  for shared, (prompt_bt, prompt_mask_bt) in layouts.items():
+  for lay, (prompt_bt, prompt_mask_bt) in layouts.items():
     gen = _rollout(graphdef, base, trainable, prompt_bt, prompt_mask_bt, jax.random.key(2),
                    jnp.int32(N), max_new_tokens=N, sampling=SAMPLING, eos_ids=(EOS,),
-                   pad_id=PAD, shared_prefix=shared)
+                   pad_id=PAD, layout=lay)
     tokens_bt, mask_bt = joined(prompt_bt, prompt_mask_bt, gen)
     logp, values, ref_logp = _experience(graphdef, base, trainable, reference, tokens_bt,
                                          mask_bt, gen, temperature=1.0, values=True,
-                                         shared_prefix=shared)
-    outs[shared] = (gen, tokens_bt, mask_bt, logp, values, ref_logp)
+                                         layout=lay)
+    outs[lay] = (gen, tokens_bt, mask_bt, logp, values, ref_logp)
   (gen, *_, logp, values, ref_logp), (gen_p, *_, logp_p, values_p, ref_logp_p) = outs.values()
   np.testing.assert_array_equal(gen_p.tokens_bn, gen.tokens_bn)
   np.testing.assert_array_equal(gen_p.mask_bn, gen.mask_bn)
@@ -461,14 +452,14 @@ def test_a_shared_prefix_run_once_changes_no_output():
 
   adv_bn, returns_bn = (jnp.asarray(rng.normal(size=(B, N)), jnp.float32) for _ in range(2))
   grad_fn = jax.jit(jax.value_and_grad(ppo.loss_fn, has_aux=True), static_argnums=1,
-                    static_argnames=("config", "temperature", "shared_prefix"))
+                    static_argnames=("config", "temperature", "layout"))
   results = []
-  for shared, (gen_s, tokens_bt, mask_bt, *_) in outs.items():
+  for lay, (gen_s, tokens_bt, mask_bt, *_) in outs.items():
     batch = ppo.Batch(tokens_bt, mask_bt, gen_s.tokens_bn, gen_s.mask_bn, logp + 0.1, ref_logp,
                       values, adv_bn, returns_bn)
     # A dropout key, as the update passes: these adapters have no dropout, so it changes nothing.
     results.append(grad_fn(trainable, graphdef, base, batch, jax.random.key(0),
-                           jnp.float32(0.05), config=GAE, temperature=1.0, shared_prefix=shared))
+                           jnp.float32(0.05), config=GAE, temperature=1.0, layout=lay))
   ((loss, _), grads), ((loss_p, _), grads_p) = results
   np.testing.assert_allclose(loss_p, loss, rtol=1e-5)
   flat_grads, flat_grads_p = flat(grads), flat(grads_p)
@@ -476,13 +467,28 @@ def test_a_shared_prefix_run_once_changes_no_output():
   for name, g in flat_grads.items():
     np.testing.assert_allclose(flat_grads_p[name], g, rtol=1e-4, atol=1e-6, err_msg=name)
 
-  # With adapter dropout, one prefix pass would give every row the same dropout masks: refused.
-  graphdef, trainable, base = make_policy(dataclasses.replace(LORA, dropout=0.1))
-  prompt_bt, prompt_mask_bt = layouts[p]
+
+def test_adapter_dropout_with_a_prompt_layout():
+  """With adapter dropout, one pass over the shared start would give every row the same dropout
+  masks there: refused. Skipping padding is allowed; each half draws its own masks."""
+  graphdef, trainable, base = make_policy(dataclasses.replace(LORA, dropout=0.5))
+  policy = policy_lib.with_trainable(graphdef, base, randomized(trainable, 4))
+  rng = np.random.default_rng(3)
+  prefix = [int(x) for x in rng.integers(3, VOCAB, 9)]
+  ids = [prefix + [int(x) for x in rng.integers(3, VOCAB, n)] for n in (1, 20, 3, 26)]
+  _, prompt_bt, mask_bt, layout = prompt_layout.lay_out(ids, PAD, sort=True)
   with pytest.raises(ValueError, match="dropout"):
-    policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, trainable), prompt_bt,
-                                prompt_mask_bt, prompt_bt.shape[1] - 1, jax.random.key(0),
-                                shared_prefix=p)
+    policy_lib.response_outputs(policy, prompt_bt, mask_bt, prompt_bt.shape[1] - 4,
+                                jax.random.key(0), layout=layout)
+  skip_only = layout.without_shared()
+  prompt_bt, mask_bt = prompt_layout.pad_left(sorted(ids, key=len), PAD)
+  outs = [policy_lib.response_outputs(policy, prompt_bt, mask_bt, prompt_bt.shape[1] - 4, key,
+                                      layout=lay).logits_bnv
+          for key, lay in ((jax.random.key(0), skip_only), (jax.random.key(0), skip_only),
+                           (None, skip_only), (None, prompt_layout.PromptLayout()))]
+  np.testing.assert_array_equal(outs[0], outs[1])                   # the key decides the masks
+  assert np.abs(np.asarray(outs[0] - outs[2])).max() > 1e-3         # which are applied
+  np.testing.assert_allclose(outs[2], outs[3], rtol=1e-5, atol=1e-5)
 
 
 def test_eos_ends_a_row():
@@ -753,15 +759,16 @@ def tiny_chat_tokenizer(texts):
 SENTENCES = ["a gorgeous, witty film", "dull and far too long", "the cast is superb"]
 
 
-def tiny_trainer(output_dir=None, lora_dropout: float = 0.05, shared_prefix: bool = True):
-  """A `PPOTrainer` on SST-2 chat prompts and a tiny random model with a word-level tokenizer."""
+def tiny_trainer(output_dir=None, lora_dropout: float = 0.05, sentences=SENTENCES, **rollout):
+  """A `PPOTrainer` on SST-2 chat prompts and a tiny random model with a word-level tokenizer;
+  `rollout`: fields of its `RolloutConfig`."""
   from jax_nlu_ppo import answer
   from jax_nlu_ppo import config as config_lib
   from jax_nlu_ppo import tasks
   from jax_nlu_ppo import trainer as trainer_lib
 
   task = tasks.get_task("sst2")
-  examples = [{"sentence": s, "label": i % 2, "idx": i} for i, s in enumerate(SENTENCES)]
+  examples = [{"sentence": s, "label": i % 2, "idx": i} for i, s in enumerate(sentences)]
   texts = [m["content"] for ex in examples for m in tasks.build_prompt(task, ex, "chat")]
   tokenizer = tiny_chat_tokenizer(texts + ["system user assistant", *task.label_words])
   llama_config = LlamaConfig.tiny(vocab_size=len(tokenizer), hidden_size=32,
@@ -772,7 +779,7 @@ def tiny_trainer(output_dir=None, lora_dropout: float = 0.05, shared_prefix: boo
                                targets=("q_proj", "v_proj")),
       ppo=ppo.PPOConfig(ppo_epochs=2, minibatch_size=2),
       rollout=config_lib.RolloutConfig(batch_size=4, min_new_tokens=3, max_new_tokens=5,
-                                       shared_prefix=shared_prefix),
+                                       **rollout),
       # Lenient extraction finds label words anywhere, so random text earns varied rewards.
       reward=answer.RewardConfig(lenient=True),
       output_dir=output_dir)
@@ -812,21 +819,33 @@ def test_trainer_runs_ppo_iterations(tmp_path):
   assert len(trainer.last_responses()) == 4
 
 
-def test_trainer_running_the_shared_prefix_once_changes_no_metric():
-  """Two iterations with the prompts' shared start run once (rollout, experience and update:
-  no adapter dropout) and with every prompt run whole: the same metrics and adapters."""
+def test_trainer_prompt_layout_changes_no_metric():
+  """Two iterations with the prompts laid out to run less (the shared start once; rows sorted by
+  length, the shorter half skipping padding in rollout, experience and minibatches that keep
+  the halves; no adapter dropout) and the same rows run whole: the same metrics and adapters."""
+  words = "the film is a long and winding story of love loss and hope".split()
+  sentences = ["superb", " ".join(words * 2), "dull", " ".join(words[::-1] * 2)]
+  whole = prompt_layout.PromptLayout()
   runs = {}
-  for shared in (True, False):
-    trainer = tiny_trainer(lora_dropout=0.0, shared_prefix=shared)
-    runs[shared] = trainer.train(steps=2), flat(trainer.state.trainable)
+  for laid_out in (True, False):
+    trainer = tiny_trainer(lora_dropout=0.0, sentences=sentences, sort_by_length=True)
+    if not laid_out:     # the same rows in the same order, every step's layout dropped
+      steps = trainer.steps
+      trainer.steps = dataclasses.replace(
+          steps, rollout=lambda *a, s=steps: s.rollout(*a[:-1], whole),
+          experience=lambda *a, s=steps: s.experience(*a[:-1], whole),
+          update=lambda *a, s=steps: s.update(*a[:-1], whole))
+    runs[laid_out] = trainer.train(steps=2), flat(trainer.state.trainable)
   (history, params), (whole_history, whole_params) = runs[True], runs[False]
-  assert all(m["tokens/shared_prefix"] >= 8 for m in history)
-  assert all(m["tokens/shared_prefix"] == 0 for m in whole_history)
-  layout_keys = ("time/", "jit/", "tokens/per_s", "tokens/prompt_len", "tokens/shared_prefix")
-  for metrics, whole in zip(history, whole_history):
-    for name, value in whole.items():
-      if not name.startswith(layout_keys):
+  assert all(m["tokens/shared_prefix"] >= 8 and m["tokens/skipped"] >= 16 for m in history)
+  for metrics, other in zip(history, whole_history):
+    for name, value in other.items():
+      if not name.startswith(("time/", "jit/", "tokens/per_s")):
         np.testing.assert_allclose(metrics[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
   for name, value in whole_params.items():
     np.testing.assert_allclose(params[name], value, rtol=1e-4,
                                atol=1e-5 * float(np.abs(value).max()), err_msg=name)
+  # Both options off: rows whole, in the order they came.
+  trainer = tiny_trainer(sentences=sentences, shared_prefix=False, sort_by_length=False)
+  ids = [trainer._prompt_ids(example) for example in trainer.train_examples]
+  assert trainer._shared_prefix(ids) == 0 and trainer._skip(ids, 0, 64) == 0

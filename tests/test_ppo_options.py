@@ -170,12 +170,6 @@ def test_config_errors_name_the_key(tmp_path):
   assert (c.data.task, c.data.split) == ("sst2", "validation")
 
 
-@pytest.mark.parametrize("n, bucket", [(1, 16), (17, 24), (25, 32), (33, 48), (80, 96),
-                                       (97, 128), (129, 192), (200, 256)])
-def test_prompt_buckets(n, bucket):
-  assert pretrained.bucket_length(n) == bucket
-
-
 def test_multi_task_trainer_rewards_each_row_by_its_own_task():
   """A mixture's rows keep their task: prompt, extraction rule, reward and metrics."""
   from jax_nlu_ppo import answer, data, tasks

@@ -20,7 +20,7 @@ from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo import lora as lora_lib
 from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import perplexity as perplexity_lib
-from jax_nlu_ppo import ppo, pretrained, sft, tasks
+from jax_nlu_ppo import ppo, pretrained, prompt_layout, sft, tasks
 from tests.test_perplexity import save_tiny_with_tokenizer
 from tests.test_ppo_core import assert_same_function
 
@@ -81,7 +81,7 @@ def test_only_the_gold_answer_is_a_target(tiny, fmt):
   tokens, mask, target_mask = map(np.asarray, (batch.tokens_bt, batch.mask_bt,
                                                batch.target_mask_bn))
   prompt_len = tokens.shape[1] - target_mask.shape[1]
-  assert prompt_len == pretrained.bucket_length(max(len(p) for p, _ in rows))
+  assert prompt_len == prompt_layout.bucket_length(max(len(p) for p, _ in rows))
   assert target_mask.shape[1] == 8                     # answers are short: the smallest bucket
   for row, ex in enumerate([*EXAMPLES, RTE]):
     task = tasks.get_task(ex.get("task", "sst2"))

@@ -1,0 +1,162 @@
+"""How a batch of prompts is padded and laid out, so that a forward runs as little padding as it
+can: length buckets, the start every prompt shares (run once), and length-sorted halves.
+
+`pad_left` writes the rows; `PromptLayout` (static under jit) tells `model.prefill` which of
+their columns it may leave out. Host-side only: numbers and lists, no arrays on devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLayout:
+  """Which columns of a left-padded prompt batch a forward may leave out.
+
+  shared: the first `shared` tokens of every row are the same (`pad_left` puts the padding
+    after them): they run once, at batch 1.
+  skip, blocks: the rows form `blocks` equal blocks of consecutive rows (one per batch shard of
+    a mesh); in each, the first half's rows have at least `skip` padding columns after the
+    shared start (`sorted_within_blocks` orders them so): that half's pass starts after them.
+  The default runs every row whole.
+  """
+  shared: int = 0
+  skip: int = 0
+  blocks: int = 1
+
+  @property
+  def whole(self) -> bool:
+    return not (self.shared or self.skip)
+
+  def splits(self, rows: int) -> bool:
+    """Whether a batch of `rows` has the even blocks the skipped half needs."""
+    return rows % (2 * self.blocks) == 0
+
+  def without_shared(self) -> PromptLayout:
+    # Adapter dropout must draw its own masks per row, which one shared pass cannot.
+    return dataclasses.replace(self, shared=0)
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+  """The next of 16, 24, 32, 48, 64, 96, ... >= n.
+
+  A run compiles a handful of sequence shapes, not one per batch, and padding wastes at most a
+  third of the compute (powers of two alone waste up to half).
+  """
+  power = 1 << max(0, n - 1).bit_length()
+  return max(minimum, power * 3 // 4 if n <= power * 3 // 4 else power)
+
+
+# Shared prompt starts are rounded down to a multiple of this, so that a run meets few
+# distinct lengths (each compiles its own programs).
+SHARED_PREFIX_MULTIPLE = 8
+
+
+def shared_prefix_length(ids: Sequence[Sequence[int]],
+                         multiple: int = SHARED_PREFIX_MULTIPLE) -> int:
+  """How many leading tokens all prompts share (a task's instructions and demonstrations),
+  rounded down to a multiple of `multiple`; every prompt keeps at least one token after it."""
+  first, limit = ids[0], min(len(x) for x in ids) - 1
+  n = 0
+  while n < limit and all(x[n] == first[n] for x in ids):
+    n += 1
+  return n // multiple * multiple
+
+
+def padded_length(ids: Sequence[Sequence[int]], shared_prefix: int = 0) -> int:
+  """The bucketed length `pad_left` gives these prompts: the shared prefix, then the bucket of
+  the longest remainder."""
+  return shared_prefix + bucket_length(max(len(x) for x in ids) - shared_prefix)
+
+
+def pad_left(ids: Sequence[Sequence[int]], pad_id: int, length: int | None = None,
+             shared_prefix: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Rendered prompts as left-padded (ids, mask) of `length` (default `padded_length`).
+
+  With `shared_prefix` p, the padding goes after the first p tokens, which every prompt must
+  share: [prefix | padding | rest]. Positions and attention come from the mask, so the model
+  reads each row as if left-padded, and the prefix can run once for all rows
+  (`model.prefill`).
+  """
+  longest = max(len(x) for x in ids)
+  length = length or padded_length(ids, shared_prefix)
+  if longest > length:
+    raise ValueError(f"a prompt has {longest} tokens, more than the {length} allowed")
+  p = shared_prefix
+  if p and any(list(x[:p]) != list(ids[0][:p]) or len(x) <= p for x in ids):
+    raise ValueError(f"shared_prefix={p}: the prompts do not all share their first {p} tokens "
+                     "and have more after them (see shared_prefix_length)")
+  ids_bt = np.full((len(ids), length), pad_id, np.int32)
+  mask_bt = np.zeros((len(ids), length), np.int32)
+  for row, x in enumerate(ids):
+    ids_bt[row, :p], mask_bt[row, :p] = x[:p], 1
+    ids_bt[row, length - len(x) + p:] = x[p:]
+    mask_bt[row, length - len(x) + p:] = 1
+  return ids_bt, mask_bt
+
+
+def sorted_within_blocks(lengths: Sequence[int], blocks: int) -> list[int]:
+  """A row order that sorts each of `blocks` equal blocks of consecutive rows by length,
+  shortest first (ties keep their order, so repeated rows stay together). Rows stay in their
+  block: on a mesh a block is one batch shard's rows, and sorting moves none between devices.
+  Rows that do not split into equal blocks keep their order."""
+  n = len(lengths) // blocks
+  if n * blocks != len(lengths):
+    return list(range(len(lengths)))
+  return [start + i for start in range(0, len(lengths), n)
+          for i in sorted(range(n), key=lambda i: lengths[start + i])]
+
+
+def short_half_skip(lengths: Sequence[int], blocks: int, shared: int, length: int) -> int:
+  """`PromptLayout.skip` for rows of `lengths` padded to `length` and sorted by
+  `sorted_within_blocks`: half the columns after the shared start when every row of each
+  block's first half fits in the other half, else 0. Two values per prompt length at most, so
+  a run compiles few programs. 0 too when the blocks do not halve evenly."""
+  n = len(lengths) // blocks
+  if n % 2 or n * blocks != len(lengths):
+    return 0
+  short = max(lengths[start + i] for start in range(0, len(lengths), n) for i in range(n // 2))
+  half = (length - shared) // 2
+  return half if short - shared <= length - shared - half else 0
+
+
+def lay_out(ids: Sequence[Sequence[int]], pad_id: int, blocks: int = 1, *, share: bool = True,
+            sort: bool = False) -> tuple[list[int], np.ndarray, np.ndarray, PromptLayout]:
+  """Prompts padded for the least work on one host: (the order of `ids` the rows are in,
+  ids_bt, mask_bt, their layout). `share`: find the shared start; `sort`: sort each of `blocks`
+  blocks by length, and let the shorter halves skip half the columns when they fit there."""
+  shared = shared_prefix_length(ids) if share else 0
+  order = (sorted_within_blocks([len(x) for x in ids], blocks) if sort
+           else list(range(len(ids))))
+  ids = [ids[i] for i in order]
+  ids_bt, mask_bt = pad_left(ids, pad_id, shared_prefix=shared)
+  skip = (short_half_skip([len(x) for x in ids], blocks, shared, ids_bt.shape[1]) if sort
+          else 0)
+  return order, ids_bt, mask_bt, PromptLayout(shared, skip, blocks)
+
+
+def minibatches(rng: np.random.Generator, rows: int, minibatch: int, layout: PromptLayout,
+                micro_batches: int = 1) -> tuple[list[np.ndarray], PromptLayout]:
+  """One epoch of random minibatches of a batch laid out by `layout`: (each minibatch's rows,
+  the layout they have). Every row is used once.
+
+  With a skip, the batch's rows are first-half (short) or second-half (long) rows of their
+  block. Each minibatch then takes half its rows from the short ones and half from the long
+  ones, at random, laid out as [short | long] in each of its blocks (the layout's blocks in
+  each of `micro_batches` micro-batches), so that its forward skips what the batch's did.
+  Otherwise (or when the sizes do not divide so) the minibatches are plain random rows, with the
+  skip dropped from their layout.
+  """
+  half, units = minibatch // 2, micro_batches * layout.blocks
+  if not layout.skip or rows % minibatch or minibatch % (2 * units):
+    order = rng.permutation(rows)
+    return ([order[i:i + minibatch] for i in range(0, rows, minibatch)],
+            dataclasses.replace(layout, skip=0))
+  halves = np.arange(rows).reshape(layout.blocks, 2, rows // (2 * layout.blocks))
+  short, long = (rng.permutation(halves[:, i].ravel()) for i in (0, 1))
+  return ([np.concatenate([part[i:i + half].reshape(units, -1) for part in (short, long)],
+                          axis=1).ravel() for i in range(0, rows // 2, half)],
+          layout)
