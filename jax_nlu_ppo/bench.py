@@ -6,9 +6,11 @@ tokens sampled at temperature 1 with EOS ignored (every row generates all of the
 on every projection plus a value head, one PPO epoch in minibatches of 8. `prompts="task"`
 gives both stacks the trainer's SST-2 prompts instead (chat format, left-padded: 74 to 115
 tokens, the first 58 shared by all), whose shared start ours runs once per call
-(`model.prefill`) unless `shared_prefix=False`. Our side runs the trainer's own jitted programs
-(`ppo_steps.build`); the PyTorch side (`bench_torch`) runs transformers `generate`,
-transformers + peft forward/backward, and TRL's `GRPOTrainer`.
+(`model.prefill`) unless `shared_prefix=False`; with `sort_by_length=True` ours also sorts the
+rows, the shorter half skipping half the columns (the trainer's option of that name), and with a
+random-weight `preset` a `tokenizer` folder renders those prompts. Ours runs the trainer's own
+jitted programs (`ppo_steps.build`); the PyTorch side (`bench_torch`) runs transformers
+`generate`, transformers + peft forward/backward, and TRL's `GRPOTrainer`.
 
 FLOPs are counted from the model shape (`forward_flops`): 2 per multiply-add of every
 projection, of attention scores and values over the keys each query sees in our programs (the

@@ -80,6 +80,21 @@ def test_torch_side_runs_a_random_weight_model_without_a_tokenizer():
   assert "trl_step_s" not in out
 
 
+def test_a_tokenizer_folder_loads_without_its_model(tmp_path):
+  """`bench --preset ... --tokenizer DIR`: a folder of tokenizer files alone (no config.json,
+  no weights) gives the tokenizer that saved it, chat template and padding included."""
+  from tests.test_ppo_core import tiny_chat_tokenizer
+  tokenizer = tiny_chat_tokenizer(["a gorgeous film", "system user assistant"])
+  tokenizer.save_pretrained(tmp_path)
+  loaded = pretrained.tokenizer_only(str(tmp_path))
+  messages = [{"role": "user", "content": "a gorgeous film"}]
+  assert (pretrained.render_prompt(loaded, messages, True)
+          == pretrained.render_prompt(tokenizer, messages, True))
+  assert loaded.pad_token_id == tokenizer.pad_token_id and loaded.padding_side == "left"
+  with pytest.raises(FileNotFoundError, match="no such file or folder"):
+    pretrained.tokenizer_only(str(tmp_path / "missing"))
+
+
 def test_task_prompts_run_their_shared_start_once(glue_dir):
   """`--prompts task`: the trainer's SST-2 chat prompts, laid out [shared start | padding | rest],
   through the same steps (a tiny tokenizer: its unknown words do not matter for speed)."""
