@@ -115,9 +115,9 @@ def short_half_skip(lengths: Sequence[int], blocks: int, shared: int, length: in
   `sorted_within_blocks`: half the columns after the shared start when every row of each
   block's first half fits in the other half, else 0. Two values per prompt length at most, so
   a run compiles few programs. 0 too when the blocks do not halve evenly."""
-  n = len(lengths) // blocks
-  if n % 2 or n * blocks != len(lengths):
+  if not PromptLayout(blocks=blocks).splits(len(lengths)):
     return 0
+  n = len(lengths) // blocks
   short = max(lengths[start + i] for start in range(0, len(lengths), n) for i in range(n // 2))
   half = (length - shared) // 2
   return half if short - shared <= length - shared - half else 0

@@ -412,6 +412,13 @@ def test_rollout_logprobs_and_values_match_the_full_forward():
   np.testing.assert_array_equal(np.asarray(short.logprobs_bn)[:, :3], logprobs[:, :3])
 
 
+def uneven_prompts(rng: np.random.Generator) -> list[list[int]]:
+  """B prompts that share their first 9 tokens and then have 1 to 26 more: a shared start of 8
+  (rounded), and a shorter half that fits in half the columns after it."""
+  prefix = [int(x) for x in rng.integers(3, VOCAB, 9)]
+  return [prefix + [int(x) for x in rng.integers(3, VOCAB, n)] for n in (1, 20, 3, 26)]
+
+
 @pytest.mark.parametrize("share,sort,blocks", [(True, False, 1), (True, True, 1),
                                                (False, True, 2)])
 def test_a_prompt_layout_changes_no_output(share, sort, blocks):
@@ -421,8 +428,7 @@ def test_a_prompt_layout_changes_no_output(share, sort, blocks):
   graphdef, trainable, base = make_policy()
   trainable, reference = randomized(trainable, 4), randomized(trainable, 5)
   rng = np.random.default_rng(3)
-  prefix = [int(x) for x in rng.integers(3, VOCAB, 9)]
-  ids = [prefix + [int(x) for x in rng.integers(3, VOCAB, n)] for n in (1, 20, 3, 26)]
+  ids = uneven_prompts(rng)
   order, *laid_out, layout = prompt_layout.lay_out(ids, PAD, blocks, share=share, sort=sort)
   # The longest row needs 32 columns after the shared start (48 with none); each block's shorter
   # half fits in half of them.
@@ -474,8 +480,7 @@ def test_adapter_dropout_with_a_prompt_layout():
   graphdef, trainable, base = make_policy(dataclasses.replace(LORA, dropout=0.5))
   policy = policy_lib.with_trainable(graphdef, base, randomized(trainable, 4))
   rng = np.random.default_rng(3)
-  prefix = [int(x) for x in rng.integers(3, VOCAB, 9)]
-  ids = [prefix + [int(x) for x in rng.integers(3, VOCAB, n)] for n in (1, 20, 3, 26)]
+  ids = uneven_prompts(rng)
   _, prompt_bt, mask_bt, layout = prompt_layout.lay_out(ids, PAD, sort=True)
   with pytest.raises(ValueError, match="dropout"):
     policy_lib.response_outputs(policy, prompt_bt, mask_bt, prompt_bt.shape[1] - 4,
