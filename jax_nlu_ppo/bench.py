@@ -36,6 +36,7 @@ from flax import nnx
 from jax_nlu_ppo import compiles
 from jax_nlu_ppo import op_profile
 from jax_nlu_ppo import config as config_lib
+from jax_nlu_ppo import model as model_lib
 from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import ppo as ppo_lib
 from jax_nlu_ppo import ppo_steps
@@ -89,8 +90,10 @@ def phase_flops(config: LlamaConfig, w: Workload, prompt_len: int | None = None,
   t = prompt_len or w.prompt_len
   length, responses = t + w.new_tokens, w.batch * w.new_tokens
   rows = w.batch * (t - layout.shared) - w.batch // 2 * layout.skip
+  # The prefill's logits give each row its first token; each later one costs a forward of the
+  # token before it and a vocabulary projection (nothing runs the last token through the model).
   prefill = forward_flops(config, layout.shared + rows, length, w.batch)
-  decode = forward_flops(config, responses, length, responses)
+  decode = forward_flops(config, responses - w.batch, length, responses - w.batch)
   forward = forward_flops(config, layout.shared + rows + responses, length, responses)
   update = 2 * forward_flops(config, w.batch // w.minibatch * layout.shared + rows + responses,
                              length, responses)
@@ -103,10 +106,10 @@ def matmul_ceiling(dtype, size: int | None = None, repeats: int = 15) -> float:
   practical peak. The best rather than the median, because on a shared machine a neighbour's
   burst during one 50 ms matmul would otherwise lower the ceiling and inflate every MFU. The
   default size is 2048 on CPU and 8192 on accelerators, where a smaller one would time the
-  launch rather than the arithmetic."""
+  launch rather than the arithmetic. Sums run in float32 as the model's do (`einsum_f32`)."""
   size = size or (2048 if jax.devices()[0].platform == "cpu" else 8192)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), dtype)
-  matmul = jax.jit(lambda a, b: a @ b)
+  matmul = jax.jit(lambda a, b: model_lib.einsum_f32("ij,jk->ik", a, b))
   jax.block_until_ready(matmul(x, x))
   times = []
   for _ in range(repeats):

@@ -64,25 +64,32 @@ def _input_axes(eqn: str) -> int:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def low_rank(x_ni: Array, a_ir: Array, b_ro: Array, scale: float) -> Array:
-  """scale * x A B on matrices: n rows, i inputs, r rank, o outputs.
+def low_rank(x: Array, a_ir: Array, b_ro: Array, scale: float) -> Array:
+  """scale * x A B in A's dtype, x's rows flattened: n rows, i inputs, r rank, o outputs.
 
   The backward pass is written out so that every transposed operand is a rank-r one. Autodiff
   of the same product transposes the (rows x outputs) gradient to form B's gradient, which
   XLA on CPU materialises: it cost more than the MLP's matmuls in the update's backward pass.
+  It keeps `x` as given, the array the base projection keeps for its own backward pass, rather
+  than a reshaped or (for a bfloat16 base) float32 copy of it per adapter.
   """
-  return x_ni @ a_ir @ b_ro * scale
+  return _rows(x, a_ir) @ a_ir @ b_ro * scale
 
 
-def _low_rank_fwd(x_ni, a_ir, b_ro, scale):
-  u_nr = x_ni @ a_ir
-  return u_nr @ b_ro * scale, (x_ni, a_ir, b_ro, u_nr)
+def _rows(x: Array, a_ir: Array) -> Array:
+  return x.reshape(-1, a_ir.shape[0]).astype(a_ir.dtype)
+
+
+def _low_rank_fwd(x, a_ir, b_ro, scale):
+  u_nr = _rows(x, a_ir) @ a_ir
+  return u_nr @ b_ro * scale, (x, a_ir, b_ro, u_nr)
 
 
 def _low_rank_bwd(scale, residuals, g_no):
-  x_ni, a_ir, b_ro, u_nr = residuals
+  x, a_ir, b_ro, u_nr = residuals
   gu_nr = g_no @ b_ro.T * scale
-  return gu_nr @ a_ir.T, (gu_nr.T @ x_ni).T, u_nr.T @ g_no * scale
+  return ((gu_nr @ a_ir.T).reshape(x.shape).astype(x.dtype), (gu_nr.T @ _rows(x, a_ir)).T,
+          u_nr.T @ g_no * scale)
 
 
 low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
@@ -109,14 +116,13 @@ class LoraAdapter(nnx.Module):
     self.dropout = config.dropout
 
   def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
-    x = x.astype(jnp.float32)
+    """The float32 residual for input `x` (of any float dtype; `low_rank` widens it)."""
     if dropout_key is not None and self.dropout > 0:
       keep = jax.random.bernoulli(dropout_key, 1 - self.dropout, x.shape)
-      x = jnp.where(keep, x / (1 - self.dropout), 0)
+      x = jnp.where(keep, x.astype(jnp.float32) / (1 - self.dropout), 0)
     a, b = self.a[...], self.b[...]
     lead = x.shape[:x.ndim - (a.ndim - 1)]
-    y = low_rank(x.reshape(math.prod(lead), -1), a.reshape(-1, a.shape[-1]),
-                 b.reshape(b.shape[0], -1), self.scale)
+    y = low_rank(x, a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1), self.scale)
     return y.reshape(*lead, *b.shape[1:])
 
 

@@ -112,32 +112,40 @@ def generate(model: model_lib.Llama, prompt_bt: Array, prompt_mask_bt: Array, ke
   hidden_bd = hidden_btd[:, -1]
   eos_e = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
-  def cond(carry):
-    i, _, _, _, done_b, *_ = carry
-    return (i < limit) & ~jnp.all(done_b)
-
-  def body(carry):
-    i, cache, hidden_bd, position_b, done_b, tokens_bn, mask_bn, logprobs_bn, values_bn, key = (
-        carry)
+  def emit(i, hidden_bd, done_b, tokens_bn, mask_bn, logprobs_bn, values_bn, key):
+    """Draws token i of every row still going (`i` below `limit`) from `hidden_bd`."""
     key, step_key = jax.random.split(key)
     token_b, logprob_b = sample(model.logits(hidden_bd[:, None])[:, 0], step_key, sampling)
-    live_b = ~done_b
+    live_b = ~done_b & (i < limit)
     token_b = jnp.where(live_b, token_b, pad_id).astype(jnp.int32)
     tokens_bn = tokens_bn.at[:, i].set(token_b)
     mask_bn = mask_bn.at[:, i].set(live_b)
     logprobs_bn = logprobs_bn.at[:, i].set(jnp.where(live_b, logprob_b, 0.0))
     values_bn = values_bn.at[:, i].set(jnp.where(live_b, value_fn(hidden_bd), 0.0))
     done_b = done_b | jnp.isin(token_b, eos_e)
+    return token_b, done_b, tokens_bn, mask_bn, logprobs_bn, values_bn, key
+
+  # The loop draws a token and runs it through the model for the next one; the last token
+  # is drawn after it, since nothing reads the model's output for it (a sixteenth of the
+  # decode's forward passes at 16 new tokens).
+  def cond(carry):
+    i, _, _, _, done_b, *_ = carry
+    return (i + 1 < limit) & ~jnp.all(done_b)
+
+  def body(carry):
+    i, cache, hidden_bd, position_b, done_b, *outputs = carry
+    token_b, done_b, *outputs = emit(i, hidden_bd, done_b, *outputs)
     slot = t + i
     mask_b1s = model_lib.attention_mask(key_valid_bs, slot[None])
     hidden_b1d, cache = model(token_b[:, None], position_b[:, None], mask_b1s, cache, slot)
-    return (i + 1, cache, hidden_b1d[:, 0], position_b + 1, done_b, tokens_bn, mask_bn,
-            logprobs_bn, values_bn, key)
+    return (i + 1, cache, hidden_b1d[:, 0], position_b + 1, done_b, *outputs)
 
   zeros_bn = jnp.zeros((b, max_new_tokens), jnp.float32)
   next_position_b = model_lib.positions_from_mask(prompt_mask_bt)[:, -1] + 1
   init = (jnp.int32(0), cache, hidden_bd, next_position_b, jnp.zeros((b,), bool),
           jnp.full((b, max_new_tokens), pad_id, jnp.int32), jnp.zeros((b, max_new_tokens), bool),
           zeros_bn, zeros_bn, key)
-  out = jax.lax.while_loop(cond, body, init)
-  return Generation(*out[5:9])
+  i, _, hidden_bd, _, done_b, *outputs = jax.lax.while_loop(cond, body, init)
+  # After an early stop (every row done, or a limit of 0) this draws for no row.
+  _, _, *outputs, _ = emit(i, hidden_bd, done_b, *outputs)
+  return Generation(*outputs)

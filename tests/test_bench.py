@@ -41,9 +41,10 @@ def test_phase_flops_follow_the_workload():
   flops = bench.phase_flops(CONFIG, w)
   assert flops["rollout"] == flops["prefill"] + flops["decode"]
   assert flops["update"] == 2 * flops["experience"]
-  # The decode's vocabulary projections: one per new token.
-  head = 2 * w.batch * w.new_tokens * CONFIG.hidden_size * CONFIG.vocab_size
-  no_head = bench.forward_flops(CONFIG, w.batch * w.new_tokens, 12, 0)
+  # The decode: a forward and a vocabulary projection per new token after the first (which
+  # the prefill's logits give); the last token is never run through the model.
+  head = 2 * w.batch * (w.new_tokens - 1) * CONFIG.hidden_size * CONFIG.vocab_size
+  no_head = bench.forward_flops(CONFIG, w.batch * (w.new_tokens - 1), 12, 0)
   assert flops["decode"] == no_head + head
 
 

@@ -278,6 +278,20 @@ def test_low_rank_gradients_equal_numpy_formulas():
   for name, ours, ref in zip("xab", grads, expected):
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-5, err_msg=name)
 
+  # x with leading axes and in bfloat16 (a bfloat16 base): rows flattened, x's gradient in x's
+  # shape and dtype, the adapter's in float32 from the same bfloat16 values.
+  x16 = jnp.asarray(x.reshape(2, 5, 6), jnp.bfloat16)
+  x = np.asarray(x16, np.float64).reshape(10, 6)
+  grads = jax.grad(lambda x, a, b: jnp.sum(lora_lib.low_rank(x, a, b, scale).reshape(2, 5, 7)
+                                           * w.reshape(2, 5, 7)), argnums=(0, 1, 2))(
+      x16, *(jnp.asarray(v, jnp.float32) for v in (a, b)))
+  assert grads[0].shape == (2, 5, 6) and grads[0].dtype == jnp.bfloat16
+  assert grads[1].dtype == grads[2].dtype == jnp.float32
+  expected = (scale * w @ (a @ b).T, scale * x.T @ w @ b.T, scale * (x @ a).T @ w)
+  for name, ours, ref, rtol in zip("xab", grads, expected, (2 ** -8, 1e-5, 1e-5)):
+    np.testing.assert_allclose(np.asarray(ours, np.float64).reshape(ref.shape), ref, rtol=rtol,
+                               atol=1e-5, err_msg=name)
+
 
 def test_adapter_gradients_follow_from_the_merged_kernels_gradients():
   # Through W' = W + scale A B, dL/dA = scale dL/dW' B^T and dL/dB = scale A^T dL/dW': the
@@ -401,15 +415,18 @@ def test_rollout_logprobs_and_values_match_the_full_forward():
   np.testing.assert_array_equal(reused[0], logprobs)
   np.testing.assert_array_equal(reused[1], values)
 
-  # `limit` stops early in the same shape; the tokens drawn so far are unchanged.
-  short = rollout(graphdef, trainable, base, prompt_bt, mask_bt, seed=5, limit=3)
-  assert short.tokens_bn.shape == (B, N)
-  assert not np.asarray(short.mask_bn)[:, 3:].any()
-  assert (np.asarray(short.tokens_bn)[:, 3:] == PAD).all()
-  np.testing.assert_array_equal(np.asarray(short.tokens_bn)[:, :3],
-                                np.asarray(gen.tokens_bn)[:, :3])
-  np.testing.assert_array_equal(np.asarray(short.mask_bn)[:, :3], mask[:, :3])
-  np.testing.assert_array_equal(np.asarray(short.logprobs_bn)[:, :3], logprobs[:, :3])
+  # `limit` stops early in the same shape; the tokens drawn so far are unchanged (0: none; 1:
+  # the prefill's token alone, no decode step).
+  for limit in (0, 1, 3):
+    short = rollout(graphdef, trainable, base, prompt_bt, mask_bt, seed=5, limit=limit)
+    assert short.tokens_bn.shape == (B, N)
+    assert not np.asarray(short.mask_bn)[:, limit:].any()
+    assert (np.asarray(short.tokens_bn)[:, limit:] == PAD).all()
+    assert (np.asarray(short.logprobs_bn)[:, limit:] == 0).all()
+    np.testing.assert_array_equal(np.asarray(short.tokens_bn)[:, :limit],
+                                  np.asarray(gen.tokens_bn)[:, :limit])
+    np.testing.assert_array_equal(np.asarray(short.mask_bn)[:, :limit], mask[:, :limit])
+    np.testing.assert_array_equal(np.asarray(short.logprobs_bn)[:, :limit], logprobs[:, :limit])
 
 
 def uneven_prompts(rng: np.random.Generator) -> list[list[int]]:
