@@ -167,6 +167,31 @@ def _update_bits_jvp(primals, tangents):
           jax.lax.dynamic_update_slice(buffer_dot, update_dot, start))
 
 
+def _as_bits(x: Array) -> Array:
+  """A 16-bit float array as uint16 (others as they are), for slicing in a scan that nothing
+  differentiates: XLA's CPU backend widens a bfloat16 dynamic-slice as it does a write
+  (`update_slice`), which made each generation program copy every stacked weight to float32
+  and narrow every layer's slice back in every decode step. Where a scan is differentiated, its
+  bodies' bitcast weights would become residuals, a copy of every layer's weights, so only
+  generation uses this."""
+  return _to_bits(x) if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
+def _from_bits(x: Array, dtype) -> Array:
+  return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
+
+
+@jax.custom_jvp
+def _to_bits(x: Array) -> Array:
+  return jax.lax.bitcast_convert_type(x, jnp.uint16)
+
+
+@_to_bits.defjvp
+def _to_bits_jvp(primals, tangents):
+  raise TypeError("a decoder call with differentiable=False (generation) slices its 16-bit "
+                  "weights as bits and cannot be differentiated")
+
+
 @flax.struct.dataclass
 class KVCache:
   """Keys and values of every layer, preallocated to the full sequence length.
@@ -324,7 +349,7 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens_bt: Array, positions_bt: Array, mask_bts: Array,
                cache: KVCache | None = None, cache_index: Array | int = 0,
-               dropout_key: Array | None = None):
+               dropout_key: Array | None = None, differentiable: bool = True):
     """Runs the decoder.
 
     Args:
@@ -334,6 +359,8 @@ class Llama(nnx.Module):
       cache: when given, keys/values of `tokens_bt` are written at `cache_index` and attention
         runs over all cache slots (`s` = cache length); otherwise over `tokens_bt` alone.
       dropout_key: enables adapter dropout (training); None runs deterministically.
+      differentiable: False where nothing differentiates this call (generation): the layer scan
+        then slices 16-bit weights and cache as integer bits (`_as_bits`).
     Returns:
       (hidden_btd after the final norm, updated cache or None).
     """
@@ -348,9 +375,15 @@ class Llama(nnx.Module):
     cos_bth = jnp.cos(angles_bth).astype(self.dtype)
 
     graphdef, layer_state = nnx.split(self.layers)
+    kv = None if cache is None else (cache.k_lbkhs, cache.v_lbksh)
+    scanned = (layer_state, kv)
+    dtypes = jax.tree.map(lambda x: x.dtype, scanned)
+    if not differentiable:
+      scanned = jax.tree.map(_as_bits, scanned)
 
     def body(x_btd, xs):
-      state, kv, layer_key = xs
+      scanned, layer_key = xs
+      state, kv = jax.tree.map(_from_bits, scanned, dtypes)
       layer = nnx.merge(graphdef, state)
       # The residual stream stays split over the batch axes between layers (the weights are
       # gathered to it, not it to them): FSDP's pattern.
@@ -359,10 +392,9 @@ class Llama(nnx.Module):
 
     if self.remat_policy is not None:
       body = jax.checkpoint(body, policy=self.remat_policy)
-    kv = None if cache is None else (cache.k_lbkhs, cache.v_lbksh)
     layer_keys = (None if dropout_key is None
                   else jax.random.split(dropout_key, self.config.num_layers))
-    x_btd, new_kv = jax.lax.scan(body, x_btd, (layer_state, kv, layer_keys))
+    x_btd, new_kv = jax.lax.scan(body, x_btd, (scanned, layer_keys))
     new_cache = None
     if cache is not None:
       # The layers return only this call's entries; one in-place write per array puts them in
@@ -402,7 +434,8 @@ def attention_mask(key_valid_bs: Array, query_slots_t: Array) -> Array:
 
 def prefill(model: Llama, tokens_bt: Array, mask_bt: Array, cache_len: int, *,
             layout: PromptLayout = PromptLayout(), cache_dtype=None,
-            dropout_key: Array | None = None) -> tuple[Array, KVCache]:
+            dropout_key: Array | None = None, differentiable: bool = True
+            ) -> tuple[Array, KVCache]:
   """Runs a left-padded batch into a fresh cache of `cache_len` slots (slots after the batch's
   are left for later tokens, which may attend to them).
 
@@ -411,7 +444,7 @@ def prefill(model: Llama, tokens_bt: Array, mask_bt: Array, cache_len: int, *,
   `skip`, the first half of each block of rows starts `skip` columns after it, in a pass of its
   own (those columns are padding there; their hidden states come back as zeros). The outputs
   are those of running every row whole, since positions and masks come from `mask_bt` either
-  way.
+  way. `differentiable`: as in `Llama.__call__` (False for generation only).
 
   Returns (hidden states of the tokens after the shared start, the cache).
   """
@@ -426,7 +459,8 @@ def prefill(model: Llama, tokens_bt: Array, mask_bt: Array, cache_len: int, *,
       raise ValueError("a shared prefix cannot be used with dropout")
     prefix = KVCache.zeros(model.config, 1, cache_len, dtype)
     _, prefix = model(tokens_bt[:1, :p], positions_bt[:1, :p],
-                      attention_mask(key_valid_bs[:1], jnp.arange(p)), prefix, 0)
+                      attention_mask(key_valid_bs[:1], jnp.arange(p)), prefix, 0,
+                      differentiable=differentiable)
 
   def run(half, start, key):
     """Every row's (half None) or one half's columns from `start` on, into a cache of its own."""
@@ -437,7 +471,8 @@ def prefill(model: Llama, tokens_bt: Array, mask_bt: Array, cache_len: int, *,
     else:
       cache = KVCache.zeros(model.config, n, cache_len, dtype)
     return model(pick(tokens_bt)[:, start:], pick(positions_bt)[:, start:],
-                 attention_mask(pick(key_valid_bs), jnp.arange(start, t)), cache, start, key)
+                 attention_mask(pick(key_valid_bs), jnp.arange(start, t)), cache, start, key,
+                 differentiable=differentiable)
 
   if not layout.skip:
     return run(None, p, dropout_key)

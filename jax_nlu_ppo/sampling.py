@@ -106,7 +106,8 @@ def generate(model: model_lib.Llama, prompt_bt: Array, prompt_mask_bt: Array, ke
   limit = max_new_tokens if limit is None else jnp.minimum(limit, max_new_tokens)
   b, t = prompt_bt.shape
   hidden_btd, cache = model_lib.prefill(model, prompt_bt, prompt_mask_bt, t + max_new_tokens,
-                                        layout=layout, cache_dtype=cache_dtype)
+                                        layout=layout, cache_dtype=cache_dtype,
+                                        differentiable=False)
   key_valid_bs = model_lib.cache_slots_valid(prompt_mask_bt, t + max_new_tokens)
   value_fn = value_fn or (lambda hidden_bd: jnp.zeros(hidden_bd.shape[:1], jnp.float32))
   hidden_bd = hidden_btd[:, -1]
@@ -137,7 +138,8 @@ def generate(model: model_lib.Llama, prompt_bt: Array, prompt_mask_bt: Array, ke
     token_b, done_b, *outputs = emit(i, hidden_bd, done_b, *outputs)
     slot = t + i
     mask_b1s = model_lib.attention_mask(key_valid_bs, slot[None])
-    hidden_b1d, cache = model(token_b[:, None], position_b[:, None], mask_b1s, cache, slot)
+    hidden_b1d, cache = model(token_b[:, None], position_b[:, None], mask_b1s, cache, slot,
+                              differentiable=False)
     return (i + 1, cache, hidden_b1d[:, 0], position_b + 1, done_b, *outputs)
 
   zeros_bn = jnp.zeros((b, max_new_tokens), jnp.float32)

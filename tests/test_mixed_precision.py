@@ -173,3 +173,27 @@ def test_adapters_on_a_bfloat16_base_get_the_float32_gradients():
     g32, g16 = np.asarray(g32, np.float64), np.asarray(g16, np.float64)
     rel = np.linalg.norm(g16 - g32) / np.linalg.norm(g32)
     assert rel <= 0.1, (jax.tree_util.keystr(path), rel)   # measured: at most 0.043
+
+
+def test_generation_slices_bfloat16_layers_as_bits():
+  """`differentiable=False` (what generation passes) computes the same, compiles to no float32
+  copy of the stacked weights, and refuses to be differentiated."""
+  from tests.test_ppo_core import CONFIG, prompts, random_llama
+  _, params = random_llama(CONFIG)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_lib.Llama(
+      CONFIG, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  tokens_bt, mask_bt = prompts()
+
+  def prefill(params, differentiable):
+    return model_lib.prefill(nnx.merge(graphdef, params), tokens_bt, mask_bt,
+                             tokens_bt.shape[1] + 4, differentiable=differentiable)
+
+  plain, as_bits = (jax.jit(prefill, static_argnums=1)(params, d) for d in (True, False))
+  for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(as_bits)):
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+  stacked = f"f32[{CONFIG.num_layers},{CONFIG.hidden_size},{CONFIG.intermediate_size}]"
+  text = jax.jit(prefill, static_argnums=1).lower(params, False).compile().as_text()
+  assert stacked not in text
+  with pytest.raises(TypeError, match="differentiable=False"):
+    jax.jvp(lambda p: prefill(p, False)[0], (params,), (params,))
