@@ -138,23 +138,31 @@ def rope(x_btnh: Array, sin_bth: Array, cos_bth: Array) -> Array:
   return x_btnh * cos_bth[:, :, None, :] + rotated * sin_bth[:, :, None, :]
 
 
-def update_slice(buffer: Array, update: Array, start: tuple) -> Array:
-  """`lax.dynamic_update_slice`, written through a 16-bit integer view for 16-bit floats.
+# XLA's CPU backend widens a bfloat16 dynamic-slice or dynamic-update-slice to float32 over the
+# whole buffer and narrows the result back: a copy of all of it per call instead of a view or an
+# in-place write. 16-bit floats moved as uint16 bits avoid it; bits are bits to other backends.
 
-  XLA's CPU backend widens a bfloat16 dynamic-update-slice to float32 over the whole buffer
-  and narrows it back, a copy of all of it per write instead of an in-place write of the slice
-  (a decode step wrote every layer's cache that way). Bits are bits to the other backends.
-  """
-  if buffer.dtype.itemsize != 2:
-    return jax.lax.dynamic_update_slice(buffer, update.astype(buffer.dtype), start)
-  return _update_bits(buffer, update.astype(buffer.dtype), start)
+def _narrow_float(x: Array) -> bool:
+  return x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _bits(x: Array) -> Array:
+  return jax.lax.bitcast_convert_type(x, jnp.uint16)
+
+
+def update_slice(buffer: Array, update: Array, start: tuple) -> Array:
+  """`lax.dynamic_update_slice` that writes 16-bit floats as bits (see above: a decode step
+  had converted every layer's cache to float32 and back)."""
+  update = update.astype(buffer.dtype)
+  if not _narrow_float(buffer):
+    return jax.lax.dynamic_update_slice(buffer, update, start)
+  return _update_bits(buffer, update, start)
 
 
 @jax.custom_jvp
 def _update_bits(buffer: Array, update: Array, start: tuple) -> Array:
-  bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
   return jax.lax.bitcast_convert_type(
-      jax.lax.dynamic_update_slice(bits(buffer), bits(update), start), buffer.dtype)
+      jax.lax.dynamic_update_slice(_bits(buffer), _bits(update), start), buffer.dtype)
 
 
 @_update_bits.defjvp
@@ -168,13 +176,11 @@ def _update_bits_jvp(primals, tangents):
 
 
 def _as_bits(x: Array) -> Array:
-  """A 16-bit float array as uint16 (others as they are), for slicing in a scan that nothing
-  differentiates: XLA's CPU backend widens a bfloat16 dynamic-slice as it does a write
-  (`update_slice`), which made each generation program copy every stacked weight to float32
-  and narrow every layer's slice back in every decode step. Where a scan is differentiated, its
-  bodies' bitcast weights would become residuals, a copy of every layer's weights, so only
-  generation uses this."""
-  return _to_bits(x) if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+  """A 16-bit float array as its bits (others as they are), for a scan that nothing
+  differentiates to slice (see above: each generation program had copied every stacked weight
+  to float32). Where a scan is differentiated, its body's bitcast weights would become
+  residuals of the backward pass, a copy of every layer's weights, so only generation does it."""
+  return _to_bits(x) if _narrow_float(x) else x
 
 
 def _from_bits(x: Array, dtype) -> Array:
@@ -183,7 +189,7 @@ def _from_bits(x: Array, dtype) -> Array:
 
 @jax.custom_jvp
 def _to_bits(x: Array) -> Array:
-  return jax.lax.bitcast_convert_type(x, jnp.uint16)
+  return _bits(x)
 
 
 @_to_bits.defjvp
