@@ -157,8 +157,7 @@ def test_adapters_on_a_bfloat16_base_get_the_float32_gradients():
                   jnp.float32)
   grads = {}
   for dtype in (jnp.float32, jnp.bfloat16):
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_lib.Llama(
-        CONFIG, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))))
+    graphdef, _ = nnx.split(pretrained.abstract_model(CONFIG, dtype))
     llama = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), params))
     policy_def, trainable, base = policy_lib.split(
         policy_lib.make_policy(llama, LORA, value_dropout=0.0, seed=1))
@@ -180,8 +179,7 @@ def test_generation_slices_bfloat16_layers_as_bits():
   copy of the stacked weights, and refuses to be differentiated."""
   from tests.test_ppo_core import CONFIG, prompts, random_llama
   _, params = random_llama(CONFIG)
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_lib.Llama(
-      CONFIG, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+  graphdef, _ = nnx.split(pretrained.abstract_model(CONFIG, jnp.bfloat16))
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   tokens_bt, mask_bt = prompts()
 
