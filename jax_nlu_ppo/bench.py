@@ -22,6 +22,7 @@ FLOPs as the forward) but no weight gradients for the frozen base; the LoRA term
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import statistics
@@ -34,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from jax_nlu_ppo import compiles
+from jax_nlu_ppo import matmul_rates
 from jax_nlu_ppo import op_profile
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo import model as model_lib
@@ -103,20 +105,12 @@ def phase_flops(config: LlamaConfig, w: Workload, prompt_len: int | None = None,
 
 def matmul_ceiling(dtype, size: int | None = None, repeats: int = 15) -> float:
   """GFLOP/s of a jitted (size x size) @ (size x size) matmul, best of `repeats`: the machine's
-  practical peak. The best rather than the median, because on a shared machine a neighbour's
-  burst during one 50 ms matmul would otherwise lower the ceiling and inflate every MFU. The
-  default size is 2048 on CPU and 8192 on accelerators, where a smaller one would time the
-  launch rather than the arithmetic. Sums run in float32 as the model's do (`einsum_f32`)."""
+  practical peak for the product the model runs (`model.project`). The default size is 2048 on
+  CPU and 8192 on accelerators, where a smaller one would time the launch rather than the
+  arithmetic."""
   size = size or (2048 if jax.devices()[0].platform == "cpu" else 8192)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), dtype)
-  matmul = jax.jit(lambda a, b: model_lib.einsum_f32("ij,jk->ik", a, b))
-  jax.block_until_ready(matmul(x, x))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(matmul(x, x))
-    times.append(time.perf_counter() - start)
-  return 2 * size ** 3 / min(times) / 1e9
+  return matmul_rates.gflops(functools.partial(model_lib.project, "ij,jk->ik"), x, x, repeats)
 
 
 def _sst2_dev() -> pathlib.Path | None:
@@ -227,21 +221,24 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
   progress(f"ours: first iteration {first['iteration']:.1f} s ({first_compiles} compilations, "
            f"{first_loaded} of them loaded from the persistent cache)")
   compiled = compiles.count()
-  runs = []
+  runs, prefill = [], []
   for i in range(iterations):
     state, times = iteration(state, i + 1)
     runs.append(times)
     progress(f"ours: iteration {i + 1}/{iterations} {times['iteration']:.2f} s")
-  # Prefill alone: the rollout stopped after its first token (`limit` is traced: no compile).
-  prefill = [_timed(lambda: steps.rollout(base, state.trainable, prompt_bt, mask_bt,
-                                          jax.random.key(99), 1, layout))[1] for _ in range(3)]
+    # The prefill alone: the rollout stopped after its first token (`limit` is traced: no
+    # compile), timed beside each iteration so that its median and the rollout's, whose
+    # difference is the decode, meet the same spells of a shared machine.
+    prefill.append(_timed(lambda: steps.rollout(base, state.trainable, prompt_bt, mask_bt,
+                                                jax.random.key(99), 1, layout))[1])
   median = {k: statistics.median(r[k] for r in runs) for k in PHASES}
   prefill_s = statistics.median(prefill)
+  decode_s = median["rollout"] - prefill_s
   out = {"first_s": first, "median_s": median, "compile_s": {
              k: first[k] - median[k] for k in PHASES},
          "prefill_s": prefill_s, "prompt_len": prompt_bt.shape[1],
          "shared_prefix": layout.shared, "skip": layout.skip,
-         "decode_s": max(median["rollout"] - prefill_s, 1e-9),
+         "decode_s": decode_s if decode_s > 0 else None,   # None: lost in the noise
          "compilations_first_iteration": first_compiles,
          "cache_hits_first_iteration": first_loaded,
          "recompilations_after_first_iteration": compiles.count() - compiled}
@@ -281,8 +278,8 @@ def run(model: str = pretrained.DEFAULT_MODEL, preset: str | None = None,
                       PromptLayout(ours["shared_prefix"], ours["skip"]))
   peak = ceiling[w.dtype] * 1e9
   seconds = {**ours["median_s"], "prefill": ours["prefill_s"], "decode": ours["decode_s"]}
-  mfu = {k: flops[k] / seconds[k] / peak for k in ("prefill", "decode", "rollout",
-                                                     "experience", "update")}
+  mfu = {k: flops[k] / seconds[k] / peak if seconds[k] else None
+         for k in ("prefill", "decode", "rollout", "experience", "update")}
   new_tokens = w.batch * w.new_tokens
   result: dict[str, Any] = {
       "device": str(jax.devices()[0]), "model": preset or model, "workload": dataclasses.asdict(w),
@@ -336,8 +333,9 @@ def table(result: dict[str, Any]) -> str:
                else ""),
             f"rollout new tokens/s: {tokens}",
             f"matmul ceiling {result['matmul_peak_gflops']:.1f} GFLOP/s "
-            f"({result['workload']['dtype']}); MFU: prefill {mfu['prefill']:.1%}, decode "
-            f"{mfu['decode']:.1%}, experience {mfu['experience']:.1%}, update {mfu['update']:.1%}",
+            f"({result['workload']['dtype']}); MFU: "
+            + ", ".join(f"{k} {'n/a' if mfu[k] is None else f'{mfu[k]:.1%}'}"
+                        for k in ("prefill", "decode", "experience", "update")),
             f"compilations: {ours['compilations_first_iteration']} in the first iteration "
             f"({ours['cache_hits_first_iteration']} loaded from the persistent cache), "
             f"{ours['recompilations_after_first_iteration']} after it"]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_nlu_ppo import sharding
+from jax_nlu_ppo import matmul_rates, sharding
 from jax_nlu_ppo.llama_config import LlamaConfig
 from jax_nlu_ppo.prompt_layout import PromptLayout
 
@@ -42,16 +42,31 @@ def _param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], dtype, names:
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 
+def project(eqn: str, x: Array, w: Array) -> Array:
+  """A projection's product (an einsum with no batch dimensions), its sums in float32.
+
+  float32 operands and accelerators take the plain einsum: GPU and TPU matrix units sum
+  bfloat16 products in float32 inside it and round once, and a float32 result only adds memory
+  traffic around it (on an H100, float32 products and the float32 adds after them took the 1B
+  preset's experience phase from 47 to 63 ms). On a CPU, bfloat16 products ask for float32
+  results (`einsum_f32`) where that runs faster there, which depends on the processor
+  (`matmul_rates.cpu_rates`, measured once per process).
+  """
+  if (x.dtype != jnp.float32 and jax.default_backend() == "cpu"
+      and matmul_rates.cpu_rates().sums_in_float32):
+    return einsum_f32(eqn, x, w)
+  return jnp.einsum(eqn, x, w)
+
+
 def einsum_f32(eqn: str, x: Array, w: Array) -> Array:
   """`jnp.einsum(eqn, x, w)` summed and returned in float32, for operands of one dtype.
 
   float32 operands take the plain einsum. Narrower ones (bfloat16) keep their dtype as inputs
-  and accumulate in float32, in the backward pass too (`_einsum_f32_bwd`). That is what TPU and
-  GPU matrix units do anyway; on a CPU with AVX512-BF16, XLA runs bfloat16 x bfloat16 ->
-  float32 at twice the float32 rate (measured on this project's 2-core EPYC: 430 against 210
-  GFLOP/s for a prefill's MLP shape), while a bfloat16 result, JAX's default for bfloat16
-  operands, is widened to float32 and runs below the float32 rate. Autodiff alone would
-  transpose with the float32 cotangent as one operand: the slow, widened path again.
+  and accumulate in float32, in the backward pass too (`_einsum_f32_bwd`). On some CPUs XLA runs
+  that at over twice the rate of a bfloat16 result, JAX's default for bfloat16 operands, which
+  it widens to float32 (a 2-core EPYC: 430 against 170 GFLOP/s for a prefill's MLP shape; see
+  `matmul_rates` for a CPU where it is the other way round). Autodiff alone would transpose
+  with the float32 cotangent as one operand: the widened path again.
   For projections only (no batch dimensions): XLA's CPU backend has no kernel for batched
   bfloat16 x bfloat16 -> float32 products, so attention's keep their bfloat16 results.
   """
@@ -106,12 +121,15 @@ class Einsum(nnx.Module):
     self.adapter = nnx.data(None)
 
   def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
-    y = einsum_f32(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    # Bias and adapter are added in the model's dtype, as peft adds adapters: adding them in
+    # float32 alone took the H100's experience phase from 47 to 57 ms (`project`).
+    y = project(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = y.astype(self.dtype)
     if self.bias is not None:
-      y = y + self.bias[...]
+      y = y + self.bias[...].astype(self.dtype)
     if self.adapter is not None:
-      y = y + self.adapter(x, dropout_key)
-    return y.astype(self.dtype)
+      y = y + self.adapter(x, dropout_key).astype(self.dtype)
+    return y
 
 
 def _keys(key: Array | None, n: int) -> list[Array | None]:
@@ -411,10 +429,11 @@ class Llama(nnx.Module):
     return self.norm(sharding.constrain(x_btd, _RESIDUAL)), new_cache
 
   def logits(self, hidden_btd: Array) -> Array:
-    """float32 logits, whatever the model's dtype (`einsum_f32`)."""
+    """Logits in the product's dtype (`project`: float32 on CPU, the model's dtype on
+    accelerators); callers take them to float32."""
     if self.lm_head is None:
-      return einsum_f32("btd,vd->btv", hidden_btd, self.embed_tokens[...].astype(self.dtype))
-    return einsum_f32("btd,dv->btv", hidden_btd, self.lm_head[...].astype(self.dtype))
+      return project("btd,vd->btv", hidden_btd, self.embed_tokens[...].astype(self.dtype))
+    return project("btd,dv->btv", hidden_btd, self.lm_head[...].astype(self.dtype))
 
 
 # Masks and positions for left-padded batches.

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jax_nlu_ppo import distributed
+from jax_nlu_ppo import matmul_rates
 from jax_nlu_ppo import prompt_layout
 from jax_nlu_ppo import model as model_lib
 from jax_nlu_ppo import sampling as sampling_lib
@@ -294,20 +295,6 @@ class LanguageModel:
     return self.tokenizer
 
 
-def cpu_has_bfloat16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
-  """Whether this (Linux) CPU lists bfloat16 dot-product instructions, with which XLA runs
-  bfloat16 x bfloat16 -> float32 products (`model.einsum_f32`) at about twice the float32 rate
-  (a PPO iteration of the 135M model: 16.4 s against 19.2 s in float32 on a 2-core EPYC).
-  False where it cannot tell."""
-  try:
-    with open(cpuinfo) as f:
-      flags = {word for line in f if line.startswith(("flags", "Features"))
-               for word in line.split(":", 1)[1].split()}
-  except OSError:
-    return False
-  return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
 def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
                     gguf_file: str | None = None, layout: sharding_lib.Layout | None = None,
                     batch_size: int = 32) -> LanguageModel:
@@ -323,9 +310,14 @@ def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
   """
   if dtype not in _DTYPES:
     raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-  if dtype == "bfloat16" and jax.default_backend() == "cpu" and not cpu_has_bfloat16_units():
-    log.warning("bfloat16 on a CPU without bfloat16 instructions (AVX512-BF16, AMX or Arm "
-                "BF16) halves the weights' memory but is likely to run slower than float32")
+  if dtype == "bfloat16" and jax.default_backend() == "cpu":
+    rates = matmul_rates.cpu_rates()
+    if rates.best_bfloat16 < rates.float32:
+      # XLA's CPU backend also widens much of the other bfloat16 work to float32: on a CPU whose
+      # bfloat16 products are no faster, a PPO iteration took 25.3 s against 16.9 in float32.
+      log.warning("bfloat16 products run at %.0f GFLOP/s on this CPU against %.0f for float32: "
+                  "bfloat16 halves the weights' memory but is likely to run slower than float32",
+                  rates.best_bfloat16, rates.float32)
   start = time.perf_counter()
   checkpoint = resolve(name_or_path, gguf_file)
   graphdef, abstract_state = nnx.split(abstract_model(checkpoint.config, _DTYPES[dtype]))

@@ -1,5 +1,8 @@
 """Narrow (bfloat16) numbers where XLA handles them badly: `model.einsum_f32` (bfloat16 operands,
-float32 sums, forward and backward) and `model.update_slice` (cache writes), against NumPy."""
+float32 sums, forward and backward), `model.project`'s choice of product, and
+`model.update_slice` (cache writes), against NumPy."""
+import dataclasses
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -8,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jax_nlu_ppo import matmul_rates
 from jax_nlu_ppo import model as model_lib
 from jax_nlu_ppo import policy as policy_lib
 from jax_nlu_ppo import pretrained
@@ -130,21 +134,66 @@ def test_bfloat16_cache_writes_are_not_widened():
   assert "f32[30,64,128]" not in text
 
 
-@pytest.mark.parametrize("line,expected", [
-    ("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni", True),     # AMD Zen 4
-    ("flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile", True),           # Intel Sapphire Rapids
-    ("Features\t: fp asimd bf16 i8mm sve", True),                      # Arm Neoverse V1
-    ("flags\t\t: fpu avx2 avx512f avx512_vnni", False),                # Cascade Lake
-    ("model name\t: something with bf16 in its name", False),
-])
-def test_cpu_bfloat16_units_are_read_from_the_flags(tmp_path, line, expected):
-  cpuinfo = tmp_path / "cpuinfo"
-  cpuinfo.write_text(f"processor\t: 0\n{line}\n\n")
-  assert pretrained.cpu_has_bfloat16_units(str(cpuinfo)) is expected
-  assert pretrained.cpu_has_bfloat16_units(str(tmp_path / "missing")) is False
+FLOAT32_SUMS_FASTER = matmul_rates.ProductRates(float32=300, bfloat16=170,
+                                                 bfloat16_float32_sums=430)  # EPYC-like
+BFLOAT16_FASTER = matmul_rates.ProductRates(float32=300, bfloat16=265,
+                                            bfloat16_float32_sums=170)      # Xeon-like
 
 
-def test_adapters_on_a_bfloat16_base_get_the_float32_gradients():
+@pytest.fixture(params=[FLOAT32_SUMS_FASTER, BFLOAT16_FASTER], ids=["f32_sums", "bf16_results"])
+def cpu_rates(request, monkeypatch):
+  """What `model.project` would measure on one of the two kinds of CPU seen."""
+  monkeypatch.setattr(matmul_rates, "cpu_rates", lambda: request.param)
+  return request.param
+
+
+def _product_dtypes(fn, *args):
+  jaxpr = jax.make_jaxpr(fn)(*args)
+  return [e.params["preferred_element_type"] for e in _equations(jaxpr.jaxpr)
+          if e.primitive.name == "dot_general"]
+
+
+def test_project_takes_the_product_the_cpu_runs_faster(cpu_rates):
+  x = jnp.ones((4, 16), jnp.bfloat16)
+  w = jnp.ones((16, 8), jnp.bfloat16)
+  on_cpu = jax.default_backend() == "cpu"
+  sums = on_cpu and cpu_rates.sums_in_float32
+  y = model_lib.project("td,df->tf", x, w)
+  assert y.dtype == (jnp.float32 if sums else jnp.bfloat16)
+  assert _product_dtypes(lambda x, w: model_lib.project("td,df->tf", x, w), x, w) == [
+      jnp.float32 if sums else jnp.bfloat16]
+  # float32 operands: the plain product wherever it runs.
+  assert _product_dtypes(lambda x, w: model_lib.project("td,df->tf", x, w),
+                         x.astype(jnp.float32), w.astype(jnp.float32)) == [jnp.float32]
+  assert not any("custom" in e.primitive.name for e in _equations(jax.make_jaxpr(
+      lambda x, w: model_lib.project("td,df->tf", x, w))(x.astype(jnp.float32),
+                                                        w.astype(jnp.float32)).jaxpr))
+
+
+def test_rates_choose_the_faster_bfloat16_product():
+  assert FLOAT32_SUMS_FASTER.sums_in_float32 and FLOAT32_SUMS_FASTER.best_bfloat16 == 430
+  assert not BFLOAT16_FASTER.sums_in_float32 and BFLOAT16_FASTER.best_bfloat16 == 265
+  measured = matmul_rates.cpu_rates.__wrapped__()          # a fresh measurement, not the cache
+  assert min(dataclasses.astuple(measured)) > 0
+
+
+@pytest.mark.parametrize("rates,warns", [(FLOAT32_SUMS_FASTER, False), (BFLOAT16_FASTER, True)])
+def test_bfloat16_on_cpu_warns_where_its_products_are_slower(tmp_path, monkeypatch, caplog,
+                                                              rates, warns):
+  if jax.default_backend() != "cpu":
+    pytest.skip("a CPU warning")
+  from tests import tiny_hf
+  tiny_hf.save_tiny(tmp_path)
+  monkeypatch.setattr(matmul_rates, "cpu_rates", lambda: rates)
+  with caplog.at_level("WARNING", logger=pretrained.log.name):
+    pretrained.load_pretrained(str(tmp_path), dtype="bfloat16")
+  warned = [r for r in caplog.records if "likely to run slower than float32" in r.getMessage()]
+  assert bool(warned) is warns
+  if warns:
+    assert "265 GFLOP/s on this CPU against 300" in warned[0].getMessage()
+
+
+def test_adapters_on_a_bfloat16_base_get_the_float32_gradients(cpu_rates):
   """The decoder in bfloat16 (with its float32 adapters) against the same weights in float32:
   every adapter's gradient within 10% (4.3% at most here, as bfloat16 activations allow); a wrong
   transposition in `einsum_f32`'s backward pass would be off by its whole size."""
