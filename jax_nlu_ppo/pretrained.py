@@ -314,7 +314,8 @@ def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
     rates = matmul_rates.cpu_rates()
     if rates.best_bfloat16 < rates.float32:
       # XLA's CPU backend also widens much of the other bfloat16 work to float32: on a CPU whose
-      # bfloat16 products are no faster, a PPO iteration took 25.3 s against 16.9 in float32.
+      # bfloat16 products are no faster, a PPO iteration took 24.3-25.3 s against 14.5-16.9 s
+      # in float32.
       log.warning("bfloat16 products run at %.0f GFLOP/s on this CPU against %.0f for float32: "
                   "bfloat16 halves the weights' memory but is likely to run slower than float32",
                   rates.best_bfloat16, rates.float32)
