@@ -159,7 +159,8 @@ def plan(config: TrainConfig, model_config: LlamaConfig, layout: sharding_lib.La
     args = (abstract_base, abstract_trainable, prompt, prompt,
             jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
             jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
-    with sharding_lib.activations(layout):
+    # Compiled here for an accelerator: its projections as the accelerator runs them.
+    with sharding_lib.activations(layout), model_lib.accelerator_products():
       rollout = steps.rollout.lower(*args).compile().memory_analysis()
       mb = config.ppo.minibatch_size
       batch = ppo_lib.Batch(*[jax.ShapeDtypeStruct(shape, dtype, sharding=rows2) for shape, dtype

@@ -12,6 +12,8 @@ heads, k kv heads, g query heads per kv head, h head dim, f mlp, v vocab, l laye
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Callable
 
@@ -52,10 +54,24 @@ def project(eqn: str, x: Array, w: Array) -> Array:
   results (`einsum_f32`) where that runs faster there, which depends on the processor
   (`matmul_rates.cpu_rates`, measured once per process).
   """
-  if (x.dtype != jnp.float32 and jax.default_backend() == "cpu"
+  if (x.dtype != jnp.float32 and jax.default_backend() == "cpu" and not _PLAIN_PRODUCTS.get()
       and matmul_rates.cpu_rates().sums_in_float32):
     return einsum_f32(eqn, x, w)
   return jnp.einsum(eqn, x, w)
+
+
+_PLAIN_PRODUCTS = contextvars.ContextVar("plain_products", default=False)
+
+
+@contextlib.contextmanager
+def accelerator_products():
+  """Traces `project` as accelerators run it (the plain einsum) on any backend: for programs
+  compiled on a CPU to plan an accelerator's memory (`memory_plan`)."""
+  token = _PLAIN_PRODUCTS.set(True)
+  try:
+    yield
+  finally:
+    _PLAIN_PRODUCTS.reset(token)
 
 
 def einsum_f32(eqn: str, x: Array, w: Array) -> Array:

@@ -170,6 +170,17 @@ def test_project_takes_the_product_the_cpu_runs_faster(cpu_rates):
                                                         w.astype(jnp.float32)).jaxpr))
 
 
+def test_accelerator_products_trace_the_plain_product_anywhere(monkeypatch):
+  monkeypatch.setattr(matmul_rates, "cpu_rates", lambda: FLOAT32_SUMS_FASTER)
+  x = jnp.ones((4, 16), jnp.bfloat16)
+  w = jnp.ones((16, 8), jnp.bfloat16)
+  with model_lib.accelerator_products():
+    assert _product_dtypes(lambda x, w: model_lib.project("td,df->tf", x, w), x, w) == [
+        jnp.bfloat16]
+  expected = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  assert _product_dtypes(lambda x, w: model_lib.project("td,df->tf", x, w), x, w) == [expected]
+
+
 def test_rates_choose_the_faster_bfloat16_product():
   assert FLOAT32_SUMS_FASTER.sums_in_float32 and FLOAT32_SUMS_FASTER.best_bfloat16 == 430
   assert not BFLOAT16_FASTER.sums_in_float32 and BFLOAT16_FASTER.best_bfloat16 == 265
