@@ -66,6 +66,21 @@ def test_bench_ours_runs_the_trainer_steps_without_recompiling(tmp_path):
   assert all(op["source"] for op in ops[:5])
 
 
+def test_table_prints_a_decode_lost_in_the_noise_as_not_available():
+  """The decode's time is the rollout's median less the prefill's; where a slow spell made that
+  zero or negative, its MFU reads n/a, not a figure from a 1e-9 s decode."""
+  seconds = dict(zip(bench.PHASES, (4.0, 3.0, 8.0, 15.0)))
+  ours = {"median_s": seconds, "first_s": seconds, "shared_prefix": 0, "skip": 0,
+          "prompt_len": 64, "compilations_first_iteration": 4, "cache_hits_first_iteration": 0,
+          "recompilations_after_first_iteration": 0}
+  result = {"ours": ours, "rollout_tokens_per_s": 128.0, "device": "cpu:0",
+            "matmul_peak_gflops": 300.0, "workload": {"dtype": "float32"},
+            "mfu": {"prefill": 0.5, "decode": None, "rollout": 0.4, "experience": 0.6,
+                    "update": 0.45}}
+  text = bench.table(result)
+  assert "MFU: prefill 50.0%, decode n/a, experience 60.0%, update 45.0%" in text
+
+
 def test_torch_side_runs_a_random_weight_model_without_a_tokenizer():
   """The PyTorch side as `--preset` runs it: our export carries the random weights over, the
   prompts are random ids, and there is no TRL step (it needs a tokenizer)."""
