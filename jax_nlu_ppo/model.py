@@ -44,22 +44,6 @@ def _param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], dtype, names:
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 
-def project(eqn: str, x: Array, w: Array) -> Array:
-  """A projection's product (an einsum with no batch dimensions), its sums in float32.
-
-  float32 operands and accelerators take the plain einsum: GPU and TPU matrix units sum
-  bfloat16 products in float32 inside it and round once, and a float32 result only adds memory
-  traffic around it (on an H100, float32 products and the float32 adds after them took the 1B
-  preset's experience phase from 47 to 63 ms). On a CPU, bfloat16 products ask for float32
-  results (`einsum_f32`) where that runs faster there, which depends on the processor
-  (`matmul_rates.cpu_rates`, measured once per process).
-  """
-  if (x.dtype != jnp.float32 and jax.default_backend() == "cpu" and not _PLAIN_PRODUCTS.get()
-      and matmul_rates.cpu_rates().sums_in_float32):
-    return einsum_f32(eqn, x, w)
-  return jnp.einsum(eqn, x, w)
-
-
 _PLAIN_PRODUCTS = contextvars.ContextVar("plain_products", default=False)
 
 
@@ -72,6 +56,23 @@ def accelerator_products():
     yield
   finally:
     _PLAIN_PRODUCTS.reset(token)
+
+
+def project(eqn: str, x: Array, w: Array) -> Array:
+  """A projection's product (an einsum with no batch dimensions), its sums in float32.
+
+  float32 operands and accelerators take the plain einsum: GPU and TPU matrix units sum
+  bfloat16 products in float32 inside it and round once, and a float32 result only adds memory
+  traffic around it (on an H100, float32 products and the float32 adds after them took the 1B
+  preset's experience phase from 47 to 63 ms). On a CPU, bfloat16 products ask for float32
+  results (`einsum_f32`) where that runs faster there, which depends on the processor
+  (`matmul_rates.cpu_rates`, measured once per process).
+  """
+  # The dtype first: a float32 model never pays for `cpu_rates`' measurement.
+  if (x.dtype != jnp.float32 and jax.default_backend() == "cpu" and not _PLAIN_PRODUCTS.get()
+      and matmul_rates.cpu_rates().sums_in_float32):
+    return einsum_f32(eqn, x, w)
+  return jnp.einsum(eqn, x, w)
 
 
 def einsum_f32(eqn: str, x: Array, w: Array) -> Array:

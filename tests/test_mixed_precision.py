@@ -2,6 +2,7 @@
 float32 sums, forward and backward), `model.project`'s choice of product, and
 `model.update_slice` (cache writes), against NumPy."""
 import dataclasses
+import functools
 
 import jax
 import jax.extend
@@ -147,38 +148,32 @@ def cpu_rates(request, monkeypatch):
   return request.param
 
 
-def _product_dtypes(fn, *args):
-  jaxpr = jax.make_jaxpr(fn)(*args)
-  return [e.params["preferred_element_type"] for e in _equations(jaxpr.jaxpr)
-          if e.primitive.name == "dot_general"]
+def _projection_dtypes(x, w):
+  """`project`'s result dtype on (4, 16) x (16, 8) operands of `x`'s and `w`'s dtypes, the
+  result dtypes its traced products ask for, and whether it went through a custom rule."""
+  x, w = jnp.ones((4, 16), x), jnp.ones((16, 8), w)
+  jaxpr = jax.make_jaxpr(functools.partial(model_lib.project, "td,df->tf"))(x, w).jaxpr
+  eqns = list(_equations(jaxpr))
+  return (jaxpr.outvars[0].aval.dtype,
+          [e.params["preferred_element_type"] for e in eqns if e.primitive.name == "dot_general"],
+          any("custom" in e.primitive.name for e in eqns))
 
 
 def test_project_takes_the_product_the_cpu_runs_faster(cpu_rates):
-  x = jnp.ones((4, 16), jnp.bfloat16)
-  w = jnp.ones((16, 8), jnp.bfloat16)
-  on_cpu = jax.default_backend() == "cpu"
-  sums = on_cpu and cpu_rates.sums_in_float32
-  y = model_lib.project("td,df->tf", x, w)
-  assert y.dtype == (jnp.float32 if sums else jnp.bfloat16)
-  assert _product_dtypes(lambda x, w: model_lib.project("td,df->tf", x, w), x, w) == [
-      jnp.float32 if sums else jnp.bfloat16]
+  sums = jax.default_backend() == "cpu" and cpu_rates.sums_in_float32
+  expected = jnp.float32 if sums else jnp.bfloat16
+  assert _projection_dtypes(jnp.bfloat16, jnp.bfloat16) == (expected, [expected], sums)
   # float32 operands: the plain product wherever it runs.
-  assert _product_dtypes(lambda x, w: model_lib.project("td,df->tf", x, w),
-                         x.astype(jnp.float32), w.astype(jnp.float32)) == [jnp.float32]
-  assert not any("custom" in e.primitive.name for e in _equations(jax.make_jaxpr(
-      lambda x, w: model_lib.project("td,df->tf", x, w))(x.astype(jnp.float32),
-                                                        w.astype(jnp.float32)).jaxpr))
+  assert _projection_dtypes(jnp.float32, jnp.float32) == (jnp.float32, [jnp.float32], False)
 
 
 def test_accelerator_products_trace_the_plain_product_anywhere(monkeypatch):
   monkeypatch.setattr(matmul_rates, "cpu_rates", lambda: FLOAT32_SUMS_FASTER)
-  x = jnp.ones((4, 16), jnp.bfloat16)
-  w = jnp.ones((16, 8), jnp.bfloat16)
   with model_lib.accelerator_products():
-    assert _product_dtypes(lambda x, w: model_lib.project("td,df->tf", x, w), x, w) == [
-        jnp.bfloat16]
+    assert _projection_dtypes(jnp.bfloat16, jnp.bfloat16) == (jnp.bfloat16, [jnp.bfloat16],
+                                                              False)
   expected = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-  assert _product_dtypes(lambda x, w: model_lib.project("td,df->tf", x, w), x, w) == [expected]
+  assert _projection_dtypes(jnp.bfloat16, jnp.bfloat16)[1] == [expected]
 
 
 def test_rates_choose_the_faster_bfloat16_product():
