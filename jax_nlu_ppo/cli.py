@@ -31,8 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   log.setLevel(logging.INFO)
   from jax_nlu_ppo import checkpoint as checkpoint_lib
   from jax_nlu_ppo import config as config_lib
-  from jax_nlu_ppo import data as data_lib
-  from jax_nlu_ppo import task_files
+  from jax_nlu_ppo.nlu import data as data_lib
+  from jax_nlu_ppo.nlu import task_files
   _use_compile_cache(args.compile_cache)
   try:
     return args.run(args)
@@ -313,8 +313,8 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _data_config(task_spec: str, data: str | None, split: str, limit: int | None,
                  shuffle_seed: int | None, strict: bool):
-  from jax_nlu_ppo import data as data_lib
-  from jax_nlu_ppo import tasks as tasks_lib
+  from jax_nlu_ppo.nlu import data as data_lib
+  from jax_nlu_ppo.nlu import tasks as tasks_lib
   task = tasks_lib.get_task(task_spec)
   common = dict(task=task_spec, split=split, limit=limit, shuffle_seed=shuffle_seed,
                 strict=strict)
@@ -341,7 +341,7 @@ def _data_config(task_spec: str, data: str | None, split: str, limit: int | None
 
 
 def _load_rows(config) -> list[dict[str, Any]]:
-  from jax_nlu_ppo import data as data_lib
+  from jax_nlu_ppo.nlu import data as data_lib
   try:
     ds, report = data_lib.load(config)
   except ConnectionError as e:
@@ -374,8 +374,8 @@ def _progress(label: str):
 
 
 def run_eval(args) -> int:
-  from jax_nlu_ppo import evaluate as evaluate_lib
-  from jax_nlu_ppo import tasks as tasks_lib
+  from jax_nlu_ppo.nlu import evaluate as evaluate_lib
+  from jax_nlu_ppo.nlu import tasks as tasks_lib
 
   specs = [t.strip() for item in args.task for t in item.split(",") if t.strip()]
   tasks = [tasks_lib.get_task(spec) for spec in specs]   # fail on a bad name before loading
@@ -448,8 +448,8 @@ def _initial_adapter(args, config):
   """(base model, trainable) for --init-adapter, or (None, None)."""
   if not args.init_adapter:
     return None, None
-  from jax_nlu_ppo import export
-  from jax_nlu_ppo import pretrained
+  from jax_nlu_ppo.runs import export
+  from jax_nlu_ppo.model import pretrained
   lm = pretrained.load_pretrained(config.model.name, config.model.dtype, config.model.gguf_file)
   lora, trainable = export.load_peft_adapter(args.init_adapter, lm)
   if lora != config.lora:
@@ -501,7 +501,7 @@ def _run_trainer(trainer, format_metrics) -> int:
 def run_train(args) -> int:
   from jax_nlu_ppo import config as config_lib
   from jax_nlu_ppo import distributed
-  from jax_nlu_ppo import trainer as trainer_lib
+  from jax_nlu_ppo.rl import trainer as trainer_lib
   config = _load_config(args, config_lib.TrainConfig)
   # After the config is known good, before anything touches a device.
   distributed.initialize(distributed.DistributedConfig(
@@ -512,7 +512,7 @@ def run_train(args) -> int:
 
 
 def run_sft(args) -> int:
-  from jax_nlu_ppo import sft
+  from jax_nlu_ppo.rl import sft
   config = _load_config(args, sft.SFTConfig)
   lm, trainable = _initial_adapter(args, config)
   trainer = sft.SFTTrainer(config, lm=lm, initial_trainable=trainable)
@@ -523,8 +523,8 @@ def run_sft(args) -> int:
 # export
 
 def run_export(args) -> int:
-  from jax_nlu_ppo import export
-  from jax_nlu_ppo import runs
+  from jax_nlu_ppo.runs import export
+  from jax_nlu_ppo.runs import reader as runs
   start = time.perf_counter()
   run = runs.load_run(args.run_path)
   log.info("read %s at step %d", args.run_path, run.step)
@@ -543,8 +543,8 @@ def run_export(args) -> int:
 
 def _load_model(path: str, dtype: str, gguf_file: str | None, batch_size: int = 32):
   """A model by name or path; a run folder or checkpoint gives its trained policy."""
-  from jax_nlu_ppo import pretrained
-  from jax_nlu_ppo import runs
+  from jax_nlu_ppo.model import pretrained
+  from jax_nlu_ppo.runs import reader as runs
   candidate = pathlib.Path(path)
   if (candidate / "checkpoints").is_dir() or candidate.parent.name == "checkpoints":
     run = runs.load_run(candidate)
@@ -560,8 +560,8 @@ def _load_model(path: str, dtype: str, gguf_file: str | None, batch_size: int = 
 
 def run_perplexity(args) -> int:
   import json
-  from jax_nlu_ppo import perplexity as perplexity_lib
-  from jax_nlu_ppo import tasks as tasks_lib
+  from jax_nlu_ppo.nlu import perplexity as perplexity_lib
+  from jax_nlu_ppo.nlu import tasks as tasks_lib
 
   if args.text:
     texts, source = perplexity_lib.read_texts(args.text), args.text
@@ -590,14 +590,14 @@ def run_perplexity(args) -> int:
 # report
 
 def run_report(args) -> int:
-  from jax_nlu_ppo import report
+  from jax_nlu_ppo.tools import report
   path = report.write_report(args.runs, args.output)
   print(f"wrote {path} and {path.with_name(report.PLOT_FILE)}")
   return 0
 
 
 def run_bench(args) -> int:
-  from jax_nlu_ppo import bench
+  from jax_nlu_ppo.tools import bench
   workload = bench.Workload(args.batch, args.prompt_len, args.new_tokens, args.minibatch,
                             args.rank, args.dtype, args.remat, args.prompts,
                             not args.no_shared_prefix, args.sort)
@@ -625,7 +625,7 @@ def run_plan(args) -> int:
                              f" --xla_force_host_platform_device_count={devices}")
   os.environ["JAX_PLATFORMS"] = "cpu"
   import jax
-  from jax_nlu_ppo import memory_plan
+  from jax_nlu_ppo.tools import memory_plan
   from jax_nlu_ppo import sharding
   if jax.device_count() != devices:
     raise ValueError(f"JAX already started with {jax.device_count()} devices; run plan in a "
@@ -644,8 +644,8 @@ def run_plan(args) -> int:
 
 def _plan_model_config(spec: str | None, config):
   """(LlamaConfig, name) from --model-config, a preset matching model.name, or its config."""
-  from jax_nlu_ppo import pretrained
-  from jax_nlu_ppo.llama_config import LlamaConfig
+  from jax_nlu_ppo.model import pretrained
+  from jax_nlu_ppo.model.llama_config import LlamaConfig
   spec = spec or HUB_PRESETS.get(config.model.name)
   if spec is None:
     return pretrained.resolve(config.model.name, config.model.gguf_file).config, config.model.name

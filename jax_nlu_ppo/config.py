@@ -15,14 +15,14 @@ from typing import Any
 
 import yaml
 
-from jax_nlu_ppo import answer
+from jax_nlu_ppo.nlu import answer
 from jax_nlu_ppo import checkpoint as checkpoint_lib
-from jax_nlu_ppo import data as data_lib
-from jax_nlu_ppo import lora as lora_lib
-from jax_nlu_ppo import model as model_lib
-from jax_nlu_ppo import ppo as ppo_lib
+from jax_nlu_ppo.nlu import data as data_lib
+from jax_nlu_ppo.model import lora as lora_lib
+from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.rl import ppo as ppo_lib
 from jax_nlu_ppo import sharding as sharding_lib
-from jax_nlu_ppo import tasks as tasks_lib
+from jax_nlu_ppo.nlu import tasks as tasks_lib
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 import jax_nlu_ppo
-from jax_nlu_ppo import bench, pretrained, sampling
+from jax_nlu_ppo.tools import bench
+from jax_nlu_ppo.model import pretrained, sampling
 
 def timed(fn, repeats: int) -> tuple[float, float]:
   """(first-call seconds, median of the next `repeats` calls)."""

@@ -17,10 +17,10 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from jax_nlu_ppo import data as data_lib  # noqa: E402
-from jax_nlu_ppo import evaluate as evaluate_lib  # noqa: E402
-from jax_nlu_ppo import pretrained  # noqa: E402
-from jax_nlu_ppo import tasks as tasks_lib  # noqa: E402
+from jax_nlu_ppo.nlu import data as data_lib  # noqa: E402
+from jax_nlu_ppo.nlu import evaluate as evaluate_lib  # noqa: E402
+from jax_nlu_ppo.model import pretrained  # noqa: E402
+from jax_nlu_ppo.nlu import tasks as tasks_lib  # noqa: E402
 
 LMBFF = "subsets/lmbff_k-shot_16-42_"
 # (task, eval split, preferred shot split); the shot split falls back to the LM-BFF sample.

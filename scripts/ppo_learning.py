@@ -20,9 +20,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jax_nlu_ppo import run_loop  # noqa: E402
+from jax_nlu_ppo.rl import run_loop  # noqa: E402
 from jax_nlu_ppo.config import load_config  # noqa: E402
-from jax_nlu_ppo.trainer import PPOTrainer, format_metrics  # noqa: E402
+from jax_nlu_ppo.rl.trainer import PPOTrainer, format_metrics  # noqa: E402
 
 PHASES = ("time/rollout", "time/reward", "time/experience", "time/update", "time/step")
 

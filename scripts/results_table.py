@@ -18,7 +18,8 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jax_nlu_ppo import metrics, run_loop, tasks  # noqa: E402
+from jax_nlu_ppo.nlu import metrics, tasks
+from jax_nlu_ppo.rl import run_loop  # noqa: E402
 
 METHODS = ("zero-shot", "4-shot", "SFT", "PPO", "PPO multi-task")
 WALL_TIMES = "wall_times.tsv"

@@ -22,12 +22,12 @@ import jax
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jax_nlu_ppo import data as data_lib  # noqa: E402
-from jax_nlu_ppo import perplexity as perplexity_lib  # noqa: E402
-from jax_nlu_ppo import tasks as tasks_lib  # noqa: E402
-from jax_nlu_ppo import run_loop  # noqa: E402
+from jax_nlu_ppo.nlu import data as data_lib  # noqa: E402
+from jax_nlu_ppo.nlu import perplexity as perplexity_lib  # noqa: E402
+from jax_nlu_ppo.nlu import tasks as tasks_lib  # noqa: E402
+from jax_nlu_ppo.rl import run_loop  # noqa: E402
 from jax_nlu_ppo.config import load_config  # noqa: E402
-from jax_nlu_ppo.sft import SFTConfig, SFTTrainer, format_metrics  # noqa: E402
+from jax_nlu_ppo.rl.sft import SFTConfig, SFTTrainer, format_metrics  # noqa: E402
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 

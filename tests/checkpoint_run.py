@@ -10,9 +10,11 @@ import time
 
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import config as config_lib
-from jax_nlu_ppo import answer, lora, ppo, pretrained, tasks
-from jax_nlu_ppo import trainer as trainer_lib
-from jax_nlu_ppo.llama_config import LlamaConfig
+from jax_nlu_ppo.nlu import answer, tasks
+from jax_nlu_ppo.model import lora, pretrained
+from jax_nlu_ppo.rl import ppo
+from jax_nlu_ppo.rl import trainer as trainer_lib
+from jax_nlu_ppo.model.llama_config import LlamaConfig
 from tests.test_ppo_core import random_llama, tiny_chat_tokenizer
 
 SENTENCES = ["a gorgeous, witty film", "dull and far too long", "the cast is superb",

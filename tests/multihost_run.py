@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from jax_nlu_ppo import checkpoint as checkpoint_lib  # noqa: E402
 from jax_nlu_ppo import distributed  # noqa: E402
-from jax_nlu_ppo import trainer as trainer_lib  # noqa: E402
+from jax_nlu_ppo.rl import trainer as trainer_lib  # noqa: E402
 from tests.sharded_ppo_run import EXAMPLES, make_config, tiny_lm  # noqa: E402
 
 

@@ -17,10 +17,13 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jax_nlu_ppo import answer, lora, ppo, pretrained, sft, sharding, tasks  # noqa: E402
+from jax_nlu_ppo.nlu import answer, tasks
+from jax_nlu_ppo.model import lora, pretrained
+from jax_nlu_ppo.rl import ppo, sft
+from jax_nlu_ppo import sharding  # noqa: E402
 from jax_nlu_ppo import config as config_lib  # noqa: E402
-from jax_nlu_ppo import trainer as trainer_lib  # noqa: E402
-from jax_nlu_ppo.llama_config import LlamaConfig  # noqa: E402
+from jax_nlu_ppo.rl import trainer as trainer_lib  # noqa: E402
+from jax_nlu_ppo.model.llama_config import LlamaConfig  # noqa: E402
 from tests.test_ppo_core import random_llama, tiny_chat_tokenizer  # noqa: E402
 
 SENTENCES = ["a gorgeous, witty film", "dull and far too long", "the cast is superb",

@@ -4,8 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from jax_nlu_ppo import answer
-from jax_nlu_ppo import tasks
+from jax_nlu_ppo.nlu import answer
+from jax_nlu_ppo.nlu import tasks
 
 YES_NO = answer.ExtractionRule(label_words=("Yes", "No"))  # label 0 = Yes, as in RTE / QNLI
 SENTIMENT = answer.ExtractionRule(label_words=("Negative", "Positive"))

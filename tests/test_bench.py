@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_nlu_ppo import bench
-from jax_nlu_ppo import model as model_lib
-from jax_nlu_ppo import pretrained
-from jax_nlu_ppo import prompt_layout
-from jax_nlu_ppo.prompt_layout import PromptLayout
-from jax_nlu_ppo.llama_config import LlamaConfig
+from jax_nlu_ppo.tools import bench
+from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.model import pretrained
+from jax_nlu_ppo.model import prompts as prompt_layout
+from jax_nlu_ppo.model.prompts import PromptLayout
+from jax_nlu_ppo.model.llama_config import LlamaConfig
 from tests.test_ppo_core import random_llama
 
 # Wide enough that matmuls dominate XLA's count, as they do in real models.
@@ -85,7 +85,7 @@ def test_torch_side_runs_a_random_weight_model_without_a_tokenizer():
   """The PyTorch side as `--preset` runs it: our export carries the random weights over, the
   prompts are random ids, and there is no TRL step (it needs a tokenizer)."""
   pytest.importorskip("peft")
-  from jax_nlu_ppo import bench_torch
+  from jax_nlu_ppo.tools import bench_torch
   lm = pretrained.LanguageModel(CONFIG, *random_llama(CONFIG))
   w = bench.Workload(batch=4, prompt_len=8, new_tokens=4, minibatch=2)
   out = bench_torch.run(lm, w, iterations=1, trl=False, progress=lambda _: None)
@@ -114,7 +114,7 @@ def test_a_tokenizer_folder_loads_without_its_model(tmp_path):
 def test_task_prompts_run_their_shared_start_once(glue_dir):
   """`--prompts task`: the trainer's SST-2 chat prompts, laid out [shared start | padding | rest],
   through the same steps (a tiny tokenizer: its unknown words do not matter for speed)."""
-  from jax_nlu_ppo import tasks
+  from jax_nlu_ppo.nlu import tasks
   from tests.test_ppo_core import tiny_chat_tokenizer
   task = tasks.get_task("sst2")
   example = {"sentence": "a film", "label": 1, "idx": 0}

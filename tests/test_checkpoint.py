@@ -22,7 +22,8 @@ import pytest
 from flax import nnx
 
 from jax_nlu_ppo import checkpoint as checkpoint_lib
-from jax_nlu_ppo import lora, sft
+from jax_nlu_ppo.model import lora
+from jax_nlu_ppo.rl import sft
 from tests import checkpoint_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -247,7 +248,7 @@ def test_sft_resumes_exactly(tmp_path, lm):
 
 
 def test_stop_signal_sets_a_flag_and_restores_the_handlers():
-  from jax_nlu_ppo import run_loop
+  from jax_nlu_ppo.rl import run_loop
   before = signal.getsignal(signal.SIGINT)
   with run_loop.StopSignal() as stop:
     assert not stop.reached(1)

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from jax_nlu_ppo import cli
-from jax_nlu_ppo import tasks
+from jax_nlu_ppo.nlu import tasks
 from tests import tiny_hf
 from tests.test_ppo_core import tiny_chat_tokenizer
 
@@ -80,7 +80,7 @@ def test_train_eval_export_report(workspace, capsys):
 
 def test_shipped_sft_configs_load():
   from jax_nlu_ppo import config as config_lib
-  from jax_nlu_ppo import sft
+  from jax_nlu_ppo.rl import sft
   for name in ("sst2_cpu", "llama2_7b_sst2"):
     config = config_lib.load_config(ROOT / f"configs/sft/{name}.yaml", cls=sft.SFTConfig)
     assert config.data.task == config.eval_data.task == "sst2"
@@ -93,7 +93,7 @@ def test_cpu_comparison_configs_give_sft_and_ppo_the_same_examples():
   """docs/results.md's budgets: per task, SFT and PPO see as many training examples and are
   scored on the same dev rows."""
   from jax_nlu_ppo import config as config_lib
-  from jax_nlu_ppo import sft
+  from jax_nlu_ppo.rl import sft
   for task, examples in (("sst2", 480), ("rte", 320), ("mrpc", 320)):
     ppo = config_lib.load_config(ROOT / f"configs/demo/{task}_cpu.yaml")
     tuned = config_lib.load_config(ROOT / f"configs/sft/{task}_cpu.yaml", cls=sft.SFTConfig)

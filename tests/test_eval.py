@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from jax_nlu_ppo import cli
-from jax_nlu_ppo import data
-from jax_nlu_ppo import evaluate
-from jax_nlu_ppo import task_files
-from jax_nlu_ppo import tasks
+from jax_nlu_ppo.nlu import data
+from jax_nlu_ppo.nlu import evaluate
+from jax_nlu_ppo.nlu import task_files
+from jax_nlu_ppo.nlu import tasks
 
 REVIEWS_YAML = """
 name: toy-reviews

@@ -18,11 +18,11 @@ import transformers
 from flax import nnx
 
 import jax_nlu_ppo
-from jax_nlu_ppo import export
-from jax_nlu_ppo import lora as lora_lib
-from jax_nlu_ppo import model as model_lib
-from jax_nlu_ppo import policy as policy_lib
-from jax_nlu_ppo import weights as weights_lib
+from jax_nlu_ppo.runs import export
+from jax_nlu_ppo.model import lora as lora_lib
+from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.rl import policy as policy_lib
+from jax_nlu_ppo.model import weights as weights_lib
 from tests import tiny_hf
 from tests.test_model_parity import max_rel_diff
 from tests.test_ppo_core import assert_trees_equal, randomized

@@ -6,7 +6,8 @@ import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from jax_nlu_ppo import LlamaConfig, RopeScaling, pretrained
+from jax_nlu_ppo import LlamaConfig, RopeScaling
+from jax_nlu_ppo.model import pretrained
 
 
 def _count(tree):

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from jax_nlu_ppo import config as config_lib
-from jax_nlu_ppo import memory_plan
+from jax_nlu_ppo.tools import memory_plan
 from jax_nlu_ppo import sharding
-from jax_nlu_ppo.llama_config import LlamaConfig
+from jax_nlu_ppo.model.llama_config import LlamaConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from jax_nlu_ppo import metrics
+from jax_nlu_ppo.nlu import metrics
 
 
 def _random_classes(rng, n, k, unparsed_p=0.0):

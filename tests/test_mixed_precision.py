@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_nlu_ppo import matmul_rates
-from jax_nlu_ppo import model as model_lib
-from jax_nlu_ppo import policy as policy_lib
-from jax_nlu_ppo import pretrained
+from jax_nlu_ppo.tools import matmul_rates
+from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.rl import policy as policy_lib
+from jax_nlu_ppo.model import pretrained
 
 # (equation, x shape, w shape): the model's projections and the tied vocabulary projection.
 EQUATIONS = [

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import jax_nlu_ppo
-from jax_nlu_ppo import sampling
+from jax_nlu_ppo.model import sampling
 from tests import tiny_hf
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jax_nlu_ppo import op_profile
+from jax_nlu_ppo.tools import op_profile
 
 
 def test_op_times_finds_the_matmul_and_names_it(tmp_path):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import jax_nlu_ppo
-from jax_nlu_ppo import lm_loss
-from jax_nlu_ppo import perplexity as perplexity_lib
-from jax_nlu_ppo import prompt_layout
+from jax_nlu_ppo.model import lm_loss
+from jax_nlu_ppo.nlu import perplexity as perplexity_lib
+from jax_nlu_ppo.model import prompts as prompt_layout
 from tests import tiny_hf
 
 TEXTS = ["a", "the film is a gorgeous, witty ride", "dull",
@@ -159,7 +159,7 @@ def test_text_sources_and_their_errors(tmp_path):
 
 
 def test_glue_dev_sentences(glue_dir):
-  from jax_nlu_ppo import data
+  from jax_nlu_ppo.nlu import data
   texts = perplexity_lib.column_texts(data.load_glue_dir("sst2", "validation", glue_dir)[0],
                                       "sentence")
   assert len(texts) == 872

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_nlu_ppo import lora as lora_lib
-from jax_nlu_ppo import model as model_lib
-from jax_nlu_ppo import policy as policy_lib
-from jax_nlu_ppo import ppo
-from jax_nlu_ppo import ppo_math
-from jax_nlu_ppo import pretrained
-from jax_nlu_ppo import prompt_layout
-from jax_nlu_ppo import sampling
-from jax_nlu_ppo.llama_config import LlamaConfig
+from jax_nlu_ppo.model import lora as lora_lib
+from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.rl import policy as policy_lib
+from jax_nlu_ppo.rl import ppo
+from jax_nlu_ppo.rl import ppo_math
+from jax_nlu_ppo.model import pretrained
+from jax_nlu_ppo.model import prompts as prompt_layout
+from jax_nlu_ppo.model import sampling
+from jax_nlu_ppo.model.llama_config import LlamaConfig
 
 VOCAB = 32
 CONFIG = LlamaConfig.tiny(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, head_dim=8)
@@ -784,10 +784,10 @@ SENTENCES = ["a gorgeous, witty film", "dull and far too long", "the cast is sup
 def tiny_trainer(output_dir=None, lora_dropout: float = 0.05, sentences=SENTENCES, **rollout):
   """A `PPOTrainer` on SST-2 chat prompts and a tiny random model with a word-level tokenizer;
   `rollout`: fields of its `RolloutConfig`."""
-  from jax_nlu_ppo import answer
+  from jax_nlu_ppo.nlu import answer
   from jax_nlu_ppo import config as config_lib
-  from jax_nlu_ppo import tasks
-  from jax_nlu_ppo import trainer as trainer_lib
+  from jax_nlu_ppo.nlu import tasks
+  from jax_nlu_ppo.rl import trainer as trainer_lib
 
   task = tasks.get_task("sst2")
   examples = [{"sentence": s, "label": i % 2, "idx": i} for i, s in enumerate(sentences)]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_nlu_ppo import ppo_math as pm
+from jax_nlu_ppo.rl import ppo_math as pm
 
 RTOL, ATOL = 1e-5, 1e-6
 SHAPES = [(1, 1), (3, 7), (8, 16), (5, 33)]

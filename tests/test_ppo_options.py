@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from jax_nlu_ppo import config as config_lib
-from jax_nlu_ppo import llama_config, lora, model, policy, ppo, pretrained, sampling
+from jax_nlu_ppo.model import llama_config, lora, decoder as model, pretrained, sampling
+from jax_nlu_ppo.rl import policy, ppo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -145,7 +146,7 @@ def test_paper_preset_is_exact():
 
 
 def test_every_shipped_config_loads():
-  from jax_nlu_ppo import sft
+  from jax_nlu_ppo.rl import sft
   paths = sorted((ROOT / "configs").rglob("*.yaml"))
   assert len(paths) >= 10
   for path in paths:
@@ -172,8 +173,8 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_multi_task_trainer_rewards_each_row_by_its_own_task():
   """A mixture's rows keep their task: prompt, extraction rule, reward and metrics."""
-  from jax_nlu_ppo import answer, data, tasks
-  from jax_nlu_ppo import trainer as trainer_lib
+  from jax_nlu_ppo.nlu import answer, data, tasks
+  from jax_nlu_ppo.rl import trainer as trainer_lib
   from tests.test_ppo_core import random_llama, tiny_chat_tokenizer
 
   sst2 = [{"sentence": s, "label": i % 2, "idx": i, "task": "sst2"}
@@ -221,8 +222,8 @@ def test_mixture_config_checks_its_tasks():
 
 
 def test_training_rows_too_long_for_the_context_are_skipped_and_counted(caplog):
-  from jax_nlu_ppo import tasks
-  from jax_nlu_ppo import trainer as trainer_lib
+  from jax_nlu_ppo.nlu import tasks
+  from jax_nlu_ppo.rl import trainer as trainer_lib
   from tests.test_ppo_core import random_llama, tiny_chat_tokenizer
 
   examples = [{"sentence": "good film", "label": 1, "idx": 0},

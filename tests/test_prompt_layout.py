@@ -4,8 +4,8 @@ tested in test_ppo_core and, on meshes, in test_sharding.)"""
 import numpy as np
 import pytest
 
-from jax_nlu_ppo import prompt_layout
-from jax_nlu_ppo.prompt_layout import PromptLayout
+from jax_nlu_ppo.model import prompts as prompt_layout
+from jax_nlu_ppo.model.prompts import PromptLayout
 
 PAD = 0
 

@@ -13,8 +13,8 @@ import pytest
 
 from jax_nlu_ppo import cli
 from jax_nlu_ppo import config as config_lib
-from jax_nlu_ppo import report
-from jax_nlu_ppo import run_loop
+from jax_nlu_ppo.tools import report
+from jax_nlu_ppo.rl import run_loop
 from tests import checkpoint_run
 
 PPO_KEYS = ("env/reward_mean", "env/accuracy", "objective/kl", "loss/value", "policy/clipfrac")

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from jax_nlu_ppo import config as config_lib
-from jax_nlu_ppo import data as data_lib
-from jax_nlu_ppo import evaluate as evaluate_lib
-from jax_nlu_ppo import run_loop
+from jax_nlu_ppo.nlu import data as data_lib
+from jax_nlu_ppo.nlu import evaluate as evaluate_lib
+from jax_nlu_ppo.rl import run_loop
 
 
 class StandIn:

@@ -5,8 +5,8 @@ import pytest
 
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import cli
-from jax_nlu_ppo import export
-from jax_nlu_ppo import runs
+from jax_nlu_ppo.runs import export
+from jax_nlu_ppo.runs import reader as runs
 from tests.checkpoint_run import make_trainer, tiny_lm
 
 

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from jax_nlu_ppo import sampling
+from jax_nlu_ppo.model import sampling
 
 
 def reference_logprobs(logits, temperature, top_k, top_p):

@@ -17,10 +17,12 @@ from flax import nnx
 
 import jax_nlu_ppo
 from jax_nlu_ppo import config as config_lib
-from jax_nlu_ppo import lora as lora_lib
-from jax_nlu_ppo import policy as policy_lib
-from jax_nlu_ppo import perplexity as perplexity_lib
-from jax_nlu_ppo import ppo, pretrained, prompt_layout, sft, tasks
+from jax_nlu_ppo.model import lora as lora_lib
+from jax_nlu_ppo.rl import policy as policy_lib
+from jax_nlu_ppo.nlu import perplexity as perplexity_lib
+from jax_nlu_ppo.rl import ppo, sft
+from jax_nlu_ppo.model import pretrained, prompts as prompt_layout
+from jax_nlu_ppo.nlu import tasks
 from tests.test_perplexity import save_tiny_with_tokenizer
 from tests.test_ppo_core import assert_same_function
 
@@ -112,7 +114,7 @@ def test_only_the_gold_answer_is_a_target(tiny, fmt):
 def test_unusable_examples_are_skipped_and_named(tiny, caplog):
   lm, _ = tiny
   trainer = make_trainer(lm, [UNLABELLED, EXAMPLES[0], TOO_LONG, EXAMPLES[1]], batch_size=2)
-  with caplog.at_level(logging.WARNING, logger="jax_nlu_ppo.sft"):
+  with caplog.at_level(logging.WARNING, logger="jax_nlu_ppo.rl.sft"):
     rows = trainer.next_rows(4)
   assert len(rows) == 4 and trainer.skipped == {0, 2} and trainer.position == 8
   text = caplog.text
@@ -123,7 +125,7 @@ def test_unusable_examples_are_skipped_and_named(tiny, caplog):
 
 
 def test_mixture_rows_keep_their_task(tiny, tmp_path):
-  from jax_nlu_ppo import data
+  from jax_nlu_ppo.nlu import data
   lm, _ = tiny
   components = []
   for name, rows in (("sst2", EXAMPLES), ("rte", [RTE])):

@@ -16,8 +16,8 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo import sharding
-from jax_nlu_ppo import trainer as trainer_lib
-from jax_nlu_ppo.llama_config import LlamaConfig
+from jax_nlu_ppo.rl import trainer as trainer_lib
+from jax_nlu_ppo.model.llama_config import LlamaConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,9 +5,9 @@ import json
 import datasets
 import pytest
 
-from jax_nlu_ppo import answer
-from jax_nlu_ppo import data
-from jax_nlu_ppo import tasks
+from jax_nlu_ppo.nlu import answer
+from jax_nlu_ppo.nlu import data
+from jax_nlu_ppo.nlu import tasks
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "ax")
 

@@ -13,8 +13,9 @@ import transformers
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
 import jax_nlu_ppo
-from jax_nlu_ppo import answer, data, pretrained, tasks
-from jax_nlu_ppo.token_reward import TokenMatcher, token_labels, token_rewards
+from jax_nlu_ppo.nlu import answer, data, tasks
+from jax_nlu_ppo.model import pretrained
+from jax_nlu_ppo.rl.token_reward import TokenMatcher, token_labels, token_rewards
 
 TAG = answer.CLOSING_TAG
 TASKS = ("sst2", "rte", "mnli", "cola")

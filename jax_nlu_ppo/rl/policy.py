@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_nlu_ppo import lora as lora_lib
-from jax_nlu_ppo import model as model_lib
-from jax_nlu_ppo.prompt_layout import PromptLayout
+from jax_nlu_ppo.model import lora as lora_lib
+from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.model.prompts import PromptLayout
 
 Array = jax.Array
 

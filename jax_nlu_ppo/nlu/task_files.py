@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from jax_nlu_ppo import metrics as metrics_lib
-from jax_nlu_ppo import tasks as tasks_lib
+from jax_nlu_ppo.nlu import metrics as metrics_lib
+from jax_nlu_ppo.nlu import tasks as tasks_lib
 
 _KEYS = {"name", "instruction", "inputs", "template", "labels", "regression", "metrics",
          "case_sensitive", "data"}

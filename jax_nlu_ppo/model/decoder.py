@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_nlu_ppo import matmul_rates, sharding
-from jax_nlu_ppo.llama_config import LlamaConfig
-from jax_nlu_ppo.prompt_layout import PromptLayout
+from jax_nlu_ppo.tools import matmul_rates
+from jax_nlu_ppo import sharding
+from jax_nlu_ppo.model.llama_config import LlamaConfig
+from jax_nlu_ppo.model.prompts import PromptLayout
 
 Array = jax.Array
 # A large finite negative rather than -inf: fully masked rows (left padding) then give a uniform

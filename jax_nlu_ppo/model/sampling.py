@@ -12,8 +12,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jax_nlu_ppo import model as model_lib
-from jax_nlu_ppo.prompt_layout import PromptLayout
+from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.model.prompts import PromptLayout
 
 Array = jax.Array
 

@@ -26,7 +26,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from jax_nlu_ppo import answer
+from jax_nlu_ppo.nlu import answer
 
 OPEN_TAG = "<Judgement>"
 CLOSE_TAG = answer.CLOSING_TAG
@@ -208,7 +208,7 @@ def get_task(name: str | Task) -> Task:
   if name in TASKS:
     return TASKS[name]
   if name.endswith((".yaml", ".yml")):
-    from jax_nlu_ppo import task_files  # task_files builds on this module
+    from jax_nlu_ppo.nlu import task_files  # task_files builds on this module
     return task_files.load_task(name)
   raise KeyError(f"unknown task {name!r}; known tasks (nyu-mll/glue config names): "
                  f"{', '.join(TASKS)}, or the path of a task YAML file") from None
@@ -219,7 +219,7 @@ def format_input(task: Task, example: Mapping[str, Any]) -> str:
   missing = [c for c in task.input_columns if c not in example]
   if missing:
     raise KeyError(f"task {task.name}: example has no column {missing[0]!r} (it has "
-                   f"{sorted(example)}); normalise the data with jax_nlu_ppo.data first")
+                   f"{sorted(example)}); normalise the data with jax_nlu_ppo.nlu.data first")
   if task.input_template is not None:
     return task.input_template.format(
         **{c: str(example[c]).strip() for c in task.input_columns}).strip()

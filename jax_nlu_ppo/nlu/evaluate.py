@@ -13,9 +13,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jax_nlu_ppo import answer as answer_lib
-from jax_nlu_ppo import metrics as metrics_lib
-from jax_nlu_ppo import tasks as tasks_lib
+from jax_nlu_ppo.nlu import answer as answer_lib
+from jax_nlu_ppo.nlu import metrics as metrics_lib
+from jax_nlu_ppo.nlu import tasks as tasks_lib
 
 # prompts -> responses (greedy, for example); the model side stays outside `evaluate`.
 GenerateFn = Callable[[Sequence[Any]], list[str]]
@@ -138,7 +138,7 @@ def evaluate_model(lm, task: tasks_lib.Task | str, examples: Sequence[dict[str, 
   `max_new_tokens` in the model's context is skipped and listed in `result.skipped`, never
   silently truncated.
   """
-  from jax_nlu_ppo import pretrained  # the model side; the scoring above needs no JAX
+  from jax_nlu_ppo.model import pretrained  # the model side; the scoring above needs no JAX
 
   task = tasks_lib.get_task(task)
   unlabelled = [ex.get("idx", i) for i, ex in enumerate(examples) if ex["label"] == -1]

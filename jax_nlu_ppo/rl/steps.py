@@ -13,11 +13,11 @@ import jax
 import numpy as np
 import optax
 
-from jax_nlu_ppo import ppo as ppo_lib
-from jax_nlu_ppo import sampling as sampling_lib
+from jax_nlu_ppo.rl import ppo as ppo_lib
+from jax_nlu_ppo.model import sampling as sampling_lib
 from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo.config import TrainConfig
-from jax_nlu_ppo.prompt_layout import PromptLayout
+from jax_nlu_ppo.model.prompts import PromptLayout
 
 
 @dataclasses.dataclass(frozen=True)

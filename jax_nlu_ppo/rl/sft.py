@@ -29,19 +29,19 @@ import optax
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import compiles
 from jax_nlu_ppo import config as config_lib
-from jax_nlu_ppo import data as data_lib
+from jax_nlu_ppo.nlu import data as data_lib
 from jax_nlu_ppo import distributed
-from jax_nlu_ppo import evaluate as evaluate_lib
-from jax_nlu_ppo import lm_loss
-from jax_nlu_ppo import lora as lora_lib
-from jax_nlu_ppo import model as model_lib
-from jax_nlu_ppo import policy as policy_lib
-from jax_nlu_ppo import ppo as ppo_lib
-from jax_nlu_ppo import pretrained
-from jax_nlu_ppo import prompt_layout
-from jax_nlu_ppo import run_loop
+from jax_nlu_ppo.nlu import evaluate as evaluate_lib
+from jax_nlu_ppo.model import lm_loss
+from jax_nlu_ppo.model import lora as lora_lib
+from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.rl import policy as policy_lib
+from jax_nlu_ppo.rl import ppo as ppo_lib
+from jax_nlu_ppo.model import pretrained
+from jax_nlu_ppo.model import prompts as prompt_layout
+from jax_nlu_ppo.rl import run_loop
 from jax_nlu_ppo import sharding as sharding_lib
-from jax_nlu_ppo import tasks as tasks_lib
+from jax_nlu_ppo.nlu import tasks as tasks_lib
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_nlu_ppo import model as model_lib
+from jax_nlu_ppo.model import decoder as model_lib
 
 Array = jax.Array
 

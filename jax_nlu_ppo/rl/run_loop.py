@@ -20,10 +20,10 @@ from jax.experimental import multihost_utils
 
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import config as config_lib
-from jax_nlu_ppo import data as data_lib
-from jax_nlu_ppo import evaluate as evaluate_lib
-from jax_nlu_ppo import policy as policy_lib
-from jax_nlu_ppo import pretrained
+from jax_nlu_ppo.nlu import data as data_lib
+from jax_nlu_ppo.nlu import evaluate as evaluate_lib
+from jax_nlu_ppo.rl import policy as policy_lib
+from jax_nlu_ppo.model import pretrained
 
 log = logging.getLogger(__name__)
 

@@ -35,21 +35,21 @@ import numpy as np
 from flax import nnx
 
 from jax_nlu_ppo import compiles
-from jax_nlu_ppo import matmul_rates
-from jax_nlu_ppo import op_profile
+from jax_nlu_ppo.tools import matmul_rates
+from jax_nlu_ppo.tools import op_profile
 from jax_nlu_ppo import config as config_lib
-from jax_nlu_ppo import model as model_lib
-from jax_nlu_ppo import policy as policy_lib
-from jax_nlu_ppo import ppo as ppo_lib
-from jax_nlu_ppo import ppo_steps
-from jax_nlu_ppo import pretrained
-from jax_nlu_ppo import prompt_layout
+from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.rl import policy as policy_lib
+from jax_nlu_ppo.rl import ppo as ppo_lib
+from jax_nlu_ppo.rl import steps as ppo_steps
+from jax_nlu_ppo.model import pretrained
+from jax_nlu_ppo.model import prompts as prompt_layout
 from jax_nlu_ppo import sharding as sharding_lib
-from jax_nlu_ppo.llama_config import LlamaConfig
-from jax_nlu_ppo.prompt_layout import PromptLayout
+from jax_nlu_ppo.model.llama_config import LlamaConfig
+from jax_nlu_ppo.model.prompts import PromptLayout
 
 # Beside this checkout (../shared/data), or from where the command runs.
-SST2_DEV = [pathlib.Path(__file__).resolve().parents[2] / "shared/data/glue/SST-2/dev.tsv",
+SST2_DEV = [pathlib.Path(__file__).resolve().parents[3] / "shared/data/glue/SST-2/dev.tsv",
             pathlib.Path("../shared/data/glue/SST-2/dev.tsv")]
 PHASES = ("rollout", "experience", "update", "iteration")
 
@@ -125,7 +125,7 @@ def prompt_rows(tokenizer, w: Workload, vocab_size: int) -> list[list[int]]:
   if tokenizer is None or dev is None:
     raise ValueError("prompts='task' needs the model's tokenizer (not a --preset) and the "
                      f"SST-2 dev set at {SST2_DEV[0]}")
-  from jax_nlu_ppo import data, tasks
+  from jax_nlu_ppo.nlu import data, tasks
   rows, _ = data.load_glue_dir("sst2", "validation", dev.parents[1])
   task = tasks.get_task("sst2")
   return [pretrained.render_prompt(tokenizer, tasks.build_prompt(task, rows[i], "chat"), True)
@@ -146,7 +146,7 @@ def prompt_ids(tokenizer, batch: int, length: int, vocab_size: int) -> np.ndarra
 
 def random_model(preset: str, dtype: str) -> pretrained.LanguageModel:
   """A preset's shape with random weights: speed does not depend on the weights' values."""
-  from jax_nlu_ppo.model import Llama
+  from jax_nlu_ppo.model.decoder import Llama
   config = getattr(LlamaConfig, preset)()
   jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
   graphdef, params = nnx.split(jax.jit(lambda: Llama(config, dtype=jdtype, param_dtype=jdtype,
@@ -289,7 +289,7 @@ def run(model: str = pretrained.DEFAULT_MODEL, preset: str | None = None,
       "iteration_s": ours["median_s"]["iteration"],
       "recompilations_after_first_iteration": ours["recompilations_after_first_iteration"]}
   if torch_side:
-    from jax_nlu_ppo import bench_torch
+    from jax_nlu_ppo.tools import bench_torch
     if trl and lm.tokenizer is None:
       progress("no TRL step: GRPOTrainer needs a tokenizer, which a --preset's random weights "
                "do not have")

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_nlu_ppo import answer
-from jax_nlu_ppo import tasks as tasks_lib
+from jax_nlu_ppo.nlu import answer
+from jax_nlu_ppo.nlu import tasks as tasks_lib
 
 # Fills the byte buffer past a response's end: equal to no pattern byte, and no UTF-8 byte.
 _NO_BYTE = 256

@@ -12,7 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jax_nlu_ppo import ppo_math
+from jax_nlu_ppo.rl import ppo_math
 
 Array = jax.Array
 

@@ -30,7 +30,7 @@ import datasets
 import numpy as np
 import pyarrow.parquet as pq
 
-from jax_nlu_ppo import tasks as tasks_lib
+from jax_nlu_ppo.nlu import tasks as tasks_lib
 
 HUB_NAME = "nyu-mll/glue"
 

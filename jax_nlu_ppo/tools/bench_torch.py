@@ -33,10 +33,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jax_nlu_ppo import bench
-from jax_nlu_ppo import export
-from jax_nlu_ppo import pretrained
-from jax_nlu_ppo import prompt_layout
+from jax_nlu_ppo.tools import bench
+from jax_nlu_ppo.runs import export
+from jax_nlu_ppo.model import pretrained
+from jax_nlu_ppo.model import prompts as prompt_layout
 
 
 def plain_folder(lm: pretrained.LanguageModel, folder: str, dtype: str = "float32") -> str:

@@ -13,8 +13,8 @@ import orbax.checkpoint as ocp
 
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import config as config_lib
-from jax_nlu_ppo import pretrained
-from jax_nlu_ppo import run_loop
+from jax_nlu_ppo.model import pretrained
+from jax_nlu_ppo.rl import run_loop
 
 
 @dataclasses.dataclass
@@ -50,8 +50,8 @@ def load_run(path: str | pathlib.Path, lm: pretrained.LanguageModel | None = Non
   The base is loaded as the run's config names it unless `lm` is given; the checkpoint's
   description of the base must match it (else `CheckpointMismatchError`).
   """
-  from jax_nlu_ppo import sft
-  from jax_nlu_ppo import trainer as trainer_lib
+  from jax_nlu_ppo.rl import sft
+  from jax_nlu_ppo.rl import trainer as trainer_lib
 
   path = pathlib.Path(path)
   if not path.exists():

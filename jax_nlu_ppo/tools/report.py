@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 
 from jax_nlu_ppo import checkpoint as checkpoint_lib
-from jax_nlu_ppo import run_loop
+from jax_nlu_ppo.rl import run_loop
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jax_nlu_ppo import lm_loss
-from jax_nlu_ppo import model as model_lib
-from jax_nlu_ppo import pretrained
-from jax_nlu_ppo import prompt_layout
+from jax_nlu_ppo.model import lm_loss
+from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.model import pretrained
+from jax_nlu_ppo.model import prompts as prompt_layout
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jax_nlu_ppo import policy as policy_lib
-from jax_nlu_ppo import ppo_math
-from jax_nlu_ppo import sampling as sampling_lib
-from jax_nlu_ppo.prompt_layout import PromptLayout
+from jax_nlu_ppo.rl import policy as policy_lib
+from jax_nlu_ppo.rl import ppo_math
+from jax_nlu_ppo.model import sampling as sampling_lib
+from jax_nlu_ppo.model.prompts import PromptLayout
 
 Array = jax.Array
 

@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_nlu_ppo import model as model_lib
-from jax_nlu_ppo import policy as policy_lib
-from jax_nlu_ppo import ppo as ppo_lib
-from jax_nlu_ppo import ppo_steps
+from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.rl import policy as policy_lib
+from jax_nlu_ppo.rl import ppo as ppo_lib
+from jax_nlu_ppo.rl import steps as ppo_steps
 from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo.config import TrainConfig
-from jax_nlu_ppo.llama_config import LlamaConfig
+from jax_nlu_ppo.model.llama_config import LlamaConfig
 
 GiB = 1024 ** 3
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

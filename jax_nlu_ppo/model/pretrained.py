@@ -16,13 +16,13 @@ import numpy as np
 from flax import nnx
 
 from jax_nlu_ppo import distributed
-from jax_nlu_ppo import matmul_rates
-from jax_nlu_ppo import prompt_layout
-from jax_nlu_ppo import model as model_lib
-from jax_nlu_ppo import sampling as sampling_lib
+from jax_nlu_ppo.tools import matmul_rates
+from jax_nlu_ppo.model import prompts as prompt_layout
+from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.model import sampling as sampling_lib
 from jax_nlu_ppo import sharding as sharding_lib
-from jax_nlu_ppo import weights as weights_lib
-from jax_nlu_ppo.llama_config import LlamaConfig
+from jax_nlu_ppo.model import weights as weights_lib
+from jax_nlu_ppo.model.llama_config import LlamaConfig
 
 log = logging.getLogger(__name__)
 

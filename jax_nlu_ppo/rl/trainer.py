@@ -13,22 +13,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_nlu_ppo import answer as answer_lib
+from jax_nlu_ppo.nlu import answer as answer_lib
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import compiles
-from jax_nlu_ppo import data as data_lib
+from jax_nlu_ppo.nlu import data as data_lib
 from jax_nlu_ppo import distributed
-from jax_nlu_ppo import evaluate as evaluate_lib
-from jax_nlu_ppo import policy as policy_lib
-from jax_nlu_ppo import ppo as ppo_lib
-from jax_nlu_ppo import ppo_math
-from jax_nlu_ppo import ppo_steps
-from jax_nlu_ppo import pretrained
-from jax_nlu_ppo import prompt_layout
-from jax_nlu_ppo import run_loop
+from jax_nlu_ppo.nlu import evaluate as evaluate_lib
+from jax_nlu_ppo.rl import policy as policy_lib
+from jax_nlu_ppo.rl import ppo as ppo_lib
+from jax_nlu_ppo.rl import ppo_math
+from jax_nlu_ppo.rl import steps as ppo_steps
+from jax_nlu_ppo.model import pretrained
+from jax_nlu_ppo.model import prompts as prompt_layout
+from jax_nlu_ppo.rl import run_loop
 from jax_nlu_ppo import sharding as sharding_lib
-from jax_nlu_ppo import tasks as tasks_lib
-from jax_nlu_ppo import token_reward
+from jax_nlu_ppo.nlu import tasks as tasks_lib
+from jax_nlu_ppo.rl import token_reward
 from jax_nlu_ppo.config import TrainConfig
 
 log = logging.getLogger(__name__)

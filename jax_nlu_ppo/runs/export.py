@@ -30,10 +30,10 @@ from huggingface_hub import split_state_dict_into_shards_factory
 import numpy as np
 from flax import nnx
 
-from jax_nlu_ppo import lora as lora_lib
-from jax_nlu_ppo import policy as policy_lib
-from jax_nlu_ppo import weights as weights_lib
-from jax_nlu_ppo.llama_config import LlamaConfig
+from jax_nlu_ppo.model import lora as lora_lib
+from jax_nlu_ppo.rl import policy as policy_lib
+from jax_nlu_ppo.model import weights as weights_lib
+from jax_nlu_ppo.model.llama_config import LlamaConfig
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from jax_nlu_ppo import sharding as sharding_lib
-from jax_nlu_ppo.llama_config import LlamaConfig
+from jax_nlu_ppo.model.llama_config import LlamaConfig
 
 
 class CheckpointError(ValueError):

@@ -1,0 +1,1 @@
+"""The LLaMA decoder, its adapters, prompts and generation, and loading pretrained weights."""
