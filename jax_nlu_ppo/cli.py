@@ -6,6 +6,9 @@
     jax-nlu-ppo sft --config configs/sft/sst2_cpu.yaml --output-dir runs/sft_sst2
     jax-nlu-ppo perplexity --task sst2 --data ../shared/data/glue --limit 200
     jax-nlu-ppo report runs/ppo_sst2 runs/sft_sst2 --output reports/sst2
+
+Each command parses its options and calls one library function; what the command shows while it
+runs (progress bars or log lines, tables) and the files it writes stay here.
 """
 from __future__ import annotations
 
@@ -14,12 +17,14 @@ import logging
 import pathlib
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
+
+from jax_nlu_ppo.model.llama_config import MODEL_PRESETS
+
+# Commands import the library when they run: `--help` and a light command skip datasets, orbax
+# and torch.
 
 log = logging.getLogger("jax_nlu_ppo")
-
-# The evaluation split of each GLUE task (`nyu-mll/glue` names; AX has only its test split).
-DEFAULT_EVAL_SPLIT = {"mnli": "validation_matched", "ax": "test"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,10 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       datefmt="%H:%M:%S")
   log.setLevel(logging.INFO)
   from jax_nlu_ppo import checkpoint as checkpoint_lib
+  from jax_nlu_ppo import compiles
   from jax_nlu_ppo import config as config_lib
   from jax_nlu_ppo.nlu import data as data_lib
   from jax_nlu_ppo.nlu import task_files
-  _use_compile_cache(args.compile_cache)
+  compiles.configure_cache(args.compile_cache)
   try:
     return args.run(args)
   except (config_lib.ConfigError, data_lib.DataError, task_files.TaskFileError, KeyError,
@@ -49,7 +55,72 @@ def _parser() -> argparse.ArgumentParser:
       prog="jax-nlu-ppo",
       description="PPO with LoRA for natural-language understanding on LLaMA-family models.")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  for add_parser in (_add_eval_parser, _add_train_parser, _add_sft_parser,
+                     _add_perplexity_parser, _add_export_parser, _add_report_parser,
+                     _add_plan_parser, _add_bench_parser):
+    add_parser(commands)
+  for command in commands.choices.values():
+    command.add_argument(
+        "--compile-cache", default=None, metavar="DIR",
+        help="keep compiled programs in DIR so that the next run with the same shapes skips "
+        "compiling; 'off' to compile afresh (default: $JAX_NLU_PPO_COMPILE_CACHE, else "
+        "$JAX_COMPILATION_CACHE_DIR, else a folder under ~/.cache/jax_nlu_ppo)")
+  return parser
 
+
+def _distributed_arguments(parser: argparse.ArgumentParser) -> None:
+  group = parser.add_argument_group(
+      "several processes", "Run the same command on every host. Cloud TPU pod slices (and SLURM "
+      "/ Open MPI jobs) are joined automatically; elsewhere give all three.")
+  group.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                     help="process 0's address, the same on every process")
+  group.add_argument("--num-processes", type=int, default=None, help="how many processes")
+  group.add_argument("--process-id", type=int, default=None, help="this process's id, 0..N-1")
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--model", default="smollm2-135m-instruct",
+                      help="embedded model name, Hugging Face folder, .gguf file, hub id, or a "
+                      "run folder / checkpoint of train or sft (default: %(default)s)")
+  parser.add_argument("--gguf-file",
+                      help="with a folder or hub id: which GGUF file in it to read")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="parameter and activation dtype (default: %(default)s)")
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--config", default=None,
+                      help="YAML config (see configs/); defaults apply to what it leaves out")
+  parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="dotted overrides, e.g. --set ppo.kl.target=6 lora.rank=16")
+  parser.add_argument("--output-dir", default=None,
+                      help="the run folder (overrides output_dir in the config); a folder "
+                      "holding checkpoints continues from the latest one")
+  parser.add_argument("--init-adapter", default=None, metavar="PEFT_DIR",
+                      help="start from this PEFT adapter (e.g. exported after SFT); its LoRA "
+                      "settings must match the config's, and it becomes the KL reference")
+
+
+def _load_config(args, cls):
+  from jax_nlu_ppo import config as config_lib
+  overrides = list(args.set)
+  if args.output_dir:
+    overrides.append(f"output_dir={args.output_dir}")
+  return config_lib.load_config(args.config, overrides, cls=cls)
+
+
+def _model_loader(args, batch_size: int = 32):
+  """Loads --model when called, once the command has read its data: a bad path fails first."""
+  def load():
+    from jax_nlu_ppo.runs import reader
+    return reader.load_model(args.model, args.dtype, args.gguf_file, batch_size)
+  return load
+
+
+# ------------------------------------------------------------------------------------------------
+# eval
+
+def _add_eval_parser(commands) -> None:
   ev = commands.add_parser(
       "eval", help="zero-shot / k-shot evaluation of a model on GLUE or custom tasks",
       description="Generate answers (greedy), extract the labels, score with each task's "
@@ -104,253 +175,25 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument("--output", default=None, help="write the results JSON here")
   ev.set_defaults(run=run_eval)
 
-  tr = commands.add_parser(
-      "train", help="PPO training from a YAML config",
-      description="PPO with LoRA on a frozen base: rollout, reward, experience, updates. "
-      "Metrics go to OUTPUT_DIR/metrics.jsonl when output_dir is set.")
-  _config_arguments(tr)
-  _distributed_arguments(tr)
-  tr.set_defaults(run=run_train)
 
-  sf = commands.add_parser(
-      "sft", help="supervised fine-tuning (the paper's SFT baseline) from a YAML config",
-      description="LoRA on a frozen base, cross-entropy on the gold answer's tokens only, with "
-      "the same prompts as PPO (see configs/sft/). Metrics go to OUTPUT_DIR/metrics.jsonl.")
-  _config_arguments(sf)
-  sf.set_defaults(run=run_sft)
-
-  pp = commands.add_parser(
-      "perplexity", help="perplexity of a model on a text file or a dataset column",
-      description="Corpus perplexity exp(total NLL / predicted tokens) of a model on held-out "
-      "text: one text a line of --text, or a column of a task's split.")
-  _model_arguments(pp)
-  source = pp.add_mutually_exclusive_group(required=True)
-  source.add_argument("--text", help="a UTF-8 text file, one text a line")
-  source.add_argument("--task", help="a GLUE task or custom task YAML whose split's text to use")
-  pp.add_argument("--data", default=None, help="with --task: where the data is (as for eval)")
-  pp.add_argument("--split", default=None, help="with --task: the split (default: as for eval)")
-  pp.add_argument("--column", default=None,
-                  help="with --task: the text column (default: the task's first input)")
-  pp.add_argument("--limit", type=int, default=None, help="use the first N texts")
-  pp.add_argument("--max-length", type=int, default=None,
-                  help="truncate texts to this many tokens (default: the model's context)")
-  pp.add_argument("--batch-size", type=int, default=32,
-                  help="texts per forward pass (default: %(default)s)")
-  pp.add_argument("--output", default=None, help="write the result JSON here")
-  pp.set_defaults(run=run_perplexity)
-
-  ex = commands.add_parser(
-      "export", help="write a run's model as a Hugging Face folder (merged) or PEFT adapter",
-      description="merged: the adapters folded into the base (W + B A * scale), a folder "
-      "transformers.AutoModelForCausalLM.from_pretrained loads; peft: adapter_config.json + "
-      "adapter_model.safetensors for peft.PeftModel.from_pretrained on the base (plus our "
-      "value_head.safetensors). The run's config names the base and the LoRA settings.")
-  ex.add_argument("run_path", metavar="RUN_DIR_OR_CHECKPOINT",
-                  help="a run folder (its latest good checkpoint) or RUN/checkpoints/<step>")
-  ex.add_argument("--output", required=True, help="the folder to write")
-  ex.add_argument("--format", default="merged", choices=("merged", "peft"),
-                  help="merged weights or a PEFT adapter (default: %(default)s)")
-  ex.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                  help="dtype of the written weights (default: %(default)s)")
-  ex.add_argument("--max-shard-size", default="5GB",
-                  help="merged: largest safetensors shard (default: %(default)s)")
-  ex.add_argument("--overwrite", action="store_true",
-                  help="replace a non-empty output folder (only once the new one is complete)")
-  ex.set_defaults(run=run_export)
-
-  rp = commands.add_parser(
-      "report", help="plots and a Markdown summary of one or more runs' metrics",
-      description="Reads each RUN folder's metrics.jsonl (and config.yaml for its label) and "
-      "writes OUTPUT/metrics.png, the runs overlaid metric by metric, and OUTPUT/report.md, "
-      "each run's steps and first/last values.")
-  rp.add_argument("runs", nargs="+", metavar="RUN", help="a train or sft output_dir")
-  rp.add_argument("--output", required=True, help="the folder to write")
-  rp.set_defaults(run=run_report)
-
-  pl = commands.add_parser(
-      "plan", help="per-device memory of a PPO run on a mesh, without loading the weights",
-      description="Builds the run's policy as shapes only, splits it by the mesh rules, and "
-      "compiles the rollout and update steps for the mesh on fake CPU devices to read XLA's "
-      "memory analysis. Prints a table of GiB per device: weights, adapters, reference, "
-      "optimizer state, KV cache, the steps' temporaries, and whether it fits.")
-  _config_arguments(pl)
-  pl.add_argument("--model-config", default=None, metavar="PRESET_OR_CONFIG_JSON",
-                  help="the model's shape: a preset (" + ", ".join(MODEL_PRESETS) + ") or a "
-                  "config.json; default: the preset matching model.name, else model.name's "
-                  "own config")
-  pl.add_argument("--devices", type=int, default=None,
-                  help="devices to plan for (default: the product of the config's mesh sizes; "
-                  "needed when an axis is -1)")
-  pl.add_argument("--prompt-len", type=int, default=256,
-                  help="padded prompt length in tokens (default: %(default)s)")
-  pl.add_argument("--device-memory-gib", type=float, default=None,
-                  help="memory per device, to say whether the run fits (e.g. 16 for TPU v5e, "
-                  "32 for v4, 95 for v5p, 80 for an A100/H100 80GB)")
-  pl.add_argument("--no-compile", action="store_true",
-                  help="only the exact parts (weights, adapters, optimizer, KV cache): seconds")
-  pl.add_argument("--output", default=None, help="also write the plan as JSON here")
-  pl.set_defaults(run=run_plan)
-
-  bn = commands.add_parser(
-      "bench", help="time one PPO iteration phase by phase, beside the PyTorch stack",
-      description="The trainer's jitted rollout, experience and update on a fixed workload "
-      "(default: the embedded model, 32 x 64-token SST-2 prompts, 16 new tokens, LoRA r8, "
-      "minibatch 8), the machine's matmul ceiling and each phase's MFU, compilations after the "
-      "first iteration, and the same iteration in transformers + peft and a TRL GRPOTrainer "
-      "step (needs torch, peft, trl: pip install -e '.[bench]').")
-  bn.add_argument("--model", default="smollm2-135m-instruct",
-                  help="model to load (default: %(default)s)")
-  bn.add_argument("--preset", default=None, choices=MODEL_PRESETS,
-                  help="random weights of a preset's shape instead of --model (both stacks get "
-                  "the same weights; no TRL step, which needs a tokenizer)")
-  bn.add_argument("--tokenizer", default=None,
-                  help="with --preset: the tokenizer that renders --prompts task (a folder of "
-                  "tokenizer files, or a model name, folder or .gguf)")
-  bn.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  bn.add_argument("--batch", type=int, default=32, help="prompts (default: %(default)s)")
-  bn.add_argument("--prompt-len", type=int, default=64,
-                  help="tokens of SST-2 text per prompt (default: %(default)s)")
-  bn.add_argument("--prompts", default="text", choices=("text", "task"),
-                  help="text: --prompt-len tokens of SST-2 text a row; task: the trainer's SST-2 "
-                  "prompts (chat format, 74-115 tokens, left-padded), whose shared first tokens "
-                  "ours runs once (default: %(default)s)")
-  bn.add_argument("--no-shared-prefix", action="store_true",
-                  help="run every prompt whole, shared first tokens included (for comparison)")
-  bn.add_argument("--sort", action="store_true",
-                  help="sort the prompts by length, the shorter half skipping half the columns "
-                  "(the trainer's rollout.sort_by_length)")
-  bn.add_argument("--new-tokens", type=int, default=16, help="(default: %(default)s)")
-  bn.add_argument("--minibatch", type=int, default=8, help="(default: %(default)s)")
-  bn.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
-  bn.add_argument("--remat", default="none", choices=("none", "full", "dots"),
-                  help="rematerialisation in the update, as the trainer's remat option "
-                  "(default: %(default)s)")
-  bn.add_argument("--iterations", type=int, default=3,
-                  help="timed iterations after the first (default: %(default)s)")
-  bn.add_argument("--no-torch", action="store_true", help="ours only")
-  bn.add_argument("--no-trl", action="store_true", help="skip the TRL GRPOTrainer step")
-  bn.add_argument("--trl-steps", type=int, default=2,
-                  help="timed TRL steps after the first (default: %(default)s)")
-  bn.add_argument("--output", default=None, help="write the figures as JSON here")
-  bn.add_argument("--profile", default=None, metavar="DIR",
-                  help="trace one more iteration into DIR (for Perfetto or TensorBoard) and "
-                  "print its longest XLA ops, each with the JAX operation it came from")
-  bn.set_defaults(run=run_bench)
-  for command in commands.choices.values():
-    command.add_argument(
-        "--compile-cache", default=None, metavar="DIR",
-        help="keep compiled programs in DIR so that the next run with the same shapes skips "
-        "compiling; 'off' to compile afresh (default: $JAX_NLU_PPO_COMPILE_CACHE, else "
-        "$JAX_COMPILATION_CACHE_DIR, else a folder under ~/.cache/jax_nlu_ppo)")
-  return parser
-
-
-# `plan --model-config` presets (LlamaConfig constructors), and the hub ids they stand for.
-MODEL_PRESETS = ("llama2_7b", "llama2_13b", "llama3p1_8b", "llama3p2_1b", "smollm2_135m")
-HUB_PRESETS = {"meta-llama/Llama-2-7b-chat-hf": "llama2_7b",
-               "meta-llama/Llama-2-7b-hf": "llama2_7b",
-               "meta-llama/Llama-2-13b-chat-hf": "llama2_13b",
-               "meta-llama/Llama-2-13b-hf": "llama2_13b",
-               "meta-llama/Llama-3.1-8B-Instruct": "llama3p1_8b",
-               "meta-llama/Llama-3.2-1B-Instruct": "llama3p2_1b",
-               "smollm2-135m-instruct": "smollm2_135m"}
-
-
-def _use_compile_cache(option: str | None) -> str | None:
-  """The persistent compilation cache's folder from --compile-cache, the environment or the
-  default (`compiles.default_cache_dir`); None when it is off."""
-  import os
-  import jax
-  from jax_nlu_ppo import compiles
-  choice = (option or os.environ.get("JAX_NLU_PPO_COMPILE_CACHE")
-            or os.environ.get("JAX_COMPILATION_CACHE_DIR") or compiles.default_cache_dir())
-  if str(choice).lower() != "off":
-    try:
-      return compiles.use_persistent_cache(choice)
-    except OSError as e:
-      if option:
-        raise ValueError(f"--compile-cache {option}: cannot use it as a folder ({e})") from e
-      log.warning("compiling afresh: the compilation cache folder %s is unusable (%s)", choice, e)
-  jax.config.update("jax_enable_compilation_cache", False)
-  return None
-
-
-def _distributed_arguments(parser: argparse.ArgumentParser) -> None:
-  group = parser.add_argument_group(
-      "several processes", "Run the same command on every host. Cloud TPU pod slices (and SLURM "
-      "/ Open MPI jobs) are joined automatically; elsewhere give all three.")
-  group.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
-                     help="process 0's address, the same on every process")
-  group.add_argument("--num-processes", type=int, default=None, help="how many processes")
-  group.add_argument("--process-id", type=int, default=None, help="this process's id, 0..N-1")
-
-
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--model", default="smollm2-135m-instruct",
-                      help="embedded model name, Hugging Face folder, .gguf file, hub id, or a "
-                      "run folder / checkpoint of train or sft (default: %(default)s)")
-  parser.add_argument("--gguf-file",
-                      help="with a folder or hub id: which GGUF file in it to read")
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                      help="parameter and activation dtype (default: %(default)s)")
-
-
-def _config_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--config", default=None,
-                      help="YAML config (see configs/); defaults apply to what it leaves out")
-  parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                      help="dotted overrides, e.g. --set ppo.kl.target=6 lora.rank=16")
-  parser.add_argument("--output-dir", default=None,
-                      help="the run folder (overrides output_dir in the config); a folder "
-                      "holding checkpoints continues from the latest one")
-  parser.add_argument("--init-adapter", default=None, metavar="PEFT_DIR",
-                      help="start from this PEFT adapter (e.g. exported after SFT); its LoRA "
-                      "settings must match the config's, and it becomes the KL reference")
-
-
-# ------------------------------------------------------------------------------------------------
-# eval
-
-def _data_config(task_spec: str, data: str | None, split: str, limit: int | None,
-                 shuffle_seed: int | None, strict: bool):
-  from jax_nlu_ppo.nlu import data as data_lib
-  from jax_nlu_ppo.nlu import tasks as tasks_lib
-  task = tasks_lib.get_task(task_spec)
-  common = dict(task=task_spec, split=split, limit=limit, shuffle_seed=shuffle_seed,
-                strict=strict)
-  if data is None:
-    source = "task" if task.data is not None else "hub"
-    return data_lib.DataConfig(source=source, **common)
-  if data == "hub":
-    return data_lib.DataConfig(source="hub", **common)
-  path = pathlib.Path(data)
-  if not path.exists():
-    raise data_lib.DataError(f"--data {data}: no such file or folder (give 'hub', a GLUE "
-                             "folder or a data file)")
-  glue_folder = path.is_dir() and any((path / f).is_dir()
-                                      for f in data_lib.GLUE_FOLDERS.values())
-  if not glue_folder:
-    return data_lib.DataConfig(source="file", path=str(path), **common)
-  if task.name in data_lib.GLUE_FOLDERS:
-    return data_lib.DataConfig(source="glue_dir", path=str(path), **common)
-  # A GLUE folder given for GLUE tasks evaluated beside a custom task: it reads its own data.
-  if task.data is not None:
-    return data_lib.DataConfig(source="task", **common)
-  raise data_lib.DataError(f"--data {data} is a GLUE folder; custom task {task.name} needs a "
-                           "data file (or a data section in its task file)")
-
-
-def _load_rows(config) -> list[dict[str, Any]]:
-  from jax_nlu_ppo.nlu import data as data_lib
-  try:
-    ds, report = data_lib.load(config)
-  except ConnectionError as e:
-    raise data_lib.DataError(
-        f"cannot reach the Hugging Face hub for {config.task} ({e}); pass --data with a local "
-        "GLUE folder (e.g. ../shared/data/glue) or a data file") from None
-  if report.rows_skipped:
-    log.warning(report.summary())
-  return list(ds)
+def run_eval(args) -> int:
+  from jax_nlu_ppo.nlu import evaluate as evaluate_lib
+  specs = [t.strip() for item in args.task for t in item.split(",") if t.strip()]
+  config = evaluate_lib.EvalConfig(
+      shots=args.shots, shot_seed=args.shot_seed, shot_selection=args.shot_selection,
+      prompt_format=args.format,
+      max_new_tokens=args.max_new_tokens, lenient=not args.strict_parsing,
+      random_fallback=args.random_fallback)
+  results = evaluate_lib.evaluate_tasks(
+      specs, config, _model_loader(args, args.batch_size), data=args.data, split=args.split,
+      limit=args.limit, shuffle_seed=args.shuffle_seed, strict_data=args.strict_data,
+      shot_data=args.shot_data, shot_split=args.shot_split, output=args.output,
+      progress=_progress)
+  _print_table(results)
+  if args.output:
+    evaluate_lib.write_json(results, args.output, {"model": args.model, "dtype": args.dtype})
+    log.info("wrote %s", args.output)
+  return 0
 
 
 def _progress(label: str):
@@ -373,58 +216,6 @@ def _progress(label: str):
   return log_line
 
 
-def run_eval(args) -> int:
-  from jax_nlu_ppo.nlu import evaluate as evaluate_lib
-  from jax_nlu_ppo.nlu import tasks as tasks_lib
-
-  specs = [t.strip() for item in args.task for t in item.split(",") if t.strip()]
-  tasks = [tasks_lib.get_task(spec) for spec in specs]   # fail on a bad name before loading
-  config = evaluate_lib.EvalConfig(
-      shots=args.shots, shot_seed=args.shot_seed, shot_selection=args.shot_selection,
-      prompt_format=args.format,
-      max_new_tokens=args.max_new_tokens, lenient=not args.strict_parsing,
-      random_fallback=args.random_fallback)
-  if args.output:
-    _check_writable(pathlib.Path(args.output))
-  # Every task's data is read (and any bad path, split or file reported) before the model loads.
-  work = []
-  for spec, task in zip(specs, tasks):
-    split = args.split or DEFAULT_EVAL_SPLIT.get(task.name, "validation")
-    examples = _load_rows(_data_config(spec, args.data, split, args.limit, args.shuffle_seed,
-                                       args.strict_data))
-    pool = []
-    if args.shots:
-      pool = _load_rows(_data_config(spec, args.shot_data or args.data, args.shot_split, None,
-                                     None, args.strict_data))
-    work.append((task, split, examples, pool))
-  lm = _load_model(args.model, args.dtype, args.gguf_file, args.batch_size)
-  results = []
-  for task, split, examples, pool in work:
-    start = time.perf_counter()
-    result = evaluate_lib.evaluate_model(lm, task, examples, config, shot_pool=pool,
-                                         progress=_progress(f"{task.name} {split}"))
-    result.settings.update(split=split, seconds=round(time.perf_counter() - start, 2))
-    log.info(result.summary())
-    results.append(result)
-  _print_table(results)
-  if args.output:
-    evaluate_lib.write_json(results, args.output, {"model": args.model, "dtype": args.dtype})
-    log.info("wrote %s", args.output)
-  return 0
-
-
-def _check_writable(path: pathlib.Path) -> None:
-  """Fail before hours of work, not after: the output folder must be creatable and writable."""
-  folder = path.parent
-  try:
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".{path.name}.probe"
-    probe.write_text("")
-    probe.unlink()
-  except OSError as e:
-    raise ValueError(f"--output {path}: cannot write there ({e.strerror})") from None
-
-
 def _print_table(results) -> None:
   print(f"{'task':<10} {'n':>6} {'unparsed':>9}  metrics")
   for r in results:
@@ -434,28 +225,25 @@ def _print_table(results) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# train
+# train and sft
 
-def _load_config(args, cls):
-  from jax_nlu_ppo import config as config_lib
-  overrides = list(args.set)
-  if args.output_dir:
-    overrides.append(f"output_dir={args.output_dir}")
-  return config_lib.load_config(args.config, overrides, cls=cls)
+def _add_train_parser(commands) -> None:
+  tr = commands.add_parser(
+      "train", help="PPO training from a YAML config",
+      description="PPO with LoRA on a frozen base: rollout, reward, experience, updates. "
+      "Metrics go to OUTPUT_DIR/metrics.jsonl when output_dir is set.")
+  _config_arguments(tr)
+  _distributed_arguments(tr)
+  tr.set_defaults(run=run_train)
 
 
-def _initial_adapter(args, config):
-  """(base model, trainable) for --init-adapter, or (None, None)."""
-  if not args.init_adapter:
-    return None, None
-  from jax_nlu_ppo.runs import export
-  from jax_nlu_ppo.model import pretrained
-  lm = pretrained.load_pretrained(config.model.name, config.model.dtype, config.model.gguf_file)
-  lora, trainable = export.load_peft_adapter(args.init_adapter, lm)
-  if lora != config.lora:
-    raise ValueError(f"--init-adapter {args.init_adapter} has LoRA settings {lora}, the config "
-                     f"{config.lora}; set the config's lora section to match")
-  return lm, trainable
+def _add_sft_parser(commands) -> None:
+  sf = commands.add_parser(
+      "sft", help="supervised fine-tuning (the paper's SFT baseline) from a YAML config",
+      description="LoRA on a frozen base, cross-entropy on the gold answer's tokens only, with "
+      "the same prompts as PPO (see configs/sft/). Metrics go to OUTPUT_DIR/metrics.jsonl.")
+  _config_arguments(sf)
+  sf.set_defaults(run=run_sft)
 
 
 # The progress bar's postfix: label -> metric key, shown where the step's metrics have it (the
@@ -502,84 +290,59 @@ def run_train(args) -> int:
   from jax_nlu_ppo import config as config_lib
   from jax_nlu_ppo import distributed
   from jax_nlu_ppo.rl import trainer as trainer_lib
+  from jax_nlu_ppo.runs import export
   config = _load_config(args, config_lib.TrainConfig)
   # After the config is known good, before anything touches a device.
   distributed.initialize(distributed.DistributedConfig(
       args.coordinator_address, args.num_processes, args.process_id))
-  lm, trainable = _initial_adapter(args, config)
+  lm, trainable = export.initial_adapter(args.init_adapter, config)
   trainer = trainer_lib.PPOTrainer(config, lm=lm, initial_trainable=trainable)
   return _run_trainer(trainer, trainer_lib.format_metrics)
 
 
 def run_sft(args) -> int:
   from jax_nlu_ppo.rl import sft
+  from jax_nlu_ppo.runs import export
   config = _load_config(args, sft.SFTConfig)
-  lm, trainable = _initial_adapter(args, config)
+  lm, trainable = export.initial_adapter(args.init_adapter, config)
   trainer = sft.SFTTrainer(config, lm=lm, initial_trainable=trainable)
   return _run_trainer(trainer, sft.format_metrics)
 
 
 # ------------------------------------------------------------------------------------------------
-# export
-
-def run_export(args) -> int:
-  from jax_nlu_ppo.runs import export
-  from jax_nlu_ppo.runs import reader as runs
-  start = time.perf_counter()
-  run = runs.load_run(args.run_path)
-  log.info("read %s at step %d", args.run_path, run.step)
-  if args.format == "merged":
-    out = export.export_merged(run.lm, run.trainable, run.config.lora, args.output,
-                               dtype=args.dtype, max_shard_size=args.max_shard_size,
-                               overwrite=args.overwrite)
-  else:
-    out = export.export_peft(run.lm, run.trainable, run.config.lora, args.output,
-                             base_model_name_or_path=run.config.model.name, dtype=args.dtype,
-                             overwrite=args.overwrite)
-  print(f"wrote {args.format} {args.dtype} export of step {run.step} to {out} "
-        f"({time.perf_counter() - start:.1f}s)")
-  return 0
-
-
-def _load_model(path: str, dtype: str, gguf_file: str | None, batch_size: int = 32):
-  """A model by name or path; a run folder or checkpoint gives its trained policy."""
-  from jax_nlu_ppo.model import pretrained
-  from jax_nlu_ppo.runs import reader as runs
-  candidate = pathlib.Path(path)
-  if (candidate / "checkpoints").is_dir() or candidate.parent.name == "checkpoints":
-    run = runs.load_run(candidate)
-    log.info("evaluating %s at step %d", path, run.step)
-    lm = run.trainer.policy_model()
-    lm.batch_size = batch_size
-    return lm
-  return pretrained.load_pretrained(path, dtype, gguf_file, batch_size=batch_size)
-
-
-# ------------------------------------------------------------------------------------------------
 # perplexity
+
+def _add_perplexity_parser(commands) -> None:
+  pp = commands.add_parser(
+      "perplexity", help="perplexity of a model on a text file or a dataset column",
+      description="Corpus perplexity exp(total NLL / predicted tokens) of a model on held-out "
+      "text: one text a line of --text, or a column of a task's split.")
+  _model_arguments(pp)
+  source = pp.add_mutually_exclusive_group(required=True)
+  source.add_argument("--text", help="a UTF-8 text file, one text a line")
+  source.add_argument("--task", help="a GLUE task or custom task YAML whose split's text to use")
+  pp.add_argument("--data", default=None, help="with --task: where the data is (as for eval)")
+  pp.add_argument("--split", default=None, help="with --task: the split (default: as for eval)")
+  pp.add_argument("--column", default=None,
+                  help="with --task: the text column (default: the task's first input)")
+  pp.add_argument("--limit", type=int, default=None, help="use the first N texts")
+  pp.add_argument("--max-length", type=int, default=None,
+                  help="truncate texts to this many tokens (default: the model's context)")
+  pp.add_argument("--batch-size", type=int, default=32,
+                  help="texts per forward pass (default: %(default)s)")
+  pp.add_argument("--output", default=None, help="write the result JSON here")
+  pp.set_defaults(run=run_perplexity)
+
 
 def run_perplexity(args) -> int:
   import json
   from jax_nlu_ppo.nlu import perplexity as perplexity_lib
-  from jax_nlu_ppo.nlu import tasks as tasks_lib
-
-  if args.text:
-    texts, source = perplexity_lib.read_texts(args.text), args.text
-  else:
-    task = tasks_lib.get_task(args.task)
-    split = args.split or DEFAULT_EVAL_SPLIT.get(task.name, "validation")
-    column = args.column or task.input_columns[0]
-    rows = _load_rows(_data_config(args.task, args.data, split, None, None, False))
-    source = f"{task.name} {split} column {column!r}"
-    texts = perplexity_lib.column_texts(rows, column, source=source)
-  texts = texts[:args.limit] if args.limit else texts
-  if args.output:
-    _check_writable(pathlib.Path(args.output))
-  lm = _load_model(args.model, args.dtype, args.gguf_file)
-  result = perplexity_lib.perplexity(lm, texts, max_length=args.max_length,
-                                     batch_size=args.batch_size)
+  result, source = perplexity_lib.perplexity_of_source(
+      _model_loader(args), text_file=args.text, task=args.task, data=args.data,
+      split=args.split, column=args.column, limit=args.limit, max_length=args.max_length,
+      batch_size=args.batch_size, output=args.output)
   print(f"perplexity {result.perplexity:.4f} over {result.tokens} predicted tokens of "
-        f"{len(texts)} texts ({source}); {result.truncated} truncated")
+        f"{len(result.tokens_per_text)} texts ({source}); {result.truncated} truncated")
   if args.output:
     out = {"model": args.model, "source": source, **result.to_json()}
     pathlib.Path(args.output).write_text(json.dumps(out, indent=1))
@@ -587,13 +350,153 @@ def run_perplexity(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# export
+
+def _add_export_parser(commands) -> None:
+  ex = commands.add_parser(
+      "export", help="write a run's model as a Hugging Face folder (merged) or PEFT adapter",
+      description="merged: the adapters folded into the base (W + B A * scale), a folder "
+      "transformers.AutoModelForCausalLM.from_pretrained loads; peft: adapter_config.json + "
+      "adapter_model.safetensors for peft.PeftModel.from_pretrained on the base (plus our "
+      "value_head.safetensors). The run's config names the base and the LoRA settings.")
+  ex.add_argument("run_path", metavar="RUN_DIR_OR_CHECKPOINT",
+                  help="a run folder (its latest good checkpoint) or RUN/checkpoints/<step>")
+  ex.add_argument("--output", required=True, help="the folder to write")
+  ex.add_argument("--format", default="merged", choices=("merged", "peft"),
+                  help="merged weights or a PEFT adapter (default: %(default)s)")
+  ex.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="dtype of the written weights (default: %(default)s)")
+  ex.add_argument("--max-shard-size", default="5GB",
+                  help="merged: largest safetensors shard (default: %(default)s)")
+  ex.add_argument("--overwrite", action="store_true",
+                  help="replace a non-empty output folder (only once the new one is complete)")
+  ex.set_defaults(run=run_export)
+
+
+def run_export(args) -> int:
+  from jax_nlu_ppo.runs import export
+  start = time.perf_counter()
+  out, step = export.export_run(args.run_path, args.output, args.format, args.dtype,
+                                args.max_shard_size, args.overwrite)
+  print(f"wrote {args.format} {args.dtype} export of step {step} to {out} "
+        f"({time.perf_counter() - start:.1f}s)")
+  return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # report
+
+def _add_report_parser(commands) -> None:
+  rp = commands.add_parser(
+      "report", help="plots and a Markdown summary of one or more runs' metrics",
+      description="Reads each RUN folder's metrics.jsonl (and config.yaml for its label) and "
+      "writes OUTPUT/metrics.png, the runs overlaid metric by metric, and OUTPUT/report.md, "
+      "each run's steps and first/last values.")
+  rp.add_argument("runs", nargs="+", metavar="RUN", help="a train or sft output_dir")
+  rp.add_argument("--output", required=True, help="the folder to write")
+  rp.set_defaults(run=run_report)
+
 
 def run_report(args) -> int:
   from jax_nlu_ppo.tools import report
   path = report.write_report(args.runs, args.output)
   print(f"wrote {path} and {path.with_name(report.PLOT_FILE)}")
   return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# plan
+
+def _add_plan_parser(commands) -> None:
+  pl = commands.add_parser(
+      "plan", help="per-device memory of a PPO run on a mesh, without loading the weights",
+      description="Builds the run's policy as shapes only, splits it by the mesh rules, and "
+      "compiles the rollout and update steps for the mesh on fake CPU devices to read XLA's "
+      "memory analysis. Prints a table of GiB per device: weights, adapters, reference, "
+      "optimizer state, KV cache, the steps' temporaries, and whether it fits.")
+  _config_arguments(pl)
+  pl.add_argument("--model-config", default=None, metavar="PRESET_OR_CONFIG_JSON",
+                  help="the model's shape: a preset (" + ", ".join(MODEL_PRESETS) + ") or a "
+                  "config.json; default: the preset matching model.name, else model.name's "
+                  "own config")
+  pl.add_argument("--devices", type=int, default=None,
+                  help="devices to plan for (default: the product of the config's mesh sizes; "
+                  "needed when an axis is -1)")
+  pl.add_argument("--prompt-len", type=int, default=256,
+                  help="padded prompt length in tokens (default: %(default)s)")
+  pl.add_argument("--device-memory-gib", type=float, default=None,
+                  help="memory per device, to say whether the run fits (e.g. 16 for TPU v5e, "
+                  "32 for v4, 95 for v5p, 80 for an A100/H100 80GB)")
+  pl.add_argument("--no-compile", action="store_true",
+                  help="only the exact parts (weights, adapters, optimizer, KV cache): seconds")
+  pl.add_argument("--output", default=None, help="also write the plan as JSON here")
+  pl.set_defaults(run=run_plan)
+
+
+def run_plan(args) -> int:
+  import json
+  from jax_nlu_ppo import config as config_lib
+  from jax_nlu_ppo.tools import memory_plan
+  config = _load_config(args, config_lib.TrainConfig)
+  result = memory_plan.plan_from_config(
+      config, args.model_config, args.devices, args.prompt_len,
+      compile_steps=not args.no_compile, device_memory_gib=args.device_memory_gib,
+      progress=log.info)
+  print(result.table())
+  if args.output:
+    pathlib.Path(args.output).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+  return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# bench
+
+def _add_bench_parser(commands) -> None:
+  bn = commands.add_parser(
+      "bench", help="time one PPO iteration phase by phase, beside the PyTorch stack",
+      description="The trainer's jitted rollout, experience and update on a fixed workload "
+      "(default: the embedded model, 32 x 64-token SST-2 prompts, 16 new tokens, LoRA r8, "
+      "minibatch 8), the machine's matmul ceiling and each phase's MFU, compilations after the "
+      "first iteration, and the same iteration in transformers + peft and a TRL GRPOTrainer "
+      "step (needs torch, peft, trl: pip install -e '.[bench]').")
+  bn.add_argument("--model", default="smollm2-135m-instruct",
+                  help="model to load (default: %(default)s)")
+  bn.add_argument("--preset", default=None, choices=MODEL_PRESETS,
+                  help="random weights of a preset's shape instead of --model (both stacks get "
+                  "the same weights; no TRL step, which needs a tokenizer)")
+  bn.add_argument("--tokenizer", default=None,
+                  help="with --preset: the tokenizer that renders --prompts task (a folder of "
+                  "tokenizer files, or a model name, folder or .gguf)")
+  bn.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  bn.add_argument("--batch", type=int, default=32, help="prompts (default: %(default)s)")
+  bn.add_argument("--prompt-len", type=int, default=64,
+                  help="tokens of SST-2 text per prompt (default: %(default)s)")
+  bn.add_argument("--prompts", default="text", choices=("text", "task"),
+                  help="text: --prompt-len tokens of SST-2 text a row; task: the trainer's SST-2 "
+                  "prompts (chat format, 74-115 tokens, left-padded), whose shared first tokens "
+                  "ours runs once (default: %(default)s)")
+  bn.add_argument("--no-shared-prefix", action="store_true",
+                  help="run every prompt whole, shared first tokens included (for comparison)")
+  bn.add_argument("--sort", action="store_true",
+                  help="sort the prompts by length, the shorter half skipping half the columns "
+                  "(the trainer's rollout.sort_by_length)")
+  bn.add_argument("--new-tokens", type=int, default=16, help="(default: %(default)s)")
+  bn.add_argument("--minibatch", type=int, default=8, help="(default: %(default)s)")
+  bn.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
+  bn.add_argument("--remat", default="none", choices=("none", "full", "dots"),
+                  help="rematerialisation in the update, as the trainer's remat option "
+                  "(default: %(default)s)")
+  bn.add_argument("--iterations", type=int, default=3,
+                  help="timed iterations after the first (default: %(default)s)")
+  bn.add_argument("--no-torch", action="store_true", help="ours only")
+  bn.add_argument("--no-trl", action="store_true", help="skip the TRL GRPOTrainer step")
+  bn.add_argument("--trl-steps", type=int, default=2,
+                  help="timed TRL steps after the first (default: %(default)s)")
+  bn.add_argument("--output", default=None, help="write the figures as JSON here")
+  bn.add_argument("--profile", default=None, metavar="DIR",
+                  help="trace one more iteration into DIR (for Perfetto or TensorBoard) and "
+                  "print its longest XLA ops, each with the JAX operation it came from")
+  bn.set_defaults(run=run_bench)
 
 
 def run_bench(args) -> int:
@@ -605,58 +508,6 @@ def run_bench(args) -> int:
             trl=not args.no_trl, trl_steps=args.trl_steps, output=args.output,
             profile=args.profile, progress=log.info, tokenizer=args.tokenizer)
   return 0
-
-
-def run_plan(args) -> int:
-  import json
-  import math
-  import os
-  from jax_nlu_ppo import config as config_lib
-  config = _load_config(args, config_lib.TrainConfig)
-  sizes = config.mesh.axis_sizes.values()
-  devices = args.devices or (math.prod(sizes) if -1 not in sizes else None)
-  if devices is None:
-    raise ValueError("the config's mesh has an axis of -1; say how many devices to plan for "
-                     "with --devices")
-  config.mesh.shape(devices)                       # a mismatch is an error before any compile
-  model_config, name = _plan_model_config(args.model_config, config)
-  # Fake CPU devices stand in for the accelerators; JAX reads this when it starts its backend.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={devices}")
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  import jax
-  from jax_nlu_ppo.tools import memory_plan
-  from jax_nlu_ppo import sharding
-  if jax.device_count() != devices:
-    raise ValueError(f"JAX already started with {jax.device_count()} devices; run plan in a "
-                     "fresh process")
-  layout = sharding.Layout.create(config.mesh)
-  log.info("planning %s on %d devices%s", name, devices,
-           "" if args.no_compile else " (compiling rollout and update: about a minute)")
-  result = memory_plan.plan(config, model_config, layout, args.prompt_len,
-                            compile_steps=not args.no_compile, model_name=name,
-                            device_memory_gib=args.device_memory_gib)
-  print(result.table())
-  if args.output:
-    pathlib.Path(args.output).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-  return 0
-
-
-def _plan_model_config(spec: str | None, config):
-  """(LlamaConfig, name) from --model-config, a preset matching model.name, or its config."""
-  from jax_nlu_ppo.model import pretrained
-  from jax_nlu_ppo.model.llama_config import LlamaConfig
-  spec = spec or HUB_PRESETS.get(config.model.name)
-  if spec is None:
-    return pretrained.resolve(config.model.name, config.model.gguf_file).config, config.model.name
-  if spec in MODEL_PRESETS:
-    return getattr(LlamaConfig, spec)(), spec
-  path = pathlib.Path(spec)
-  if path.is_file():
-    import json
-    return LlamaConfig.from_hf(json.loads(path.read_text()), str(path)), str(path)
-  raise ValueError(f"--model-config {spec!r} is neither a preset ({', '.join(MODEL_PRESETS)}) "
-                   "nor a config.json file")
 
 
 if __name__ == "__main__":

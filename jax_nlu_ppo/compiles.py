@@ -4,12 +4,15 @@ and keeps compiled programs on disk between runs (JAX's persistent compilation c
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pathlib
 import platform
 
 import jax
 from jax import monitoring
+
+log = logging.getLogger(__name__)
 
 # Timed around "compile or load from the persistent cache": fires for cache hits too.
 _BUILT = "/jax/core/compile/backend_compile_duration"
@@ -75,3 +78,19 @@ def use_persistent_cache(directory: str | os.PathLike) -> str:
   # steps that take most of a second on a fast machine; eager ops (milliseconds) stay out.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   return jax.config.jax_compilation_cache_dir
+
+
+def configure_cache(option: str | None) -> str | None:
+  """The persistent compilation cache's folder from --compile-cache, the environment or the
+  default (`default_cache_dir`), put to use; None when it is off."""
+  choice = (option or os.environ.get("JAX_NLU_PPO_COMPILE_CACHE")
+            or os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_cache_dir())
+  if str(choice).lower() != "off":
+    try:
+      return use_persistent_cache(choice)
+    except OSError as e:
+      if option:
+        raise ValueError(f"--compile-cache {option}: cannot use it as a folder ({e})") from e
+      log.warning("compiling afresh: the compilation cache folder %s is unusable (%s)", choice, e)
+  jax.config.update("jax_enable_compilation_cache", False)
+  return None

@@ -79,7 +79,7 @@ def test_compile_cache_option(tmp_path, monkeypatch, jax_cache_config, option, e
       ["plan", "--config", "x.yaml"]
       + ([] if option is None else
          ["--compile-cache", option if option == "off" else str(tmp_path / option)]))
-  used = cli._use_compile_cache(args.compile_cache)
+  used = compiles.configure_cache(args.compile_cache)
   assert used == (None if expected is None else str(tmp_path / expected))
   assert jax_cache_config.jax_enable_compilation_cache == (expected is not None)
 
@@ -90,7 +90,7 @@ def test_unusable_cache_folder(tmp_path, monkeypatch, jax_cache_config):
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   with pytest.raises(ValueError, match="--compile-cache"):
-    cli._use_compile_cache(str(blocker / "cache"))
+    compiles.configure_cache(str(blocker / "cache"))
   monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
-  assert cli._use_compile_cache(None) is None
+  assert compiles.configure_cache(None) is None
   assert not jax_cache_config.jax_enable_compilation_cache

@@ -310,3 +310,25 @@ def test_file_errors(tmp_path):
     data.DataConfig(task="sst2", source="file")
   with pytest.raises(KeyError, match="unknown task"):
     data.DataConfig(task="glue")
+
+
+def test_data_locations_and_an_unreachable_hub(tmp_path, monkeypatch):
+  """The `--data` forms eval and perplexity take; without internet, a hub read says how to read
+  local data instead."""
+  glue = tmp_path / "glue"
+  (glue / "SST-2").mkdir(parents=True)
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text(json.dumps({"sentence": "fine", "label": 1}) + "\n")
+  sources = {location: data.data_config_for("sst2", location, "validation").source
+             for location in (None, "hub", str(glue), str(rows))}
+  assert sources == {None: "hub", "hub": "hub", str(glue): "glue_dir", str(rows): "file"}
+  with pytest.raises(data.DataError, match="--data .*nowhere: no such file or folder"):
+    data.data_config_for("sst2", str(tmp_path / "nowhere"), "validation")
+  assert [tasks.default_eval_split(t) for t in ("sst2", "mnli", "ax")] == [
+      "validation", "validation_matched", "test"]
+
+  def offline(config, **_):
+    raise ConnectionError("no network")
+  monkeypatch.setattr(data, "load", offline)
+  with pytest.raises(data.DataError, match="cannot reach the Hugging Face hub for sst2 .*--data"):
+    data.load_rows(data.DataConfig(task="sst2", split="validation"))

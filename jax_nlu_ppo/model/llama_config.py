@@ -242,3 +242,15 @@ class LlamaConfig:
     if self.model_type == "llama":
       hf["attention_bias"] = self.qkv_bias
     return hf
+
+
+# The preset classmethods above by name (`plan --model-config`, `bench --preset`), and the hub
+# ids they stand for.
+MODEL_PRESETS = ("llama2_7b", "llama2_13b", "llama3p1_8b", "llama3p2_1b", "smollm2_135m")
+HUB_PRESETS = {"meta-llama/Llama-2-7b-chat-hf": "llama2_7b",
+               "meta-llama/Llama-2-7b-hf": "llama2_7b",
+               "meta-llama/Llama-2-13b-chat-hf": "llama2_13b",
+               "meta-llama/Llama-2-13b-hf": "llama2_13b",
+               "meta-llama/Llama-3.1-8B-Instruct": "llama3p1_8b",
+               "meta-llama/Llama-3.2-1B-Instruct": "llama3p2_1b",
+               "smollm2-135m-instruct": "smollm2_135m"}

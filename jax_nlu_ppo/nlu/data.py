@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import pathlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,6 +32,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from jax_nlu_ppo.nlu import tasks as tasks_lib
+
+log = logging.getLogger(__name__)
 
 HUB_NAME = "nyu-mll/glue"
 
@@ -148,6 +151,48 @@ def load(config: DataConfig, *, num_shards: int = 1,
   ds = subset(ds, shuffle_seed=config.shuffle_seed, limit=config.limit,
               num_shards=num_shards, shard_index=shard_index)
   return ds, report
+
+
+def data_config_for(task_spec: str, location: str | None, split: str, limit: int | None = None,
+                    shuffle_seed: int | None = None, strict: bool = False) -> DataConfig:
+  """Where a task's split comes from, given a `--data` location: None (a custom task's own
+  data, else the hub), 'hub', a GLUE folder or a data file."""
+  task = tasks_lib.get_task(task_spec)
+  common = dict(task=task_spec, split=split, limit=limit, shuffle_seed=shuffle_seed,
+                strict=strict)
+  if location is None:
+    source = "task" if task.data is not None else "hub"
+    return DataConfig(source=source, **common)
+  if location == "hub":
+    return DataConfig(source="hub", **common)
+  path = pathlib.Path(location)
+  if not path.exists():
+    raise DataError(f"--data {location}: no such file or folder (give 'hub', a GLUE "
+                    "folder or a data file)")
+  glue_folder = path.is_dir() and any((path / f).is_dir() for f in GLUE_FOLDERS.values())
+  if not glue_folder:
+    return DataConfig(source="file", path=str(path), **common)
+  if task.name in GLUE_FOLDERS:
+    return DataConfig(source="glue_dir", path=str(path), **common)
+  # A GLUE folder given for GLUE tasks evaluated beside a custom task: it reads its own data.
+  if task.data is not None:
+    return DataConfig(source="task", **common)
+  raise DataError(f"--data {location} is a GLUE folder; custom task {task.name} needs a "
+                  "data file (or a data section in its task file)")
+
+
+def load_rows(config: DataConfig) -> list[dict[str, Any]]:
+  """`config`'s rows; skipped bad rows are logged, and an unreachable hub is a `DataError`
+  that says how to read local data instead."""
+  try:
+    ds, report = load(config)
+  except ConnectionError as e:
+    raise DataError(
+        f"cannot reach the Hugging Face hub for {config.task} ({e}); pass --data with a local "
+        "GLUE folder (e.g. ../shared/data/glue) or a data file") from None
+  if report.rows_skipped:
+    log.warning(report.summary())
+  return list(ds)
 
 
 @dataclasses.dataclass(frozen=True)

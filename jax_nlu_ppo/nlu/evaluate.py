@@ -1,21 +1,27 @@
 """Evaluation: answer a task's examples, extract the labels, score them with the official metrics.
 
 `evaluate` takes any prompts -> responses function; `evaluate_model` runs a `LanguageModel`
-(zero-shot or k-shot, in batches, with progress) and is what `jax-nlu-ppo eval` calls.
+(zero-shot or k-shot, in batches, with progress); `evaluate_tasks`, what `jax-nlu-ppo eval`
+calls, reads each task's data and scores it with `evaluate_model`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 import random
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from jax_nlu_ppo.nlu import answer as answer_lib
+from jax_nlu_ppo.nlu import data as data_lib
 from jax_nlu_ppo.nlu import metrics as metrics_lib
 from jax_nlu_ppo.nlu import tasks as tasks_lib
+
+log = logging.getLogger(__name__)
 
 # prompts -> responses (greedy, for example); the model side stays outside `evaluate`.
 GenerateFn = Callable[[Sequence[Any]], list[str]]
@@ -180,6 +186,57 @@ def evaluate_model(lm, task: tasks_lib.Task | str, examples: Sequence[dict[str, 
                      "max_new_tokens": config.max_new_tokens,
                      "random_fallback": config.random_fallback}
   return result
+
+
+def evaluate_tasks(task_specs: Sequence[str], config: EvalConfig, load_model: Callable[[], Any],
+                   *, data: str | None = None, split: str | None = None,
+                   limit: int | None = None, shuffle_seed: int | None = None,
+                   strict_data: bool = False, shot_data: str | None = None,
+                   shot_split: str = "train", output: str | None = None,
+                   progress: Callable[[str], ProgressFn] | None = None) -> list[EvalResult]:
+  """Each task's `evaluate_model` result for the model that `load_model()` returns.
+
+  The tasks' splits (default: `tasks.default_eval_split`) and shot pools are read from `data`
+  and `shot_data` (locations as `data.data_config_for` takes them), and `output`, where the
+  results will be written, is checked (`check_writable`), all before the model loads: a bad
+  name, path or file fails in seconds. `progress(label)` gives a task's progress function.
+  """
+  tasks = [tasks_lib.get_task(spec) for spec in task_specs]
+  if output:
+    check_writable(output)
+  work = []
+  for spec, task in zip(task_specs, tasks):
+    task_split = split or tasks_lib.default_eval_split(task.name)
+    examples = data_lib.load_rows(data_lib.data_config_for(spec, data, task_split, limit,
+                                                           shuffle_seed, strict_data))
+    pool = []
+    if config.shots:
+      pool = data_lib.load_rows(data_lib.data_config_for(spec, shot_data or data, shot_split,
+                                                         None, None, strict_data))
+    work.append((task, task_split, examples, pool))
+  lm = load_model()
+  results = []
+  for task, task_split, examples, pool in work:
+    start = time.perf_counter()
+    result = evaluate_model(lm, task, examples, config, shot_pool=pool,
+                            progress=progress(f"{task.name} {task_split}") if progress else None)
+    result.settings.update(split=task_split, seconds=round(time.perf_counter() - start, 2))
+    log.info(result.summary())
+    results.append(result)
+  return results
+
+
+def check_writable(path: str | pathlib.Path) -> None:
+  """Fail before hours of work, not after: the output folder must be creatable and writable."""
+  path = pathlib.Path(path)
+  folder = path.parent
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".{path.name}.probe"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(f"--output {path}: cannot write there ({e.strerror})") from None
 
 
 def write_json(results: Sequence[EvalResult], path: str | pathlib.Path,

@@ -14,7 +14,7 @@ import functools
 import logging
 import math
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,6 +25,9 @@ from jax_nlu_ppo.model import lm_loss
 from jax_nlu_ppo.model import decoder as model_lib
 from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.model import prompts as prompt_layout
+from jax_nlu_ppo.nlu import data as data_lib
+from jax_nlu_ppo.nlu import evaluate as evaluate_lib
+from jax_nlu_ppo.nlu import tasks as tasks_lib
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +130,29 @@ def column_texts(rows: Sequence[Mapping[str, Any]] | Any, column: str,
   if not texts:
     raise ValueError(f"column {column!r} of {source} holds no non-blank text")
   return texts
+
+
+def perplexity_of_source(load_model: Callable[[], pretrained.LanguageModel], *,
+                         text_file: str | None = None, task: str | None = None,
+                         data: str | None = None, split: str | None = None,
+                         column: str | None = None, limit: int | None = None,
+                         max_length: int | None = None, batch_size: int | None = None,
+                         output: str | None = None) -> tuple[PerplexityResult, str]:
+  """(perplexity, where the texts came from) of the model `load_model()` returns, on one text
+  a line of `text_file`, or on `column` (default: the task's first input) of a task's split
+  (default: its evaluation split) read from `data` as `data.data_config_for` takes it; the
+  first `limit` texts. The texts are read and `output` checked before the model loads."""
+  if text_file:
+    texts, source = read_texts(text_file), text_file
+  else:
+    resolved = tasks_lib.get_task(task)
+    split = split or tasks_lib.default_eval_split(resolved.name)
+    column = column or resolved.input_columns[0]
+    rows = data_lib.load_rows(data_lib.data_config_for(task, data, split))
+    source = f"{resolved.name} {split} column {column!r}"
+    texts = column_texts(rows, column, source=source)
+  texts = texts[:limit] if limit else texts
+  if output:
+    evaluate_lib.check_writable(output)
+  result = perplexity(load_model(), texts, max_length=max_length, batch_size=batch_size)
+  return result, source

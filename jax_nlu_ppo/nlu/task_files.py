@@ -18,6 +18,9 @@ case), `regression: {min: 0, max: 5}` instead of `labels` (the answer is the fir
 metrics default to pearson and spearman), and `data.hub` / `data.config` / `data.splits` for a
 dataset on the Hugging Face hub (split name -> the hub's split name). Data files may be csv,
 tsv, json, jsonl, parquet or `save_to_disk` folders, as `data.load_file` reads them.
+
+`load_task` gives the checked fields of the file's `tasks.Task`, which `tasks.get_task` builds:
+the dependency runs one way, tasks on task files.
 """
 from __future__ import annotations
 
@@ -25,12 +28,12 @@ import dataclasses
 import functools
 import pathlib
 import string
+from collections.abc import Collection
 from typing import Any
 
 import yaml
 
 from jax_nlu_ppo.nlu import metrics as metrics_lib
-from jax_nlu_ppo.nlu import tasks as tasks_lib
 
 _KEYS = {"name", "instruction", "inputs", "template", "labels", "regression", "metrics",
          "case_sensitive", "data"}
@@ -62,17 +65,18 @@ class TaskData:
 
 
 @functools.lru_cache(maxsize=64)
-def _load_cached(path: str, mtime: float) -> tasks_lib.Task:
+def _load_cached(path: str, mtime: float, glue_names: tuple[str, ...]) -> dict[str, Any]:
   del mtime  # part of the cache key only: an edited file is read again
-  return parse_task(_read(pathlib.Path(path)), pathlib.Path(path))
+  return parse_task(_read(pathlib.Path(path)), pathlib.Path(path), glue_names)
 
 
-def load_task(path: str | pathlib.Path) -> tasks_lib.Task:
-  """The task a YAML file defines (read once per file version)."""
+def load_task(path: str | pathlib.Path, glue_names: Collection[str]) -> dict[str, Any]:
+  """The `tasks.Task` fields a YAML file defines (read once per file version); the task may
+  not take one of `glue_names`."""
   path = pathlib.Path(path).resolve()
   if not path.is_file():
     raise TaskFileError(f"task file {path} does not exist")
-  return _load_cached(str(path), path.stat().st_mtime)
+  return dict(_load_cached(str(path), path.stat().st_mtime, tuple(glue_names)))
 
 
 def _read(path: pathlib.Path) -> dict[str, Any]:
@@ -85,8 +89,10 @@ def _read(path: pathlib.Path) -> dict[str, Any]:
   return values
 
 
-def parse_task(values: dict[str, Any], path: pathlib.Path) -> tasks_lib.Task:
-  """A `Task` from a task file's contents; `path` names the file in errors and anchors data."""
+def parse_task(values: dict[str, Any], path: pathlib.Path,
+               glue_names: Collection[str]) -> dict[str, Any]:
+  """The `tasks.Task` fields of a task file's contents; `path` names the file in errors and
+  anchors data."""
   def fail(key: str, message: str):
     raise TaskFileError(f"{path}: {key}: {message}")
 
@@ -100,7 +106,7 @@ def parse_task(values: dict[str, Any], path: pathlib.Path) -> tasks_lib.Task:
   name, instruction = values["name"], values["instruction"]
   if not isinstance(name, str) or not name.strip():
     fail("name", f"expected a non-empty string, got {name!r}")
-  if name in tasks_lib.TASKS:
+  if name in glue_names:
     fail("name", f"{name!r} is a GLUE task's name; choose another")
   if not isinstance(instruction, str) or not instruction.strip():
     fail("instruction", f"expected a non-empty string, got {instruction!r}")
@@ -164,14 +170,10 @@ def parse_task(values: dict[str, Any], path: pathlib.Path) -> tasks_lib.Task:
   data = _parse_data(values.get("data"), path, columns, fail)
   # Local files name the splits there are; a hub dataset's splits are checked by the hub.
   splits = tuple(split for split, _ in data.files) if data is not None else ()
-  try:
-    return tasks_lib.Task(
-        name=name.strip(), input_columns=columns,
-        input_titles=tuple(str(t) for t in inputs.values()), instruction=instruction.strip(),
-        metrics=tuple(metrics), splits=splits, case_sensitive=case_sensitive,
-        input_template=template, data=data, **kwargs)
-  except ValueError as e:
-    raise TaskFileError(f"{path}: {e}") from None
+  return dict(name=name.strip(), input_columns=columns,
+              input_titles=tuple(str(t) for t in inputs.values()),
+              instruction=instruction.strip(), metrics=tuple(metrics), splits=splits,
+              case_sensitive=case_sensitive, input_template=template, data=data, **kwargs)
 
 
 def _value_text(value: Any) -> str:

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from jax_nlu_ppo.nlu import answer
+from jax_nlu_ppo.nlu import task_files
 
 OPEN_TAG = "<Judgement>"
 CLOSE_TAG = answer.CLOSING_TAG
@@ -69,8 +70,8 @@ class Task:
   # Custom tasks: how the inputs are shown, a `str.format` template over the input columns
   # (None: one "Title: text" line per column).
   input_template: str | None = None
-  # Custom tasks: where their data lives (a `task_files.TaskData`), None for GLUE.
-  data: Any = None
+  # Custom tasks: where their data lives, None for GLUE.
+  data: task_files.TaskData | None = None
 
   def __post_init__(self):
     if len(self.input_titles) != len(self.input_columns):
@@ -208,10 +209,18 @@ def get_task(name: str | Task) -> Task:
   if name in TASKS:
     return TASKS[name]
   if name.endswith((".yaml", ".yml")):
-    from jax_nlu_ppo.nlu import task_files  # task_files builds on this module
-    return task_files.load_task(name)
+    return Task(**task_files.load_task(name, glue_names=TASKS))
   raise KeyError(f"unknown task {name!r}; known tasks (nyu-mll/glue config names): "
                  f"{', '.join(TASKS)}, or the path of a task YAML file") from None
+
+
+# The evaluation split of each GLUE task (`nyu-mll/glue` names; AX has only its test split).
+_EVAL_SPLITS = {"mnli": "validation_matched", "ax": "test"}
+
+
+def default_eval_split(task_name: str) -> str:
+  """The split a task is scored on when none is named: validation, except for MNLI and AX."""
+  return _EVAL_SPLITS.get(task_name, "validation")
 
 
 def format_input(task: Task, example: Mapping[str, Any]) -> str:

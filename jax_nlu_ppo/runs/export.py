@@ -11,6 +11,9 @@ Two export formats:
 Both stream: one tensor (one layer's slice of a stacked parameter) is read, merged, cast,
 written and dropped at a time. Both write into a temporary sibling folder that replaces the
 output only when complete, so a failed export never leaves a half-written folder behind.
+
+`export_run` does either for a run folder or checkpoint; `initial_adapter` starts a run from a
+PEFT folder (`--init-adapter`).
 """
 from __future__ import annotations
 
@@ -31,9 +34,11 @@ import numpy as np
 from flax import nnx
 
 from jax_nlu_ppo.model import lora as lora_lib
+from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.rl import policy as policy_lib
 from jax_nlu_ppo.model import weights as weights_lib
 from jax_nlu_ppo.model.llama_config import LlamaConfig
+from jax_nlu_ppo.runs import reader
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +122,22 @@ def export_peft(lm, trainable, lora: lora_lib.LoraConfig, output: str, *,
   log.info("exported PEFT adapters (%s) to %s in %.1fs", dtype, output,
            time.perf_counter() - start)
   return os.path.abspath(output)
+
+
+def export_run(run_path: str, output: str, fmt: str = "merged", dtype: str = "float32",
+               max_shard_size: str = "5GB", overwrite: bool = False) -> tuple[str, int]:
+  """The run at `run_path` (a run folder: its latest good step; or a step folder) written as
+  `fmt`, "merged" or "peft": (the folder written, the step)."""
+  run = reader.load_run(run_path)
+  log.info("read %s at step %d", run_path, run.step)
+  if fmt == "merged":
+    out = export_merged(run.lm, run.trainable, run.config.lora, output, dtype=dtype,
+                        max_shard_size=max_shard_size, overwrite=overwrite)
+  else:
+    out = export_peft(run.lm, run.trainable, run.config.lora, output,
+                      base_model_name_or_path=run.config.model.name, dtype=dtype,
+                      overwrite=overwrite)
+  return out, run.step
 
 
 def adapter_specs(config: LlamaConfig, targets) -> list[weights_lib.TensorSpec]:
@@ -326,6 +347,21 @@ def load_peft_adapter(folder: str, lm, critic_lora: bool | None = None
     log.info("%s has no %s; the value head starts at zero", folder, VALUE_HEAD_WEIGHTS)
   nnx.replace_by_pure_dict(trainable, pure)
   return lora, trainable
+
+
+def initial_adapter(folder: str | None, config) -> tuple[pretrained.LanguageModel | None,
+                                                         nnx.State | None]:
+  """(base model, trainable state) to start a train or sft run (`config`) from the PEFT adapter
+  in `folder` (--init-adapter), or (None, None) without one. Its LoRA settings must be the
+  config's."""
+  if not folder:
+    return None, None
+  lm = pretrained.load_pretrained(config.model.name, config.model.dtype, config.model.gguf_file)
+  lora, trainable = load_peft_adapter(folder, lm)
+  if lora != config.lora:
+    raise ValueError(f"--init-adapter {folder} has LoRA settings {lora}, the config "
+                     f"{config.lora}; set the config's lora section to match")
+  return lm, trainable
 
 
 def _lora_config(peft: dict, path: str) -> lora_lib.LoraConfig:

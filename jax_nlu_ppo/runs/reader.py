@@ -6,6 +6,7 @@ checkpoint is one of its step folders. Export and evaluation of a run go through
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 from typing import Any
 
@@ -15,6 +16,10 @@ from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.rl import run_loop
+from jax_nlu_ppo.rl import sft
+from jax_nlu_ppo.rl import trainer as trainer_lib
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -50,9 +55,6 @@ def load_run(path: str | pathlib.Path, lm: pretrained.LanguageModel | None = Non
   The base is loaded as the run's config names it unless `lm` is given; the checkpoint's
   description of the base must match it (else `CheckpointMismatchError`).
   """
-  from jax_nlu_ppo.rl import sft
-  from jax_nlu_ppo.rl import trainer as trainer_lib
-
   path = pathlib.Path(path)
   if not path.exists():
     raise checkpoint_lib.CheckpointReadError(f"{path} does not exist")
@@ -92,3 +94,17 @@ def load_run(path: str | pathlib.Path, lm: pretrained.LanguageModel | None = Non
     checkpointer.close()
   trainer.load_snapshot(restored.snapshot)
   return LoadedRun(config, restored.step, trainer)
+
+
+def load_model(path: str, dtype: str = "float32", gguf_file: str | None = None,
+               batch_size: int = 32) -> pretrained.LanguageModel:
+  """A model by name or path (`pretrained.load_pretrained`); a run folder or checkpoint gives
+  its trained policy."""
+  candidate = pathlib.Path(path)
+  if (candidate / "checkpoints").is_dir() or candidate.parent.name == "checkpoints":
+    run = load_run(candidate)
+    log.info("evaluating %s at step %d", path, run.step)
+    lm = run.trainer.policy_model()
+    lm.batch_size = batch_size
+    return lm
+  return pretrained.load_pretrained(path, dtype, gguf_file, batch_size=batch_size)

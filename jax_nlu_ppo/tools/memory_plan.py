@@ -193,3 +193,52 @@ def _temporaries(analysis) -> int:
   # the arrays it was given.
   return int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes
              - analysis.alias_size_in_bytes)
+
+
+def plan_model_config(spec: str | None, config: TrainConfig) -> tuple[LlamaConfig, str]:
+  """(LlamaConfig, name) from --model-config, a preset matching model.name, or its config."""
+  import json
+  import pathlib
+  from jax_nlu_ppo.model import llama_config
+  from jax_nlu_ppo.model import pretrained
+  spec = spec or llama_config.HUB_PRESETS.get(config.model.name)
+  if spec is None:
+    return pretrained.resolve(config.model.name, config.model.gguf_file).config, config.model.name
+  if spec in llama_config.MODEL_PRESETS:
+    return getattr(LlamaConfig, spec)(), spec
+  path = pathlib.Path(spec)
+  if path.is_file():
+    return LlamaConfig.from_hf(json.loads(path.read_text()), str(path)), str(path)
+  raise ValueError(f"--model-config {spec!r} is neither a preset "
+                   f"({', '.join(llama_config.MODEL_PRESETS)}) nor a config.json file")
+
+
+def plan_from_config(config: TrainConfig, model_config_spec: str | None = None,
+                     devices: int | None = None, prompt_len: int = 256,
+                     compile_steps: bool = True, device_memory_gib: float | None = None,
+                     progress: Any = None) -> Plan:
+  """`plan` of `config`'s run for the model `plan_model_config` finds, on `devices` fake CPU
+  devices (default: the product of the config's mesh sizes). JAX reads the device count when
+  it starts its backend: call this before anything in the process has used a device.
+  `progress(message)`, if given, is told what is planned."""
+  import os
+  sizes = config.mesh.axis_sizes.values()
+  devices = devices or (math.prod(sizes) if -1 not in sizes else None)
+  if devices is None:
+    raise ValueError("the config's mesh has an axis of -1; say how many devices to plan for "
+                     "with --devices")
+  config.mesh.shape(devices)                       # a mismatch is an error before any compile
+  model_config, name = plan_model_config(model_config_spec, config)
+  # Fake CPU devices stand in for the accelerators; JAX reads this when it starts its backend.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={devices}")
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if jax.device_count() != devices:
+    raise ValueError(f"JAX already started with {jax.device_count()} devices; run plan in a "
+                     "fresh process")
+  layout = sharding_lib.Layout.create(config.mesh)
+  if progress is not None:
+    progress(f"planning {name} on {devices} devices"
+             + (" (compiling rollout and update: about a minute)" if compile_steps else ""))
+  return plan(config, model_config, layout, prompt_len, compile_steps=compile_steps,
+              model_name=name, device_memory_gib=device_memory_gib)
