@@ -20,6 +20,7 @@ from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo.nlu import data as data_lib
 from jax_nlu_ppo.model import lora as lora_lib
 from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.model import kernels as kernels_lib
 from jax_nlu_ppo.rl import ppo as ppo_lib
 from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo.nlu import tasks as tasks_lib
@@ -34,6 +35,12 @@ class ModelConfig:
   name: str = "smollm2-135m-instruct"   # embedded name, HF folder, .gguf file or hub id
   dtype: str = "float32"
   gguf_file: str | None = None
+  kernels: str = "auto"                 # the decoder's backend paths (model/kernels.py)
+
+  def __post_init__(self):
+    if self.kernels not in kernels_lib.CHOICES:
+      raise ConfigError(f"model.kernels must be one of {', '.join(kernels_lib.CHOICES)}, "
+                        f"got {self.kernels!r}")
 
 
 @dataclasses.dataclass(frozen=True)

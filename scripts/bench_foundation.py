@@ -22,7 +22,8 @@ import numpy as np
 
 import jax_nlu_ppo
 from jax_nlu_ppo.tools import bench
-from jax_nlu_ppo.model import pretrained, sampling
+from jax_nlu_ppo.tools import workload
+from jax_nlu_ppo.model import pretrained, prompts, sampling
 
 def timed(fn, repeats: int) -> tuple[float, float]:
   """(first-call seconds, median of the next `repeats` calls)."""
@@ -47,7 +48,8 @@ def bench_ours(args, ids_bt):
 
   def run(new_tokens):
     return lambda: pretrained._generate(  # pylint: disable=protected-access
-        lm.graphdef, lm.params, ids_bt, mask_bt, jax.random.key(0), max_new_tokens=new_tokens,
+        lm.graphdef, lm.params, prompts.Prompts(ids_bt, mask_bt), jax.random.key(0),
+        max_new_tokens=new_tokens,
         sampling=greedy, eos_ids=(), pad_id=0).tokens_bn
 
   # Prefill = prompt forward plus the first sampled token; decode = the rest.
@@ -114,7 +116,7 @@ def main(argv=None):
     path = pretrained.embedded_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path),
                                               gguf_file=os.path.basename(path))
-    ids_bt = bench.prompt_ids(tokenizer, args.batch, args.prompt_len, tokenizer.vocab_size)
+    ids_bt = workload.prompt_ids(tokenizer, args.batch, args.prompt_len, tokenizer.vocab_size)
   results = {"ours": bench_ours(args, ids_bt)}
   if not args.skip_torch:
     results["transformers"] = bench_torch(args, ids_bt)

@@ -115,7 +115,7 @@ def run(name: str, mesh: dict | None, lm) -> dict[str, np.ndarray]:
             "down_kernel": trainer.base["llama"]["layers"]["mlp"]["down_proj"]["kernel"],
             "lora_a": adapter["a"], "lora_b": adapter["b"],
             "value_kernel": trainer.state.trainable["value_head"]["kernel"],
-            "adam_mu_lora_a": mu_a, "batch_tokens": trainer.last_batch.tokens_bt,
+            "adam_mu_lora_a": mu_a, "batch_tokens": trainer.last_batch.sequences.ids_bt,
             "batch_advantages": trainer.last_batch.advantages_bn}
   out |= {f"{name}/spec/{k}": np.asarray(spec(v)) for k, v in arrays.items()}
   return out

@@ -1,6 +1,6 @@
-"""Narrow (bfloat16) numbers where XLA handles them badly: `model.einsum_f32` (bfloat16 operands,
-float32 sums, forward and backward), `model.project`'s choice of product, and
-`model.update_slice` (cache writes), against NumPy."""
+"""Narrow (bfloat16) numbers where XLA handles them badly (`model.kernels`): `einsum_f32`
+(bfloat16 operands, float32 sums, forward and backward), each setting's choice of product, and
+cache writes through bit views, against NumPy."""
 import dataclasses
 import functools
 
@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_nlu_ppo.tools import matmul_rates
 from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.model import kernels as kernels_lib
+from jax_nlu_ppo.model import prompts as prompts_lib
 from jax_nlu_ppo.rl import policy as policy_lib
 from jax_nlu_ppo.model import pretrained
 
 # (equation, x shape, w shape): the model's projections and the tied vocabulary projection.
+# The cpu kernels: 16-bit cache writes through uint16 bits.
+BITS = kernels_lib.Kernels("cpu", bit_views=True)
 EQUATIONS = [
     ("btd,dnh->btnh", (2, 5, 16), (16, 4, 8)),
     ("btnh,nhd->btd", (2, 5, 4, 8), (4, 8, 16)),
@@ -38,7 +41,7 @@ def _einsum64(eqn, *operands):
 def test_bfloat16_products_sum_in_float32(eqn, x_shape, w_shape):
   rng = np.random.default_rng(0)
   x, w = _bf16(rng, x_shape), _bf16(rng, w_shape)
-  ours = model_lib.einsum_f32(eqn, jnp.asarray(x), jnp.asarray(w))
+  ours = kernels_lib.einsum_f32(eqn, jnp.asarray(x), jnp.asarray(w))
   assert ours.dtype == jnp.float32
   ref = _einsum64(eqn, x, w)
   scale = np.abs(ref).max()
@@ -60,7 +63,7 @@ def test_gradients_are_the_transposed_products(eqn, x_shape, w_shape):
   c = rng.standard_normal(_einsum64(eqn, x, w).shape).astype(np.float32)
 
   def loss(x, w):
-    return jnp.sum(model_lib.einsum_f32(eqn, x, w) * c)
+    return jnp.sum(kernels_lib.einsum_f32(eqn, x, w) * c)
 
   gx, gw = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
   assert gx.dtype == gw.dtype == jnp.bfloat16
@@ -80,7 +83,7 @@ def test_backward_multiplies_bfloat16_operands():
   x = jnp.ones((4, 16), jnp.bfloat16)
   w = jnp.ones((16, 8), jnp.bfloat16)
   jaxpr = jax.make_jaxpr(jax.grad(
-      lambda x, w: model_lib.einsum_f32("td,df->tf", x, w).sum(), argnums=(0, 1)))(x, w)
+      lambda x, w: kernels_lib.einsum_f32("td,df->tf", x, w).sum(), argnums=(0, 1)))(x, w)
   dots = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
   assert len(dots) == 3                                   # forward, and one per operand
   for e in dots:
@@ -91,7 +94,7 @@ def test_backward_multiplies_bfloat16_operands():
 def test_float32_operands_take_the_plain_einsum():
   x = jnp.ones((4, 16), jnp.float32)
   w = jnp.ones((16, 8), jnp.float32)
-  jaxpr = jax.make_jaxpr(lambda x, w: model_lib.einsum_f32("td,df->tf", x, w))(x, w)
+  jaxpr = jax.make_jaxpr(lambda x, w: kernels_lib.einsum_f32("td,df->tf", x, w))(x, w)
   assert not any("custom" in e.primitive.name for e in _equations(jaxpr.jaxpr))
 
 
@@ -109,13 +112,13 @@ def test_update_slice_writes_and_differentiates_as_dynamic_update_slice(dtype):
   buffer = jnp.asarray(rng.standard_normal((3, 5, 4)), dtype)
   update = jnp.asarray(rng.standard_normal((3, 2, 4)), dtype)
   start = (0, jnp.int32(2), 0)
-  ours = model_lib.update_slice(buffer, update, start)
+  ours = BITS.write(buffer, update, start)
   expected = np.asarray(buffer, np.float32).copy()
   expected[:, 2:4] = np.asarray(update, np.float32)
   assert ours.dtype == dtype
   np.testing.assert_array_equal(np.asarray(ours, np.float32), expected)
   c = rng.standard_normal((3, 5, 4)).astype(np.float32)
-  loss = lambda b, u: jnp.sum(model_lib.update_slice(b, u, start).astype(jnp.float32) * c)
+  loss = lambda b, u: jnp.sum(BITS.write(b, u, start).astype(jnp.float32) * c)
   g_buffer, g_update = jax.grad(loss, argnums=(0, 1))(buffer, update)
   kept = np.ones((3, 5, 4), bool)
   kept[:, 2:4] = False
@@ -130,56 +133,62 @@ def test_bfloat16_cache_writes_are_not_widened():
   XLA's CPU backend makes of a plain bfloat16 dynamic-update-slice)."""
   buffer = jnp.zeros((30, 64, 128), jnp.bfloat16)
   update = jnp.ones((1, 64, 128), jnp.bfloat16)
-  text = jax.jit(lambda b, u, i: model_lib.update_slice(b, u, (i, 0, 0)), donate_argnums=0
+  text = jax.jit(lambda b, u, i: BITS.write(b, u, (i, 0, 0)), donate_argnums=0
                  ).lower(buffer, update, 3).compile().as_text()
   assert "f32[30,64,128]" not in text
 
 
-FLOAT32_SUMS_FASTER = matmul_rates.ProductRates(float32=300, bfloat16=170,
+FLOAT32_SUMS_FASTER = kernels_lib.ProductRates(float32=300, bfloat16=170,
                                                  bfloat16_float32_sums=430)  # EPYC-like
-BFLOAT16_FASTER = matmul_rates.ProductRates(float32=300, bfloat16=265,
+BFLOAT16_FASTER = kernels_lib.ProductRates(float32=300, bfloat16=265,
                                             bfloat16_float32_sums=170)      # Xeon-like
 
 
 @pytest.fixture(params=[FLOAT32_SUMS_FASTER, BFLOAT16_FASTER], ids=["f32_sums", "bf16_results"])
 def cpu_rates(request, monkeypatch):
-  """What `model.project` would measure on one of the two kinds of CPU seen."""
-  monkeypatch.setattr(matmul_rates, "cpu_rates", lambda: request.param)
+  """What `kernels.product_rates` would measure on one of the two kinds of CPU seen."""
+  monkeypatch.setattr(kernels_lib, "product_rates", lambda: request.param)
   return request.param
 
 
-def _projection_dtypes(x, w):
-  """`project`'s result dtype on (4, 16) x (16, 8) operands of `x`'s and `w`'s dtypes, the
-  result dtypes its traced products ask for, and whether it went through a custom rule."""
+def _projection_dtypes(kernels, x, w):
+  """`kernels.project`'s result dtype on (4, 16) x (16, 8) operands of `x`'s and `w`'s dtypes,
+  the result dtypes its traced products ask for, and whether it went through a custom rule."""
   x, w = jnp.ones((4, 16), x), jnp.ones((16, 8), w)
-  jaxpr = jax.make_jaxpr(functools.partial(model_lib.project, "td,df->tf"))(x, w).jaxpr
+  jaxpr = jax.make_jaxpr(functools.partial(kernels.project, "td,df->tf"))(x, w).jaxpr
   eqns = list(_equations(jaxpr))
   return (jaxpr.outvars[0].aval.dtype,
           [e.params["preferred_element_type"] for e in eqns if e.primitive.name == "dot_general"],
           any("custom" in e.primitive.name for e in eqns))
 
 
-def test_project_takes_the_product_the_cpu_runs_faster(cpu_rates):
+def test_auto_kernels_take_the_product_the_cpu_runs_faster(cpu_rates):
   sums = jax.default_backend() == "cpu" and cpu_rates.sums_in_float32
   expected = jnp.float32 if sums else jnp.bfloat16
-  assert _projection_dtypes(jnp.bfloat16, jnp.bfloat16) == (expected, [expected], sums)
-  # float32 operands: the plain product wherever it runs.
-  assert _projection_dtypes(jnp.float32, jnp.float32) == (jnp.float32, [jnp.float32], False)
+  auto = kernels_lib.resolve("auto", jnp.bfloat16)
+  assert _projection_dtypes(auto, jnp.bfloat16, jnp.bfloat16) == (expected, [expected], sums)
+  assert auto.bit_views == (jax.default_backend() == "cpu")
+  # float32 models: the plain kernels wherever they run.
+  assert kernels_lib.resolve("auto", jnp.float32) == kernels_lib.PLAIN
+  assert _projection_dtypes(kernels_lib.resolve("cpu_float32_sums", jnp.float32), jnp.float32,
+                            jnp.float32) == (jnp.float32, [jnp.float32], False)
 
 
-def test_accelerator_products_trace_the_plain_product_anywhere(monkeypatch):
-  monkeypatch.setattr(matmul_rates, "cpu_rates", lambda: FLOAT32_SUMS_FASTER)
-  with model_lib.accelerator_products():
-    assert _projection_dtypes(jnp.bfloat16, jnp.bfloat16) == (jnp.bfloat16, [jnp.bfloat16],
-                                                              False)
-  expected = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-  assert _projection_dtypes(jnp.bfloat16, jnp.bfloat16)[1] == [expected]
+def test_named_kernels_trace_their_product_anywhere(monkeypatch):
+  monkeypatch.setattr(kernels_lib, "product_rates", lambda: FLOAT32_SUMS_FASTER)
+  for name, expected in (("plain", jnp.bfloat16), ("cpu", jnp.bfloat16),
+                         ("cpu_float32_sums", jnp.float32)):
+    kernels = kernels_lib.resolve(name, jnp.bfloat16)
+    assert _projection_dtypes(kernels, jnp.bfloat16, jnp.bfloat16) == (
+        expected, [expected], expected == jnp.float32)
+  with pytest.raises(ValueError, match="model.kernels must be one of"):
+    kernels_lib.resolve("fast", jnp.bfloat16)
 
 
 def test_rates_choose_the_faster_bfloat16_product():
   assert FLOAT32_SUMS_FASTER.sums_in_float32 and FLOAT32_SUMS_FASTER.best_bfloat16 == 430
   assert not BFLOAT16_FASTER.sums_in_float32 and BFLOAT16_FASTER.best_bfloat16 == 265
-  measured = matmul_rates.cpu_rates.__wrapped__()          # a fresh measurement, not the cache
+  measured = kernels_lib.product_rates.__wrapped__()          # a fresh measurement, not the cache
   assert min(dataclasses.astuple(measured)) > 0
 
 
@@ -190,7 +199,7 @@ def test_bfloat16_on_cpu_warns_where_its_products_are_slower(tmp_path, monkeypat
     pytest.skip("a CPU warning")
   from tests import tiny_hf
   tiny_hf.save_tiny(tmp_path)
-  monkeypatch.setattr(matmul_rates, "cpu_rates", lambda: rates)
+  monkeypatch.setattr(kernels_lib, "product_rates", lambda: rates)
   with caplog.at_level("WARNING", logger=pretrained.log.name):
     pretrained.load_pretrained(str(tmp_path), dtype="bfloat16")
   warned = [r for r in caplog.records if "likely to run slower than float32" in r.getMessage()]
@@ -212,7 +221,8 @@ def test_adapters_on_a_bfloat16_base_get_the_float32_gradients(cpu_rates):
                   jnp.float32)
   grads = {}
   for dtype in (jnp.float32, jnp.bfloat16):
-    graphdef, _ = nnx.split(pretrained.abstract_model(CONFIG, dtype))
+    graphdef, _ = nnx.split(pretrained.abstract_model(CONFIG, dtype,
+                                                      kernels_lib.resolve("auto", dtype)))
     llama = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), params))
     policy_def, trainable, base = policy_lib.split(
         policy_lib.make_policy(llama, LORA, value_dropout=0.0, seed=1))
@@ -230,23 +240,25 @@ def test_adapters_on_a_bfloat16_base_get_the_float32_gradients(cpu_rates):
 
 
 def test_generation_slices_bfloat16_layers_as_bits():
-  """`differentiable=False` (what generation passes) computes the same, compiles to no float32
-  copy of the stacked weights, and refuses to be differentiated."""
+  """The cpu kernels for generation (`kernels.for_generation`) compute the same, compile to no
+  float32 copy of the stacked weights, and refuse to be differentiated."""
   from tests.test_ppo_core import CONFIG, prompts, random_llama
   _, params = random_llama(CONFIG)
-  graphdef, _ = nnx.split(pretrained.abstract_model(CONFIG, jnp.bfloat16))
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   tokens_bt, mask_bt = prompts()
+  graphdefs = {generation: nnx.split(pretrained.abstract_model(
+      CONFIG, jnp.bfloat16, kernels_lib.for_generation(BITS) if generation else BITS))[0]
+      for generation in (False, True)}
 
-  def prefill(params, differentiable):
-    return model_lib.prefill(nnx.merge(graphdef, params), tokens_bt, mask_bt,
-                             tokens_bt.shape[1] + 4, differentiable=differentiable)
+  def prefill(params, generation):
+    return prompts_lib.prefill(nnx.merge(graphdefs[generation], params),
+                               prompts_lib.Prompts(tokens_bt, mask_bt), tokens_bt.shape[1] + 4)
 
-  plain, as_bits = (jax.jit(prefill, static_argnums=1)(params, d) for d in (True, False))
+  plain, as_bits = (jax.jit(prefill, static_argnums=1)(params, g) for g in (False, True))
   for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(as_bits)):
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
   stacked = f"f32[{CONFIG.num_layers},{CONFIG.hidden_size},{CONFIG.intermediate_size}]"
-  text = jax.jit(prefill, static_argnums=1).lower(params, False).compile().as_text()
+  text = jax.jit(prefill, static_argnums=1).lower(params, True).compile().as_text()
   assert stacked not in text
-  with pytest.raises(TypeError, match="differentiable=False"):
-    jax.jvp(lambda p: prefill(p, False)[0], (params,), (params,))
+  with pytest.raises(TypeError, match="for_generation"):
+    jax.jvp(lambda p: prefill(p, True)[0], (params,), (params,))

@@ -9,10 +9,6 @@ PACKAGE_DIR = pathlib.Path(jax_nlu_ppo.__file__).parent
 PACKAGE = "jax_nlu_ppo"
 
 # Import edges (importer, imported) left out of the cycle check while their fix lands.
-KNOWN_CYCLE_EDGES = {
-    # removed by the step-builder change
-    ("jax_nlu_ppo.tools.bench", "jax_nlu_ppo.tools.bench_torch"),
-}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -87,7 +83,5 @@ def test_the_graph_sees_module_and_function_level_imports():
 
 
 def test_no_import_cycles():
-  graph = {module: {dep for dep in deps if (module, dep) not in KNOWN_CYCLE_EDGES}
-           for module, deps in import_graph().items()}
-  cycle = find_cycle(graph)
+  cycle = find_cycle(import_graph())
   assert cycle is None, "import cycle: " + " -> ".join(cycle)

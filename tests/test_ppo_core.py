@@ -44,13 +44,12 @@ DELTA_EQNS = {"q_proj": "ldr,lrnh->ldnh", "k_proj": "ldr,lrkh->ldkh", "v_proj": 
               "down_proj": "lfr,lrd->lfd"}
 
 _rollout = jax.jit(ppo.rollout, static_argnums=0,
-                   static_argnames=("max_new_tokens", "sampling", "eos_ids", "pad_id",
-                                    "layout"))
+                   static_argnames=("max_new_tokens", "sampling", "eos_ids", "pad_id"))
 _experience = jax.jit(ppo.experience, static_argnums=0,
-                      static_argnames=("temperature", "values", "reuse_rollout", "layout"))
+                      static_argnames=("temperature", "values", "reuse_rollout"))
 _advantages = jax.jit(ppo.advantages, static_argnames="config")
 _loss = jax.jit(ppo.loss_fn, static_argnums=1,
-                static_argnames=("config", "temperature", "layout"))
+                static_argnames=("config", "temperature"))
 _update = jax.jit(ppo.update_minibatch, static_argnums=1,
                   static_argnames=("tx", "config", "temperature"))
 
@@ -135,14 +134,16 @@ def prompts(batch: int = B, seed: int = 0):
 
 
 def rollout(graphdef, trainable, base, prompt_bt, prompt_mask_bt, seed, limit=N, eos_ids=(EOS,)):
-  return _rollout(graphdef, base, trainable, prompt_bt, prompt_mask_bt, jax.random.key(seed),
-                  jnp.int32(limit), max_new_tokens=N, sampling=SAMPLING, eos_ids=eos_ids,
-                  pad_id=PAD)
+  return _rollout(graphdef, base, trainable, prompt_layout.Prompts(prompt_bt, prompt_mask_bt),
+                  jax.random.key(seed), jnp.int32(limit), max_new_tokens=N, sampling=SAMPLING,
+                  eos_ids=eos_ids, pad_id=PAD)
 
 
-def joined(prompt_bt, prompt_mask_bt, gen):
-  return (jnp.concatenate([prompt_bt, gen.tokens_bn], axis=1),
-          jnp.concatenate([prompt_mask_bt, gen.mask_bn.astype(jnp.int32)], axis=1))
+def joined(prompt_bt, prompt_mask_bt, gen, layout=prompt_layout.PromptLayout()):
+  """Prompt + response rows, in the prompts' `layout`."""
+  return prompt_layout.Prompts(
+      jnp.concatenate([prompt_bt, gen.tokens_bn], axis=1),
+      jnp.concatenate([prompt_mask_bt, gen.mask_bn.astype(jnp.int32)], axis=1), layout)
 
 
 def target_fraction(gen) -> np.ndarray:
@@ -155,15 +156,15 @@ def pipeline_batch(graphdef, trainable, base, reference, prompt_bt, prompt_mask_
                    scores_fn, config=GAE, kl_coef=0.05, limit=N):
   """rollout -> reward -> experience -> advantages, as the trainer chains them."""
   gen = rollout(graphdef, trainable, base, prompt_bt, prompt_mask_bt, seed, limit)
-  tokens_bt, mask_bt = joined(prompt_bt, prompt_mask_bt, gen)
-  old_logp, old_values, ref_logp = _experience(graphdef, base, trainable, reference, tokens_bt,
-                                               mask_bt, gen, temperature=1.0,
+  sequences = joined(prompt_bt, prompt_mask_bt, gen)
+  old_logp, old_values, ref_logp = _experience(graphdef, base, trainable, reference, sequences,
+                                               gen, temperature=1.0,
                                                values=config.uses_critic)
   scores_b = scores_fn(gen)
   adv, returns, _ = _advantages(scores_b, old_logp, ref_logp, old_values, gen.mask_bn,
                                 jnp.float32(kl_coef), config=config)
-  batch = ppo.Batch(tokens_bt, mask_bt, gen.tokens_bn, gen.mask_bn, old_logp, ref_logp,
-                    old_values, adv, returns)
+  batch = ppo.Batch(sequences, gen.tokens_bn, gen.mask_bn, old_logp, ref_logp, old_values,
+                    adv, returns)
   return gen, batch, scores_b
 
 
@@ -375,17 +376,16 @@ def test_kl_is_exactly_zero_before_the_first_update():
   for start in (fresh, randomized(fresh, 2)):
     reference = jax.tree.map(jnp.copy, start)
     gen = rollout(graphdef, start, base, prompt_bt, mask_bt, seed=3)
-    tokens_bt, full_mask_bt = joined(prompt_bt, mask_bt, gen)
-    old_logp, old_values, ref_logp = _experience(graphdef, base, start, reference, tokens_bt,
-                                                 full_mask_bt, gen, temperature=1.0, values=True)
+    sequences = joined(prompt_bt, mask_bt, gen)
+    old_logp, old_values, ref_logp = _experience(graphdef, base, start, reference, sequences,
+                                                 gen, temperature=1.0, values=True)
     np.testing.assert_array_equal(old_logp, ref_logp)
     _, _, kl_bn = _advantages(scores_b, old_logp, ref_logp, old_values, gen.mask_bn,
                               jnp.float32(0.2), config=GAE)
     np.testing.assert_array_equal(kl_bn, 0.0)
     # Reusing the rollout's log-probs (KV-cache decode) leaves only float rounding.
-    reused_logp, _, reused_ref = _experience(graphdef, base, start, reference, tokens_bt,
-                                             full_mask_bt, gen, temperature=1.0,
-                                             reuse_rollout=True)
+    reused_logp, _, reused_ref = _experience(graphdef, base, start, reference, sequences, gen,
+                                             temperature=1.0, reuse_rollout=True)
     np.testing.assert_array_equal(reused_ref, ref_logp)
     _, _, kl_bn = _advantages(scores_b, reused_logp, reused_ref, old_values, gen.mask_bn,
                               jnp.float32(0.2), config=GAE)
@@ -402,16 +402,16 @@ def test_rollout_logprobs_and_values_match_the_full_forward():
   mask = np.asarray(gen.mask_bn)
   assert mask.dtype == bool and mask[:, 0].all()
 
-  tokens_bt, full_mask_bt = joined(prompt_bt, mask_bt, gen)
-  old_logp, old_values, _ = _experience(graphdef, base, trainable, trainable, tokens_bt,
-                                        full_mask_bt, gen, temperature=1.0, values=True)
+  sequences = joined(prompt_bt, mask_bt, gen)
+  old_logp, old_values, _ = _experience(graphdef, base, trainable, trainable, sequences, gen,
+                                        temperature=1.0, values=True)
   logprobs, values = np.asarray(gen.logprobs_bn), np.asarray(gen.values_bn)
   np.testing.assert_allclose(logprobs[mask], np.asarray(old_logp)[mask], atol=1e-5)
   np.testing.assert_allclose(values[mask], np.asarray(old_values)[mask], rtol=1e-5, atol=1e-5)
   assert np.abs(values[mask]).max() > 0.1      # the random value head is really read
   assert (logprobs[~mask] == 0).all() and (values[~mask] == 0).all()
-  reused = _experience(graphdef, base, trainable, trainable, tokens_bt, full_mask_bt, gen,
-                       temperature=1.0, reuse_rollout=True)
+  reused = _experience(graphdef, base, trainable, trainable, sequences, gen, temperature=1.0,
+                       reuse_rollout=True)
   np.testing.assert_array_equal(reused[0], logprobs)
   np.testing.assert_array_equal(reused[1], values)
 
@@ -446,7 +446,8 @@ def test_a_prompt_layout_changes_no_output(share, sort, blocks):
   trainable, reference = randomized(trainable, 4), randomized(trainable, 5)
   rng = np.random.default_rng(3)
   ids = uneven_prompts(rng)
-  order, *laid_out, layout = prompt_layout.lay_out(ids, PAD, blocks, share=share, sort=sort)
+  order, laid_out = prompt_layout.lay_out(ids, PAD, blocks, share=share, sort=sort)
+  layout = laid_out.layout
   # The longest row needs 32 columns after the shared start (48 with none); each block's shorter
   # half fits in half of them.
   skip = 0 if not sort else 16 if share else 24
@@ -454,17 +455,17 @@ def test_a_prompt_layout_changes_no_output(share, sort, blocks):
   # Sorting moves rows within their block only.
   assert all(i // (B // blocks) == row // (B // blocks) for row, i in enumerate(order))
   whole = prompt_layout.PromptLayout()
-  layouts = {whole: prompt_layout.pad_left([ids[i] for i in order], PAD), layout: laid_out}
+  layouts = {whole: prompt_layout.Prompts(*prompt_layout.pad_left([ids[i] for i in order], PAD)),
+             layout: laid_out}
   outs = {}
-  for lay, (prompt_bt, prompt_mask_bt) in layouts.items():
-    gen = _rollout(graphdef, base, trainable, prompt_bt, prompt_mask_bt, jax.random.key(2),
-                   jnp.int32(N), max_new_tokens=N, sampling=SAMPLING, eos_ids=(EOS,),
-                   pad_id=PAD, layout=lay)
-    tokens_bt, mask_bt = joined(prompt_bt, prompt_mask_bt, gen)
-    logp, values, ref_logp = _experience(graphdef, base, trainable, reference, tokens_bt,
-                                         mask_bt, gen, temperature=1.0, values=True,
-                                         layout=lay)
-    outs[lay] = (gen, tokens_bt, mask_bt, logp, values, ref_logp)
+  for lay, rows in layouts.items():
+    assert rows.layout == lay
+    gen = _rollout(graphdef, base, trainable, rows, jax.random.key(2), jnp.int32(N),
+                   max_new_tokens=N, sampling=SAMPLING, eos_ids=(EOS,), pad_id=PAD)
+    sequences = joined(rows.ids_bt, rows.mask_bt, gen, lay)
+    logp, values, ref_logp = _experience(graphdef, base, trainable, reference, sequences, gen,
+                                         temperature=1.0, values=True)
+    outs[lay] = (gen, sequences, logp, values, ref_logp)
   (gen, *_, logp, values, ref_logp), (gen_p, *_, logp_p, values_p, ref_logp_p) = outs.values()
   np.testing.assert_array_equal(gen_p.tokens_bn, gen.tokens_bn)
   np.testing.assert_array_equal(gen_p.mask_bn, gen.mask_bn)
@@ -475,14 +476,14 @@ def test_a_prompt_layout_changes_no_output(share, sort, blocks):
 
   adv_bn, returns_bn = (jnp.asarray(rng.normal(size=(B, N)), jnp.float32) for _ in range(2))
   grad_fn = jax.jit(jax.value_and_grad(ppo.loss_fn, has_aux=True), static_argnums=1,
-                    static_argnames=("config", "temperature", "layout"))
+                    static_argnames=("config", "temperature"))
   results = []
-  for lay, (gen_s, tokens_bt, mask_bt, *_) in outs.items():
-    batch = ppo.Batch(tokens_bt, mask_bt, gen_s.tokens_bn, gen_s.mask_bn, logp + 0.1, ref_logp,
-                      values, adv_bn, returns_bn)
+  for gen_s, sequences, *_ in outs.values():
+    batch = ppo.Batch(sequences, gen_s.tokens_bn, gen_s.mask_bn, logp + 0.1, ref_logp, values,
+                      adv_bn, returns_bn)
     # A dropout key, as the update passes: these adapters have no dropout, so it changes nothing.
     results.append(grad_fn(trainable, graphdef, base, batch, jax.random.key(0),
-                           jnp.float32(0.05), config=GAE, temperature=1.0, layout=lay))
+                           jnp.float32(0.05), config=GAE, temperature=1.0))
   ((loss, _), grads), ((loss_p, _), grads_p) = results
   np.testing.assert_allclose(loss_p, loss, rtol=1e-5)
   flat_grads, flat_grads_p = flat(grads), flat(grads_p)
@@ -498,14 +499,15 @@ def test_adapter_dropout_with_a_prompt_layout():
   policy = policy_lib.with_trainable(graphdef, base, randomized(trainable, 4))
   rng = np.random.default_rng(3)
   ids = uneven_prompts(rng)
-  _, prompt_bt, mask_bt, layout = prompt_layout.lay_out(ids, PAD, sort=True)
+  _, laid_out = prompt_layout.lay_out(ids, PAD, sort=True)
+  layout = laid_out.layout
   with pytest.raises(ValueError, match="dropout"):
-    policy_lib.response_outputs(policy, prompt_bt, mask_bt, prompt_bt.shape[1] - 4,
-                                jax.random.key(0), layout=layout)
+    policy_lib.response_outputs(policy, laid_out, laid_out.ids_bt.shape[1] - 4,
+                                jax.random.key(0))
   skip_only = layout.without_shared()
   prompt_bt, mask_bt = prompt_layout.pad_left(sorted(ids, key=len), PAD)
-  outs = [policy_lib.response_outputs(policy, prompt_bt, mask_bt, prompt_bt.shape[1] - 4, key,
-                                      layout=lay).logits_bnv
+  outs = [policy_lib.response_outputs(policy, prompt_layout.Prompts(prompt_bt, mask_bt, lay),
+                                      prompt_bt.shape[1] - 4, key).logits_bnv
           for key, lay in ((jax.random.key(0), skip_only), (jax.random.key(0), skip_only),
                            (None, skip_only), (None, prompt_layout.PromptLayout()))]
   np.testing.assert_array_equal(outs[0], outs[1])                   # the key decides the masks
@@ -607,8 +609,9 @@ def test_loss_matches_numpy(advantage):
   old_values_bn = values_bn + noise()
   returns_bn, adv_bn = rng.normal(size=(B, N)), rng.normal(size=(B, N))
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  batch = ppo.Batch(tokens_bt, mask_bt, response_bn, response_mask_bn, f32(old_logp_bn),
-                    f32(ref_logp_bn), f32(old_values_bn), f32(adv_bn), f32(returns_bn))
+  batch = ppo.Batch(prompt_layout.Prompts(tokens_bt, mask_bt), response_bn, response_mask_bn,
+                    f32(old_logp_bn), f32(ref_logp_bn), f32(old_values_bn), f32(adv_bn),
+                    f32(returns_bn))
   loss, (metrics, _) = _loss(trainable, graphdef, base, batch, None, jnp.float32(kl_coef),
                              config=config, temperature=temperature)
 
@@ -854,9 +857,13 @@ def test_trainer_prompt_layout_changes_no_metric():
     if not laid_out:     # the same rows in the same order, every step's layout dropped
       steps = trainer.steps
       trainer.steps = dataclasses.replace(
-          steps, rollout=lambda *a, s=steps: s.rollout(*a[:-1], whole),
-          experience=lambda *a, s=steps: s.experience(*a[:-1], whole),
-          update=lambda *a, s=steps: s.update(*a[:-1], whole))
+          steps,
+          rollout=lambda base, trainable, rows, *a, s=steps: s.rollout(
+              base, trainable, rows.replace(layout=whole), *a),
+          experience=lambda base, trainable, reference, rows, *a, s=steps: s.experience(
+              base, trainable, reference, rows.replace(layout=whole), *a),
+          update=lambda state, base, batch, *a, s=steps: s.update(
+              state, base, batch.replace(sequences=batch.sequences.replace(layout=whole)), *a))
     runs[laid_out] = trainer.train(steps=2), flat(trainer.state.trainable)
   (history, params), (whole_history, whole_params) = runs[True], runs[False]
   assert all(m["tokens/shared_prefix"] >= 8 and m["tokens/skipped"] >= 16 for m in history)

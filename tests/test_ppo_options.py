@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from jax_nlu_ppo import config as config_lib
-from jax_nlu_ppo.model import llama_config, lora, decoder as model, pretrained, sampling
+from jax_nlu_ppo.model import llama_config, lora, decoder as model, pretrained, prompts, sampling
 from jax_nlu_ppo.rl import policy, ppo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def random_batch(vocab, b=8, p=8, n=6, seed=1):
   mask = jnp.ones((b, p + n), jnp.int32).at[1, :3].set(0)
   response_mask = jnp.arange(n)[None] < jax.random.randint(ks[1], (b, 1), 1, n + 1)
   normal = lambda k: jax.random.normal(k, (b, n))
-  return ppo.Batch(tokens, mask, tokens[:, p:], response_mask, normal(ks[2]) - 3,
+  return ppo.Batch(prompts.Prompts(tokens, mask), tokens[:, p:], response_mask, normal(ks[2]) - 3,
                    normal(ks[3]) - 3, normal(ks[4]), normal(ks[5]), normal(ks[6]))
 
 
@@ -73,7 +73,7 @@ def test_separate_critic_adapters():
   graphdef, trainable, base = tiny_policy(critic_lora=True)
   batch = random_batch(llama_config.LlamaConfig.tiny().vocab_size)
   outputs = lambda t: policy.response_outputs(policy.with_trainable(graphdef, base, t),
-                                              batch.tokens_bt, batch.mask_bt, 8)
+                                              batch.sequences, 8)
   state = nnx.to_pure_dict(trainable)
   moved = jax.tree.map(lambda x: x, state)
   moved["critic"] = jax.tree.map(lambda x: x + 1.0, moved["critic"])
@@ -106,12 +106,13 @@ def test_rollout_logprobs_and_values_are_the_experience_forward():
   assert not ppo.reuses_rollout(sample_cfg, critic_lora=True)
   gen = jax.jit(lambda *a: ppo.rollout(*a, max_new_tokens=8, sampling=sample_cfg, eos_ids=(2,),
                                        pad_id=0), static_argnums=0)(
-      graphdef, base, trainable, prompt, prompt_mask, jax.random.key(0), 8)
+      graphdef, base, trainable, prompts.Prompts(prompt, prompt_mask), jax.random.key(0), 8)
   tokens = jnp.concatenate([prompt, gen.tokens_bn], 1)
   mask = jnp.concatenate([prompt_mask, gen.mask_bn.astype(jnp.int32)], 1)
-  reused = ppo.experience(graphdef, base, trainable, trainable, tokens, mask, gen,
+  sequences = prompts.Prompts(tokens, mask)
+  reused = ppo.experience(graphdef, base, trainable, trainable, sequences, gen,
                           temperature=1.0, reuse_rollout=True)
-  recomputed = ppo.experience(graphdef, base, trainable, trainable, tokens, mask, gen,
+  recomputed = ppo.experience(graphdef, base, trainable, trainable, sequences, gen,
                               temperature=1.0, reuse_rollout=False)
   valid = np.asarray(gen.mask_bn)
   for a, b in zip(reused, recomputed):

@@ -78,11 +78,11 @@ def test_the_shorter_half_of_each_block_skips_padding_it_has():
 def test_lay_out_orders_pads_and_describes_the_rows():
   prefix = list(range(10, 19))                           # 9 shared tokens: 8 run once
   ids = [prefix + [3] * r for r in (25, 2, 4, 30)]
-  order, ids_bt, mask_bt, layout = prompt_layout.lay_out(ids, PAD, sort=True)
+  order, prompts = prompt_layout.lay_out(ids, PAD, sort=True)
   assert order == [1, 2, 0, 3]
-  assert layout == PromptLayout(shared=8, skip=32 - 16, blocks=1)
-  np.testing.assert_array_equal(mask_bt.sum(1), [len(ids[i]) for i in order])
-  _, _, _, plain = prompt_layout.lay_out(ids, PAD, share=False, sort=False)
+  assert prompts.layout == PromptLayout(shared=8, skip=32 - 16, blocks=1)
+  np.testing.assert_array_equal(prompts.mask_bt.sum(1), [len(ids[i]) for i in order])
+  plain = prompt_layout.lay_out(ids, PAD, share=False, sort=False)[1].layout
   assert plain == PromptLayout() and plain.whole
   assert PromptLayout(8, 16, 2).without_shared() == PromptLayout(0, 16, 2)
   assert PromptLayout(0, 16, 2).splits(8) and not PromptLayout(0, 16, 2).splits(6)

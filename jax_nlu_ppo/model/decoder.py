@@ -5,16 +5,14 @@ the forward pass is a `lax.scan` over them, so compile time does not grow with d
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
 `mlp`, `norm`, `layers`), and the residual stream is marked (`batch`, `length`); sharding.py
-maps those names to mesh axes, never this file.
+maps those names to mesh axes, never this file. How products, cache writes and the layer scan
+run on a given backend is `kernels.Kernels`, chosen once when the model is built.
 
 Shape suffixes: b batch, t query positions, s key positions (cache slots), d embed, n query
 heads, k kv heads, g query heads per kv head, h head dim, f mlp, v vocab, l layers.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
 from typing import Callable
 
 import flax.struct
@@ -22,10 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_nlu_ppo.tools import matmul_rates
 from jax_nlu_ppo import sharding
+from jax_nlu_ppo.model import kernels as kernels_lib
 from jax_nlu_ppo.model.llama_config import LlamaConfig
-from jax_nlu_ppo.model.prompts import PromptLayout
 
 Array = jax.Array
 # A large finite negative rather than -inf: fully masked rows (left padding) then give a uniform
@@ -45,79 +42,6 @@ def _param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], dtype, names:
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 
-_PLAIN_PRODUCTS = contextvars.ContextVar("plain_products", default=False)
-
-
-@contextlib.contextmanager
-def accelerator_products():
-  """Traces `project` as accelerators run it (the plain einsum) on any backend: for programs
-  compiled on a CPU to plan an accelerator's memory (`memory_plan`)."""
-  token = _PLAIN_PRODUCTS.set(True)
-  try:
-    yield
-  finally:
-    _PLAIN_PRODUCTS.reset(token)
-
-
-def project(eqn: str, x: Array, w: Array) -> Array:
-  """A projection's product (an einsum with no batch dimensions), its sums in float32.
-
-  float32 operands and accelerators take the plain einsum: GPU and TPU matrix units sum
-  bfloat16 products in float32 inside it and round once, and a float32 result only adds memory
-  traffic around it (on an H100, float32 products and the float32 adds after them took the 1B
-  preset's experience phase from 47 to 63 ms). On a CPU, bfloat16 products ask for float32
-  results (`einsum_f32`) where that runs faster there, which depends on the processor
-  (`matmul_rates.cpu_rates`, measured once per process).
-  """
-  # The dtype first: a float32 model never pays for `cpu_rates`' measurement.
-  if (x.dtype != jnp.float32 and jax.default_backend() == "cpu" and not _PLAIN_PRODUCTS.get()
-      and matmul_rates.cpu_rates().sums_in_float32):
-    return einsum_f32(eqn, x, w)
-  return jnp.einsum(eqn, x, w)
-
-
-def einsum_f32(eqn: str, x: Array, w: Array) -> Array:
-  """`jnp.einsum(eqn, x, w)` summed and returned in float32, for operands of one dtype.
-
-  float32 operands take the plain einsum. Narrower ones (bfloat16) keep their dtype as inputs
-  and accumulate in float32, in the backward pass too (`_einsum_f32_bwd`). On some CPUs XLA runs
-  that at over twice the rate of a bfloat16 result, JAX's default for bfloat16 operands, which
-  it widens to float32 (a 2-core EPYC: 430 against 170 GFLOP/s for a prefill's MLP shape; see
-  `matmul_rates` for a CPU where it is the other way round). Autodiff alone would transpose
-  with the float32 cotangent as one operand: the widened path again.
-  For projections only (no batch dimensions): XLA's CPU backend has no kernel for batched
-  bfloat16 x bfloat16 -> float32 products, so attention's keep their bfloat16 results.
-  """
-  if x.dtype == jnp.float32 and w.dtype == jnp.float32:
-    return jnp.einsum(eqn, x, w)
-  return _einsum_f32(eqn, x, w)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _einsum_f32(eqn: str, x: Array, w: Array) -> Array:
-  return jnp.einsum(eqn, x, w, preferred_element_type=jnp.float32)
-
-
-def _einsum_f32_fwd(eqn, x, w):
-  return _einsum_f32(eqn, x, w), (x, w)
-
-
-def _einsum_f32_bwd(eqn, residuals, g):
-  # Each operand's gradient is the einsum of the cotangent with the other operand, which holds
-  # for projections: every index of an operand appears in the output or in the other operand.
-  x, w = residuals
-  inputs, out = eqn.replace(" ", "").split("->")
-  x_spec, w_spec = inputs.split(",")
-  g = g.astype(x.dtype)
-  return (jnp.einsum(f"{out},{w_spec}->{x_spec}", g, w,
-                     preferred_element_type=jnp.float32).astype(x.dtype),
-          jnp.einsum(f"{x_spec},{out}->{w_spec}", x, g,
-                     preferred_element_type=jnp.float32).astype(w.dtype))
-
-
-_einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
-
-
 class Einsum(nnx.Module):
   """A projection `y = einsum(eqn, x, kernel) (+ bias)` whose kernel has named axes.
 
@@ -126,9 +50,10 @@ class Einsum(nnx.Module):
   """
 
   def __init__(self, eqn: str, shape: tuple[int, ...], names: tuple[str, ...], *, bias_ndim: int,
-               use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+               use_bias: bool, dtype, param_dtype, kernels: kernels_lib.Kernels, rngs: nnx.Rngs):
     self.eqn = eqn
     self.dtype = dtype
+    self.kernels = kernels
     fan_in = 1
     for size in shape[:len(shape) - bias_ndim]:
       fan_in *= size
@@ -139,9 +64,9 @@ class Einsum(nnx.Module):
     self.adapter = nnx.data(None)
 
   def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
-    # Bias and adapter are added in the model's dtype, as peft adds adapters: adding them in
-    # float32 alone took the H100's experience phase from 47 to 57 ms (`project`).
-    y = project(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    # Bias and adapter are added in the model's dtype, as peft adds adapters (float32 adds
+    # slow accelerators down: docs/performance-notes.md).
+    y = self.kernels.project(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     y = y.astype(self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
@@ -172,66 +97,6 @@ def rope(x_btnh: Array, sin_bth: Array, cos_bth: Array) -> Array:
   x1, x2 = jnp.split(x_btnh, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return x_btnh * cos_bth[:, :, None, :] + rotated * sin_bth[:, :, None, :]
-
-
-# XLA's CPU backend widens a bfloat16 dynamic-slice or dynamic-update-slice to float32 over the
-# whole buffer and narrows the result back: a copy of all of it per call instead of a view or an
-# in-place write. 16-bit floats moved as uint16 bits avoid it; bits are bits to other backends.
-
-def _narrow_float(x: Array) -> bool:
-  return x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
-
-
-def _bits(x: Array) -> Array:
-  return jax.lax.bitcast_convert_type(x, jnp.uint16)
-
-
-def update_slice(buffer: Array, update: Array, start: tuple) -> Array:
-  """`lax.dynamic_update_slice` that writes 16-bit floats as bits (see above: a decode step
-  had converted every layer's cache to float32 and back)."""
-  update = update.astype(buffer.dtype)
-  if not _narrow_float(buffer):
-    return jax.lax.dynamic_update_slice(buffer, update, start)
-  return _update_bits(buffer, update, start)
-
-
-@jax.custom_jvp
-def _update_bits(buffer: Array, update: Array, start: tuple) -> Array:
-  return jax.lax.bitcast_convert_type(
-      jax.lax.dynamic_update_slice(_bits(buffer), _bits(update), start), buffer.dtype)
-
-
-@_update_bits.defjvp
-def _update_bits_jvp(primals, tangents):
-  # Linear in the tangents, so reverse mode transposes it (the prefill's shared-start cache
-  # carries gradients in the update).
-  buffer, update, start = primals
-  buffer_dot, update_dot, _ = tangents
-  return (_update_bits(buffer, update, start),
-          jax.lax.dynamic_update_slice(buffer_dot, update_dot, start))
-
-
-def _as_bits(x: Array) -> Array:
-  """A 16-bit float array as its bits (others as they are), for a scan that nothing
-  differentiates to slice (see above: each generation program had copied every stacked weight
-  to float32). Where a scan is differentiated, its body's bitcast weights would become
-  residuals of the backward pass, a copy of every layer's weights, so only generation does it."""
-  return _to_bits(x) if _narrow_float(x) else x
-
-
-def _from_bits(x: Array, dtype) -> Array:
-  return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
-
-
-@jax.custom_jvp
-def _to_bits(x: Array) -> Array:
-  return _bits(x)
-
-
-@_to_bits.defjvp
-def _to_bits_jvp(primals, tangents):
-  raise TypeError("a decoder call with differentiable=False (generation) slices its 16-bit "
-                  "weights as bits and cannot be differentiated")
 
 
 @flax.struct.dataclass
@@ -282,9 +147,10 @@ def _decode_attention(q_bkgh: Array, k_bkhs: Array, v_bksh: Array, mask_bs: Arra
 
 class Attention(nnx.Module):
 
-  def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, dtype, param_dtype, kernels: kernels_lib.Kernels,
+               rngs: nnx.Rngs):
     d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, kernels=kernels, rngs=rngs)
     self.q_proj = Einsum("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"),
                          bias_ndim=2, use_bias=config.qkv_bias, **kw)
     self.k_proj = Einsum("btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"),
@@ -295,6 +161,7 @@ class Attention(nnx.Module):
                          bias_ndim=1, use_bias=config.o_bias, **kw)
     self.num_kv_heads = k
     self.scale = h ** -0.5
+    self.kernels = kernels
 
   def __call__(self, x_btd: Array, sin_bth: Array, cos_bth: Array, mask_bts: Array,
                kv: tuple[Array, Array] | None, cache_index: Array | None,
@@ -310,8 +177,8 @@ class Attention(nnx.Module):
     else:
       k_bkht, v_bkth = k_bkht.astype(kv[0].dtype), v_bkth.astype(kv[1].dtype)
       k_start, v_start = KVCache.write_starts(cache_index, layers=False)
-      k_bkhs = update_slice(kv[0], k_bkht, k_start)
-      v_bksh = update_slice(kv[1], v_bkth, v_start)
+      k_bkhs = self.kernels.write(kv[0], k_bkht, k_start)
+      v_bksh = self.kernels.write(kv[1], v_bkth, v_start)
     b, t, n, h = q_btnh.shape
     q_btkgh = q_btnh.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
     if t == 1:
@@ -329,10 +196,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-  def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, dtype, param_dtype, kernels: kernels_lib.Kernels,
+               rngs: nnx.Rngs):
     d, f = config.hidden_size, config.intermediate_size
     kw = dict(bias_ndim=1, use_bias=config.mlp_bias, dtype=dtype, param_dtype=param_dtype,
-              rngs=rngs)
+              kernels=kernels, rngs=rngs)
     self.gate_proj = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), **kw)
     self.up_proj = Einsum("btd,df->btf", (d, f), ("embed", "mlp"), **kw)
     self.down_proj = Einsum("btf,fd->btd", (f, d), ("mlp", "embed"), **kw)
@@ -345,12 +213,13 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
 
-  def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, dtype, param_dtype, kernels: kernels_lib.Kernels,
+               rngs: nnx.Rngs):
     kw = dict(param_dtype=param_dtype, rngs=rngs)
     self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-    self.self_attn = Attention(config, dtype=dtype, **kw)
+    self.self_attn = Attention(config, dtype=dtype, kernels=kernels, **kw)
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-    self.mlp = MLP(config, dtype=dtype, **kw)
+    self.mlp = MLP(config, dtype=dtype, kernels=kernels, **kw)
 
   def __call__(self, x_btd, sin_bth, cos_bth, mask_bts, kv, cache_index, dropout_key=None):
     attn_key, mlp_key = _keys(dropout_key, 2)
@@ -369,10 +238,12 @@ class Llama(nnx.Module):
   """
 
   def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs, remat_policy: Callable | None = None):
+               rngs: nnx.Rngs, remat_policy: Callable | None = None,
+               kernels: kernels_lib.Kernels = kernels_lib.PLAIN):
     self.config = config
     self.dtype = dtype
     self.remat_policy = remat_policy
+    self.kernels = kernels
     self.embed_tokens = _param(rngs, nnx.initializers.normal(stddev=1.0),
                                (config.vocab_size, config.hidden_size), param_dtype,
                                ("vocab", "embed"))
@@ -380,7 +251,8 @@ class Llama(nnx.Module):
     @nnx.split_rngs(splits=config.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_layers(rngs):
-      return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, kernels=kernels,
+                          rngs=rngs)
 
     self.layers = make_layers(rngs)
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype,
@@ -391,7 +263,7 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens_bt: Array, positions_bt: Array, mask_bts: Array,
                cache: KVCache | None = None, cache_index: Array | int = 0,
-               dropout_key: Array | None = None, differentiable: bool = True):
+               dropout_key: Array | None = None):
     """Runs the decoder.
 
     Args:
@@ -401,8 +273,6 @@ class Llama(nnx.Module):
       cache: when given, keys/values of `tokens_bt` are written at `cache_index` and attention
         runs over all cache slots (`s` = cache length); otherwise over `tokens_bt` alone.
       dropout_key: enables adapter dropout (training); None runs deterministically.
-      differentiable: False where nothing differentiates this call (generation): the layer scan
-        then slices 16-bit weights and cache as integer bits (`_as_bits`).
     Returns:
       (hidden_btd after the final norm, updated cache or None).
     """
@@ -418,14 +288,9 @@ class Llama(nnx.Module):
 
     graphdef, layer_state = nnx.split(self.layers)
     kv = None if cache is None else (cache.k_lbkhs, cache.v_lbksh)
-    scanned = (layer_state, kv)
-    dtypes = jax.tree.map(lambda x: x.dtype, scanned)
-    if not differentiable:
-      scanned = jax.tree.map(_as_bits, scanned)
 
     def body(x_btd, xs):
-      scanned, layer_key = xs
-      state, kv = jax.tree.map(_from_bits, scanned, dtypes)
+      (state, kv), layer_key = xs
       layer = nnx.merge(graphdef, state)
       # The residual stream stays split over the batch axes between layers (the weights are
       # gathered to it, not it to them): FSDP's pattern.
@@ -436,22 +301,23 @@ class Llama(nnx.Module):
       body = jax.checkpoint(body, policy=self.remat_policy)
     layer_keys = (None if dropout_key is None
                   else jax.random.split(dropout_key, self.config.num_layers))
-    x_btd, new_kv = jax.lax.scan(body, x_btd, (scanned, layer_keys))
+    x_btd, new_kv = self.kernels.scan(body, x_btd, ((layer_state, kv), layer_keys))
     new_cache = None
     if cache is not None:
       # The layers return only this call's entries; one in-place write per array puts them in
       # the cache, instead of each layer copying its whole cache slice out as a scan output.
       new_cache = KVCache(*(
-          update_slice(full, entries, start)
+          self.kernels.write(full, entries, start)
           for full, entries, start in zip(kv, new_kv, KVCache.write_starts(cache_index))))
     return self.norm(sharding.constrain(x_btd, _RESIDUAL)), new_cache
 
   def logits(self, hidden_btd: Array) -> Array:
-    """Logits in the product's dtype (`project`: float32 on CPU, the model's dtype on
-    accelerators); callers take them to float32."""
+    """Logits in the product's dtype (the model's, or float32 with `kernels.float32_sums`);
+    callers take them to float32."""
     if self.lm_head is None:
-      return project("btd,vd->btv", hidden_btd, self.embed_tokens[...].astype(self.dtype))
-    return project("btd,dv->btv", hidden_btd, self.lm_head[...].astype(self.dtype))
+      return self.kernels.project("btd,vd->btv", hidden_btd,
+                                  self.embed_tokens[...].astype(self.dtype))
+    return self.kernels.project("btd,dv->btv", hidden_btd, self.lm_head[...].astype(self.dtype))
 
 
 # Masks and positions for left-padded batches.
@@ -473,78 +339,6 @@ def attention_mask(key_valid_bs: Array, query_slots_t: Array) -> Array:
   key_slots_s = jnp.arange(key_valid_bs.shape[-1])
   causal_ts = key_slots_s[None, :] <= query_slots_t[:, None]
   return key_valid_bs[:, None, :].astype(bool) & causal_ts[None]
-
-
-def prefill(model: Llama, tokens_bt: Array, mask_bt: Array, cache_len: int, *,
-            layout: PromptLayout = PromptLayout(), cache_dtype=None,
-            dropout_key: Array | None = None, differentiable: bool = True
-            ) -> tuple[Array, KVCache]:
-  """Runs a left-padded batch into a fresh cache of `cache_len` slots (slots after the batch's
-  are left for later tokens, which may attend to them).
-
-  `layout` says which columns may be left out (`prompt_layout.PromptLayout`). A shared start
-  of p tokens runs once, at batch 1, and its keys and values are copied to every row. With
-  `skip`, the first half of each block of rows starts `skip` columns after it, in a pass of its
-  own (those columns are padding there; their hidden states come back as zeros). The outputs
-  are those of running every row whole, since positions and masks come from `mask_bt` either
-  way. `differentiable`: as in `Llama.__call__` (False for generation only).
-
-  Returns (hidden states of the tokens after the shared start, the cache).
-  """
-  b, t = tokens_bt.shape
-  p = layout.shared
-  dtype = cache_dtype or model.dtype
-  key_valid_bs = cache_slots_valid(mask_bt, cache_len)
-  positions_bt = positions_from_mask(mask_bt)
-  if p:
-    if dropout_key is not None:
-      # One prefix pass would give every row the same dropout masks there.
-      raise ValueError("a shared prefix cannot be used with dropout")
-    prefix = KVCache.zeros(model.config, 1, cache_len, dtype)
-    _, prefix = model(tokens_bt[:1, :p], positions_bt[:1, :p],
-                      attention_mask(key_valid_bs[:1], jnp.arange(p)), prefix, 0,
-                      differentiable=differentiable)
-
-  def run(half, start, key):
-    """Every row's (half None) or one half's columns from `start` on, into a cache of its own."""
-    n = b if half is None else b // 2
-    pick = (lambda x: x) if half is None else (lambda x: _half(x, half, layout.blocks))
-    if p:
-      cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (x.shape[0], n) + x.shape[2:]), prefix)
-    else:
-      cache = KVCache.zeros(model.config, n, cache_len, dtype)
-    return model(pick(tokens_bt)[:, start:], pick(positions_bt)[:, start:],
-                 attention_mask(pick(key_valid_bs), jnp.arange(start, t)), cache, start, key,
-                 differentiable=differentiable)
-
-  if not layout.skip:
-    return run(None, p, dropout_key)
-  if not layout.splits(b):
-    raise ValueError(f"{b} rows do not split into {layout.blocks} blocks of two equal halves")
-  keys = (None, None) if dropout_key is None else [jax.random.fold_in(dropout_key, i)
-                                                   for i in (0, 1)]
-  short_btd, short_cache = run(0, p + layout.skip, keys[0])
-  long_btd, long_cache = run(1, p, keys[1])
-  short_btd = jnp.pad(short_btd, ((0, 0), (layout.skip, 0), (0, 0)))
-  return (_join_halves(short_btd, long_btd, layout.blocks, 0),
-          jax.tree.map(lambda x, y: _join_halves(x, y, layout.blocks, 1), short_cache,
-                       long_cache))
-
-
-def _half(x: Array, which: int, blocks: int, axis: int = 0) -> Array:
-  """The first (0) or second (1) half of each of `blocks` blocks along `axis`, concatenated."""
-  n = x.shape[axis]
-  x = x.reshape(x.shape[:axis] + (blocks, 2, n // (2 * blocks)) + x.shape[axis + 1:])
-  return jax.lax.index_in_dim(x, which, axis + 1, keepdims=False).reshape(
-      x.shape[:axis] + (n // 2,) + x.shape[axis + 3:])
-
-
-def _join_halves(first: Array, second: Array, blocks: int, axis: int) -> Array:
-  """The inverse of `_half`: each block is its first half, then its second."""
-  def split(x):
-    return x.reshape(x.shape[:axis] + (blocks, 1, x.shape[axis] // blocks) + x.shape[axis + 1:])
-  joined = jnp.concatenate([split(first), split(second)], axis=axis + 1)
-  return joined.reshape(first.shape[:axis] + (2 * first.shape[axis],) + first.shape[axis + 1:])
 
 
 def forward_logits(model: Llama, tokens_bt: Array, mask_bt: Array) -> Array:

@@ -16,11 +16,11 @@ import numpy as np
 from flax import nnx
 
 from jax_nlu_ppo import distributed
-from jax_nlu_ppo.tools import matmul_rates
-from jax_nlu_ppo.model import prompts as prompt_layout
-from jax_nlu_ppo.model import decoder as model_lib
-from jax_nlu_ppo.model import sampling as sampling_lib
 from jax_nlu_ppo import sharding as sharding_lib
+from jax_nlu_ppo.model import decoder
+from jax_nlu_ppo.model import kernels as kernels_lib
+from jax_nlu_ppo.model import prompts as prompts_lib
+from jax_nlu_ppo.model import sampling as sampling_lib
 from jax_nlu_ppo.model import weights as weights_lib
 from jax_nlu_ppo.model.llama_config import LlamaConfig
 
@@ -129,24 +129,24 @@ def tokenizer_only(name_or_path: str):
   return load_tokenizer(resolve(name_or_path))
 
 
-def abstract_model(config: LlamaConfig, dtype) -> model_lib.Llama:
+def abstract_model(config: LlamaConfig, dtype,
+                   kernels: kernels_lib.Kernels = kernels_lib.PLAIN) -> decoder.Llama:
   """The model's structure with `ShapeDtypeStruct` leaves: no parameter memory allocated."""
-  return nnx.eval_shape(lambda: model_lib.Llama(config, dtype=dtype, param_dtype=dtype,
-                                                rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: decoder.Llama(config, dtype=dtype, param_dtype=dtype,
+                                              rngs=nnx.Rngs(0), kernels=kernels))
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _forward_logits(graphdef, params, tokens_bt, mask_bt):
-  return model_lib.forward_logits(nnx.merge(graphdef, params), tokens_bt, mask_bt)
+  return decoder.forward_logits(nnx.merge(graphdef, params), tokens_bt, mask_bt)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
-                                             "eos_ids", "pad_id", "layout"))
-def _generate(graphdef, params, prompt_bt, prompt_mask_bt, key, *, max_new_tokens, sampling,
-              eos_ids, pad_id, layout=prompt_layout.PromptLayout()):
-  return sampling_lib.generate(nnx.merge(graphdef, params), prompt_bt, prompt_mask_bt, key,
+                                             "eos_ids", "pad_id"))
+def _generate(graphdef, params, prompts, key, *, max_new_tokens, sampling, eos_ids, pad_id):
+  return sampling_lib.generate(nnx.merge(graphdef, params), prompts, key,
                                max_new_tokens=max_new_tokens, sampling=sampling,
-                               eos_ids=eos_ids, pad_id=pad_id, layout=layout)
+                               eos_ids=eos_ids, pad_id=pad_id)
 
 
 Prompt = str | list[dict[str, str]]
@@ -175,7 +175,7 @@ def render_prompt(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
 def encode_prompts(tokenizer, prompts: Sequence[Prompt], chat: bool = True,
                    length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded (ids, mask), padded to `length` or the bucket of the longest prompt."""
-  return prompt_layout.pad_left([render_prompt(tokenizer, p, chat) for p in prompts],
+  return prompts_lib.pad_left([render_prompt(tokenizer, p, chat) for p in prompts],
                                 tokenizer.pad_token_id, length)
 
 
@@ -210,7 +210,7 @@ class LanguageModel:
     self.batch_size = -(-batch_size // ways) * ways
 
   @property
-  def model(self) -> model_lib.Llama:
+  def model(self) -> decoder.Llama:
     return nnx.merge(self.graphdef, self.params)
 
   def logits(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -220,7 +220,7 @@ class LanguageModel:
     b, t = ids_bt.shape
     # Right-padding to a bucket keeps compiled shapes few; causal attention makes the extra
     # columns invisible to the real ones.
-    padded = prompt_layout.bucket_length(t)
+    padded = prompts_lib.bucket_length(t)
     ids_bt = np.pad(ids_bt, ((0, 0), (0, padded - t)))
     mask_bt = np.pad(mask_bt, ((0, 0), (0, padded - t)))
     out = _forward_logits(self.graphdef, self.params, ids_bt, mask_bt)
@@ -238,21 +238,20 @@ class LanguageModel:
 
   def generate_ids(self, prompt_bt, prompt_mask_bt, max_new_tokens: int,
                    sampling: sampling_lib.SamplingConfig, seed: int = 0,
-                   layout: prompt_layout.PromptLayout = prompt_layout.PromptLayout()
+                   layout: prompts_lib.PromptLayout = prompts_lib.PromptLayout()
                    ) -> sampling_lib.Generation:
     """Token-level generation over a left-padded batch (one compiled program per shape), the
-    prompt columns `layout` allows left out (see `prompt_layout.lay_out`)."""
+    prompt columns `layout` allows left out (see `prompts.lay_out`)."""
     kw = dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=self.eos_ids(),
-              pad_id=self.pad_id, layout=layout)
+              pad_id=self.pad_id)
     if self.layout is None:
-      return _generate(self.graphdef, self.params, jnp.asarray(prompt_bt),
-                       jnp.asarray(prompt_mask_bt), jax.random.key(seed), **kw)
+      prompts = prompts_lib.Prompts(jnp.asarray(prompt_bt), jnp.asarray(prompt_mask_bt), layout)
+      return _generate(self.graphdef, self.params, prompts, jax.random.key(seed), **kw)
     rows = self.layout.batch(2)
+    prompts = prompts_lib.Prompts(sharding_lib.place(np.asarray(prompt_bt), rows),
+                                  sharding_lib.place(np.asarray(prompt_mask_bt), rows), layout)
     with sharding_lib.activations(self.layout):
-      gen = _generate(self.graphdef, self.params,
-                      sharding_lib.place(np.asarray(prompt_bt), rows),
-                      sharding_lib.place(np.asarray(prompt_mask_bt), rows), jax.random.key(seed),
-                      **kw)
+      gen = _generate(self.graphdef, self.params, prompts, jax.random.key(seed), **kw)
     return jax.tree.map(distributed.all_rows, gen)
 
   def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -277,8 +276,9 @@ class LanguageModel:
       fill = (self.batch_size - len(chunk)
               if len(prompt_ids) > self.batch_size or self.layout is not None else 0)
       # A task's instructions (and k-shot demonstrations) begin every prompt: they run once.
-      _, ids_bt, mask_bt, layout = prompt_layout.lay_out(chunk + [chunk[0]] * fill, self.pad_id)
-      gen = self.generate_ids(ids_bt, mask_bt, max_new_tokens, sampling, seed + start, layout)
+      _, prompts = prompts_lib.lay_out(chunk + [chunk[0]] * fill, self.pad_id)
+      gen = self.generate_ids(prompts.ids_bt, prompts.mask_bt, max_new_tokens, sampling,
+                              seed + start, prompts.layout)
       outputs += decode_responses(tok, gen, self.eos_ids())[:len(chunk)]
     return outputs
 
@@ -297,7 +297,7 @@ class LanguageModel:
 
 def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
                     gguf_file: str | None = None, layout: sharding_lib.Layout | None = None,
-                    batch_size: int = 32) -> LanguageModel:
+                    batch_size: int = 32, kernels: str = "auto") -> LanguageModel:
   """Loads a LLaMA-family model for JAX.
 
   Args:
@@ -307,21 +307,24 @@ def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
     gguf_file: with a folder or hub id, which GGUF file in it to read.
     layout: a mesh and its rules; each parameter is then placed directly on its devices as it
       is read, each process keeping only its devices' shards (otherwise: the default device).
+    kernels: the decoder's backend paths (`kernels.CHOICES`; "auto" chooses by backend and
+      dtype).
   """
   if dtype not in _DTYPES:
     raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+  resolved = kernels_lib.resolve(kernels, _DTYPES[dtype])
   if dtype == "bfloat16" and jax.default_backend() == "cpu":
-    rates = matmul_rates.cpu_rates()
+    rates = kernels_lib.product_rates()
     if rates.best_bfloat16 < rates.float32:
-      # XLA's CPU backend also widens much of the other bfloat16 work to float32: on a CPU whose
-      # bfloat16 products are no faster, a PPO iteration took 24.3-25.3 s against 14.5-16.9 s
-      # in float32.
+      # XLA's CPU backend also widens much of the other bfloat16 work to float32
+      # (docs/performance-notes.md).
       log.warning("bfloat16 products run at %.0f GFLOP/s on this CPU against %.0f for float32: "
                   "bfloat16 halves the weights' memory but is likely to run slower than float32",
                   rates.best_bfloat16, rates.float32)
   start = time.perf_counter()
   checkpoint = resolve(name_or_path, gguf_file)
-  graphdef, abstract_state = nnx.split(abstract_model(checkpoint.config, _DTYPES[dtype]))
+  graphdef, abstract_state = nnx.split(abstract_model(checkpoint.config, _DTYPES[dtype],
+                                                       resolved))
   shardings = None if layout is None else nnx.to_pure_dict(layout.tree(abstract_state))
   loaded = weights_lib.load_params(checkpoint.source, checkpoint.config,
                                    nnx.to_pure_dict(abstract_state), checkpoint.config_source,

@@ -1,15 +1,25 @@
-"""How a batch of prompts is padded and laid out, so that a forward runs as little padding as it
-can: length buckets, the start every prompt shares (run once), and length-sorted halves.
+"""Prompt batches: how they are padded and laid out so that a forward runs as little padding as
+it can (length buckets, the start every prompt shares run once, length-sorted halves), and the
+prefill that runs what a layout allows.
 
-`pad_left` writes the rows; `PromptLayout` (static under jit) tells `model.prefill` which of
-their columns it may leave out. Host-side only: numbers and lists, no arrays on devices.
+Host side: `pad_left` and `lay_out` write the rows and choose their `PromptLayout`. Device side:
+`Prompts` carries ids, mask and layout (static) through generation, experience and the update;
+`prefill` and `hidden_states` give the outputs of running every row whole, leaving out the
+columns the layout lets them.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Sequence
 
+import flax.struct
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from jax_nlu_ppo.model import decoder
+
+Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +48,24 @@ class PromptLayout:
   def without_shared(self) -> PromptLayout:
     # Adapter dropout must draw its own masks per row, which one shared pass cannot.
     return dataclasses.replace(self, shared=0)
+
+
+@flax.struct.dataclass
+class Prompts:
+  """Left-padded token rows (prompts, or prompts followed by their responses) and their layout.
+
+  `layout` is static: each layout compiles its own programs, and jit keys on it through the
+  pytree's structure.
+  """
+  ids_bt: Array
+  mask_bt: Array
+  layout: PromptLayout = flax.struct.field(pytree_node=False, default=PromptLayout())
+
+  def extended(self, ids_bn: Array, mask_bn: Array) -> Prompts:
+    """These rows followed by `ids_bn` (a response each), in the same layout."""
+    return Prompts(jnp.concatenate([self.ids_bt, ids_bn], axis=1),
+                   jnp.concatenate([self.mask_bt, mask_bn.astype(self.mask_bt.dtype)], axis=1),
+                   self.layout)
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -124,10 +152,11 @@ def short_half_skip(lengths: Sequence[int], blocks: int, shared: int, length: in
 
 
 def lay_out(ids: Sequence[Sequence[int]], pad_id: int, blocks: int = 1, *, share: bool = True,
-            sort: bool = False) -> tuple[list[int], np.ndarray, np.ndarray, PromptLayout]:
-  """Prompts padded for the least work on one host: (the order of `ids` the rows are in,
-  ids_bt, mask_bt, their layout). `share`: find the shared start; `sort`: sort each of `blocks`
-  blocks by length, and let the shorter halves skip half the columns when they fit there."""
+            sort: bool = False) -> tuple[list[int], Prompts]:
+  """Prompts padded for the least work on one host: (the order of `ids` the rows are in, the
+  padded rows with their layout, as host arrays). `share`: find the shared start; `sort`: sort
+  each of `blocks` blocks by length, and let the shorter halves skip half the columns when they
+  fit there."""
   shared = shared_prefix_length(ids) if share else 0
   order = (sorted_within_blocks([len(x) for x in ids], blocks) if sort
            else list(range(len(ids))))
@@ -135,7 +164,7 @@ def lay_out(ids: Sequence[Sequence[int]], pad_id: int, blocks: int = 1, *, share
   ids_bt, mask_bt = pad_left(ids, pad_id, shared_prefix=shared)
   skip = (short_half_skip([len(x) for x in ids], blocks, shared, ids_bt.shape[1]) if sort
           else 0)
-  return order, ids_bt, mask_bt, PromptLayout(shared, skip, blocks)
+  return order, Prompts(ids_bt, mask_bt, PromptLayout(shared, skip, blocks))
 
 
 def minibatches(rng: np.random.Generator, rows: int, minibatch: int, layout: PromptLayout,
@@ -160,3 +189,89 @@ def minibatches(rng: np.random.Generator, rows: int, minibatch: int, layout: Pro
   return ([np.concatenate([part[i:i + half].reshape(units, -1) for part in (short, long)],
                           axis=1).ravel() for i in range(0, rows // 2, half)],
           layout)
+
+
+# ------------------------------------------------------------------------------------------------
+# Running what a layout allows
+
+
+def prefill(model: decoder.Llama, prompts: Prompts, cache_len: int, *, cache_dtype=None,
+            dropout_key: Array | None = None) -> tuple[Array, decoder.KVCache]:
+  """Runs `prompts` into a fresh cache of `cache_len` slots (slots after the batch's are left
+  for later tokens, which may attend to them).
+
+  A shared start of p tokens runs once, at batch 1, and its keys and values are copied to every
+  row. With `layout.skip`, the first half of each block of rows starts `skip` columns after it,
+  in a pass of its own (those columns are padding there; their hidden states come back as
+  zeros). The outputs are those of running every row whole, since positions and masks come
+  from the mask either way.
+
+  Returns (hidden states of the tokens after the shared start, the cache).
+  """
+  tokens_bt, mask_bt, layout = prompts.ids_bt, prompts.mask_bt, prompts.layout
+  b, t = tokens_bt.shape
+  p = layout.shared
+  dtype = cache_dtype or model.dtype
+  key_valid_bs = decoder.cache_slots_valid(mask_bt, cache_len)
+  positions_bt = decoder.positions_from_mask(mask_bt)
+  if p:
+    if dropout_key is not None:
+      # One prefix pass would give every row the same dropout masks there.
+      raise ValueError("a shared prefix cannot be used with dropout")
+    prefix = decoder.KVCache.zeros(model.config, 1, cache_len, dtype)
+    _, prefix = model(tokens_bt[:1, :p], positions_bt[:1, :p],
+                      decoder.attention_mask(key_valid_bs[:1], jnp.arange(p)), prefix, 0)
+
+  def run(half, start, key):
+    """Every row's (half None) or one half's columns from `start` on, into a cache of its own."""
+    n = b if half is None else b // 2
+    pick = (lambda x: x) if half is None else (lambda x: _half(x, half, layout.blocks))
+    if p:
+      cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (x.shape[0], n) + x.shape[2:]), prefix)
+    else:
+      cache = decoder.KVCache.zeros(model.config, n, cache_len, dtype)
+    return model(pick(tokens_bt)[:, start:], pick(positions_bt)[:, start:],
+                 decoder.attention_mask(pick(key_valid_bs), jnp.arange(start, t)), cache, start,
+                 key)
+
+  if not layout.skip:
+    return run(None, p, dropout_key)
+  if not layout.splits(b):
+    raise ValueError(f"{b} rows do not split into {layout.blocks} blocks of two equal halves")
+  keys = (None, None) if dropout_key is None else [jax.random.fold_in(dropout_key, i)
+                                                   for i in (0, 1)]
+  short_btd, short_cache = run(0, p + layout.skip, keys[0])
+  long_btd, long_cache = run(1, p, keys[1])
+  short_btd = jnp.pad(short_btd, ((0, 0), (layout.skip, 0), (0, 0)))
+  return (_join_halves(short_btd, long_btd, layout.blocks, 0),
+          jax.tree.map(lambda x, y: _join_halves(x, y, layout.blocks, 1), short_cache,
+                       long_cache))
+
+
+def hidden_states(model: decoder.Llama, prompts: Prompts,
+                  dropout_key: Array | None = None) -> Array:
+  """Final hidden states of every column after the shared start, without a cache beyond the
+  rows' own length (whole rows run the plain forward)."""
+  tokens_bt, mask_bt = prompts.ids_bt, prompts.mask_bt
+  if not prompts.layout.whole:
+    return prefill(model, prompts, tokens_bt.shape[1], dropout_key=dropout_key)[0]
+  hidden_btd, _ = model(tokens_bt, decoder.positions_from_mask(mask_bt),
+                        decoder.attention_mask(mask_bt, jnp.arange(tokens_bt.shape[1])),
+                        dropout_key=dropout_key)
+  return hidden_btd
+
+
+def _half(x: Array, which: int, blocks: int, axis: int = 0) -> Array:
+  """The first (0) or second (1) half of each of `blocks` blocks along `axis`, concatenated."""
+  n = x.shape[axis]
+  x = x.reshape(x.shape[:axis] + (blocks, 2, n // (2 * blocks)) + x.shape[axis + 1:])
+  return jax.lax.index_in_dim(x, which, axis + 1, keepdims=False).reshape(
+      x.shape[:axis] + (n // 2,) + x.shape[axis + 3:])
+
+
+def _join_halves(first: Array, second: Array, blocks: int, axis: int) -> Array:
+  """The inverse of `_half`: each block is its first half, then its second."""
+  def split(x):
+    return x.reshape(x.shape[:axis] + (blocks, 1, x.shape[axis] // blocks) + x.shape[axis + 1:])
+  joined = jnp.concatenate([split(first), split(second)], axis=axis + 1)
+  return joined.reshape(first.shape[:axis] + (2 * first.shape[axis],) + first.shape[axis + 1:])

@@ -11,9 +11,11 @@ from typing import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from jax_nlu_ppo.model import decoder as model_lib
-from jax_nlu_ppo.model.prompts import PromptLayout
+from jax_nlu_ppo.model import decoder
+from jax_nlu_ppo.model import kernels as kernels_lib
+from jax_nlu_ppo.model import prompts as prompts_lib
 
 Array = jax.Array
 
@@ -88,27 +90,27 @@ def sample(logits_bv: Array, key: Array, sampling: SamplingConfig) -> tuple[Arra
   return token_b, jnp.take_along_axis(logprobs_bv, token_b[:, None], axis=-1)[:, 0]
 
 
-def generate(model: model_lib.Llama, prompt_bt: Array, prompt_mask_bt: Array, key: Array, *,
+def generate(model: decoder.Llama, prompts: prompts_lib.Prompts, key: Array, *,
              max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...],
              pad_id: int, limit: Array | int | None = None, cache_dtype=None,
-             value_fn: Callable[[Array], Array] | None = None,
-             layout: PromptLayout = PromptLayout()) -> Generation:
+             value_fn: Callable[[Array], Array] | None = None) -> Generation:
   """Samples up to `max_new_tokens` per row; a row stops at its first EOS, the loop when all have.
 
-  `prompt_bt` must be left-padded (`prompt_mask_bt` False on padding). Everything here is
-  traceable: call it under `jax.jit` with `max_new_tokens`, `sampling`, `eos_ids` and `pad_id`
-  static. `limit` (traced) stops earlier without a new compile: a run that draws its length per
-  batch (the paper's 12..31) keeps one output shape, `max_new_tokens`.
+  `prompts` are left-padded (mask 0 on padding); the prefill leaves out the columns their
+  layout allows (`prompts.prefill`). Everything here is traceable: call it under `jax.jit`
+  with `max_new_tokens`, `sampling`, `eos_ids` and `pad_id` static. `limit` (traced) stops
+  earlier without a new compile: a run that draws its length per batch (the paper's 12..31)
+  keeps one output shape, `max_new_tokens`.
   `value_fn` maps the (batch, hidden) state each token is sampled from to one number per row
   (a critic's value), so a rollout yields log-probs and values without a second forward.
-  `layout` (static): which prompt columns the prefill may leave out (`model.prefill`).
   """
+  model = _for_generation(model)
+  prompt_mask_bt = prompts.mask_bt
   limit = max_new_tokens if limit is None else jnp.minimum(limit, max_new_tokens)
-  b, t = prompt_bt.shape
-  hidden_btd, cache = model_lib.prefill(model, prompt_bt, prompt_mask_bt, t + max_new_tokens,
-                                        layout=layout, cache_dtype=cache_dtype,
-                                        differentiable=False)
-  key_valid_bs = model_lib.cache_slots_valid(prompt_mask_bt, t + max_new_tokens)
+  b, t = prompts.ids_bt.shape
+  hidden_btd, cache = prompts_lib.prefill(model, prompts, t + max_new_tokens,
+                                          cache_dtype=cache_dtype)
+  key_valid_bs = decoder.cache_slots_valid(prompt_mask_bt, t + max_new_tokens)
   value_fn = value_fn or (lambda hidden_bd: jnp.zeros(hidden_bd.shape[:1], jnp.float32))
   hidden_bd = hidden_btd[:, -1]
   eos_e = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -137,13 +139,12 @@ def generate(model: model_lib.Llama, prompt_bt: Array, prompt_mask_bt: Array, ke
     i, cache, hidden_bd, position_b, done_b, *outputs = carry
     token_b, done_b, *outputs = emit(i, hidden_bd, done_b, *outputs)
     slot = t + i
-    mask_b1s = model_lib.attention_mask(key_valid_bs, slot[None])
-    hidden_b1d, cache = model(token_b[:, None], position_b[:, None], mask_b1s, cache, slot,
-                              differentiable=False)
+    mask_b1s = decoder.attention_mask(key_valid_bs, slot[None])
+    hidden_b1d, cache = model(token_b[:, None], position_b[:, None], mask_b1s, cache, slot)
     return (i + 1, cache, hidden_b1d[:, 0], position_b + 1, done_b, *outputs)
 
   zeros_bn = jnp.zeros((b, max_new_tokens), jnp.float32)
-  next_position_b = model_lib.positions_from_mask(prompt_mask_bt)[:, -1] + 1
+  next_position_b = decoder.positions_from_mask(prompt_mask_bt)[:, -1] + 1
   init = (jnp.int32(0), cache, hidden_bd, next_position_b, jnp.zeros((b,), bool),
           jnp.full((b, max_new_tokens), pad_id, jnp.int32), jnp.zeros((b, max_new_tokens), bool),
           zeros_bn, zeros_bn, key)
@@ -151,3 +152,10 @@ def generate(model: model_lib.Llama, prompt_bt: Array, prompt_mask_bt: Array, ke
   # After an early stop (every row done, or a limit of 0) this draws for no row.
   _, _, *outputs, _ = emit(i, hidden_bd, done_b, *outputs)
   return Generation(*outputs)
+
+
+def _for_generation(model: decoder.Llama) -> decoder.Llama:
+  """`model` (sharing its arrays) with its kernels for calls nothing differentiates."""
+  copy = nnx.merge(*nnx.split(model))
+  copy.kernels = kernels_lib.for_generation(model.kernels)
+  return copy

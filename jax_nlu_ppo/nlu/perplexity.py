@@ -24,7 +24,7 @@ from flax import nnx
 from jax_nlu_ppo.model import lm_loss
 from jax_nlu_ppo.model import decoder as model_lib
 from jax_nlu_ppo.model import pretrained
-from jax_nlu_ppo.model import prompts as prompt_layout
+from jax_nlu_ppo.model import prompts as prompts_lib
 from jax_nlu_ppo.nlu import data as data_lib
 from jax_nlu_ppo.nlu import evaluate as evaluate_lib
 from jax_nlu_ppo.nlu import tasks as tasks_lib
@@ -82,7 +82,7 @@ def perplexity(lm: pretrained.LanguageModel, texts: Sequence[str], *,
   order = np.argsort([len(x) for x in ids], kind="stable")
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
-    length = prompt_layout.bucket_length(max(len(ids[i]) for i in rows))
+    length = prompts_lib.bucket_length(max(len(ids[i]) for i in rows))
     # A short last batch is filled with empty rows so that it reuses the compiled shape.
     ids_bt = np.full((batch_size, length), lm.pad_id, np.int32)
     mask_bt = np.zeros((batch_size, length), np.int32)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jax_nlu_ppo.model import lora as lora_lib
 from jax_nlu_ppo.model import decoder as model_lib
-from jax_nlu_ppo.model.prompts import PromptLayout
+from jax_nlu_ppo.model import prompts as prompts_lib
 
 Array = jax.Array
 
@@ -97,16 +97,15 @@ class ResponseOutputs:
   values_bn: Array
 
 
-def response_outputs(policy: Policy, tokens_bt: Array, mask_bt: Array, prompt_len: int,
-                     dropout_key: Array | None = None, values: bool = True,
-                     layout: PromptLayout = PromptLayout()) -> ResponseOutputs:
+def response_outputs(policy: Policy, sequences: prompts_lib.Prompts, prompt_len: int,
+                     dropout_key: Array | None = None, values: bool = True) -> ResponseOutputs:
   """One forward over prompt + response; logits and values where response tokens are predicted.
 
-  `tokens_bt` is a left-padded prompt of static length `prompt_len` followed by the response.
+  `sequences` are left-padded prompts of static length `prompt_len` followed by their responses,
+  in the prompts' layout (a shared start not with adapter dropout and a `dropout_key`).
   Position `prompt_len - 1 + i` predicts response token i, so only those positions go through
   the vocabulary projection: the (batch, prompt, vocab) logits are never built. `values=False`
-  (critic-free advantages) skips the critic. `layout` (static): prompt columns the forward
-  may leave out (`model.prefill`); a shared start not with adapter dropout and a `dropout_key`.
+  (critic-free advantages) skips the critic.
   """
   keys = [None] * 4 if dropout_key is None else list(jax.random.split(dropout_key, 4))
   llama = policy.llama
@@ -114,14 +113,8 @@ def response_outputs(policy: Policy, tokens_bt: Array, mask_bt: Array, prompt_le
   def response_hidden(key):
     if not lora_lib.applies_dropout(llama):
       key = None    # the same forward; and a shared start is allowed
-    if not layout.whole:
-      hidden_btd, _ = model_lib.prefill(llama, tokens_bt, mask_bt, tokens_bt.shape[1],
-                                        layout=layout, dropout_key=key)
-    else:
-      hidden_btd, _ = llama(tokens_bt, model_lib.positions_from_mask(mask_bt),
-                            model_lib.attention_mask(mask_bt, jnp.arange(tokens_bt.shape[1])),
-                            dropout_key=key)
-    return hidden_btd[:, prompt_len - 1 - layout.shared:-1]
+    hidden_btd = prompts_lib.hidden_states(llama, sequences, key)
+    return hidden_btd[:, prompt_len - 1 - sequences.layout.shared:-1]
 
   hidden_bnd = response_hidden(keys[0])
   logits_bnv = llama.logits(hidden_bnd).astype(jnp.float32)

@@ -13,12 +13,13 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from jax_nlu_ppo.model import prompts as prompts_lib
+from jax_nlu_ppo.model import sampling as sampling_lib
 from jax_nlu_ppo.rl import policy as policy_lib
 from jax_nlu_ppo.rl import ppo_math
-from jax_nlu_ppo.model import sampling as sampling_lib
-from jax_nlu_ppo.model.prompts import PromptLayout
 
 Array = jax.Array
 
@@ -118,8 +119,7 @@ class PPOState:
 @flax.struct.dataclass
 class Batch:
   """One row per sample; what the update needs, all fixed before the first epoch."""
-  tokens_bt: Array        # prompt + response
-  mask_bt: Array
+  sequences: prompts_lib.Prompts    # prompt + response, in the prompts' layout
   response_bn: Array
   response_mask_bn: Array
   old_logp_bn: Array
@@ -134,10 +134,9 @@ def _scaled(logits_bnv: Array, temperature: float) -> Array:
   return logits_bnv / temperature if temperature > 0 else logits_bnv
 
 
-def rollout(graphdef, base, trainable, prompt_bt, prompt_mask_bt, key, limit,
-            layout: PromptLayout = PromptLayout(), *, max_new_tokens: int,
-            sampling: sampling_lib.SamplingConfig, eos_ids: tuple[int, ...],
-            pad_id: int) -> sampling_lib.Generation:
+def rollout(graphdef, base, trainable, prompts: prompts_lib.Prompts, key, limit, *,
+            max_new_tokens: int, sampling: sampling_lib.SamplingConfig,
+            eos_ids: tuple[int, ...], pad_id: int) -> sampling_lib.Generation:
   """Samples responses from the current policy (adapters on, dropout off).
 
   With the shared-trunk critic, the value head reads each decode step's hidden state, so the
@@ -145,10 +144,9 @@ def rollout(graphdef, base, trainable, prompt_bt, prompt_mask_bt, key, limit,
   """
   policy = policy_lib.with_trainable(graphdef, base, trainable)
   value_fn = policy.value_head if policy.critic is None else None
-  return sampling_lib.generate(policy.llama, prompt_bt, prompt_mask_bt, key,
-                               max_new_tokens=max_new_tokens, sampling=sampling,
-                               eos_ids=eos_ids, pad_id=pad_id, limit=limit, value_fn=value_fn,
-                               layout=layout)
+  return sampling_lib.generate(policy.llama, prompts, key, max_new_tokens=max_new_tokens,
+                               sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, limit=limit,
+                               value_fn=value_fn)
 
 
 def reuses_rollout(sampling: sampling_lib.SamplingConfig, critic_lora: bool) -> bool:
@@ -161,26 +159,23 @@ def reuses_rollout(sampling: sampling_lib.SamplingConfig, critic_lora: bool) -> 
           and not critic_lora)
 
 
-def experience(graphdef, base, trainable, reference, tokens_bt, mask_bt,
+def experience(graphdef, base, trainable, reference, sequences: prompts_lib.Prompts,
                gen: sampling_lib.Generation, *, temperature: float, values: bool = True,
-               reuse_rollout: bool = False,
-               layout: PromptLayout = PromptLayout()) -> tuple[Array, Array, Array]:
+               reuse_rollout: bool = False) -> tuple[Array, Array, Array]:
   """(log pi_old, V_old, log pi_ref) of each response token, without dropout.
 
   With `reuse_rollout` pi_old and V_old come from the rollout and only the reference forward
   runs: half the work of recomputing both (the KV-cached decode and the full forward agree to
   float rounding).
   """
-  prompt_len = tokens_bt.shape[1] - gen.tokens_bn.shape[1]
+  prompt_len = sequences.ids_bt.shape[1] - gen.tokens_bn.shape[1]
   ref = policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, reference),
-                                    tokens_bt, mask_bt, prompt_len, values=False,
-                                    layout=layout)
+                                    sequences, prompt_len, values=False)
   ref_logp_bn = ppo_math.token_logprobs(_scaled(ref.logits_bnv, temperature), gen.tokens_bn)
   if reuse_rollout:
     return gen.logprobs_bn, gen.values_bn, ref_logp_bn
   out = policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, trainable),
-                                    tokens_bt, mask_bt, prompt_len, values=values,
-                                    layout=layout)
+                                    sequences, prompt_len, values=values)
   logp_bn = ppo_math.token_logprobs(_scaled(out.logits_bnv, temperature), gen.tokens_bn)
   return logp_bn, out.values_bn, ref_logp_bn
 
@@ -206,33 +201,32 @@ def advantages(scores_b, old_logp_bn, ref_logp_bn, old_values_bn, response_mask_
   return advantages_bn, returns_bn, kl_bn
 
 
-def experience_batch(graphdef, base, trainable, reference, prompt_bt, prompt_mask_bt,
-                     gen: sampling_lib.Generation, scores_b, kl_coef,
-                     layout: PromptLayout = PromptLayout(), *,
-                     temperature: float, values: bool, reuse_rollout: bool,
+def experience_batch(graphdef, base, trainable, reference, prompts: prompts_lib.Prompts,
+                     gen: sampling_lib.Generation, scores_b, kl_coef, *, temperature: float,
+                     values: bool, reuse_rollout: bool,
                      config: PPOConfig) -> tuple[Batch, Array]:
   """A rollout and its rewards made into the update's `Batch` (`experience`, then `advantages`);
   also returns the per-token KL the controller reads."""
-  tokens_bt = jnp.concatenate([prompt_bt, gen.tokens_bn], axis=1)
-  mask_bt = jnp.concatenate([prompt_mask_bt, gen.mask_bn.astype(prompt_mask_bt.dtype)], axis=1)
-  old_logp, old_values, ref_logp = experience(graphdef, base, trainable, reference, tokens_bt,
-                                              mask_bt, gen, temperature=temperature,
-                                              values=values, reuse_rollout=reuse_rollout,
-                                              layout=layout)
+  sequences = prompts.extended(gen.tokens_bn, gen.mask_bn)
+  old_logp, old_values, ref_logp = experience(graphdef, base, trainable, reference, sequences,
+                                              gen, temperature=temperature, values=values,
+                                              reuse_rollout=reuse_rollout)
   adv, returns, kl_bn = advantages(scores_b, old_logp, ref_logp, old_values, gen.mask_bn,
                                    kl_coef, config=config)
-  return Batch(tokens_bt, mask_bt, gen.tokens_bn, gen.mask_bn, old_logp, ref_logp, old_values,
-               adv, returns), kl_bn
+  return Batch(sequences, gen.tokens_bn, gen.mask_bn, old_logp, ref_logp, old_values, adv,
+               returns), kl_bn
 
 
 def loss_fn(trainable, graphdef, base, batch: Batch, dropout_key, kl_coef, *, config: PPOConfig,
-            temperature: float, layout: PromptLayout = PromptLayout()):
-  """pg + vf_coef * vf - ent_coef * H (+ kl_coef * KL for critic-free advantages)."""
-  prompt_len = batch.tokens_bt.shape[1] - batch.response_bn.shape[1]
+            temperature: float):
+  """pg + vf_coef * vf - ent_coef * H (+ kl_coef * KL for critic-free advantages).
+
+  Every term and metric is a mean over the batch's response tokens.
+  """
+  prompt_len = batch.sequences.ids_bt.shape[1] - batch.response_bn.shape[1]
   policy = policy_lib.with_trainable(graphdef, base, trainable)
-  out = policy_lib.response_outputs(policy, batch.tokens_bt, batch.mask_bt, prompt_len,
-                                    dropout_key, values=config.uses_critic,
-                                    layout=layout)
+  out = policy_lib.response_outputs(policy, batch.sequences, prompt_len, dropout_key,
+                                    values=config.uses_critic)
   logits_bnv = _scaled(out.logits_bnv, temperature)
   mask_bn = batch.response_mask_bn.astype(bool)
   logp_bn = ppo_math.token_logprobs(logits_bnv, batch.response_bn)
@@ -260,17 +254,18 @@ def loss_fn(trainable, graphdef, base, batch: Batch, dropout_key, kl_coef, *, co
 
 def update_minibatch(state: PPOState, graphdef, base, batch: Batch, dropout_key, *,
                      tx: optax.GradientTransformation, config: PPOConfig,
-                     temperature: float, layout: PromptLayout = PromptLayout()
-                     ) -> tuple[PPOState, dict[str, Array]]:
+                     temperature: float) -> tuple[PPOState, dict[str, Array]]:
   """One optimiser step on one minibatch; a non-finite loss or exploding ratio skips it.
 
   A skipped step leaves parameters and optimiser state exactly as they were and is counted in
-  `ppo/skipped`, so one bad batch can neither corrupt the adapters nor pass unnoticed.
+  `ppo/skipped`, so one bad batch can neither corrupt the adapters nor pass unnoticed. The
+  metrics are `loss_fn`'s token means, `ppo/tokens` (their weight in `mean_metrics`) and the
+  step's own `ppo/grad_norm` and `ppo/skipped`.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   value_and_grad = functools.partial(grad_fn, state.trainable, graphdef, base,
                                      kl_coef=state.kl_coef, config=config,
-                                     temperature=temperature, layout=layout)
+                                     temperature=temperature)
   steps = config.gradient_accumulation_steps
   if steps == 1:
     (loss, (metrics, ratio)), grads = value_and_grad(batch, dropout_key)
@@ -299,5 +294,29 @@ def update_minibatch(state: PPOState, graphdef, base, batch: Batch, dropout_key,
   new_state = PPOState(step=state.step + ok.astype(jnp.int32),
                        trainable=keep(trainable, state.trainable),
                        opt_state=keep(opt_state, state.opt_state), kl_coef=state.kl_coef)
-  metrics = metrics | {"ppo/grad_norm": grad_norm, "ppo/skipped": 1.0 - ok.astype(jnp.float32)}
+  metrics = metrics | {"ppo/grad_norm": grad_norm, "ppo/skipped": 1.0 - ok.astype(jnp.float32),
+                       "ppo/tokens": batch.response_mask_bn.sum().astype(jnp.float32)}
   return new_state, metrics
+
+
+# Metrics of the optimiser step itself; every other update metric is a mean over tokens.
+STEP_METRICS = ("ppo/grad_norm", "ppo/skipped")
+
+
+def mean_metrics(updates: list[dict[str, float]]) -> dict[str, float]:
+  """One epoch's (or iteration's) update metrics from each step's: token means weighted by the
+  step's response tokens, so that they are the means over all the tokens updated on; the
+  step metrics' plain mean over steps."""
+  tokens = np.asarray([m["ppo/tokens"] for m in updates], np.float64)
+  out = {}
+  for name in updates[0]:
+    values = np.asarray([m[name] for m in updates], np.float64)
+    if name == "ppo/tokens":
+      out[name] = float(values.sum())
+    elif name in STEP_METRICS:
+      out[name] = float(values.mean())
+    else:
+      # A step without response tokens has NaN means and no weight.
+      out[name] = float(np.sum(np.where(tokens > 0, values * tokens, 0.0))
+                        / max(tokens.sum(), 1.0))
+  return out

@@ -38,8 +38,9 @@ from jax_nlu_ppo.model import decoder as model_lib
 from jax_nlu_ppo.rl import policy as policy_lib
 from jax_nlu_ppo.rl import ppo as ppo_lib
 from jax_nlu_ppo.model import pretrained
-from jax_nlu_ppo.model import prompts as prompt_layout
+from jax_nlu_ppo.model import prompts as prompts_lib
 from jax_nlu_ppo.rl import run_loop
+from jax_nlu_ppo.rl import steps as steps_lib
 from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo.nlu import tasks as tasks_lib
 
@@ -176,8 +177,8 @@ def make_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
 
 def batch_lengths(rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[int, int]:
   """(prompt, target) lengths a batch pads to: both bucketed, so shapes are few."""
-  return (prompt_layout.bucket_length(max(len(p) for p, _ in rows)),
-          prompt_layout.bucket_length(max(len(t) for _, t in rows), _MIN_ANSWER_BUCKET))
+  return (prompts_lib.bucket_length(max(len(p) for p, _ in rows)),
+          prompts_lib.bucket_length(max(len(t) for _, t in rows), _MIN_ANSWER_BUCKET))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,8 +200,8 @@ def target_nll(trainable, graphdef, base, batch: Batch, dropout_key=None) -> lm_
   """
   prompt_len = batch.tokens_bt.shape[1] - batch.target_mask_bn.shape[1]
   policy = policy_lib.with_trainable(graphdef, base, trainable)
-  out = policy_lib.response_outputs(policy, batch.tokens_bt, batch.mask_bt, prompt_len,
-                                    dropout_key, values=False)
+  out = policy_lib.response_outputs(policy, prompts_lib.Prompts(batch.tokens_bt, batch.mask_bt),
+                                    prompt_len, dropout_key, values=False)
   return lm_loss.nll_sum(out.logits_bnv, batch.tokens_bt[:, prompt_len:], batch.target_mask_bn)
 
 
@@ -276,7 +277,8 @@ class SFTTrainer:
       raise ValueError(f"none of the {len(self.train_examples)} training examples of "
                        f"{', '.join(self.tasks)} has a label; SFT needs gold answers")
     self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
-                                               config.model.gguf_file, layout=self.layout)
+                                               config.model.gguf_file, layout=self.layout,
+                                               kernels=config.model.kernels)
     sharding_lib.check_model(self.layout, self.lm.config)
     if self.lm.tokenizer is None:
       raise ValueError(f"{config.model.name} was loaded without a tokenizer; SFT needs one to "
@@ -306,7 +308,8 @@ class SFTTrainer:
                              accumulation_steps=config.gradient_accumulation_steps)
     self._batch_sh = Batch(L.batch(2), L.batch(2), L.batch(2))
     self._update = jax.jit(
-        lambda state, base, batch, key: step(state, self.graphdef, base, batch, key),
+        steps_lib.with_activations(
+            L, lambda state, base, batch, key: step(state, self.graphdef, base, batch, key)),
         in_shardings=(state_sh, base_sh, self._batch_sh, L.replicated),
         out_shardings=(state_sh, L.replicated), donate_argnums=0)
     self.checkpointer = run_loop.open_checkpoints(self, config, self.lm)
@@ -369,8 +372,7 @@ class SFTTrainer:
     local = make_batch(rows, self.lm.pad_id, lengths)
     batch = jax.tree.map(distributed.global_batch, local, self._batch_sh)
     self.key, dropout_key = jax.random.split(self.key)
-    with sharding_lib.activations(self.layout):
-      self.state, metrics = self._update(self.state, self.base, batch, dropout_key)
+    self.state, metrics = self._update(self.state, self.base, batch, dropout_key)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     seconds = time.perf_counter() - start
     self.iteration += 1

@@ -27,23 +27,20 @@ class Shardings:
   trainable: Any          # adapters and value head (also the KL reference)
   state: ppo_lib.PPOState
   rows1: jax.sharding.NamedSharding   # (batch,) arrays: rewards
-  rows2: jax.sharding.NamedSharding   # (batch, time) arrays: prompts, responses
-  generation: sampling_lib.Generation
-  batch: ppo_lib.Batch
+  rows2: jax.sharding.NamedSharding   # (batch, time) arrays: prompts, responses, batches
   replicated: jax.sharding.NamedSharding
 
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  """rollout(base, trainable, prompt_bt, prompt_mask_bt, key, limit, layout) -> Generation
-  experience(base, trainable, reference, prompt_bt, prompt_mask_bt, gen, scores_b, kl_coef,
-             layout) -> (Batch, kl_bn)
-  minibatch(batch, rows) -> Batch
-  update(state, base, batch, dropout_key, layout) -> (state, metrics); `state` is donated.
+  """rollout(base, trainable, prompts, key, limit) -> Generation
+  experience(base, trainable, reference, prompts, gen, scores_b, kl_coef) -> (Batch, kl_bn)
+  minibatch(batch, rows, layout) -> Batch
+  update(state, base, batch, dropout_key) -> (state, metrics); `state` is donated.
 
-  `layout` (static, default: rows whole) is the prompts' `prompt_layout.PromptLayout`: the
-  shared start all rows have runs once per call instead of once per row, and the shorter half
-  of each batch shard's rows skips the padding it does not need. Each layout compiles its own
+  The prompts' layout (`prompts.PromptLayout`, static in `Prompts` and in the batch) lets the
+  shared start all rows have run once per call instead of once per row, and the shorter half of
+  each batch shard's rows skip the padding it does not need. Each layout compiles its own
   programs; a run meets a few (the trainer logs `tokens/shared_prefix` and `tokens/skipped`).
   """
   rollout: Callable
@@ -62,9 +59,7 @@ def shardings(layout: sharding_lib.Layout, base, trainable,
                            opt_state=layout.tree(jax.eval_shape(tx.init, trainable), strict=False),
                            kl_coef=rep)
   return Shardings(base=layout.tree(base), trainable=trainable_sh, state=state, rows1=rows1,
-                   rows2=rows2, generation=sampling_lib.Generation(rows2, rows2, rows2, rows2),
-                   batch=ppo_lib.Batch(*[rows2] * len(dataclasses.fields(ppo_lib.Batch))),
-                   replicated=rep)
+                   rows2=rows2, replicated=rep)
 
 
 def initial_state(trainable, tx: optax.GradientTransformation, sh: Shardings,
@@ -78,32 +73,55 @@ def initial_state(trainable, tx: optax.GradientTransformation, sh: Shardings,
 
 
 def build(graphdef, sh: Shardings, tx: optax.GradientTransformation, config: TrainConfig,
-          eos_ids: tuple[int, ...], pad_id: int) -> Steps:
-  """The four steps, each `jax.jit` with in/out shardings (the graph is closed over)."""
-  r, rep = config.rollout, sh.replicated
+          eos_ids: tuple[int, ...], pad_id: int, layout: sharding_lib.Layout) -> Steps:
+  """The four steps, each `jax.jit` with in/out shardings (the graph is closed over), tracing
+  the model's activation constraints for `layout`'s mesh. Arrays of one row per sample take
+  their batch sharding whole (`Prompts`, `Generation` and `Batch` alike)."""
+  r, rep, rows = config.rollout, sh.replicated, sh.rows2
   sampling = sampling_lib.SamplingConfig(r.temperature, r.top_k, r.top_p)
   rollout = jax.jit(
-      functools.partial(ppo_lib.rollout, graphdef, max_new_tokens=r.max_new_tokens,
-                        sampling=sampling, eos_ids=eos_ids, pad_id=pad_id),
-      in_shardings=(sh.base, sh.trainable, sh.rows2, sh.rows2, rep, rep),
-      out_shardings=sh.generation, static_argnums=6)
+      with_activations(layout, functools.partial(
+          ppo_lib.rollout, graphdef, max_new_tokens=r.max_new_tokens, sampling=sampling,
+          eos_ids=eos_ids, pad_id=pad_id)),
+      in_shardings=(sh.base, sh.trainable, rows, rep, rep), out_shardings=rows)
   experience = jax.jit(
-      functools.partial(ppo_lib.experience_batch, graphdef, temperature=r.temperature,
-                        values=config.ppo.uses_critic,
-                        reuse_rollout=ppo_lib.reuses_rollout(sampling, config.critic_lora),
-                        config=config.ppo),
-      in_shardings=(sh.base, sh.trainable, sh.trainable, sh.rows2, sh.rows2, sh.generation,
-                    sh.rows1, rep),
-      out_shardings=(sh.batch, sh.rows2), static_argnums=8)
-  minibatch = jax.jit(lambda batch, rows: jax.tree.map(lambda x: x[rows], batch),
-                      in_shardings=(sh.batch, rep), out_shardings=sh.batch)
+      with_activations(layout, functools.partial(
+          ppo_lib.experience_batch, graphdef, temperature=r.temperature,
+          values=config.ppo.uses_critic,
+          reuse_rollout=ppo_lib.reuses_rollout(sampling, config.critic_lora),
+          config=config.ppo)),
+      in_shardings=(sh.base, sh.trainable, sh.trainable, rows, rows, sh.rows1, rep),
+      out_shardings=(rows, rows))
+  take = jax.jit(lambda batch, picked: jax.tree.map(lambda x: x[picked], batch),
+                 in_shardings=(rows, rep), out_shardings=rows)
 
-  def update(state, base, batch, key, layout=PromptLayout()):
-    # A start run once would give every row the same adapter-dropout masks there.
-    layout = layout.without_shared() if config.lora.dropout else layout
+  def minibatch(batch: ppo_lib.Batch, picked, layout: PromptLayout) -> ppo_lib.Batch:
+    """The `picked` rows of `batch`, laid out by `layout` (one program whatever the layout)."""
+    batch = take(_laid_out(batch, PromptLayout()), picked)
+    return _laid_out(batch, layout)
+
+  def update(state, base, batch, key):
+    if config.lora.dropout:
+      # A start run once would give every row the same adapter-dropout masks there.
+      batch = _laid_out(batch, batch.sequences.layout.without_shared())
     return ppo_lib.update_minibatch(state, graphdef, base, batch, key, tx=tx, config=config.ppo,
-                                    temperature=r.temperature, layout=layout)
+                                    temperature=r.temperature)
 
-  update = jax.jit(update, in_shardings=(sh.state, sh.base, sh.batch, rep),
-                   out_shardings=(sh.state, rep), donate_argnums=0, static_argnums=4)
+  update = jax.jit(with_activations(layout, update),
+                   in_shardings=(sh.state, sh.base, rows, rep), out_shardings=(sh.state, rep),
+                   donate_argnums=0)
   return Steps(rollout, experience, minibatch, update, sh)
+
+
+def with_activations(layout: sharding_lib.Layout, fn: Callable) -> Callable:
+  """`fn` tracing the model's activation constraints for `layout` (`sharding.constrain`): set
+  inside the jitted function, so that its programs do not depend on the caller's context."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with sharding_lib.activations(layout):
+      return fn(*args, **kwargs)
+  return traced
+
+
+def _laid_out(batch: ppo_lib.Batch, layout: PromptLayout) -> ppo_lib.Batch:
+  return batch.replace(sequences=batch.sequences.replace(layout=layout))

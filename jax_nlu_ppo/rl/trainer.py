@@ -67,7 +67,8 @@ class PPOTrainer:
                "one global batch)" if examples else "")
       raise ValueError(f"no training examples for {', '.join(self.tasks)}{where}")
     self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
-                                               config.model.gguf_file, layout=self.layout)
+                                               config.model.gguf_file, layout=self.layout,
+                                               kernels=config.model.kernels)
     sharding_lib.check_model(self.layout, self.lm.config)
     self.tokenizer = self.lm.tokenizer
 
@@ -96,7 +97,7 @@ class PPOTrainer:
                      if config.reward.extractor == "token" else None)
 
     self.steps = ppo_steps.build(self.graphdef, sh, self.tx, config, self.lm.eos_ids(),
-                                 self.lm.pad_id)
+                                 self.lm.pad_id, self.layout)
     self.checkpointer = run_loop.open_checkpoints(self, config, self.lm)
 
   def task_of(self, example: dict[str, Any]) -> str:
@@ -195,14 +196,12 @@ class PPOTrainer:
     prompt_np, prompt_mask_np = prompt_layout.pad_left(ids, self.lm.pad_id, length, shared)
     layout = prompt_layout.PromptLayout(shared, self._skip(ids, shared, length),
                                         self._sort_blocks())
-    prompt_bt = distributed.global_batch(prompt_np, L.batch(2))
-    prompt_mask_bt = distributed.global_batch(prompt_mask_np, L.batch(2))
+    prompts = prompt_layout.Prompts(distributed.global_batch(prompt_np, L.batch(2)),
+                                    distributed.global_batch(prompt_mask_np, L.batch(2)), layout)
     self.key, rollout_key = jax.random.split(self.key)
     limit = int(self.host_rng.integers(cfg.rollout.min_new_tokens,
                                        cfg.rollout.max_new_tokens + 1))
-    with sharding_lib.activations(L):
-      gen = self.steps.rollout(self.base, self.state.trainable, prompt_bt, prompt_mask_bt,
-                               rollout_key, limit, layout)
+    gen = self.steps.rollout(self.base, self.state.trainable, prompts, rollout_key, limit)
     local_gen = jax.tree.map(distributed.local_rows, jax.block_until_ready(gen))
     times["time/rollout"] = time.perf_counter() - start
 
@@ -212,28 +211,24 @@ class PPOTrainer:
     times["time/reward"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    with sharding_lib.activations(L):
-      batch, kl_bn = self.steps.experience(
-          self.base, self.state.trainable, self.reference, prompt_bt, prompt_mask_bt, gen,
-          distributed.global_batch(scores_b, L.batch(1)), self.state.kl_coef, layout)
+    batch, kl_bn = self.steps.experience(
+        self.base, self.state.trainable, self.reference, prompts, gen,
+        distributed.global_batch(scores_b, L.batch(1)), self.state.kl_coef)
     jax.block_until_ready(batch)
     times["time/experience"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    n, mb = batch.tokens_bt.shape[0], cfg.ppo.minibatch_size
+    n, mb = batch.response_bn.shape[0], cfg.ppo.minibatch_size
     updates = []
     for _ in range(cfg.ppo.ppo_epochs):
       picks, update_layout = prompt_layout.minibatches(self.host_rng, n, mb, layout,
                                                        cfg.ppo.gradient_accumulation_steps)
       for picked in picks:
         self.key, dropout_key = jax.random.split(self.key)
-        with sharding_lib.activations(L):
-          minibatch = self.steps.minibatch(batch, picked)
-          self.state, metrics = self.steps.update(self.state, self.base, minibatch, dropout_key,
-                                                  update_layout)
+        minibatch = self.steps.minibatch(batch, picked, update_layout)
+        self.state, metrics = self.steps.update(self.state, self.base, minibatch, dropout_key)
         updates.append(metrics)
-    update_metrics = {k: float(np.mean([jax.device_get(m[k]) for m in updates]))
-                      for k in updates[0]}
+    update_metrics = ppo_lib.mean_metrics(jax.device_get(updates))
     times["time/update"] = time.perf_counter() - start
 
     # Ziegler's controller sees the mean over samples of each response's summed KL.
@@ -263,7 +258,7 @@ class PPOTrainer:
         "advantages/mean": float(distributed.all_rows(batch.advantages_bn)[valid].mean()),
         "tokens/response_len_mean": float(mask_np.sum(axis=1).mean()),
         "tokens/max_new_tokens": limit,
-        "tokens/prompt_len": int(prompt_bt.shape[1]),
+        "tokens/prompt_len": int(prompts.ids_bt.shape[1]),
         "tokens/shared_prefix": shared,
         "tokens/skipped": layout.skip,
         "data/skipped_rows": self.skipped_rows,

@@ -356,7 +356,8 @@ def initial_adapter(folder: str | None, config) -> tuple[pretrained.LanguageMode
   config's."""
   if not folder:
     return None, None
-  lm = pretrained.load_pretrained(config.model.name, config.model.dtype, config.model.gguf_file)
+  lm = pretrained.load_pretrained(config.model.name, config.model.dtype, config.model.gguf_file,
+                                  kernels=config.model.kernels)
   lora, trainable = load_peft_adapter(folder, lm)
   if lora != config.lora:
     raise ValueError(f"--init-adapter {folder} has LoRA settings {lora}, the config "

@@ -78,7 +78,7 @@ def load_run(path: str | pathlib.Path, lm: pretrained.LanguageModel | None = Non
   config = config_lib.from_dict(cls, values)
   if lm is None:
     lm = pretrained.load_pretrained(config.model.name, config.model.dtype,
-                                    config.model.gguf_file)
+                                    config.model.gguf_file, kernels=config.model.kernels)
   # A placeholder row: the trainers want training data, and reading a run needs none.
   placeholder = [{"label": 0}]
   trainer = (sft.SFTTrainer if is_sft else trainer_lib.PPOTrainer)(

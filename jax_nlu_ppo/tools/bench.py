@@ -35,10 +35,12 @@ import numpy as np
 from flax import nnx
 
 from jax_nlu_ppo import compiles
-from jax_nlu_ppo.tools import matmul_rates
+from jax_nlu_ppo.tools import bench_torch
 from jax_nlu_ppo.tools import op_profile
+from jax_nlu_ppo.tools.workload import PHASES, Workload, prompt_rows
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.model import kernels as kernels_lib
 from jax_nlu_ppo.rl import policy as policy_lib
 from jax_nlu_ppo.rl import ppo as ppo_lib
 from jax_nlu_ppo.rl import steps as ppo_steps
@@ -47,30 +49,6 @@ from jax_nlu_ppo.model import prompts as prompt_layout
 from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo.model.llama_config import LlamaConfig
 from jax_nlu_ppo.model.prompts import PromptLayout
-
-# Beside this checkout (../shared/data), or from where the command runs.
-SST2_DEV = [pathlib.Path(__file__).resolve().parents[3] / "shared/data/glue/SST-2/dev.tsv",
-            pathlib.Path("../shared/data/glue/SST-2/dev.tsv")]
-PHASES = ("rollout", "experience", "update", "iteration")
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-  batch: int = 32
-  prompt_len: int = 64
-  new_tokens: int = 16
-  minibatch: int = 8
-  rank: int = 8
-  dtype: str = "float32"
-  remat: str = "none"       # the trainer's `remat` option, for the update
-  prompts: str = "text"     # "text": `prompt_len` tokens of SST-2 text a row; "task": see above
-  shared_prefix: bool = True  # ours runs the prompts' shared first tokens once
-  sort_by_length: bool = False  # ours sorts rows by length; the shorter half skips padding
-
-  def __post_init__(self):
-    if self.prompts not in ("text", "task"):
-      raise ValueError(f"prompts must be 'text' or 'task', got {self.prompts!r}")
-
 
 def forward_flops(config: LlamaConfig, tokens: int, keys: int, logits: int) -> float:
   """FLOPs of one forward: `tokens` query positions, each attending over `keys` keys, and the
@@ -103,45 +81,15 @@ def phase_flops(config: LlamaConfig, w: Workload, prompt_len: int | None = None,
           "experience": forward, "update": update}
 
 
-def matmul_ceiling(dtype, size: int | None = None, repeats: int = 15) -> float:
+def matmul_ceiling(dtype, kernels: kernels_lib.Kernels, size: int | None = None,
+                   repeats: int = 15) -> float:
   """GFLOP/s of a jitted (size x size) @ (size x size) matmul, best of `repeats`: the machine's
-  practical peak for the product the model runs (`model.project`). The default size is 2048 on
+  practical peak for the product the model runs (`kernels.project`). The default size is 2048 on
   CPU and 8192 on accelerators, where a smaller one would time the launch rather than the
   arithmetic."""
   size = size or (2048 if jax.devices()[0].platform == "cpu" else 8192)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), dtype)
-  return matmul_rates.gflops(functools.partial(model_lib.project, "ij,jk->ik"), x, x, repeats)
-
-
-def _sst2_dev() -> pathlib.Path | None:
-  return next((path for path in SST2_DEV if path.exists()), None)
-
-
-def prompt_rows(tokenizer, w: Workload, vocab_size: int) -> list[list[int]]:
-  """The workload's prompts as token ids, unpadded."""
-  if w.prompts == "text":
-    return [list(row) for row in prompt_ids(tokenizer, w.batch, w.prompt_len, vocab_size)]
-  dev = _sst2_dev()
-  if tokenizer is None or dev is None:
-    raise ValueError("prompts='task' needs the model's tokenizer (not a --preset) and the "
-                     f"SST-2 dev set at {SST2_DEV[0]}")
-  from jax_nlu_ppo.nlu import data, tasks
-  rows, _ = data.load_glue_dir("sst2", "validation", dev.parents[1])
-  task = tasks.get_task("sst2")
-  return [pretrained.render_prompt(tokenizer, tasks.build_prompt(task, rows[i], "chat"), True)
-          for i in range(w.batch)]
-
-
-def prompt_ids(tokenizer, batch: int, length: int, vocab_size: int) -> np.ndarray:
-  """`batch` rows of exactly `length` real tokens of SST-2 dev text (random ids without it or
-  without a tokenizer)."""
-  dev = _sst2_dev()
-  if tokenizer is not None and dev is not None:
-    lines = dev.read_text().splitlines()[1:]
-    ids = tokenizer(" ".join(line.split("\t")[0] for line in lines))["input_ids"]
-    return np.asarray(ids[:batch * length], np.int32).reshape(batch, length)
-  print(f"(random token ids: {'no tokenizer' if tokenizer is None else 'no SST-2 dev text'})")
-  return np.random.default_rng(0).integers(100, vocab_size, (batch, length), dtype=np.int32)
+  return kernels_lib.gflops(functools.partial(kernels.project, "ij,jk->ik"), x, x, repeats)
 
 
 def random_model(preset: str, dtype: str) -> pretrained.LanguageModel:
@@ -149,8 +97,9 @@ def random_model(preset: str, dtype: str) -> pretrained.LanguageModel:
   from jax_nlu_ppo.model.decoder import Llama
   config = getattr(LlamaConfig, preset)()
   jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  kernels = kernels_lib.resolve("auto", jdtype)
   graphdef, params = nnx.split(jax.jit(lambda: Llama(config, dtype=jdtype, param_dtype=jdtype,
-                                                     rngs=nnx.Rngs(0)))())
+                                                     rngs=nnx.Rngs(0), kernels=kernels))())
   return pretrained.LanguageModel(config, graphdef, params, dtype=jdtype)
 
 
@@ -179,13 +128,14 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
   tx = ppo_lib.make_optimizer(config.optimizer)
   sh = ppo_steps.shardings(layout, base, trainable, tx)
   # No EOS: every row generates all `new_tokens`, as on the PyTorch side.
-  steps = ppo_steps.build(graphdef, sh, tx, config, eos_ids=(), pad_id=0)
+  steps = ppo_steps.build(graphdef, sh, tx, config, eos_ids=(), pad_id=0, layout=layout)
   base, trainable = sharding_lib.place(base, sh.base), sharding_lib.place(trainable, sh.trainable)
   reference = jax.tree.map(jnp.copy, trainable)
   state = ppo_steps.initial_state(trainable, tx, sh, kl_coef=0.2)
   rows = prompt_rows(lm.tokenizer, w, lm.config.vocab_size)
-  _, prompt_bt, mask_bt, layout = prompt_layout.lay_out(rows, lm.pad_id, share=w.shared_prefix,
-                                                        sort=w.sort_by_length)
+  _, prompts = prompt_layout.lay_out(rows, lm.pad_id, share=w.shared_prefix,
+                                     sort=w.sort_by_length)
+  prompts = sharding_lib.place(prompts, sh.rows2)
   scores_b = np.random.default_rng(0).choice([-1.0, 1.0], w.batch).astype(np.float32)
   rng = np.random.default_rng(0)
   calls = {}    # with `profile`: each step's last arguments (as shapes), for its program text
@@ -199,17 +149,16 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
 
   def iteration(state, seed: int, limit: int = w.new_tokens):
     times = {}
-    gen, times["rollout"] = _timed(lambda: call(steps.rollout, base, state.trainable, prompt_bt,
-                                                mask_bt, jax.random.key(seed), limit, layout))
+    gen, times["rollout"] = _timed(lambda: call(steps.rollout, base, state.trainable, prompts,
+                                                jax.random.key(seed), limit))
     (batch, _), times["experience"] = _timed(lambda: call(
-        steps.experience, base, state.trainable, reference, prompt_bt, mask_bt, gen, scores_b,
-        state.kl_coef, layout))
+        steps.experience, base, state.trainable, reference, prompts, gen, scores_b,
+        state.kl_coef))
     start = time.perf_counter()
-    picks, update_layout = prompt_layout.minibatches(rng, w.batch, w.minibatch, layout)
+    picks, update_layout = prompt_layout.minibatches(rng, w.batch, w.minibatch, prompts.layout)
     for picked in picks:
-      minibatch = steps.minibatch(batch, picked)
-      state, metrics = call(steps.update, state, base, minibatch, jax.random.key(seed),
-                            update_layout)
+      minibatch = steps.minibatch(batch, picked, update_layout)
+      state, metrics = call(steps.update, state, base, minibatch, jax.random.key(seed))
     jax.block_until_ready(metrics)
     times["update"] = time.perf_counter() - start
     times["iteration"] = sum(times.values())
@@ -229,15 +178,15 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
     # The prefill alone: the rollout stopped after its first token (`limit` is traced: no
     # compile), timed beside each iteration so that its median and the rollout's, whose
     # difference is the decode, meet the same spells of a shared machine.
-    prefill.append(_timed(lambda: steps.rollout(base, state.trainable, prompt_bt, mask_bt,
-                                                jax.random.key(99), 1, layout))[1])
+    prefill.append(_timed(lambda: steps.rollout(base, state.trainable, prompts,
+                                                jax.random.key(99), 1))[1])
   median = {k: statistics.median(r[k] for r in runs) for k in PHASES}
   prefill_s = statistics.median(prefill)
   decode_s = median["rollout"] - prefill_s
   out = {"first_s": first, "median_s": median, "compile_s": {
              k: first[k] - median[k] for k in PHASES},
-         "prefill_s": prefill_s, "prompt_len": prompt_bt.shape[1],
-         "shared_prefix": layout.shared, "skip": layout.skip,
+         "prefill_s": prefill_s, "prompt_len": prompts.ids_bt.shape[1],
+         "shared_prefix": prompts.layout.shared, "skip": prompts.layout.skip,
          "decode_s": decode_s if decode_s > 0 else None,   # None: lost in the noise
          "compilations_first_iteration": first_compiles,
          "cache_hits_first_iteration": first_loaded,
@@ -270,7 +219,9 @@ def run(model: str = pretrained.DEFAULT_MODEL, preset: str | None = None,
   progress(f"devices {jax.devices()}; model {preset or model} {w.dtype}; batch {w.batch} x "
            f"{prompts} prompt x {w.new_tokens} new tokens, LoRA r{w.rank}, minibatch "
            f"{w.minibatch}")
-  ceiling = {"float32": matmul_ceiling(jnp.float32), "bfloat16": matmul_ceiling(jnp.bfloat16)}
+  # Each dtype's ceiling for the product a model of that dtype runs here.
+  ceiling = {name: matmul_ceiling(dtype, kernels_lib.resolve("auto", dtype))
+             for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))}
   progress(f"matmul ceiling: {ceiling['float32']:.1f} GFLOP/s float32, "
            f"{ceiling['bfloat16']:.1f} bfloat16")
   ours = bench_ours(lm, w, iterations, progress, profile)
@@ -289,7 +240,6 @@ def run(model: str = pretrained.DEFAULT_MODEL, preset: str | None = None,
       "iteration_s": ours["median_s"]["iteration"],
       "recompilations_after_first_iteration": ours["recompilations_after_first_iteration"]}
   if torch_side:
-    from jax_nlu_ppo.tools import bench_torch
     if trl and lm.tokenizer is None:
       progress("no TRL step: GRPOTrainer needs a tokenizer, which a --preset's random weights "
                "do not have")

@@ -11,7 +11,7 @@ library).
 - TRL `GRPOTrainer` (its PPO trainer is gone from current TRL): seconds per optimiser step with
   8 prompts x 4 generations, `new_tokens` new tokens, LoRA on all linear layers.
 
-The prompts are the workload's (`bench.prompt_rows`), left-padded to the longest as a tokenizer
+The prompts are the workload's (`workload_lib.prompt_rows`), left-padded to the longest as a tokenizer
 pads a batch; the forwards take positions from the mask, as `generate` does.
 
 transformers loads the embedded GGUF dequantised, but will neither train nor save a model
@@ -33,10 +33,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jax_nlu_ppo.tools import bench
+from jax_nlu_ppo.tools import workload as workload_lib
 from jax_nlu_ppo.runs import export
 from jax_nlu_ppo.model import pretrained
-from jax_nlu_ppo.model import prompts as prompt_layout
+from jax_nlu_ppo.model import prompts as prompts_lib
 
 
 def plain_folder(lm: pretrained.LanguageModel, folder: str, dtype: str = "float32") -> str:
@@ -58,7 +58,7 @@ def _lora(rank: int, targets):
                          task_type="CAUSAL_LM")
 
 
-def run(lm: pretrained.LanguageModel, w: bench.Workload, iterations: int, trl: bool = True,
+def run(lm: pretrained.LanguageModel, w: workload_lib.Workload, iterations: int, trl: bool = True,
         trl_steps: int = 3, progress: Callable[[str], None] = print) -> dict[str, Any]:
   """Seconds per phase of `iterations` iterations after a first; `trl` adds the GRPOTrainer
   step (it needs `lm`'s tokenizer: a random-weight preset has none)."""
@@ -80,9 +80,9 @@ def run(lm: pretrained.LanguageModel, w: bench.Workload, iterations: int, trl: b
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     # Left-padded to the longest prompt, as a tokenizer pads a batch for generate.
-    rows = bench.prompt_rows(tokenizer, w, base.config.vocab_size)
+    rows = workload_lib.prompt_rows(tokenizer, w, base.config.vocab_size)
     prompt, mask = (torch.as_tensor(x, dtype=torch.long, device=device)
-                    for x in prompt_layout.pad_left(rows, pad_id, max(map(len, rows))))
+                    for x in prompts_lib.pad_left(rows, pad_id, max(map(len, rows))))
     prompt_len = prompt.shape[1]
 
     def iteration() -> dict[str, float]:
@@ -130,7 +130,7 @@ def run(lm: pretrained.LanguageModel, w: bench.Workload, iterations: int, trl: b
     for i in range(iterations):
       runs.append(iteration())
       progress(f"PyTorch: iteration {i + 1}/{iterations} {runs[-1]['iteration']:.2f} s")
-    median = {k: statistics.median(r[k] for r in runs) for k in bench.PHASES}
+    median = {k: statistics.median(r[k] for r in runs) for k in workload_lib.PHASES}
     out = {"first_s": first, "median_s": median, "torch": torch.__version__,
            "transformers": transformers.__version__, "peft": peft.__version__,
            "device": (torch.cuda.get_device_name() if device == "cuda"
@@ -158,7 +158,7 @@ def _logp_values(policy, value_head, tokens, mask, *, prompt_len: int, new_token
   return logp, value_head(hidden)[..., 0]
 
 
-def _trl_step(folder: str, tokenizer, w: bench.Workload, rows: list[list[int]], steps: int,
+def _trl_step(folder: str, tokenizer, w: workload_lib.Workload, rows: list[list[int]], steps: int,
               device: str, progress: Callable[[str], None]) -> dict[str, Any]:
   """Median seconds of TRL GRPOTrainer optimiser steps after the first, on the first 8 of the
   workload's prompts (`rows`), 4 generations each."""

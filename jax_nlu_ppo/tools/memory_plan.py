@@ -10,9 +10,12 @@ GPU, so those figures are estimates; the parameter, adapter and optimizer figure
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,10 @@ import numpy as np
 from flax import nnx
 
 from jax_nlu_ppo.model import decoder as model_lib
+from jax_nlu_ppo.model import llama_config
+from jax_nlu_ppo.model import pretrained
+from jax_nlu_ppo.model import kernels as kernels_lib
+from jax_nlu_ppo.model import prompts as prompts_lib
 from jax_nlu_ppo.rl import policy as policy_lib
 from jax_nlu_ppo.rl import ppo as ppo_lib
 from jax_nlu_ppo.rl import steps as ppo_steps
@@ -107,8 +114,10 @@ def abstract_policy(model_config: LlamaConfig, config: TrainConfig):
   dtype = _DTYPES[config.model.dtype]
 
   def build():
+    # The plan is for an accelerator: its kernels, whatever the planning machine is.
     llama = model_lib.Llama(model_config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
-                            remat_policy=model_lib.REMAT_POLICIES[config.remat])
+                            remat_policy=model_lib.REMAT_POLICIES[config.remat],
+                            kernels=kernels_lib.PLAIN)
     return policy_lib.make_policy(llama, config.lora, config.value_dropout, config.seed,
                                   critic_lora=config.critic_lora)
   return policy_lib.split(nnx.eval_shape(build))
@@ -151,28 +160,28 @@ def plan(config: TrainConfig, model_config: LlamaConfig, layout: sharding_lib.La
   compile_s = None
   if compile_steps:
     start = time.perf_counter()
-    steps = ppo_steps.build(graphdef, sh, tx, config, tuple(model_config.eos_token_ids), 0)
+    steps = ppo_steps.build(graphdef, sh, tx, config, tuple(model_config.eos_token_ids), 0,
+                            layout)
     rows2, rep = sh.rows2, sh.replicated
     prompt = jax.ShapeDtypeStruct((samples, prompt_len), jnp.int32, sharding=rows2)
     key = jax.eval_shape(lambda: jax.random.key(0))
     abstract_base, abstract_trainable = _abstract(base, sh.base), _abstract(trainable, sh.trainable)
-    args = (abstract_base, abstract_trainable, prompt, prompt,
+    args = (abstract_base, abstract_trainable, prompts_lib.Prompts(prompt, prompt),
             jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
             jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
-    # Compiled here for an accelerator: its projections as the accelerator runs them.
-    with sharding_lib.activations(layout), model_lib.accelerator_products():
-      rollout = steps.rollout.lower(*args).compile().memory_analysis()
-      mb = config.ppo.minibatch_size
-      batch = ppo_lib.Batch(*[jax.ShapeDtypeStruct(shape, dtype, sharding=rows2) for shape, dtype
-                              in _batch_shapes(mb, prompt_len, new)])
-      state = ppo_lib.PPOState(
-          step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-          trainable=abstract_trainable,
-          opt_state=_abstract(opt_state, sh.state.opt_state),
-          kl_coef=jax.ShapeDtypeStruct((), jnp.float32, sharding=rep))
-      update = steps.update.lower(state, abstract_base, batch,
-                                  jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
-                                  ).compile().memory_analysis()
+    rollout = steps.rollout.lower(*args).compile().memory_analysis()
+    mb = config.ppo.minibatch_size
+    tokens, mask, *rest = [jax.ShapeDtypeStruct(shape, dtype, sharding=rows2)
+                           for shape, dtype in _batch_shapes(mb, prompt_len, new)]
+    batch = ppo_lib.Batch(prompts_lib.Prompts(tokens, mask), *rest)
+    state = ppo_lib.PPOState(
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+        trainable=abstract_trainable,
+        opt_state=_abstract(opt_state, sh.state.opt_state),
+        kl_coef=jax.ShapeDtypeStruct((), jnp.float32, sharding=rep))
+    update = steps.update.lower(state, abstract_base, batch,
+                                jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
+                                ).compile().memory_analysis()
     compile_s = time.perf_counter() - start
     parts += [Part(ROLLOUT, _temporaries(rollout), f"{samples} samples, XLA CPU estimate"),
               Part(UPDATE, _temporaries(update), f"minibatch {mb} / "
@@ -197,10 +206,6 @@ def _temporaries(analysis) -> int:
 
 def plan_model_config(spec: str | None, config: TrainConfig) -> tuple[LlamaConfig, str]:
   """(LlamaConfig, name) from --model-config, a preset matching model.name, or its config."""
-  import json
-  import pathlib
-  from jax_nlu_ppo.model import llama_config
-  from jax_nlu_ppo.model import pretrained
   spec = spec or llama_config.HUB_PRESETS.get(config.model.name)
   if spec is None:
     return pretrained.resolve(config.model.name, config.model.gguf_file).config, config.model.name
@@ -216,12 +221,11 @@ def plan_model_config(spec: str | None, config: TrainConfig) -> tuple[LlamaConfi
 def plan_from_config(config: TrainConfig, model_config_spec: str | None = None,
                      devices: int | None = None, prompt_len: int = 256,
                      compile_steps: bool = True, device_memory_gib: float | None = None,
-                     progress: Any = None) -> Plan:
+                     progress: Callable[[str], None] | None = None) -> Plan:
   """`plan` of `config`'s run for the model `plan_model_config` finds, on `devices` fake CPU
   devices (default: the product of the config's mesh sizes). JAX reads the device count when
   it starts its backend: call this before anything in the process has used a device.
   `progress(message)`, if given, is told what is planned."""
-  import os
   sizes = config.mesh.axis_sizes.values()
   devices = devices or (math.prod(sizes) if -1 not in sizes else None)
   if devices is None:
