@@ -116,10 +116,11 @@ def build(graphdef, sh: Shardings, tx: optax.GradientTransformation, config: Tra
 def with_activations(layout: sharding_lib.Layout, fn: Callable) -> Callable:
   """`fn` tracing the model's activation constraints for `layout` (`sharding.constrain`): set
   inside the jitted function, so that its programs do not depend on the caller's context."""
-  @functools.wraps(fn)
   def traced(*args, **kwargs):
     with sharding_lib.activations(layout):
       return fn(*args, **kwargs)
+  # The step's own name, for its programs (`jit_rollout`, ...) in profiles.
+  traced.__name__ = getattr(fn, "__name__", None) or fn.func.__name__
   return traced
 
 

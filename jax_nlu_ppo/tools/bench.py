@@ -135,7 +135,6 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
   rows = prompt_rows(lm.tokenizer, w, lm.config.vocab_size)
   _, prompts = prompt_layout.lay_out(rows, lm.pad_id, share=w.shared_prefix,
                                      sort=w.sort_by_length)
-  prompts = sharding_lib.place(prompts, sh.rows2)
   scores_b = np.random.default_rng(0).choice([-1.0, 1.0], w.batch).astype(np.float32)
   rng = np.random.default_rng(0)
   calls = {}    # with `profile`: each step's last arguments (as shapes), for its program text
