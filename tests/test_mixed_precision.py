@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_nlu_ppo.model import decoder as model_lib
 from jax_nlu_ppo.model import kernels as kernels_lib
 from jax_nlu_ppo.model import prompts as prompts_lib
 from jax_nlu_ppo.rl import policy as policy_lib

@@ -81,17 +81,17 @@ def resolve(choice: str, dtype) -> Kernels:
   """The `Kernels` of a `model.kernels` choice for a model of `dtype` on this process's backend."""
   if choice not in CHOICES:
     raise ValueError(f"model.kernels must be one of {', '.join(CHOICES)}, got {choice!r}")
-  narrow_cpu = jnp.dtype(dtype).itemsize == 2 and jax.default_backend() == "cpu"
+  chosen = choice
   if choice == "auto":
-    choice = "plain"
+    narrow_cpu = jnp.dtype(dtype).itemsize == 2 and jax.default_backend() == "cpu"
+    chosen = "plain"
     if narrow_cpu:
-      choice = "cpu_float32_sums" if product_rates().sums_in_float32 else "cpu"
-    log.info("model.kernels auto: %s (%s on %s)", choice, jnp.dtype(dtype).name,
-             jax.default_backend())
-  if choice == "plain":
+      chosen = "cpu_float32_sums" if product_rates().sums_in_float32 else "cpu"
+  log.info("model.kernels %s: %s (%s on %s)", choice, chosen, jnp.dtype(dtype).name,
+           jax.default_backend())
+  if chosen == "plain":
     return PLAIN
-  return Kernels(choice, float32_sums=choice == "cpu_float32_sums", bit_views=True)
-
+  return Kernels(chosen, float32_sums=chosen == "cpu_float32_sums", bit_views=True)
 
 def for_generation(kernels: Kernels) -> Kernels:
   """`kernels` for a decoder call that nothing differentiates (generation)."""

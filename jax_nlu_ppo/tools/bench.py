@@ -94,12 +94,12 @@ def matmul_ceiling(dtype, kernels: kernels_lib.Kernels, size: int | None = None,
 
 def random_model(preset: str, dtype: str) -> pretrained.LanguageModel:
   """A preset's shape with random weights: speed does not depend on the weights' values."""
-  from jax_nlu_ppo.model.decoder import Llama
   config = getattr(LlamaConfig, preset)()
   jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
   kernels = kernels_lib.resolve("auto", jdtype)
-  graphdef, params = nnx.split(jax.jit(lambda: Llama(config, dtype=jdtype, param_dtype=jdtype,
-                                                     rngs=nnx.Rngs(0), kernels=kernels))())
+  build = lambda: model_lib.Llama(config, dtype=jdtype, param_dtype=jdtype, rngs=nnx.Rngs(0),
+                                  kernels=kernels)
+  graphdef, params = nnx.split(jax.jit(build)())
   return pretrained.LanguageModel(config, graphdef, params, dtype=jdtype)
 
 
