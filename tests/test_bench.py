@@ -55,15 +55,20 @@ def test_bench_ours_runs_the_trainer_steps_without_recompiling(tmp_path):
   assert out["compilations_first_iteration"] >= 4           # rollout, experience, minibatch, update
   assert out["recompilations_after_first_iteration"] == 0
   assert all(np.isfinite(v) and v > 0 for v in out["median_s"].values())
-  # The profile: ops of all three steps, named from their programs (the update's backward
-  # pass among them), in the update's two calls per iteration.
+  # The profile: ops of all three steps, each found in its program (the update's backward pass
+  # among them), longest first. Which ops rank first is the machine's timing, so no assertion
+  # reads the ranking: an op XLA made itself (a copy, a fill) has no JAX source and can rank
+  # anywhere on a busy machine.
   ops = out["profile_ops"]
-  modules = {op["module"] for op in ops}
-  assert {"jit_rollout", "jit_experience_batch", "jit_update"} <= modules, modules
-  backward = [op for op in ops if "transpose(jvp" in op["source"]]
+  steps = [op for op in ops if op["module"] in ("jit_rollout", "jit_experience_batch",
+                                                "jit_update")]
+  assert {op["module"] for op in steps} == {"jit_rollout", "jit_experience_batch", "jit_update"}
+  assert all(op["shape"] for op in steps), [op["op"] for op in steps if not op["shape"]]
+  backward = [op for op in steps if "transpose(jvp" in op["source"]]
   assert backward and all(op["module"] == "jit_update" for op in backward)
+  assert sum(bool(op["source"]) for op in steps) > len(steps) / 2
   assert not any(op["op"].startswith("while") for op in ops)
-  assert all(op["source"] for op in ops[:5])
+  assert all(a["seconds"] >= b["seconds"] for a, b in zip(ops, ops[1:]))
 
 
 def test_table_prints_a_decode_lost_in_the_noise_as_not_available():

@@ -52,9 +52,10 @@ def test_second_process_loads_programs_from_the_cache(tmp_path):
   assert first["hits"] == 0 and first["seconds"] > 0
   assert any(cache.iterdir())
   # The same programs, now loaded: still counted as built (so shape churn shows either way),
-  # none compiled.
+  # every one of them a cache hit (none compiled). Not a comparison of seconds: loading is
+  # faster, but by how much is the machine's timing.
   assert second["built"] == first["built"] >= 1
-  assert second["hits"] >= 1 and second["seconds"] < first["seconds"]
+  assert second["hits"] == second["built"]
 
 
 def test_default_cache_folder_is_per_processor_under_the_user_cache(tmp_path, monkeypatch):

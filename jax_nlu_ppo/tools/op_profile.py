@@ -18,7 +18,8 @@ from typing import Iterable
 
 _MODULE = re.compile(r"^HloModule (\S+?),", re.M)
 # The result is a shape or a tuple of shapes (a GPU library call returns its workspace too).
-_OP = re.compile(r'^\s*(?:ROOT )?%(\S+) = (.+?) [\w-]+\(.*?op_name="([^"]*)"', re.M)
+_OP = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) [\w-]+\((.*)$", re.M)
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 # Control flow: a loop's or call's event spans the ops inside it, which have their own events.
 # XLA names an instruction after its opcode unless a pass renamed it.
 _CONTROL_FLOW = re.compile(r"^(while|conditional|call)(\.\d+)?$")
@@ -31,17 +32,21 @@ class OpTime:
   calls: int
   seconds: float
   shape: str = ""    # its result
-  source: str = ""   # the JAX operation it came from: `transpose(jvp(...))` is a backward pass
+  # The JAX operation it came from (`transpose(jvp(...))` is a backward pass); empty for an op
+  # that XLA made itself, which its program gives no op_name: a copy between loop steps, a fill.
+  source: str = ""
 
 
 def describe(programs: Iterable[str]) -> dict[tuple[str, str], tuple[str, str]]:
-  """{(module, op): (result shape, JAX op_name)} from compiled programs' text
-  (`jax.jit(f).lower(...).compile().as_text()`)."""
+  """{(module, op): (result shape, JAX op_name or "")} for every instruction of compiled
+  programs' text (`jax.jit(f).lower(...).compile().as_text()`)."""
   out = {}
   for text in programs:
     module = _MODULE.search(text)
     for m in _OP.finditer(text):
-      out.setdefault((module.group(1) if module else "", m.group(1)), (m.group(2), m.group(3)))
+      name = _OP_NAME.search(m.group(3))
+      out.setdefault((module.group(1) if module else "", m.group(1)),
+                     (m.group(2), name.group(1) if name else ""))
   return out
 
 
@@ -80,9 +85,13 @@ def table(ops: list[OpTime], top: int = 15) -> str:
     per_module[op.module] += op.seconds
   lines = ["| program | op | calls | total (ms) | result | from |", "|---|---|---:|---:|---|---|"]
   for op in ops[:top]:
+    source = op.source[-70:] if op.source else "(XLA's own op)" if op.shape else ""
     lines.append(f"| {op.module} | {op.op} | {op.calls} | {op.seconds * 1e3:.1f} | {op.shape} | "
-                 f"{op.source[-70:]} |")
+                 f"{source} |")
   lines.append("")
+  if any(op.shape and not op.source for op in ops[:top]):
+    lines.append("(XLA's own op: one the compiler made, with no JAX operation behind it, such as "
+                 "a copy between loop steps or a buffer fill)")
   if any(op.op.startswith("command_buffer") for op in ops[:top]):
     lines.append("(on GPU, XLA launches groups of kernels as CUDA graphs, one trace event "
                  "each: set XLA_FLAGS=--xla_gpu_enable_command_buffer= to see every kernel)")
