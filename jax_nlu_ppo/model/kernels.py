@@ -9,8 +9,8 @@
                       cache writes, and the layer scan of generation, move 16-bit floats as
                       uint16 bits instead (the same values; bits are bits).
     cpu_float32_sums  as `cpu`, and bfloat16 projections summed and returned in float32
-                      (`einsum_f32`), which some CPUs run at over twice the rate of a bfloat16
-                      result and others slower.
+                      (`einsum_f32`), which some CPUs run faster than a bfloat16 result and
+                      others slower.
     auto              `plain` on accelerators and for float32 models; on a CPU with a 16-bit
                       model, `cpu` or `cpu_float32_sums`, whichever product `product_rates`
                       measures faster (once per process, when the model loads). Name one
@@ -225,8 +225,8 @@ def gflops(product: Callable[[Array, Array], Array], a: Array, b: Array,
 
 @functools.cache
 def product_rates() -> ProductRates:
-  """This process's rates for `SHAPE` (about 0.3 s, once): no CPU flag tells which bfloat16
-  product a CPU runs faster."""
+  """This process's rates for `SHAPE`, timed once per process (its cost: docs/performance-notes.md):
+  no CPU flag tells which bfloat16 product a CPU runs faster."""
   m, k, n = SHAPE
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)

@@ -69,7 +69,8 @@ def low_rank(x: Array, a_ir: Array, b_ro: Array, scale: float) -> Array:
 
   The backward pass is written out so that every transposed operand is a rank-r one. Autodiff
   of the same product transposes the (rows x outputs) gradient to form B's gradient, which
-  XLA on CPU materialises: it cost more than the MLP's matmuls in the update's backward pass.
+  XLA on CPU materialises, at a cost above the MLP's matmuls in the update's backward pass
+  (docs/performance-notes.md).
   It keeps `x` as given, the array the base projection keeps for its own backward pass, rather
   than a reshaped or (for a bfloat16 base) float32 copy of it per adapter.
   """

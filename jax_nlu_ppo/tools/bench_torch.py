@@ -16,7 +16,7 @@ pads a batch; the forwards take positions from the mask, as `generate` does.
 
 transformers loads the embedded GGUF dequantised, but will neither train nor save a model
 loaded from a quantised file, so our export writes it once as a plain Hugging Face folder (equal
-to ours within 4.4e-6, tests/test_export.py) and both PyTorch sides load that. The same export
+to ours within tests/test_export.py's tolerance) and both PyTorch sides load that. The same export
 carries a `--preset`'s random weights over, so both stacks run the same model there too.
 
 PyTorch runs on CUDA when it sees a GPU, in the workload's dtype (the adapters stay float32, as
