@@ -247,6 +247,44 @@ def update(state: SFTState, graphdef, base, batch: Batch, dropout_key, *,
   return new_state, metrics
 
 
+@dataclasses.dataclass
+class Setup:
+  """An SFT run's jitted update and the arrays it starts from, all on the mesh (the peer of
+  PPO's `steps.Setup`)."""
+  graphdef: Any
+  update: Callable          # (state, base, batch, dropout_key) -> (state, metrics); donates state
+  base: Any
+  state: SFTState
+  batch_sharding: Batch
+
+
+def setup(llama_graphdef, llama_params, config: SFTConfig, layout: sharding_lib.Layout,
+          initial_trainable=None) -> Setup:
+  """PPO's policy (`policy.policy_split`) on a loaded decoder, placed on `layout`'s mesh with
+  its optimiser state, and the update that trains it."""
+  graphdef, trainable, base = policy_lib.policy_split(
+      llama_graphdef, llama_params, config.lora, value_dropout=0.0, seed=config.seed,
+      remat=config.remat, initial_trainable=initial_trainable)
+  tx = ppo_lib.make_optimizer(config.optimizer)
+  base_sh, trainable_sh = layout.tree(base), layout.tree(trainable)
+  state_sh = SFTState(step=layout.replicated, trainable=trainable_sh,
+                      opt_state=steps_lib.optimizer_shardings(layout, tx, trainable))
+  base = sharding_lib.place(base, base_sh)
+  trainable = sharding_lib.place(trainable, trainable_sh)
+  state = sharding_lib.place(
+      SFTState(step=np.int32(0), trainable=trainable,
+               opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(trainable)),
+      state_sh)
+  step = functools.partial(update, tx=tx, accumulation_steps=config.gradient_accumulation_steps)
+  batch_sh = Batch(layout.batch(2), layout.batch(2), layout.batch(2))
+  jitted = jax.jit(
+      steps_lib.with_activations(
+          layout, lambda state, base, batch, key: step(state, graphdef, base, batch, key)),
+      in_shardings=(state_sh, base_sh, batch_sh, layout.replicated),
+      out_shardings=(state_sh, layout.replicated), donate_argnums=0)
+  return Setup(graphdef, jitted, base, state, batch_sh)
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
@@ -285,33 +323,14 @@ class SFTTrainer:
                        "encode prompts and answers")
     self.tokenizer = self.lm.tokenizer
 
-    self.graphdef, trainable, base = policy_lib.policy_split(
-        self.lm.graphdef, self.lm.params, config.lora, value_dropout=0.0, seed=config.seed,
-        remat=config.remat, initial_trainable=initial_trainable)
-    self.tx = ppo_lib.make_optimizer(config.optimizer)
-    L = self.layout
-    base_sh, trainable_sh = L.tree(base), L.tree(trainable)
-    state_sh = SFTState(step=L.replicated, trainable=trainable_sh,
-                        opt_state=L.tree(jax.eval_shape(self.tx.init, trainable), strict=False))
-    self.base = sharding_lib.place(base, base_sh)
-    trainable = sharding_lib.place(trainable, trainable_sh)
-    self.state = sharding_lib.place(
-        SFTState(step=np.int32(0), trainable=trainable,
-                 opt_state=jax.jit(self.tx.init, out_shardings=state_sh.opt_state)(trainable)),
-        state_sh)
+    run = setup(self.lm.graphdef, self.lm.params, config, self.layout, initial_trainable)
+    self.graphdef, self._update, self._batch_sh = run.graphdef, run.update, run.batch_sharding
+    self.base, self.state = run.base, run.state
     self.key = jax.random.key(config.seed)
     self.position = 0          # index into train_examples of the next example
     self.iteration = 0
     self.skipped: set[int] = set()
     self._encoded: dict[int, tuple[list[int], list[int]]] = {}
-    step = functools.partial(update, tx=self.tx,
-                             accumulation_steps=config.gradient_accumulation_steps)
-    self._batch_sh = Batch(L.batch(2), L.batch(2), L.batch(2))
-    self._update = jax.jit(
-        steps_lib.with_activations(
-            L, lambda state, base, batch, key: step(state, self.graphdef, base, batch, key)),
-        in_shardings=(state_sh, base_sh, self._batch_sh, L.replicated),
-        out_shardings=(state_sh, L.replicated), donate_argnums=0)
     self.checkpointer = run_loop.open_checkpoints(self, config, self.lm)
 
   # --------------------------------------------------------------------------------------------

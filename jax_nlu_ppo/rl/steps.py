@@ -1,7 +1,10 @@
-"""The PPO step functions of `ppo`, jitted once over a mesh with explicit shardings.
+"""The PPO step functions of `ppo`, jitted once over a mesh with explicit shardings, and the
+arrays they start from.
 
-Shared by the trainer (which calls them on arrays) and the memory plan (which compiles them on
-abstract shapes): both get the same programs, so the plan measures what training will run.
+`setup` is the one place a PPO run is built: policy split -> optimiser -> shardings -> placement
+-> KL reference -> initial state -> jitted steps. The trainer and the benchmark call it; the
+memory plan calls `build` on abstract shapes. All get the same programs, so the benchmark times
+and the plan measures what training runs.
 """
 from __future__ import annotations
 
@@ -10,9 +13,11 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax_nlu_ppo.rl import policy as policy_lib
 from jax_nlu_ppo.rl import ppo as ppo_lib
 from jax_nlu_ppo.model import sampling as sampling_lib
 from jax_nlu_ppo import sharding as sharding_lib
@@ -48,6 +53,35 @@ class Steps:
   minibatch: Callable
   update: Callable
   shardings: Shardings
+  tx: optax.GradientTransformation
+
+
+@dataclasses.dataclass
+class Setup:
+  """A PPO run's steps and the arrays they start from, all on the mesh."""
+  graphdef: Any           # the policy's structure (decoder, adapters, value head)
+  steps: Steps
+  base: Any               # the frozen weights
+  reference: Any          # the KL reference: the starting trainable values
+  state: ppo_lib.PPOState
+
+
+def setup(llama_graphdef, llama_params, config: TrainConfig, layout: sharding_lib.Layout, *,
+          eos_ids: tuple[int, ...], pad_id: int, initial_trainable=None) -> Setup:
+  """The policy of `config` on a loaded decoder (fresh adapters and value head, or
+  `initial_trainable`'s values), placed on `layout`'s mesh with its optimiser state, and the
+  steps that train it."""
+  graphdef, trainable, base = policy_lib.policy_split(
+      llama_graphdef, llama_params, config.lora, value_dropout=config.value_dropout,
+      seed=config.seed, critic_lora=config.critic_lora, remat=config.remat,
+      initial_trainable=initial_trainable)
+  steps = build(graphdef, base, trainable, config, layout, eos_ids, pad_id)
+  sh = steps.shardings
+  base, trainable = sharding_lib.place(base, sh.base), sharding_lib.place(trainable, sh.trainable)
+  # The KL reference is the starting policy (the base itself for a fresh adapter).
+  reference = jax.tree.map(jnp.copy, trainable)
+  state = initial_state(trainable, steps.tx, sh, config.ppo.kl.init_coef)
+  return Setup(graphdef, steps, base, reference, state)
 
 
 def shardings(layout: sharding_lib.Layout, base, trainable,
@@ -56,10 +90,16 @@ def shardings(layout: sharding_lib.Layout, base, trainable,
   rows1, rows2, rep = layout.batch(1), layout.batch(2), layout.replicated
   trainable_sh = layout.tree(trainable)
   state = ppo_lib.PPOState(step=rep, trainable=trainable_sh,
-                           opt_state=layout.tree(jax.eval_shape(tx.init, trainable), strict=False),
-                           kl_coef=rep)
+                           opt_state=optimizer_shardings(layout, tx, trainable), kl_coef=rep)
   return Shardings(base=layout.tree(base), trainable=trainable_sh, state=state, rows1=rows1,
                    rows2=rows2, replicated=rep)
+
+
+def optimizer_shardings(layout: sharding_lib.Layout, tx: optax.GradientTransformation,
+                        trainable) -> Any:
+  """The optimiser state's shardings: each moment split like its parameter, the rest (counts,
+  factored statistics of other shapes) replicated."""
+  return layout.tree(jax.eval_shape(tx.init, trainable), strict=False)
 
 
 def initial_state(trainable, tx: optax.GradientTransformation, sh: Shardings,
@@ -72,11 +112,14 @@ def initial_state(trainable, tx: optax.GradientTransformation, sh: Shardings,
                             sh.state)
 
 
-def build(graphdef, sh: Shardings, tx: optax.GradientTransformation, config: TrainConfig,
-          eos_ids: tuple[int, ...], pad_id: int, layout: sharding_lib.Layout) -> Steps:
-  """The four steps, each `jax.jit` with in/out shardings (the graph is closed over), tracing
-  the model's activation constraints for `layout`'s mesh. Arrays of one row per sample take
+def build(graphdef, base, trainable, config: TrainConfig, layout: sharding_lib.Layout,
+          eos_ids: tuple[int, ...], pad_id: int) -> Steps:
+  """The optimiser and the four steps, each `jax.jit` with in/out shardings (the graph is closed
+  over), tracing the model's activation constraints for `layout`'s mesh. `base` and `trainable`
+  may be abstract (shapes): only their structure is read. Arrays of one row per sample take
   their batch sharding whole (`Prompts`, `Generation` and `Batch` alike)."""
+  tx = ppo_lib.make_optimizer(config.optimizer)
+  sh = shardings(layout, base, trainable, tx)
   r, rep, rows = config.rollout, sh.replicated, sh.rows2
   sampling = sampling_lib.SamplingConfig(r.temperature, r.top_k, r.top_p)
   rollout = jax.jit(
@@ -110,7 +153,7 @@ def build(graphdef, sh: Shardings, tx: optax.GradientTransformation, config: Tra
   update = jax.jit(with_activations(layout, update),
                    in_shardings=(sh.state, sh.base, rows, rep), out_shardings=(sh.state, rep),
                    donate_argnums=0)
-  return Steps(rollout, experience, minibatch, update, sh)
+  return Steps(rollout, experience, minibatch, update, sh, tx)
 
 
 def with_activations(layout: sharding_lib.Layout, fn: Callable) -> Callable:

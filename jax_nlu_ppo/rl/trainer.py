@@ -1,7 +1,7 @@
-"""The PPO training loop: prompts -> rollout -> reward -> experience -> advantages -> updates.
+"""The PPO trainer: its data, prompts and rewards around the iteration of `iteration`.
 
 The host does what is text (prompts, answer extraction, logging); every array step is one of
-the pure functions of `ppo`, jitted once here.
+the pure functions of `ppo`, jitted once by `steps.setup`.
 """
 from __future__ import annotations
 
@@ -19,9 +19,7 @@ from jax_nlu_ppo import compiles
 from jax_nlu_ppo.nlu import data as data_lib
 from jax_nlu_ppo import distributed
 from jax_nlu_ppo.nlu import evaluate as evaluate_lib
-from jax_nlu_ppo.rl import policy as policy_lib
-from jax_nlu_ppo.rl import ppo as ppo_lib
-from jax_nlu_ppo.rl import ppo_math
+from jax_nlu_ppo.rl import iteration as iteration_lib
 from jax_nlu_ppo.rl import steps as ppo_steps
 from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.model import prompts as prompt_layout
@@ -72,17 +70,11 @@ class PPOTrainer:
     sharding_lib.check_model(self.layout, self.lm.config)
     self.tokenizer = self.lm.tokenizer
 
-    self.graphdef, trainable, base = policy_lib.policy_split(
-        self.lm.graphdef, self.lm.params, config.lora, value_dropout=config.value_dropout,
-        seed=config.seed, critic_lora=config.critic_lora, remat=config.remat,
-        initial_trainable=initial_trainable)
-    self.tx = ppo_lib.make_optimizer(config.optimizer)
-    sh = ppo_steps.shardings(self.layout, base, trainable, self.tx)
-    self.base = sharding_lib.place(base, sh.base)
-    trainable = sharding_lib.place(trainable, sh.trainable)
-    # The KL reference is the starting policy (the base itself for a fresh adapter).
-    self.reference = jax.tree.map(jnp.copy, trainable)
-    self.state = ppo_steps.initial_state(trainable, self.tx, sh, config.ppo.kl.init_coef)
+    run = ppo_steps.setup(self.lm.graphdef, self.lm.params, config, self.layout,
+                          eos_ids=self.lm.eos_ids(), pad_id=self.lm.pad_id,
+                          initial_trainable=initial_trainable)
+    self.graphdef, self.steps = run.graphdef, run.steps
+    self.base, self.reference, self.state = run.base, run.reference, run.state
     self.key = jax.random.key(config.seed)
     self.host_rng = np.random.default_rng(config.seed)
     self.position = 0          # index into train_examples of the next prompt
@@ -96,8 +88,6 @@ class PPOTrainer:
                       for spec, rule in self.rules.items()}
                      if config.reward.extractor == "token" else None)
 
-    self.steps = ppo_steps.build(self.graphdef, sh, self.tx, config, self.lm.eos_ids(),
-                                 self.lm.pad_id, self.layout)
     self.checkpointer = run_loop.open_checkpoints(self, config, self.lm)
 
   def task_of(self, example: dict[str, Any]) -> str:
@@ -177,74 +167,61 @@ class PPOTrainer:
     Text work (prompts, answers, rewards) is done by each process for its own rows; array work
     runs on global arrays over the mesh; metrics are over all processes' rows.
     """
-    cfg, times, L = self.config, {}, self.layout
-    group = cfg.ppo.group_size
     compiled_before = compiles.count()
     start = time.perf_counter()
+    examples, ids = self._next_batch()
+    prompts = self._prompts(ids)
+    prompts_s = time.perf_counter() - start
+    specs = [self.task_of(ex) for ex in examples]
+    golds = [ex["label"] for ex in examples]
+    out = iteration_lib.run(self.steps, self.base, self.reference, self.state, prompts,
+                            lambda gen: self._rewards(gen, specs, golds), self.key,
+                            self.host_rng, self.config)
+    self.state, self.key = out.state, out.key
+    self.iteration += 1
+    metrics = self._metrics(out, prompts, specs, golds)
+    metrics["time/prompts"] = prompts_s
+    metrics["time/step"] = prompts_s + sum(out.times.values())
+    # Anything but 0 after the first step is a shape that changed (e.g. a longer prompt bucket).
+    metrics["jit/compilations"] = compiles.count() - compiled_before
+    self.last_generation = out.local_generation   # this process's rows, on the host
+    self.last_batch = out.batch                   # the update's global batch, on the mesh
+    self.last_rows = (examples, specs, out.labels, out.scores_b)
+    return metrics
+
+  def _next_batch(self) -> tuple[list[dict[str, Any]], list[list[int]]]:
+    """This process's rows of the next global batch and their prompt ids: sorted by length
+    within each batch shard when `rollout.sort_by_length`, each repeated `ppo.group_size` times."""
     rows = self._next_rows(self.local_batch)
-    if cfg.rollout.sort_by_length:
+    if self.config.rollout.sort_by_length:
       # Whole groups move, so a prompt's samples stay together.
       rows = [rows[i] for i in prompt_layout.sorted_within_blocks(
           [len(ids) for _, ids in rows], self._sort_blocks() // jax.process_count())]
-    rows = [row for row in rows for _ in range(group)]
-    examples = [example for example, _ in rows]
-    specs = [self.task_of(ex) for ex in examples]
-    ids = [ids for _, ids in rows]
+    rows = [row for row in rows for _ in range(self.config.ppo.group_size)]
+    return [example for example, _ in rows], [ids for _, ids in rows]
+
+  def _prompts(self, ids: list[list[int]]) -> prompt_layout.Prompts:
+    """Every process's rows as one global, left-padded `Prompts` with their layout."""
     shared = self._shared_prefix(ids)
     # Every process pads to the same length: the global batch has one shape.
     length = distributed.max_over_processes(prompt_layout.padded_length(ids, shared))
-    prompt_np, prompt_mask_np = prompt_layout.pad_left(ids, self.lm.pad_id, length, shared)
+    ids_np, mask_np = prompt_layout.pad_left(ids, self.lm.pad_id, length, shared)
     layout = prompt_layout.PromptLayout(shared, self._skip(ids, shared, length),
                                         self._sort_blocks())
-    prompts = prompt_layout.Prompts(distributed.global_batch(prompt_np, L.batch(2)),
-                                    distributed.global_batch(prompt_mask_np, L.batch(2)), layout)
-    self.key, rollout_key = jax.random.split(self.key)
-    limit = int(self.host_rng.integers(cfg.rollout.min_new_tokens,
-                                       cfg.rollout.max_new_tokens + 1))
-    gen = self.steps.rollout(self.base, self.state.trainable, prompts, rollout_key, limit)
-    local_gen = jax.tree.map(distributed.local_rows, jax.block_until_ready(gen))
-    times["time/rollout"] = time.perf_counter() - start
+    rows = self.layout.batch(2)
+    return prompt_layout.Prompts(distributed.global_batch(ids_np, rows),
+                                 distributed.global_batch(mask_np, rows), layout)
 
-    start = time.perf_counter()
-    golds = [ex["label"] for ex in examples]
-    preds, scores_b = self._rewards(local_gen, specs, golds)
-    times["time/reward"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    batch, kl_bn = self.steps.experience(
-        self.base, self.state.trainable, self.reference, prompts, gen,
-        distributed.global_batch(scores_b, L.batch(1)), self.state.kl_coef)
-    jax.block_until_ready(batch)
-    times["time/experience"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    n, mb = batch.response_bn.shape[0], cfg.ppo.minibatch_size
-    updates = []
-    for _ in range(cfg.ppo.ppo_epochs):
-      picks, update_layout = prompt_layout.minibatches(self.host_rng, n, mb, layout,
-                                                       cfg.ppo.gradient_accumulation_steps)
-      for picked in picks:
-        self.key, dropout_key = jax.random.split(self.key)
-        minibatch = self.steps.minibatch(batch, picked, update_layout)
-        self.state, metrics = self.steps.update(self.state, self.base, minibatch, dropout_key)
-        updates.append(metrics)
-    update_metrics = ppo_lib.mean_metrics(jax.device_get(updates))
-    times["time/update"] = time.perf_counter() - start
-
-    # Ziegler's controller sees the mean over samples of each response's summed KL.
-    mask_np = distributed.all_rows(gen.mask_bn)
-    kl_per_sample = distributed.all_rows(kl_bn).sum(axis=1)
-    kl_coef = float(self.state.kl_coef)
-    new_coef = ppo_math.kl_coef_update(cfg.ppo.kl, kl_coef, float(kl_per_sample.mean()), n)
-    self.state = self.state.replace(kl_coef=L.replicate(np.float32(new_coef)))
-    self.iteration += 1
-
+  def _metrics(self, out: iteration_lib.Outcome, prompts: prompt_layout.Prompts,
+               specs: Sequence[str], golds: Sequence[float]) -> dict[str, float]:
+    """The iteration's metrics over every process's rows, per task too for a mixture."""
     task_names = list(self.tasks)
-    parsed = np.asarray([p is not None for p in preds])
+    parsed = np.asarray([p is not None for p in out.labels])
     correct = np.asarray([p is not None and not self.tasks[spec].is_regression
-                          and int(p) == int(g) for spec, p, g in zip(specs, preds, golds)])
+                          and int(p) == int(g) for spec, p, g in zip(specs, out.labels, golds)])
     all_scores, parsed, correct, task_ids = (distributed.all_rows(x) for x in (
-        scores_b, parsed, correct, np.asarray([task_names.index(s) for s in specs])))
+        out.scores_b, parsed, correct, np.asarray([task_names.index(s) for s in specs])))
+    mask_np = out.response_mask
     valid = mask_np.astype(bool)
     metrics = {
         "iteration": self.iteration,
@@ -252,17 +229,17 @@ class PPOTrainer:
         "env/reward_std": float(all_scores.std()),
         "env/accuracy": float(correct.mean()),
         "env/unparsed_rate": float(1 - parsed.mean()),
-        "objective/kl": float(kl_per_sample.mean()),
-        "objective/kl_coef": kl_coef,
-        "returns/mean": float(distributed.all_rows(batch.returns_bn)[valid].mean()),
-        "advantages/mean": float(distributed.all_rows(batch.advantages_bn)[valid].mean()),
+        "objective/kl": float(out.kl_per_sample.mean()),
+        "objective/kl_coef": out.kl_coef,
+        "returns/mean": float(distributed.all_rows(out.batch.returns_bn)[valid].mean()),
+        "advantages/mean": float(distributed.all_rows(out.batch.advantages_bn)[valid].mean()),
         "tokens/response_len_mean": float(mask_np.sum(axis=1).mean()),
-        "tokens/max_new_tokens": limit,
+        "tokens/max_new_tokens": out.limit,
         "tokens/prompt_len": int(prompts.ids_bt.shape[1]),
-        "tokens/shared_prefix": shared,
-        "tokens/skipped": layout.skip,
+        "tokens/shared_prefix": prompts.layout.shared,
+        "tokens/skipped": prompts.layout.skip,
         "data/skipped_rows": self.skipped_rows,
-        **update_metrics, **times,
+        **out.update_metrics, **out.times,
     }
     if len(self.tasks) > 1:
       for i, task in enumerate(self.tasks.values()):
@@ -270,13 +247,7 @@ class PPOTrainer:
         if rows.any():
           metrics[f"env/accuracy/{task.name}"] = float(correct[rows].mean())
           metrics[f"env/reward_mean/{task.name}"] = float(all_scores[rows].mean())
-    metrics["time/step"] = sum(times.values())
-    # Anything but 0 after the first step is a shape that changed (e.g. a longer prompt bucket).
-    metrics["jit/compilations"] = compiles.count() - compiled_before
-    metrics["tokens/per_s"] = float(mask_np.sum()) / times["time/rollout"]
-    self.last_generation = local_gen    # this process's rows, on the host
-    self.last_batch = batch             # the update's global batch, on the mesh
-    self.last_rows = (examples, specs, preds, scores_b)
+    metrics["tokens/per_s"] = float(mask_np.sum()) / out.times["time/rollout"]
     return metrics
 
   def _rewards(self, gen, specs: Sequence[str], golds: Sequence[float]):

@@ -9,7 +9,7 @@ tokens, the first 58 shared by all), whose shared start ours runs once per call
 (`model.prefill`) unless `shared_prefix=False`; with `sort_by_length=True` ours also sorts the
 rows, the shorter half skipping half the columns (the trainer's option of that name), and with a
 random-weight `preset` a `tokenizer` folder renders those prompts. Ours runs the trainer's own
-jitted programs (`ppo_steps.build`); the PyTorch side (`bench_torch`) runs transformers
+set-up and iteration (`steps.setup`, `iteration.run`); the PyTorch side (`bench_torch`) runs transformers
 `generate`, transformers + peft forward/backward, and TRL's `GRPOTrainer`.
 
 FLOPs are counted from the model shape (`forward_flops`): 2 per multiply-add of every
@@ -41,8 +41,7 @@ from jax_nlu_ppo.tools.workload import PHASES, Workload, prompt_rows
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo.model import decoder as model_lib
 from jax_nlu_ppo.model import kernels as kernels_lib
-from jax_nlu_ppo.rl import policy as policy_lib
-from jax_nlu_ppo.rl import ppo as ppo_lib
+from jax_nlu_ppo.rl import iteration as iteration_lib
 from jax_nlu_ppo.rl import steps as ppo_steps
 from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.model import prompts as prompt_layout
@@ -112,8 +111,9 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
                progress: Callable[[str], None] = print,
                profile: str | None = None) -> dict[str, Any]:
-  """Seconds per phase of `iterations` PPO iterations after a first (compiling) one, through
-  the trainer's jitted programs on one device; and compilations after the first. With
+  """Seconds per phase of `iterations` PPO iterations after a first (compiling) one, on one
+  device: the trainer's own set-up (`steps.setup`) and iteration (`iteration.run`), with random
+  fixed rewards in place of the tasks' answers; and compilations after the first. With
   `profile` (a folder), one more iteration is traced there and its ops tabulated."""
   config = config_lib.load_config(None, [
       f"lora.rank={w.rank}", "lora.dropout=0.0", "value_dropout=0.0",
@@ -122,63 +122,40 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
       f"ppo.minibatch_size={w.minibatch}", "ppo.ppo_epochs=1", "mesh.fsdp=1",
       f"remat={w.remat}"])
   layout = sharding_lib.Layout.create(config.mesh, jax.devices()[:1])
-  graphdef, trainable, base = policy_lib.policy_split(
-      lm.graphdef, lm.params, config.lora, value_dropout=config.value_dropout, seed=config.seed,
-      remat=config.remat)
-  tx = ppo_lib.make_optimizer(config.optimizer)
-  sh = ppo_steps.shardings(layout, base, trainable, tx)
   # No EOS: every row generates all `new_tokens`, as on the PyTorch side.
-  steps = ppo_steps.build(graphdef, sh, tx, config, eos_ids=(), pad_id=0, layout=layout)
-  base, trainable = sharding_lib.place(base, sh.base), sharding_lib.place(trainable, sh.trainable)
-  reference = jax.tree.map(jnp.copy, trainable)
-  state = ppo_steps.initial_state(trainable, tx, sh, kl_coef=0.2)
+  run = ppo_steps.setup(lm.graphdef, lm.params, config, layout, eos_ids=(), pad_id=0)
   rows = prompt_rows(lm.tokenizer, w, lm.config.vocab_size)
   _, prompts = prompt_layout.lay_out(rows, lm.pad_id, share=w.shared_prefix,
                                      sort=w.sort_by_length)
   scores_b = np.random.default_rng(0).choice([-1.0, 1.0], w.batch).astype(np.float32)
-  rng = np.random.default_rng(0)
+  reward = lambda generation: ([None] * w.batch, scores_b)
+  host_rng, key = np.random.default_rng(0), jax.random.key(0)
   calls = {}    # with `profile`: each step's last arguments (as shapes), for its program text
+  steps = _recording(run.steps, calls) if profile else run.steps
 
-  def call(step, *args):
-    if profile:
-      calls[step] = jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-          if isinstance(x, jax.Array) else x, args)
-    return step(*args)
-
-  def iteration(state, seed: int, limit: int = w.new_tokens):
-    times = {}
-    gen, times["rollout"] = _timed(lambda: call(steps.rollout, base, state.trainable, prompts,
-                                                jax.random.key(seed), limit))
-    (batch, _), times["experience"] = _timed(lambda: call(
-        steps.experience, base, state.trainable, reference, prompts, gen, scores_b,
-        state.kl_coef))
-    start = time.perf_counter()
-    picks, update_layout = prompt_layout.minibatches(rng, w.batch, w.minibatch, prompts.layout)
-    for picked in picks:
-      minibatch = steps.minibatch(batch, picked, update_layout)
-      state, metrics = call(steps.update, state, base, minibatch, jax.random.key(seed))
-    jax.block_until_ready(metrics)
-    times["update"] = time.perf_counter() - start
-    times["iteration"] = sum(times.values())
-    return state, times
+  def iteration(state, key):
+    out = iteration_lib.run(steps, run.base, run.reference, state, prompts, reward, key,
+                            host_rng, config)
+    times = {phase: out.times[f"time/{phase}"] for phase in ("rollout", "experience", "update")}
+    times["iteration"] = sum(out.times.values())
+    return out.state, out.key, times
 
   compiled, loaded = compiles.count(), compiles.cache_hits()
-  state, first = iteration(state, 0)
+  state, key, first = iteration(run.state, key)
   first_compiles, first_loaded = compiles.count() - compiled, compiles.cache_hits() - loaded
   progress(f"ours: first iteration {first['iteration']:.1f} s ({first_compiles} compilations, "
            f"{first_loaded} of them loaded from the persistent cache)")
   compiled = compiles.count()
   runs, prefill = [], []
   for i in range(iterations):
-    state, times = iteration(state, i + 1)
+    state, key, times = iteration(state, key)
     runs.append(times)
     progress(f"ours: iteration {i + 1}/{iterations} {times['iteration']:.2f} s")
     # The prefill alone: the rollout stopped after its first token (`limit` is traced: no
     # compile), timed beside each iteration so that its median and the rollout's, whose
     # difference is the decode, meet the same spells of a shared machine.
-    prefill.append(_timed(lambda: steps.rollout(base, state.trainable, prompts,
-                                                jax.random.key(99), 1))[1])
+    prefill.append(_timed(lambda: run.steps.rollout(run.base, state.trainable, prompts,
+                                                    jax.random.key(99), 1))[1])
   median = {k: statistics.median(r[k] for r in runs) for k in PHASES}
   prefill_s = statistics.median(prefill)
   decode_s = median["rollout"] - prefill_s
@@ -192,7 +169,7 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
          "recompilations_after_first_iteration": compiles.count() - compiled}
   if profile:
     with jax.profiler.trace(profile, create_perfetto_trace=True):
-      iteration(state, iterations + 1)
+      iteration(state, key)
     # Compiled again ahead of time for their text (op names, shapes, JAX source), after the
     # recompilation count above was taken.
     programs = [step.lower(*args).compile().as_text() for step, args in calls.items()]
@@ -200,6 +177,21 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
     out["profile_ops"] = [dataclasses.asdict(op) for op in ops]
     progress(f"one iteration traced in {profile}; its longest ops:\n{op_profile.table(ops)}")
   return out
+
+
+def _recording(steps: ppo_steps.Steps, calls: dict) -> ppo_steps.Steps:
+  """`steps` noting each jitted step's last arguments as shapes in `calls`, so that its program
+  can be compiled again ahead of time for its text."""
+  def recorded(step):
+    def call(*args):
+      calls[step] = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+          if isinstance(x, jax.Array) else x, args)
+      return step(*args)
+    return call
+  return dataclasses.replace(steps, rollout=recorded(steps.rollout),
+                             experience=recorded(steps.experience),
+                             update=recorded(steps.update))
 
 
 def run(model: str = pretrained.DEFAULT_MODEL, preset: str | None = None,

@@ -1,7 +1,7 @@
 """How much memory each device needs for a PPO run, worked out before anyone books the hardware.
 
 Nothing is allocated: the policy is built under `nnx.eval_shape`, its shardings come from the
-same rules the trainer uses (`ppo_steps.shardings`), and the per-device bytes of each part are
+trainer's own steps (`steps.build`), and the per-device bytes of each part are
 the shard shapes times the dtype size. The rollout and update programs are then compiled for
 the mesh (on fake CPU devices: `plan` sets that up) and XLA's memory analysis gives their
 temporaries (activations, KV cache, gradients). XLA lays out and fuses differently on TPU and
@@ -139,9 +139,11 @@ def plan(config: TrainConfig, model_config: LlamaConfig, layout: sharding_lib.La
   """
   sharding_lib.check_model(layout, model_config)
   graphdef, trainable, base = abstract_policy(model_config, config)
-  tx = ppo_lib.make_optimizer(config.optimizer)
-  sh = ppo_steps.shardings(layout, base, trainable, tx)
-  opt_state = jax.eval_shape(tx.init, trainable)
+  # The trainer's steps (`steps.build`), jitted but compiled only below, on abstract shapes.
+  steps = ppo_steps.build(graphdef, base, trainable, config, layout,
+                          tuple(model_config.eos_token_ids), 0)
+  sh = steps.shardings
+  opt_state = jax.eval_shape(steps.tx.init, trainable)
   parts = [Part(BASE, device_bytes(base, sh.base), f"{config.model.dtype}, split by the rules"),
            Part(TRAINABLE, device_bytes(trainable, sh.trainable), "float32"),
            Part(REFERENCE, device_bytes(trainable, sh.trainable), "float32 copy of the start"),
@@ -160,8 +162,6 @@ def plan(config: TrainConfig, model_config: LlamaConfig, layout: sharding_lib.La
   compile_s = None
   if compile_steps:
     start = time.perf_counter()
-    steps = ppo_steps.build(graphdef, sh, tx, config, tuple(model_config.eos_token_ids), 0,
-                            layout)
     rows2, rep = sh.rows2, sh.replicated
     prompt = jax.ShapeDtypeStruct((samples, prompt_len), jnp.int32, sharding=rows2)
     key = jax.eval_shape(lambda: jax.random.key(0))
