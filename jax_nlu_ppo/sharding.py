@@ -121,13 +121,14 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
-  """A mesh with its rules: everything needed to turn logical names into shardings."""
-  mesh: Mesh
+class LogicalMesh:
+  """A device mesh with its rules from logical axis names ("batch", "heads", ...) to mesh axes:
+  everything needed to turn logical names into shardings."""
+  jax_mesh: Mesh
   rules: dict[str, tuple[str, ...]]
 
   @classmethod
-  def create(cls, config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Layout:
+  def create(cls, config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> LogicalMesh:
     return cls(make_mesh(config, devices), config.logical_rules)
 
   def spec(self, names: Sequence[str | None], shape: Sequence[int] | None = None,
@@ -140,7 +141,7 @@ class Layout:
     used: dict[str, str] = {}
     parts = []
     for i, name in enumerate(names):
-      axes = tuple(a for a in self.rules.get(name, ()) if self.mesh.shape[a] > 1) if name else ()
+      axes = tuple(a for a in self.rules.get(name, ()) if self.jax_mesh.shape[a] > 1) if name else ()
       for axis in axes:
         if axis in used:
           raise ShardingError(f"{what}: logical axes {used[axis]!r} and {name!r} both map to "
@@ -148,7 +149,7 @@ class Layout:
                               "does not")
         used[axis] = name
       if shape is not None and axes:
-        ways = math.prod(self.mesh.shape[a] for a in axes)
+        ways = math.prod(self.jax_mesh.shape[a] for a in axes)
         if shape[i] % ways:
           raise ShardingError(f"{what}: axis {name!r} of size {shape[i]} cannot be split "
                               f"{ways} ways over mesh axes {'x'.join(axes)}; choose mesh sizes "
@@ -160,11 +161,11 @@ class Layout:
 
   def sharding(self, names: Sequence[str | None], shape: Sequence[int] | None = None,
                what: str = "array") -> NamedSharding:
-    return NamedSharding(self.mesh, self.spec(names, shape, what))
+    return NamedSharding(self.jax_mesh, self.spec(names, shape, what))
 
   @property
   def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, PartitionSpec())
+    return NamedSharding(self.jax_mesh, PartitionSpec())
 
   def replicate(self, host_value) -> jax.Array:
     """A host value (NumPy array or scalar) as a global array on every device: what a
@@ -177,7 +178,7 @@ class Layout:
 
   @property
   def batch_ways(self) -> int:
-    return math.prod(self.mesh.shape[a] for a in self.rules.get("batch", ()))
+    return math.prod(self.jax_mesh.shape[a] for a in self.rules.get("batch", ()))
 
   def tree(self, tree: Any, strict: bool = True) -> Any:
     """Shardings for every array of a tree of `nnx.Variable`s (or plain arrays), by their names.
@@ -214,18 +215,18 @@ class Layout:
                           "mesh")
 
   def _batch_axes(self) -> str:
-    return " x ".join(f"{a}={self.mesh.shape[a]}" for a in self.rules.get("batch", ()))
+    return " x ".join(f"{a}={self.jax_mesh.shape[a]}" for a in self.rules.get("batch", ()))
 
 
-def check_model(layout: Layout, config) -> None:
+def check_model(mesh: LogicalMesh, config) -> None:
   """Heads and KV heads must split evenly over the axes their rules name (`LlamaConfig`)."""
   for name, size in (("heads", config.num_heads), ("kv_heads", config.num_kv_heads)):
-    axes = [a for a in layout.rules.get(name, ()) if layout.mesh.shape[a] > 1]
-    ways = math.prod(layout.mesh.shape[a] for a in axes)
+    axes = [a for a in mesh.rules.get(name, ()) if mesh.jax_mesh.shape[a] > 1]
+    ways = math.prod(mesh.jax_mesh.shape[a] for a in axes)
     if size % ways:
       raise ShardingError(
           f"the model has {size} {name.replace('_', ' ')}, which the mesh's "
-          f"{' x '.join(f'{a}={layout.mesh.shape[a]}' for a in axes)} cannot split; use a "
+          f"{' x '.join(f'{a}={mesh.jax_mesh.shape[a]}' for a in axes)} cannot split; use a "
           f"tensor size that divides {size}, or set mesh.rules.{name}: []")
 
 
@@ -244,13 +245,13 @@ def place(tree: Any, shardings: Any) -> Any:
 
 
 # Activation constraints. The model marks its residual stream with logical names through
-# `constrain`; it does nothing unless a trainer traced the model inside `activations(layout)`.
-_ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("layout", default=None)
+# `constrain`; it does nothing unless a step traced the model inside `activations(mesh)`.
+_ACTIVE: contextvars.ContextVar[LogicalMesh | None] = contextvars.ContextVar("mesh", default=None)
 
 
 @contextlib.contextmanager
-def activations(layout: Layout | None):
-  token = _ACTIVE.set(layout)
+def activations(mesh: LogicalMesh | None):
+  token = _ACTIVE.set(mesh)
   try:
     yield
   finally:
@@ -258,8 +259,8 @@ def activations(layout: Layout | None):
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """`x` constrained to the sharding its logical `names` map to, when tracing under a layout."""
-  layout = _ACTIVE.get()
-  if layout is None:
+  """`x` constrained to the sharding its logical `names` map to, when tracing under a mesh."""
+  mesh = _ACTIVE.get()
+  if mesh is None:
     return x
-  return jax.lax.with_sharding_constraint(x, layout.sharding(names))
+  return jax.lax.with_sharding_constraint(x, mesh.sharding(names))

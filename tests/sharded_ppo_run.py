@@ -89,8 +89,8 @@ def run_layout(name: str, mesh: dict | None, lm) -> dict[str, np.ndarray]:
 
 def train(name: str, mesh: dict | None, lm, config, examples):
   devices = jax.devices()[:1] if mesh is None else jax.devices()
-  layout = sharding.Layout.create(config.mesh, devices)
-  trainer = trainer_lib.PPOTrainer(config, lm=lm, train_examples=examples, layout=layout)
+  trainer = trainer_lib.PPOTrainer(config, lm=lm, train_examples=examples,
+                                   mesh=sharding.LogicalMesh.create(config.mesh, devices))
   history = trainer.train()
   return {f"{name}/metric/{k}": np.asarray([m[k] for m in history], np.float64)
           for k in history[0] if not k.startswith(("time/", "jit/")) and k != "tokens/per_s"
@@ -128,7 +128,7 @@ def run_sft(name: str, mesh: dict | None, lm) -> dict[str, np.ndarray]:
                          gradient_accumulation_steps=2, steps=2,
                          mesh=sharding.MeshConfig(**(mesh or dict(fsdp=1))))
   trainer = sft.SFTTrainer(config, lm=lm, train_examples=EXAMPLES,
-                           layout=sharding.Layout.create(config.mesh, devices))
+                           mesh=sharding.LogicalMesh.create(config.mesh, devices))
   history = trainer.train()
   out = {f"sft_{name}/metric/sft/loss": np.asarray([m["sft/loss"] for m in history])}
   out |= {f"sft_{name}/param/{k}": v for k, v in flat(trainer.state.trainable).items()}

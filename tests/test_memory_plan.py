@@ -56,8 +56,8 @@ def test_exact_parts_by_hand_for_lora_optimizer_and_cache():
       "rollout.batch_size=4", "rollout.min_new_tokens=2", "rollout.max_new_tokens=8",
       "ppo.minibatch_size=4",
       "mesh.fsdp=1"])
-  layout = sharding.Layout.create(config.mesh)
-  plan = memory_plan.plan(config, model, layout, prompt_len=24, compile_steps=False)
+  mesh = sharding.LogicalMesh.create(config.mesh)
+  plan = memory_plan.plan(config, model, mesh, prompt_len=24, compile_steps=False)
   parts = {p.name: p.bytes_per_device for p in plan.parts}
   d, l, n, k, h = (model.hidden_size, model.num_layers, model.num_heads, model.num_kv_heads,
                    model.head_dim)

@@ -22,32 +22,32 @@ from jax_nlu_ppo.model.llama_config import LlamaConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def layout(data=1, fsdp=1, tensor=1, **rules) -> sharding.Layout:
-  """A layout over an abstract mesh: rules and checks without devices."""
+def logical_mesh(data=1, fsdp=1, tensor=1, **rules) -> sharding.LogicalMesh:
+  """A logical mesh over an abstract mesh: rules and checks without devices."""
   config = sharding.MeshConfig(data=data, fsdp=fsdp, tensor=tensor, rules=rules)
-  return sharding.Layout(AbstractMesh((data, fsdp, tensor), sharding.MESH_AXES),
-                         config.logical_rules)
+  return sharding.LogicalMesh(AbstractMesh((data, fsdp, tensor), sharding.MESH_AXES),
+                              config.logical_rules)
 
 
 # --------------------------------------------------------------------------------------------
 # Rules and validation.
 
 def test_default_rules_give_fsdp_and_tensor_parallel_specs():
-  lay = layout(data=2, fsdp=2, tensor=2)
-  assert lay.spec(("vocab", "embed")) == P("tensor", "fsdp")
-  assert lay.spec(("layers", "embed", "heads", "head_dim")) == P(None, "fsdp", "tensor")
-  assert lay.spec(("layers", "mlp", "embed")) == P(None, "tensor", "fsdp")
-  assert lay.spec(("layers", "embed", "lora")) == P(None, "fsdp")
-  assert lay.spec(("batch", "length")) == P(("data", "fsdp"))
+  mesh = logical_mesh(data=2, fsdp=2, tensor=2)
+  assert mesh.spec(("vocab", "embed")) == P("tensor", "fsdp")
+  assert mesh.spec(("layers", "embed", "heads", "head_dim")) == P(None, "fsdp", "tensor")
+  assert mesh.spec(("layers", "mlp", "embed")) == P(None, "tensor", "fsdp")
+  assert mesh.spec(("layers", "embed", "lora")) == P(None, "fsdp")
+  assert mesh.spec(("batch", "length")) == P(("data", "fsdp"))
   # Axes of size 1 drop out of the spec.
-  assert layout(fsdp=8).spec(("batch", "length")) == P("fsdp")
-  assert layout(data=8).spec(("vocab", "embed")) == P()
+  assert logical_mesh(fsdp=8).spec(("batch", "length")) == P("fsdp")
+  assert logical_mesh(data=8).spec(("vocab", "embed")) == P()
 
 
 def test_rules_are_overridden_per_logical_name():
-  lay = layout(fsdp=4, tensor=2, embed=[], mlp=["fsdp", "tensor"])
-  assert lay.spec(("layers", "embed", "mlp")) == P(None, None, ("fsdp", "tensor"))
-  assert lay.spec(("vocab", "embed")) == P("tensor")
+  mesh = logical_mesh(fsdp=4, tensor=2, embed=[], mlp=["fsdp", "tensor"])
+  assert mesh.spec(("layers", "embed", "mlp")) == P(None, None, ("fsdp", "tensor"))
+  assert mesh.spec(("vocab", "embed")) == P("tensor")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -75,32 +75,32 @@ def test_conflicting_rules_and_uneven_splits_are_errors_naming_the_array():
   with pytest.raises(sharding.ShardingError,
                      match=r"embed_tokens: logical axes 'vocab' and 'embed' both map to mesh axis "
                            r"'fsdp'; change mesh.rules"):
-    layout(fsdp=4, vocab=["fsdp"]).spec(("vocab", "embed"), (256, 64), "embed_tokens")
+    logical_mesh(fsdp=4, vocab=["fsdp"]).spec(("vocab", "embed"), (256, 64), "embed_tokens")
   with pytest.raises(sharding.ShardingError,
                      match=r"lm_head: axis 'vocab' of size 250 cannot be split 4 ways"):
-    layout(tensor=4).spec(("embed", "vocab"), (64, 250), "lm_head")
+    logical_mesh(tensor=4).spec(("embed", "vocab"), (64, 250), "lm_head")
 
 
 def test_heads_must_divide_the_tensor_axis():
   config = LlamaConfig.tiny(num_heads=4, num_kv_heads=2)
-  sharding.check_model(layout(tensor=2), config)
+  sharding.check_model(logical_mesh(tensor=2), config)
   with pytest.raises(sharding.ShardingError, match=r"2 kv heads, which the mesh's tensor=4 cannot "
                                                    r"split.*mesh.rules.kv_heads: \[\]"):
-    sharding.check_model(layout(tensor=4), config)
+    sharding.check_model(logical_mesh(tensor=4), config)
 
 
 def test_batch_sizes_must_divide_the_data_parallel_axes():
   config = config_lib.load_config(None, ["rollout.batch_size=12", "ppo.minibatch_size=4"])
-  assert trainer_lib.check_layout(config, layout(data=2, fsdp=2)) == 12
+  assert trainer_lib.check_mesh(config, logical_mesh(data=2, fsdp=2)) == 12
   with pytest.raises(sharding.ShardingError, match=r"rollout.batch_size x ppo.group_size \(12\) "
                                                    r"must be divisible .* \(8 = data=2 x fsdp=4\)"):
-    trainer_lib.check_layout(config, layout(data=2, fsdp=4))
+    trainer_lib.check_mesh(config, logical_mesh(data=2, fsdp=4))
   with pytest.raises(sharding.ShardingError, match=r"ppo.minibatch_size / "
                                                    r"ppo.gradient_accumulation_steps \(2\)"):
-    trainer_lib.check_layout(
+    trainer_lib.check_mesh(
         config_lib.load_config(None, ["rollout.batch_size=12", "ppo.minibatch_size=4",
                                       "ppo.gradient_accumulation_steps=2"]),
-        layout(fsdp=4))
+        logical_mesh(fsdp=4))
 
 
 def test_mesh_config_reads_from_yaml_overrides_and_fails_before_any_model_load():

@@ -193,20 +193,20 @@ class LanguageModel:
 
   `params` is a plain pytree (the model's `nnx.State`); `graphdef` the static structure. Jitted
   functions take both, so the parameters cross every jit boundary as pure arrays. With a
-  `layout` (parameters on a mesh), generation splits each batch over the mesh's batch axes;
+  `mesh` (parameters on a mesh), generation splits each batch over the mesh's batch axes;
   in a multi-process run every process passes the same prompts and gets every answer.
   """
 
   def __init__(self, config: LlamaConfig, graphdef, params, tokenizer=None, dtype=jnp.float32,
-               batch_size: int = 32, layout: sharding_lib.Layout | None = None):
+               batch_size: int = 32, mesh: sharding_lib.LogicalMesh | None = None):
     self.config = config
     self.graphdef = graphdef
     self.params = params
     self.tokenizer = tokenizer
     self.dtype = dtype
-    self.layout = layout
+    self.mesh = mesh
     # Batches split evenly over the mesh's data-parallel devices.
-    ways = layout.batch_ways if layout is not None else 1
+    ways = mesh.batch_ways if mesh is not None else 1
     self.batch_size = -(-batch_size // ways) * ways
 
   @property
@@ -244,13 +244,13 @@ class LanguageModel:
     prompt columns `layout` allows left out (see `prompts.lay_out`)."""
     kw = dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=self.eos_ids(),
               pad_id=self.pad_id)
-    if self.layout is None:
+    if self.mesh is None:
       prompts = prompts_lib.Prompts(jnp.asarray(prompt_bt), jnp.asarray(prompt_mask_bt), layout)
       return _generate(self.graphdef, self.params, prompts, jax.random.key(seed), **kw)
-    rows = self.layout.batch(2)
+    rows = self.mesh.batch(2)
     prompts = prompts_lib.Prompts(sharding_lib.place(np.asarray(prompt_bt), rows),
                                   sharding_lib.place(np.asarray(prompt_mask_bt), rows), layout)
-    with sharding_lib.activations(self.layout):
+    with sharding_lib.activations(self.mesh):
       gen = _generate(self.graphdef, self.params, prompts, jax.random.key(seed), **kw)
     return jax.tree.map(distributed.all_rows, gen)
 
@@ -274,7 +274,7 @@ class LanguageModel:
       # A short last batch is padded with copies so that it reuses the compiled shape (and, on
       # a mesh, so that it splits evenly).
       fill = (self.batch_size - len(chunk)
-              if len(prompt_ids) > self.batch_size or self.layout is not None else 0)
+              if len(prompt_ids) > self.batch_size or self.mesh is not None else 0)
       # A task's instructions (and k-shot demonstrations) begin every prompt: they run once.
       _, prompts = prompts_lib.lay_out(chunk + [chunk[0]] * fill, self.pad_id)
       gen = self.generate_ids(prompts.ids_bt, prompts.mask_bt, max_new_tokens, sampling,
@@ -296,7 +296,7 @@ class LanguageModel:
 
 
 def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
-                    gguf_file: str | None = None, layout: sharding_lib.Layout | None = None,
+                    gguf_file: str | None = None, mesh: sharding_lib.LogicalMesh | None = None,
                     batch_size: int = 32, kernels: str = "auto") -> LanguageModel:
   """Loads a LLaMA-family model for JAX.
 
@@ -305,7 +305,7 @@ def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
       (`config.json` + safetensors), a `.gguf` file, or a hub repo id (needs internet).
     dtype: "float32" or "bfloat16", for parameters and activations.
     gguf_file: with a folder or hub id, which GGUF file in it to read.
-    layout: a mesh and its rules; each parameter is then placed directly on its devices as it
+    mesh: a device mesh and its logical rules; each parameter is then placed directly on its devices as it
       is read, each process keeping only its devices' shards (otherwise: the default device).
     kernels: the decoder's backend paths (`kernels.CHOICES`; "auto" chooses by backend and
       dtype).
@@ -325,7 +325,7 @@ def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
   checkpoint = resolve(name_or_path, gguf_file)
   graphdef, abstract_state = nnx.split(abstract_model(checkpoint.config, _DTYPES[dtype],
                                                        resolved))
-  shardings = None if layout is None else nnx.to_pure_dict(layout.tree(abstract_state))
+  shardings = None if mesh is None else nnx.to_pure_dict(mesh.tree(abstract_state))
   loaded = weights_lib.load_params(checkpoint.source, checkpoint.config,
                                    nnx.to_pure_dict(abstract_state), checkpoint.config_source,
                                    shardings)
@@ -334,4 +334,4 @@ def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
   log.info("loaded %s (%s, %.1fM parameters) in %.1fs", name_or_path, dtype,
            checkpoint.config.num_params / 1e6, time.perf_counter() - start)
   return LanguageModel(checkpoint.config, graphdef, abstract_state, tokenizer,
-                       _DTYPES[dtype], batch_size, layout)
+                       _DTYPES[dtype], batch_size, mesh)

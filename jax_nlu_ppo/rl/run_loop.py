@@ -280,13 +280,13 @@ def _append_jsonl(path: pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def adapted_model(lm: pretrained.LanguageModel, graphdef, base, trainable,
-                  layout=None) -> pretrained.LanguageModel:
+                  mesh=None) -> pretrained.LanguageModel:
   """The base model with `trainable`'s adapters on, as a `LanguageModel` (shares the base);
-  generating over `layout`'s mesh (default: `lm`'s)."""
+  generating over `mesh` (default: `lm`'s)."""
   policy = policy_lib.with_trainable(graphdef, base, trainable)
   llama_graphdef, params = nnx.split(policy.llama)
   return pretrained.LanguageModel(lm.config, llama_graphdef, params, lm.tokenizer, lm.dtype,
-                                  lm.batch_size, layout or lm.layout)
+                                  lm.batch_size, mesh or lm.mesh)
 
 
 def evaluate_model(lm: pretrained.LanguageModel, examples: Sequence[dict[str, Any]],

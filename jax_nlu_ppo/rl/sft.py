@@ -258,17 +258,17 @@ class Setup:
   batch_sharding: Batch
 
 
-def setup(llama_graphdef, llama_params, config: SFTConfig, layout: sharding_lib.Layout,
+def setup(llama_graphdef, llama_params, config: SFTConfig, mesh: sharding_lib.LogicalMesh,
           initial_trainable=None) -> Setup:
-  """PPO's policy (`policy.policy_split`) on a loaded decoder, placed on `layout`'s mesh with
+  """PPO's policy (`policy.policy_split`) on a loaded decoder, placed on `mesh` with
   its optimiser state, and the update that trains it."""
   graphdef, trainable, base = policy_lib.policy_split(
       llama_graphdef, llama_params, config.lora, value_dropout=0.0, seed=config.seed,
       remat=config.remat, initial_trainable=initial_trainable)
   tx = ppo_lib.make_optimizer(config.optimizer)
-  base_sh, trainable_sh = layout.tree(base), layout.tree(trainable)
-  state_sh = SFTState(step=layout.replicated, trainable=trainable_sh,
-                      opt_state=steps_lib.optimizer_shardings(layout, tx, trainable))
+  base_sh, trainable_sh = mesh.tree(base), mesh.tree(trainable)
+  state_sh = SFTState(step=mesh.replicated, trainable=trainable_sh,
+                      opt_state=steps_lib.optimizer_shardings(mesh, tx, trainable))
   base = sharding_lib.place(base, base_sh)
   trainable = sharding_lib.place(trainable, trainable_sh)
   state = sharding_lib.place(
@@ -276,12 +276,12 @@ def setup(llama_graphdef, llama_params, config: SFTConfig, layout: sharding_lib.
                opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(trainable)),
       state_sh)
   step = functools.partial(update, tx=tx, accumulation_steps=config.gradient_accumulation_steps)
-  batch_sh = Batch(layout.batch(2), layout.batch(2), layout.batch(2))
+  batch_sh = Batch(mesh.batch(2), mesh.batch(2), mesh.batch(2))
   jitted = jax.jit(
       steps_lib.with_activations(
-          layout, lambda state, base, batch, key: step(state, graphdef, base, batch, key)),
-      in_shardings=(state_sh, base_sh, batch_sh, layout.replicated),
-      out_shardings=(state_sh, layout.replicated), donate_argnums=0)
+          mesh, lambda state, base, batch, key: step(state, graphdef, base, batch, key)),
+      in_shardings=(state_sh, base_sh, batch_sh, mesh.replicated),
+      out_shardings=(state_sh, mesh.replicated), donate_argnums=0)
   return Setup(graphdef, jitted, base, state, batch_sh)
 
 
@@ -298,11 +298,11 @@ class SFTTrainer:
 
   def __init__(self, config: SFTConfig, lm: pretrained.LanguageModel | None = None,
                train_examples: Sequence[dict[str, Any]] | None = None,
-               initial_trainable=None, layout: sharding_lib.Layout | None = None):
+               initial_trainable=None, mesh: sharding_lib.LogicalMesh | None = None):
     self.config = config
     # As PPOTrainer: mesh and batch sizes checked first; each process has its block of rows.
-    self.layout = layout or sharding_lib.Layout.create(config.mesh)
-    self.layout.check_batch(config.batch_size // config.gradient_accumulation_steps,
+    self.mesh = mesh or sharding_lib.LogicalMesh.create(config.mesh)
+    self.mesh.check_batch(config.batch_size // config.gradient_accumulation_steps,
                             "batch_size / gradient_accumulation_steps")
     self.local_batch = distributed.per_process(config.batch_size, "batch_size")
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
@@ -315,15 +315,15 @@ class SFTTrainer:
       raise ValueError(f"none of the {len(self.train_examples)} training examples of "
                        f"{', '.join(self.tasks)} has a label; SFT needs gold answers")
     self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
-                                               config.model.gguf_file, layout=self.layout,
+                                               config.model.gguf_file, mesh=self.mesh,
                                                kernels=config.model.kernels)
-    sharding_lib.check_model(self.layout, self.lm.config)
+    sharding_lib.check_model(self.mesh, self.lm.config)
     if self.lm.tokenizer is None:
       raise ValueError(f"{config.model.name} was loaded without a tokenizer; SFT needs one to "
                        "encode prompts and answers")
     self.tokenizer = self.lm.tokenizer
 
-    run = setup(self.lm.graphdef, self.lm.params, config, self.layout, initial_trainable)
+    run = setup(self.lm.graphdef, self.lm.params, config, self.mesh, initial_trainable)
     self.graphdef, self._update, self._batch_sh = run.graphdef, run.update, run.batch_sharding
     self.base, self.state = run.base, run.state
     self.key = jax.random.key(config.seed)
@@ -406,7 +406,7 @@ class SFTTrainer:
     """What a checkpoint holds: the `SFTState`, the key and the data position."""
     return checkpoint_lib.Snapshot(
         arrays={"state": self.state,
-                "key": self.layout.replicate(jax.random.key_data(self.key))},
+                "key": self.mesh.replicate(jax.random.key_data(self.key))},
         host={"position": self.position, "iteration": self.iteration,
               "skipped": sorted(self.skipped), "key_impl": str(jax.random.key_impl(self.key))})
 
@@ -421,7 +421,7 @@ class SFTTrainer:
   def policy_model(self) -> pretrained.LanguageModel:
     """The current model (adapters on) as a `LanguageModel`, for generation and perplexity."""
     return run_loop.adapted_model(self.lm, self.graphdef, self.base, self.state.trainable,
-                                  self.layout)
+                                  self.mesh)
 
   def evaluate(self, examples: Sequence[dict[str, Any]],
                task: str | None = None) -> evaluate_lib.EvalResult:

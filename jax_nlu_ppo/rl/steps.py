@@ -66,16 +66,16 @@ class Setup:
   state: ppo_lib.PPOState
 
 
-def setup(llama_graphdef, llama_params, config: TrainConfig, layout: sharding_lib.Layout, *,
+def setup(llama_graphdef, llama_params, config: TrainConfig, mesh: sharding_lib.LogicalMesh, *,
           eos_ids: tuple[int, ...], pad_id: int, initial_trainable=None) -> Setup:
   """The policy of `config` on a loaded decoder (fresh adapters and value head, or
-  `initial_trainable`'s values), placed on `layout`'s mesh with its optimiser state, and the
+  `initial_trainable`'s values), placed on `mesh` with its optimiser state, and the
   steps that train it."""
   graphdef, trainable, base = policy_lib.policy_split(
       llama_graphdef, llama_params, config.lora, value_dropout=config.value_dropout,
       seed=config.seed, critic_lora=config.critic_lora, remat=config.remat,
       initial_trainable=initial_trainable)
-  steps = build(graphdef, base, trainable, config, layout, eos_ids, pad_id)
+  steps = build(graphdef, base, trainable, config, mesh, eos_ids, pad_id)
   sh = steps.shardings
   base, trainable = sharding_lib.place(base, sh.base), sharding_lib.place(trainable, sh.trainable)
   # The KL reference is the starting policy (the base itself for a fresh adapter).
@@ -84,22 +84,22 @@ def setup(llama_graphdef, llama_params, config: TrainConfig, layout: sharding_li
   return Setup(graphdef, steps, base, reference, state)
 
 
-def shardings(layout: sharding_lib.Layout, base, trainable,
+def shardings(mesh: sharding_lib.LogicalMesh, base, trainable,
               tx: optax.GradientTransformation) -> Shardings:
   """Shardings of the steps' arguments from (possibly abstract) `base` and `trainable`."""
-  rows1, rows2, rep = layout.batch(1), layout.batch(2), layout.replicated
-  trainable_sh = layout.tree(trainable)
+  rows1, rows2, rep = mesh.batch(1), mesh.batch(2), mesh.replicated
+  trainable_sh = mesh.tree(trainable)
   state = ppo_lib.PPOState(step=rep, trainable=trainable_sh,
-                           opt_state=optimizer_shardings(layout, tx, trainable), kl_coef=rep)
-  return Shardings(base=layout.tree(base), trainable=trainable_sh, state=state, rows1=rows1,
+                           opt_state=optimizer_shardings(mesh, tx, trainable), kl_coef=rep)
+  return Shardings(base=mesh.tree(base), trainable=trainable_sh, state=state, rows1=rows1,
                    rows2=rows2, replicated=rep)
 
 
-def optimizer_shardings(layout: sharding_lib.Layout, tx: optax.GradientTransformation,
+def optimizer_shardings(mesh: sharding_lib.LogicalMesh, tx: optax.GradientTransformation,
                         trainable) -> Any:
   """The optimiser state's shardings: each moment split like its parameter, the rest (counts,
   factored statistics of other shapes) replicated."""
-  return layout.tree(jax.eval_shape(tx.init, trainable), strict=False)
+  return mesh.tree(jax.eval_shape(tx.init, trainable), strict=False)
 
 
 def initial_state(trainable, tx: optax.GradientTransformation, sh: Shardings,
@@ -112,23 +112,23 @@ def initial_state(trainable, tx: optax.GradientTransformation, sh: Shardings,
                             sh.state)
 
 
-def build(graphdef, base, trainable, config: TrainConfig, layout: sharding_lib.Layout,
+def build(graphdef, base, trainable, config: TrainConfig, mesh: sharding_lib.LogicalMesh,
           eos_ids: tuple[int, ...], pad_id: int) -> Steps:
   """The optimiser and the four steps, each `jax.jit` with in/out shardings (the graph is closed
-  over), tracing the model's activation constraints for `layout`'s mesh. `base` and `trainable`
+  over), tracing the model's activation constraints for `mesh`. `base` and `trainable`
   may be abstract (shapes): only their structure is read. Arrays of one row per sample take
   their batch sharding whole (`Prompts`, `Generation` and `Batch` alike)."""
   tx = ppo_lib.make_optimizer(config.optimizer)
-  sh = shardings(layout, base, trainable, tx)
+  sh = shardings(mesh, base, trainable, tx)
   r, rep, rows = config.rollout, sh.replicated, sh.rows2
   sampling = sampling_lib.SamplingConfig(r.temperature, r.top_k, r.top_p)
   rollout = jax.jit(
-      with_activations(layout, functools.partial(
+      with_activations(mesh, functools.partial(
           ppo_lib.rollout, graphdef, max_new_tokens=r.max_new_tokens, sampling=sampling,
           eos_ids=eos_ids, pad_id=pad_id)),
       in_shardings=(sh.base, sh.trainable, rows, rep, rep), out_shardings=rows)
   experience = jax.jit(
-      with_activations(layout, functools.partial(
+      with_activations(mesh, functools.partial(
           ppo_lib.experience_batch, graphdef, temperature=r.temperature,
           values=config.ppo.uses_critic,
           reuse_rollout=ppo_lib.reuses_rollout(sampling, config.critic_lora),
@@ -150,17 +150,17 @@ def build(graphdef, base, trainable, config: TrainConfig, layout: sharding_lib.L
     return ppo_lib.update_minibatch(state, graphdef, base, batch, key, tx=tx, config=config.ppo,
                                     temperature=r.temperature)
 
-  update = jax.jit(with_activations(layout, update),
+  update = jax.jit(with_activations(mesh, update),
                    in_shardings=(sh.state, sh.base, rows, rep), out_shardings=(sh.state, rep),
                    donate_argnums=0)
   return Steps(rollout, experience, minibatch, update, sh, tx)
 
 
-def with_activations(layout: sharding_lib.Layout, fn: Callable) -> Callable:
-  """`fn` tracing the model's activation constraints for `layout` (`sharding.constrain`): set
+def with_activations(mesh: sharding_lib.LogicalMesh, fn: Callable) -> Callable:
+  """`fn` tracing the model's activation constraints for `mesh` (`sharding.constrain`): set
   inside the jitted function, so that its programs do not depend on the caller's context."""
   def traced(*args, **kwargs):
-    with sharding_lib.activations(layout):
+    with sharding_lib.activations(mesh):
       return fn(*args, **kwargs)
   # The step's own name, for its programs (`jit_rollout`, ...) in profiles.
   traced.__name__ = getattr(fn, "__name__", None) or fn.func.__name__

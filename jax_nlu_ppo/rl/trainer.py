@@ -46,12 +46,12 @@ class PPOTrainer:
 
   def __init__(self, config: TrainConfig, lm: pretrained.LanguageModel | None = None,
                train_examples: Sequence[dict[str, Any]] | None = None,
-               initial_trainable=None, layout: sharding_lib.Layout | None = None):
+               initial_trainable=None, mesh: sharding_lib.LogicalMesh | None = None):
     self.config = config
-    # The mesh and the batch sizes are checked before anything is loaded or compiled. `layout`
+    # The mesh and the batch sizes are checked before anything is loaded or compiled. `mesh`
     # (a mesh over chosen devices) replaces the one `config.mesh` builds over all devices.
-    self.layout = layout or sharding_lib.Layout.create(config.mesh)
-    self.local_batch = check_layout(config, self.layout)
+    self.mesh = mesh or sharding_lib.LogicalMesh.create(config.mesh)
+    self.local_batch = check_mesh(config, self.mesh)
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
     self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
     # The rows before the model: a data problem is reported without waiting for a model load.
@@ -65,12 +65,12 @@ class PPOTrainer:
                "one global batch)" if examples else "")
       raise ValueError(f"no training examples for {', '.join(self.tasks)}{where}")
     self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
-                                               config.model.gguf_file, layout=self.layout,
+                                               config.model.gguf_file, mesh=self.mesh,
                                                kernels=config.model.kernels)
-    sharding_lib.check_model(self.layout, self.lm.config)
+    sharding_lib.check_model(self.mesh, self.lm.config)
     self.tokenizer = self.lm.tokenizer
 
-    run = ppo_steps.setup(self.lm.graphdef, self.lm.params, config, self.layout,
+    run = ppo_steps.setup(self.lm.graphdef, self.lm.params, config, self.mesh,
                           eos_ids=self.lm.eos_ids(), pad_id=self.lm.pad_id,
                           initial_trainable=initial_trainable)
     self.graphdef, self.steps = run.graphdef, run.steps
@@ -149,7 +149,7 @@ class PPOTrainer:
     """The blocks of the global batch whose rows are sorted among themselves: one per batch
     shard, so that sorting moves no row to another device (a process's rows are consecutive
     and fill its shards)."""
-    return self.layout.batch_ways
+    return self.mesh.batch_ways
 
   def _skip(self, ids: list[list[int]], shared: int, length: int) -> int:
     """`PromptLayout.skip` for these rows (sorted by `rollout.sort_by_length`), the smallest
@@ -208,7 +208,7 @@ class PPOTrainer:
     ids_np, mask_np = prompt_layout.pad_left(ids, self.lm.pad_id, length, shared)
     layout = prompt_layout.PromptLayout(shared, self._skip(ids, shared, length),
                                         self._sort_blocks())
-    rows = self.layout.batch(2)
+    rows = self.mesh.batch(2)
     return prompt_layout.Prompts(distributed.global_batch(ids_np, rows),
                                  distributed.global_batch(mask_np, rows), layout)
 
@@ -302,7 +302,7 @@ class PPOTrainer:
     return checkpoint_lib.Snapshot(
         arrays={"state": self.state, "reference": self.reference,
                 # On the mesh like the rest: a multi-process checkpoint saves only global arrays.
-                "key": self.layout.replicate(jax.random.key_data(self.key))},
+                "key": self.mesh.replicate(jax.random.key_data(self.key))},
         host={"position": self.position, "iteration": self.iteration,
               "skipped_rows": self.skipped_rows, "host_rng": self.host_rng.bit_generator.state,
               "key_impl": str(jax.random.key_impl(self.key))})
@@ -319,7 +319,7 @@ class PPOTrainer:
   def policy_model(self) -> pretrained.LanguageModel:
     """The current policy (adapters on) as a `LanguageModel`, for generation and evaluation."""
     return run_loop.adapted_model(self.lm, self.graphdef, self.base, self.state.trainable,
-                                  self.layout)
+                                  self.mesh)
 
   def evaluate(self, examples: Sequence[dict[str, Any]],
                task: str | None = None) -> evaluate_lib.EvalResult:
@@ -348,12 +348,12 @@ class PPOTrainer:
                               self.checkpointer, samples=self.samples)
 
 
-def check_layout(config: TrainConfig, layout: sharding_lib.Layout) -> int:
+def check_mesh(config: TrainConfig, mesh: sharding_lib.LogicalMesh) -> int:
   """Prompts per process per iteration, once the batch sizes are known to split over the mesh
   and the processes (checked before any model is loaded)."""
   p, prompts = config.ppo, config.rollout.batch_size
-  layout.check_batch(prompts * p.group_size, "rollout.batch_size x ppo.group_size")
-  layout.check_batch(p.minibatch_size // p.gradient_accumulation_steps,
+  mesh.check_batch(prompts * p.group_size, "rollout.batch_size x ppo.group_size")
+  mesh.check_batch(p.minibatch_size // p.gradient_accumulation_steps,
                      "ppo.minibatch_size / ppo.gradient_accumulation_steps")
   return distributed.per_process(prompts, "rollout.batch_size")
 

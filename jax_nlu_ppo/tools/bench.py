@@ -121,9 +121,9 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
       f"rollout.max_new_tokens={w.new_tokens}", "rollout.temperature=1.0",
       f"ppo.minibatch_size={w.minibatch}", "ppo.ppo_epochs=1", "mesh.fsdp=1",
       f"remat={w.remat}"])
-  layout = sharding_lib.Layout.create(config.mesh, jax.devices()[:1])
+  mesh = sharding_lib.LogicalMesh.create(config.mesh, jax.devices()[:1])
   # No EOS: every row generates all `new_tokens`, as on the PyTorch side.
-  run = ppo_steps.setup(lm.graphdef, lm.params, config, layout, eos_ids=(), pad_id=0)
+  run = ppo_steps.setup(lm.graphdef, lm.params, config, mesh, eos_ids=(), pad_id=0)
   rows = prompt_rows(lm.tokenizer, w, lm.config.vocab_size)
   _, prompts = prompt_layout.lay_out(rows, lm.pad_id, share=w.shared_prefix,
                                      sort=w.sort_by_length)

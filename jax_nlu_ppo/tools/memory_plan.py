@@ -128,19 +128,19 @@ def _abstract(tree: Any, shardings: Any) -> Any:
                       shardings)
 
 
-def plan(config: TrainConfig, model_config: LlamaConfig, layout: sharding_lib.Layout,
+def plan(config: TrainConfig, model_config: LlamaConfig, mesh: sharding_lib.LogicalMesh,
          prompt_len: int = 256, compile_steps: bool = True, model_name: str | None = None,
          device_memory_gib: float | None = None) -> Plan:
-  """The per-device memory of `config`'s PPO run of `model_config` on `layout`'s mesh.
+  """The per-device memory of `config`'s PPO run of `model_config` on `mesh`.
 
   `prompt_len` is the padded prompt length to plan for (GLUE prompts in the paper's format are
   mostly under 256 tokens with the LLaMA-2 tokenizer). Without `compile_steps` only the exact
   parts are given (seconds instead of a compile).
   """
-  sharding_lib.check_model(layout, model_config)
+  sharding_lib.check_model(mesh, model_config)
   graphdef, trainable, base = abstract_policy(model_config, config)
   # The trainer's steps (`steps.build`), jitted but compiled only below, on abstract shapes.
-  steps = ppo_steps.build(graphdef, base, trainable, config, layout,
+  steps = ppo_steps.build(graphdef, base, trainable, config, mesh,
                           tuple(model_config.eos_token_ids), 0)
   sh = steps.shardings
   opt_state = jax.eval_shape(steps.tx.init, trainable)
@@ -155,7 +155,7 @@ def plan(config: TrainConfig, model_config: LlamaConfig, layout: sharding_lib.La
   cache = jax.eval_shape(lambda: model_lib.KVCache.zeros(model_config, samples, prompt_len + new,
                                                          cache_dtype))
   # The cache is split like the batch, and over the tensor axis by KV heads.
-  cache_sh = [layout.sharding(axes) for axes in model_lib.KVCache.AXES]
+  cache_sh = [mesh.sharding(axes) for axes in model_lib.KVCache.AXES]
   parts.append(Part(KV_CACHE, device_bytes(cache, cache_sh),
                     f"{samples} samples x {prompt_len}+{new} tokens"))
 
@@ -187,7 +187,7 @@ def plan(config: TrainConfig, model_config: LlamaConfig, layout: sharding_lib.La
               Part(UPDATE, _temporaries(update), f"minibatch {mb} / "
                    f"{config.ppo.gradient_accumulation_steps} micro, remat={config.remat}, "
                    "XLA CPU estimate")]
-  return Plan(model_name or "model", model_config.num_params, dict(layout.mesh.shape), parts,
+  return Plan(model_name or "model", model_config.num_params, dict(mesh.jax_mesh.shape), parts,
               device_memory_gib, compile_s)
 
 
@@ -240,9 +240,9 @@ def plan_from_config(config: TrainConfig, model_config_spec: str | None = None,
   if jax.device_count() != devices:
     raise ValueError(f"JAX already started with {jax.device_count()} devices; run plan in a "
                      "fresh process")
-  layout = sharding_lib.Layout.create(config.mesh)
+  mesh = sharding_lib.LogicalMesh.create(config.mesh)
   if progress is not None:
     progress(f"planning {name} on {devices} devices"
              + (" (compiling rollout and update: about a minute)" if compile_steps else ""))
-  return plan(config, model_config, layout, prompt_len, compile_steps=compile_steps,
+  return plan(config, model_config, mesh, prompt_len, compile_steps=compile_steps,
               model_name=name, device_memory_gib=device_memory_gib)
