@@ -50,7 +50,7 @@ def bench_ours(args, ids_bt):
     return lambda: pretrained._generate(  # pylint: disable=protected-access
         lm.graphdef, lm.params, prompts.Prompts(ids_bt, mask_bt), jax.random.key(0),
         max_new_tokens=new_tokens,
-        sampling=greedy, eos_ids=(), pad_id=0).tokens_bn
+        sampling=greedy, eos_ids=(), pad_id=0).tokens_br
 
   # Prefill = prompt forward plus the first sampled token; decode = the rest.
   prefill_first, prefill_s = timed(run(1), args.repeats)

@@ -116,7 +116,7 @@ def run(name: str, mesh: dict | None, lm) -> dict[str, np.ndarray]:
             "lora_a": adapter["a"], "lora_b": adapter["b"],
             "value_kernel": trainer.state.trainable["value_head"]["kernel"],
             "adam_mu_lora_a": mu_a, "batch_tokens": trainer.last_batch.sequences.ids_bt,
-            "batch_advantages": trainer.last_batch.advantages_bn}
+            "batch_advantages": trainer.last_batch.advantages_br}
   out |= {f"{name}/spec/{k}": np.asarray(spec(v)) for k, v in arrays.items()}
   return out
 

@@ -77,7 +77,7 @@ def test_greedy_generation_matches_transformers(tmp_path):
     ref = ref_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                              max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0)
   ref = ref[:, ids.shape[1]:].numpy()
-  ours = np.where(np.asarray(gen.mask_bn), np.asarray(gen.tokens_bn), 0)
+  ours = np.where(np.asarray(gen.mask_br), np.asarray(gen.tokens_br), 0)
   ref = np.pad(ref, ((0, 0), (0, 12 - ref.shape[1])))
   np.testing.assert_array_equal(ours, ref)
 
@@ -88,10 +88,10 @@ def test_incremental_decoding_equals_full_forward(tmp_path):
   lm = jax_nlu_ppo.load_pretrained(str(tmp_path))
   ids, mask = tiny_hf.left_padded_batch(160, batch=3, length=16, seed=2)
   gen = lm.generate_ids(ids, mask, 8, sampling.SamplingConfig(temperature=1.0), seed=7)
-  full_ids = np.concatenate([ids, np.asarray(gen.tokens_bn)], axis=1)
-  full_mask = np.concatenate([mask, np.ones_like(np.asarray(gen.tokens_bn))], axis=1)
+  full_ids = np.concatenate([ids, np.asarray(gen.tokens_br)], axis=1)
+  full_mask = np.concatenate([mask, np.ones_like(np.asarray(gen.tokens_br))], axis=1)
   logits = lm.logits(full_ids, full_mask)[:, ids.shape[1] - 1:-1]
   logp = torch.log_softmax(torch.tensor(logits), -1).numpy()
-  expected = np.take_along_axis(logp, np.asarray(gen.tokens_bn)[..., None], -1)[..., 0]
-  valid = np.asarray(gen.mask_bn)
-  np.testing.assert_allclose(np.asarray(gen.logprobs_bn)[valid], expected[valid], atol=1e-5)
+  expected = np.take_along_axis(logp, np.asarray(gen.tokens_br)[..., None], -1)[..., 0]
+  valid = np.asarray(gen.mask_br)
+  np.testing.assert_allclose(np.asarray(gen.logprobs_br)[valid], expected[valid], atol=1e-5)

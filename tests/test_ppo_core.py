@@ -142,13 +142,13 @@ def rollout(graphdef, trainable, base, prompt_bt, prompt_mask_bt, seed, limit=N,
 def joined(prompt_bt, prompt_mask_bt, gen, layout=prompt_layout.PromptLayout()):
   """Prompt + response rows, in the prompts' `layout`."""
   return prompt_layout.Prompts(
-      jnp.concatenate([prompt_bt, gen.tokens_bn], axis=1),
-      jnp.concatenate([prompt_mask_bt, gen.mask_bn.astype(jnp.int32)], axis=1), layout)
+      jnp.concatenate([prompt_bt, gen.tokens_br], axis=1),
+      jnp.concatenate([prompt_mask_bt, gen.mask_br.astype(jnp.int32)], axis=1), layout)
 
 
 def target_fraction(gen) -> np.ndarray:
   """Per row: the fraction of response tokens that are TARGET."""
-  tokens, mask = np.asarray(gen.tokens_bn), np.asarray(gen.mask_bn)
+  tokens, mask = np.asarray(gen.tokens_br), np.asarray(gen.mask_br)
   return ((tokens == TARGET) & mask).sum(1).astype(np.float32) / mask.sum(1)
 
 
@@ -161,9 +161,9 @@ def pipeline_batch(graphdef, trainable, base, reference, prompt_bt, prompt_mask_
                                                gen, temperature=1.0,
                                                values=config.uses_critic)
   scores_b = scores_fn(gen)
-  adv, returns, _ = _advantages(scores_b, old_logp, ref_logp, old_values, gen.mask_bn,
+  adv, returns, _ = _advantages(scores_b, old_logp, ref_logp, old_values, gen.mask_br,
                                 jnp.float32(kl_coef), config=config)
-  batch = ppo.Batch(sequences, gen.tokens_bn, gen.mask_bn, old_logp, ref_logp, old_values,
+  batch = ppo.Batch(sequences, gen.tokens_br, gen.mask_br, old_logp, ref_logp, old_values,
                     adv, returns)
   return gen, batch, scores_b
 
@@ -380,16 +380,16 @@ def test_kl_is_exactly_zero_before_the_first_update():
     old_logp, old_values, ref_logp = _experience(graphdef, base, start, reference, sequences,
                                                  gen, temperature=1.0, values=True)
     np.testing.assert_array_equal(old_logp, ref_logp)
-    _, _, kl_bn = _advantages(scores_b, old_logp, ref_logp, old_values, gen.mask_bn,
+    _, _, kl_br = _advantages(scores_b, old_logp, ref_logp, old_values, gen.mask_br,
                               jnp.float32(0.2), config=GAE)
-    np.testing.assert_array_equal(kl_bn, 0.0)
+    np.testing.assert_array_equal(kl_br, 0.0)
     # Reusing the rollout's log-probs (KV-cache decode) leaves only float rounding.
     reused_logp, _, reused_ref = _experience(graphdef, base, start, reference, sequences, gen,
                                              temperature=1.0, reuse_rollout=True)
     np.testing.assert_array_equal(reused_ref, ref_logp)
-    _, _, kl_bn = _advantages(scores_b, reused_logp, reused_ref, old_values, gen.mask_bn,
+    _, _, kl_br = _advantages(scores_b, reused_logp, reused_ref, old_values, gen.mask_br,
                               jnp.float32(0.2), config=GAE)
-    assert np.abs(np.asarray(kl_bn)).max() <= 1e-5
+    assert np.abs(np.asarray(kl_br)).max() <= 1e-5
 
 
 def test_rollout_logprobs_and_values_match_the_full_forward():
@@ -397,15 +397,15 @@ def test_rollout_logprobs_and_values_match_the_full_forward():
   trainable = randomized(trainable, 4)
   prompt_bt, mask_bt = prompts()
   gen = rollout(graphdef, trainable, base, prompt_bt, mask_bt, seed=5)
-  for x in (gen.tokens_bn, gen.mask_bn, gen.logprobs_bn, gen.values_bn):
+  for x in (gen.tokens_br, gen.mask_br, gen.logprobs_br, gen.values_br):
     assert x.shape == (B, N)
-  mask = np.asarray(gen.mask_bn)
+  mask = np.asarray(gen.mask_br)
   assert mask.dtype == bool and mask[:, 0].all()
 
   sequences = joined(prompt_bt, mask_bt, gen)
   old_logp, old_values, _ = _experience(graphdef, base, trainable, trainable, sequences, gen,
                                         temperature=1.0, values=True)
-  logprobs, values = np.asarray(gen.logprobs_bn), np.asarray(gen.values_bn)
+  logprobs, values = np.asarray(gen.logprobs_br), np.asarray(gen.values_br)
   np.testing.assert_allclose(logprobs[mask], np.asarray(old_logp)[mask], atol=1e-5)
   np.testing.assert_allclose(values[mask], np.asarray(old_values)[mask], rtol=1e-5, atol=1e-5)
   assert np.abs(values[mask]).max() > 0.1      # the random value head is really read
@@ -419,14 +419,14 @@ def test_rollout_logprobs_and_values_match_the_full_forward():
   # the prefill's token alone, no decode step).
   for limit in (0, 1, 3):
     short = rollout(graphdef, trainable, base, prompt_bt, mask_bt, seed=5, limit=limit)
-    assert short.tokens_bn.shape == (B, N)
-    assert not np.asarray(short.mask_bn)[:, limit:].any()
-    assert (np.asarray(short.tokens_bn)[:, limit:] == PAD).all()
-    assert (np.asarray(short.logprobs_bn)[:, limit:] == 0).all()
-    np.testing.assert_array_equal(np.asarray(short.tokens_bn)[:, :limit],
-                                  np.asarray(gen.tokens_bn)[:, :limit])
-    np.testing.assert_array_equal(np.asarray(short.mask_bn)[:, :limit], mask[:, :limit])
-    np.testing.assert_array_equal(np.asarray(short.logprobs_bn)[:, :limit], logprobs[:, :limit])
+    assert short.tokens_br.shape == (B, N)
+    assert not np.asarray(short.mask_br)[:, limit:].any()
+    assert (np.asarray(short.tokens_br)[:, limit:] == PAD).all()
+    assert (np.asarray(short.logprobs_br)[:, limit:] == 0).all()
+    np.testing.assert_array_equal(np.asarray(short.tokens_br)[:, :limit],
+                                  np.asarray(gen.tokens_br)[:, :limit])
+    np.testing.assert_array_equal(np.asarray(short.mask_br)[:, :limit], mask[:, :limit])
+    np.testing.assert_array_equal(np.asarray(short.logprobs_br)[:, :limit], logprobs[:, :limit])
 
 
 def uneven_prompts(rng: np.random.Generator) -> list[list[int]]:
@@ -467,20 +467,20 @@ def test_a_prompt_layout_changes_no_output(share, sort, blocks):
                                          temperature=1.0, values=True)
     outs[lay] = (gen, sequences, logp, values, ref_logp)
   (gen, *_, logp, values, ref_logp), (gen_p, *_, logp_p, values_p, ref_logp_p) = outs.values()
-  np.testing.assert_array_equal(gen_p.tokens_bn, gen.tokens_bn)
-  np.testing.assert_array_equal(gen_p.mask_bn, gen.mask_bn)
-  for ours, expected in ((gen_p.logprobs_bn, gen.logprobs_bn), (gen_p.values_bn, gen.values_bn),
+  np.testing.assert_array_equal(gen_p.tokens_br, gen.tokens_br)
+  np.testing.assert_array_equal(gen_p.mask_br, gen.mask_br)
+  for ours, expected in ((gen_p.logprobs_br, gen.logprobs_br), (gen_p.values_br, gen.values_br),
                          (logp_p, logp), (values_p, values), (ref_logp_p, ref_logp)):
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
   assert np.abs(np.asarray(ref_logp) - np.asarray(logp)).max() > 1e-3   # the reference differs
 
-  adv_bn, returns_bn = (jnp.asarray(rng.normal(size=(B, N)), jnp.float32) for _ in range(2))
+  adv_br, returns_br = (jnp.asarray(rng.normal(size=(B, N)), jnp.float32) for _ in range(2))
   grad_fn = jax.jit(jax.value_and_grad(ppo.loss_fn, has_aux=True), static_argnums=1,
                     static_argnames=("config", "temperature"))
   results = []
   for gen_s, sequences, *_ in outs.values():
-    batch = ppo.Batch(sequences, gen_s.tokens_bn, gen_s.mask_bn, logp + 0.1, ref_logp, values,
-                      adv_bn, returns_bn)
+    batch = ppo.Batch(sequences, gen_s.tokens_br, gen_s.mask_br, logp + 0.1, ref_logp, values,
+                      adv_br, returns_br)
     # A dropout key, as the update passes: these adapters have no dropout, so it changes nothing.
     results.append(grad_fn(trainable, graphdef, base, batch, jax.random.key(0),
                            jnp.float32(0.05), config=GAE, temperature=1.0))
@@ -507,7 +507,7 @@ def test_adapter_dropout_with_a_prompt_layout():
   skip_only = layout.without_shared()
   prompt_bt, mask_bt = prompt_layout.pad_left(sorted(ids, key=len), PAD)
   outs = [policy_lib.response_outputs(policy, prompt_layout.Prompts(prompt_bt, mask_bt, lay),
-                                      prompt_bt.shape[1] - 4, key).logits_bnv
+                                      prompt_bt.shape[1] - 4, key).logits_brv
           for key, lay in ((jax.random.key(0), skip_only), (jax.random.key(0), skip_only),
                            (None, skip_only), (None, prompt_layout.PromptLayout()))]
   np.testing.assert_array_equal(outs[0], outs[1])                   # the key decides the masks
@@ -521,8 +521,8 @@ def test_eos_ends_a_row():
   # Half the vocabulary ends a row, so most rows stop well before N.
   eos_ids = tuple(range(3, VOCAB, 2))
   gen = rollout(graphdef, trainable, base, prompt_bt, mask_bt, seed=6, eos_ids=eos_ids)
-  tokens, mask = np.asarray(gen.tokens_bn), np.asarray(gen.mask_bn)
-  logprobs = np.asarray(gen.logprobs_bn)
+  tokens, mask = np.asarray(gen.tokens_br), np.asarray(gen.mask_br)
+  logprobs = np.asarray(gen.logprobs_br)
   stopped_early = 0
   for row in range(B):
     hits = np.flatnonzero(np.isin(tokens[row], eos_ids))
@@ -550,11 +550,11 @@ def test_skip_guard_leaves_state_untouched():
   state, metrics = update(new_state(trainable, step=5), graphdef, base, batch, 0)
   assert float(metrics["ppo/skipped"]) == 0 and int(state.step) == 6
 
-  valid = batch.response_mask_bn
+  valid = batch.response_mask_br
   bad_batches = {
-      "nan_advantage": batch.replace(advantages_bn=batch.advantages_bn.at[0, 0].set(jnp.nan)),
+      "nan_advantage": batch.replace(advantages_br=batch.advantages_br.at[0, 0].set(jnp.nan)),
       "exploding_ratio": batch.replace(
-          old_logp_bn=jnp.where(valid, batch.old_logp_bn - 5.0, batch.old_logp_bn)),
+          old_logp_br=jnp.where(valid, batch.old_logp_br - 5.0, batch.old_logp_br)),
   }
   for name, bad in bad_batches.items():
     skipped_state, metrics = update(state, graphdef, base, bad, 1)
@@ -591,50 +591,50 @@ def test_loss_matches_numpy(advantage):
   trainable = randomized(trainable, 8)
   rng = np.random.default_rng(9)
   prompt_bt, prompt_mask_bt = prompts()
-  response_mask_bn = np.arange(N)[None] < np.array([N, 5, 3, 1])[:, None]
-  response_bn = np.where(response_mask_bn, rng.integers(3, VOCAB, (B, N)), PAD).astype(np.int32)
-  tokens_bt = np.concatenate([prompt_bt, response_bn], axis=1)
-  mask_bt = np.concatenate([prompt_mask_bt, response_mask_bn.astype(np.int32)], axis=1)
+  response_mask_br = np.arange(N)[None] < np.array([N, 5, 3, 1])[:, None]
+  response_br = np.where(response_mask_br, rng.integers(3, VOCAB, (B, N)), PAD).astype(np.int32)
+  tokens_bt = np.concatenate([prompt_bt, response_br], axis=1)
+  mask_bt = np.concatenate([prompt_mask_bt, response_mask_br.astype(np.int32)], axis=1)
 
   # Independent reference: full-sequence logits and hidden states; position P - 1 + i
   # predicts response token i.
   logits_btv, hidden_btd = _policy_forward(graphdef, trainable, base, tokens_bt, mask_bt)
-  logp_bnv = log_softmax(np.asarray(logits_btv, np.float64)[:, P - 1:-1] / temperature)
-  logp_bn = np.take_along_axis(logp_bnv, response_bn[..., None], -1)[..., 0]
+  logp_brv = log_softmax(np.asarray(logits_btv, np.float64)[:, P - 1:-1] / temperature)
+  logp_br = np.take_along_axis(logp_brv, response_br[..., None], -1)[..., 0]
   head = flat(trainable)
-  values_bn = (np.asarray(hidden_btd, np.float64)[:, P - 1:-1] @ head["value_head/kernel"]
+  values_br = (np.asarray(hidden_btd, np.float64)[:, P - 1:-1] @ head["value_head/kernel"]
                + head["value_head/bias"])
   noise = lambda: rng.normal(0, 0.3, (B, N))
-  old_logp_bn, ref_logp_bn = logp_bn + noise(), logp_bn + noise()
-  old_values_bn = values_bn + noise()
-  returns_bn, adv_bn = rng.normal(size=(B, N)), rng.normal(size=(B, N))
+  old_logp_br, ref_logp_br = logp_br + noise(), logp_br + noise()
+  old_values_br = values_br + noise()
+  returns_br, adv_br = rng.normal(size=(B, N)), rng.normal(size=(B, N))
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  batch = ppo.Batch(prompt_layout.Prompts(tokens_bt, mask_bt), response_bn, response_mask_bn,
-                    f32(old_logp_bn), f32(ref_logp_bn), f32(old_values_bn), f32(adv_bn),
-                    f32(returns_bn))
+  batch = ppo.Batch(prompt_layout.Prompts(tokens_bt, mask_bt), response_br, response_mask_br,
+                    f32(old_logp_br), f32(ref_logp_br), f32(old_values_br), f32(adv_br),
+                    f32(returns_br))
   loss, (metrics, _) = _loss(trainable, graphdef, base, batch, None, jnp.float32(kl_coef),
                              config=config, temperature=temperature)
 
-  m = response_mask_bn
-  ratio = np.exp(logp_bn - old_logp_bn)
-  pg_losses = -adv_bn * ratio
-  pg_clipped = -adv_bn * np.clip(ratio, 1 - config.cliprange, 1 + config.cliprange)
+  m = response_mask_br
+  ratio = np.exp(logp_br - old_logp_br)
+  pg_losses = -adv_br * ratio
+  pg_clipped = -adv_br * np.clip(ratio, 1 - config.cliprange, 1 + config.cliprange)
   pg = np.maximum(pg_losses, pg_clipped)[m].mean()
   clipfrac = (pg_clipped > pg_losses)[m].mean()
   assert 0 < clipfrac < 1                      # both branches of the clip are exercised
-  entropy = (-(np.exp(logp_bnv) * logp_bnv).sum(-1))[m].mean()
+  entropy = (-(np.exp(logp_brv) * logp_brv).sum(-1))[m].mean()
   expected = pg - config.ent_coef * entropy
   if advantage == "gae":
     eps = config.cliprange_value
-    v_clipped = old_values_bn + np.clip(values_bn - old_values_bn, -eps, eps)
-    vf_losses, vf_clipped = (values_bn - returns_bn) ** 2, (v_clipped - returns_bn) ** 2
+    v_clipped = old_values_br + np.clip(values_br - old_values_br, -eps, eps)
+    vf_losses, vf_clipped = (values_br - returns_br) ** 2, (v_clipped - returns_br) ** 2
     vf = 0.5 * np.maximum(vf_losses, vf_clipped)[m].mean()
     expected += config.vf_coef * vf
     np.testing.assert_allclose(metrics["loss/value"], vf, rtol=1e-5)
     np.testing.assert_allclose(metrics["val/clipfrac"], (vf_clipped > vf_losses)[m].mean())
-    np.testing.assert_allclose(metrics["val/vpred"], values_bn[m].mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["val/vpred"], values_br[m].mean(), rtol=1e-5, atol=1e-6)
   else:
-    log_r = ref_logp_bn - logp_bn
+    log_r = ref_logp_br - logp_br
     kl = (np.expm1(log_r) - log_r)[m].mean()
     expected += kl_coef * kl
     np.testing.assert_allclose(metrics["loss/kl"], kl, rtol=1e-5)
@@ -656,24 +656,24 @@ def test_grpo_advantages_are_group_normalised():
   rng = np.random.default_rng(10)
   scores_b = np.array([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0, -1.0, 0.5, 3.0, 0.0], np.float32)
   rows = len(scores_b)
-  mask_bn = np.arange(N)[None] < rng.integers(1, N + 1, rows)[:, None]
-  old_logp_bn = rng.normal(size=(rows, N)).astype(np.float32)
-  ref_logp_bn = rng.normal(size=(rows, N)).astype(np.float32)
-  zeros_bn = np.zeros((rows, N), np.float32)
+  mask_br = np.arange(N)[None] < rng.integers(1, N + 1, rows)[:, None]
+  old_logp_br = rng.normal(size=(rows, N)).astype(np.float32)
+  ref_logp_br = rng.normal(size=(rows, N)).astype(np.float32)
+  zeros_br = np.zeros((rows, N), np.float32)
   groups_gk = scores_b.astype(np.float64).reshape(-1, 4)
   expected_b = ((groups_gk - groups_gk.mean(1, keepdims=True))
                 / (groups_gk.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
-  expected_bn = np.where(mask_bn, expected_b[:, None], 0.0)
+  expected_br = np.where(mask_br, expected_b[:, None], 0.0)
   assert (expected_b[4:8] == 0).all()      # a group of equal scores teaches nothing
 
   raw = ppo.PPOConfig(advantage="grpo", group_size=4, whiten_advantages=False)
-  adv, returns, kl = _advantages(scores_b, old_logp_bn, ref_logp_bn, zeros_bn, mask_bn,
+  adv, returns, kl = _advantages(scores_b, old_logp_br, ref_logp_br, zeros_br, mask_br,
                                  jnp.float32(0.1), config=raw)
-  np.testing.assert_allclose(adv, expected_bn, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(adv, expected_br, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(returns, 0.0)
   # The KL reported for group advantages is the k3 estimate the loss penalises.
-  log_r_bn = ref_logp_bn - old_logp_bn
-  np.testing.assert_allclose(kl, np.where(mask_bn, np.expm1(log_r_bn) - log_r_bn, 0.0),
+  log_r_br = ref_logp_br - old_logp_br
+  np.testing.assert_allclose(kl, np.where(mask_br, np.expm1(log_r_br) - log_r_br, 0.0),
                              rtol=1e-5, atol=1e-7)
 
 
@@ -682,14 +682,14 @@ def test_group_advantages_keep_their_sign_under_default_whitening(kind):
   # Group 1 beats its mean with long answers, group 2 with one long answer; the losers are
   # short, so the token-weighted batch mean of the group advantages is far above 0.
   scores_b = np.array([0, 1, 1, 1, 0, 0, 0, 1], np.float32)
-  mask_bn = np.arange(N)[None] < np.array([1, 8, 8, 8, 1, 1, 1, 8])[:, None]
-  zeros_bn = np.zeros(mask_bn.shape, np.float32)
+  mask_br = np.arange(N)[None] < np.array([1, 8, 8, 8, 1, 1, 1, 8])[:, None]
+  zeros_br = np.zeros(mask_br.shape, np.float32)
   groups_gk = scores_b.reshape(-1, 4)
   beats_group_b = (groups_gk > groups_gk.mean(1, keepdims=True)).reshape(-1)
-  adv, _, _ = _advantages(scores_b, zeros_bn, zeros_bn, zeros_bn, mask_bn, jnp.float32(0.1),
+  adv, _, _ = _advantages(scores_b, zeros_br, zeros_br, zeros_br, mask_br, jnp.float32(0.1),
                           config=ppo.PPOConfig(advantage=kind, group_size=4))
-  sign_bn = np.broadcast_to(np.where(beats_group_b, 1.0, -1.0)[:, None], mask_bn.shape)
-  np.testing.assert_array_equal(np.sign(np.asarray(adv))[mask_bn], sign_bn[mask_bn])
+  sign_br = np.broadcast_to(np.where(beats_group_b, 1.0, -1.0)[:, None], mask_br.shape)
+  np.testing.assert_array_equal(np.sign(np.asarray(adv))[mask_br], sign_br[mask_br])
 
 
 def test_grpo_update_trains_adapters_with_kl_term_and_no_critic():
@@ -702,8 +702,8 @@ def test_grpo_update_trains_adapters_with_kl_term_and_no_critic():
   scores_fn = lambda gen: np.array([1.0, -1.0, 0.5, 2.0], np.float32)
   gen, batch, _ = pipeline_batch(graphdef, trainable, base, reference, prompt_bt, mask_bt, 12,
                                  scores_fn, config=config)
-  np.testing.assert_array_equal(batch.old_values_bn, 0.0)     # no critic forward
-  adv = np.asarray(batch.advantages_bn)[np.asarray(gen.mask_bn)]
+  np.testing.assert_array_equal(batch.old_values_br, 0.0)     # no critic forward
+  adv = np.asarray(batch.advantages_br)[np.asarray(gen.mask_br)]
   assert (adv != 0).all()
   before = flat(trainable)
   state = new_state(trainable)

@@ -81,8 +81,8 @@ def test_separate_critic_adapters():
   nnx.replace_by_pure_dict(changed, moved)
   a, b = outputs(trainable), outputs(changed)
   # The critic's adapters move the values, never the policy's logits.
-  np.testing.assert_array_equal(np.asarray(a.logits_bnv), np.asarray(b.logits_bnv))
-  assert np.abs(np.asarray(a.values_bn) - np.asarray(b.values_bn)).max() > 1e-3
+  np.testing.assert_array_equal(np.asarray(a.logits_brv), np.asarray(b.logits_brv))
+  assert np.abs(np.asarray(a.values_br) - np.asarray(b.values_br)).max() > 1e-3
 
   # With vf_coef alone (no policy term) the actor's adapters get no gradient, the critic's do.
   config = ppo.PPOConfig(minibatch_size=8, ratio_threshold=1e9)
@@ -107,14 +107,14 @@ def test_rollout_logprobs_and_values_are_the_experience_forward():
   gen = jax.jit(lambda *a: ppo.rollout(*a, max_new_tokens=8, sampling=sample_cfg, eos_ids=(2,),
                                        pad_id=0), static_argnums=0)(
       graphdef, base, trainable, prompts.Prompts(prompt, prompt_mask), jax.random.key(0), 8)
-  tokens = jnp.concatenate([prompt, gen.tokens_bn], 1)
-  mask = jnp.concatenate([prompt_mask, gen.mask_bn.astype(jnp.int32)], 1)
+  tokens = jnp.concatenate([prompt, gen.tokens_br], 1)
+  mask = jnp.concatenate([prompt_mask, gen.mask_br.astype(jnp.int32)], 1)
   sequences = prompts.Prompts(tokens, mask)
   reused = ppo.experience(graphdef, base, trainable, trainable, sequences, gen,
                           temperature=1.0, reuse_rollout=True)
   recomputed = ppo.experience(graphdef, base, trainable, trainable, sequences, gen,
                               temperature=1.0, reuse_rollout=False)
-  valid = np.asarray(gen.mask_bn)
+  valid = np.asarray(gen.mask_br)
   for a, b in zip(reused, recomputed):
     a, b = np.asarray(a)[valid], np.asarray(b)[valid]
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))

@@ -81,7 +81,7 @@ def test_only_the_gold_answer_is_a_target(tiny, fmt):
   rows = [trainer.encode(i) for i in range(len(EXAMPLES) + 1)]
   batch = sft.make_batch(rows, lm.pad_id)
   tokens, mask, target_mask = map(np.asarray, (batch.tokens_bt, batch.mask_bt,
-                                               batch.target_mask_bn))
+                                               batch.target_mask_br))
   prompt_len = tokens.shape[1] - target_mask.shape[1]
   assert prompt_len == prompt_layout.bucket_length(max(len(p) for p, _ in rows))
   assert target_mask.shape[1] == 8                     # answers are short: the smallest bucket
@@ -195,7 +195,7 @@ def test_gradient_accumulation_is_the_same_step(tiny):
     return step(state, batch)
 
   whole, m_whole = one_step(1)
-  assert float(m_whole["sft/tokens"]) == np.asarray(batch.target_mask_bn).sum()
+  assert float(m_whole["sft/tokens"]) == np.asarray(batch.target_mask_br).sum()
   assert float(m_whole["sft/grad_norm"]) > 0
   micro, m_micro = one_step(4)
   for a, b in zip(jax.tree.leaves(whole.trainable), jax.tree.leaves(micro.trainable)):
@@ -204,7 +204,7 @@ def test_gradient_accumulation_is_the_same_step(tiny):
     np.testing.assert_allclose(float(m_whole[name]), float(m_micro[name]), rtol=1e-5)
   # Not vacuous: micro-batches hold different numbers of target tokens, so a plain mean of
   # their means would differ.
-  assert len(set(np.asarray(batch.target_mask_bn).reshape(4, -1).sum(1))) > 1
+  assert len(set(np.asarray(batch.target_mask_br).reshape(4, -1).sum(1))) > 1
 
 
 def test_sft_steps_lower_the_answer_loss(tiny, tmp_path):

@@ -57,7 +57,7 @@ def test_greedy_chat_generation_matches_transformers(lm, reference):
                              do_sample=False)
   ref = ref[:, ids.shape[1]:].numpy()
   eos = lm.tokenizer.eos_token_id
-  ours = np.where(np.asarray(gen.mask_bn), np.asarray(gen.tokens_bn), eos)
+  ours = np.where(np.asarray(gen.mask_br), np.asarray(gen.tokens_br), eos)
   np.testing.assert_array_equal(ours, np.pad(ref, ((0, 0), (0, 16 - ref.shape[1])),
                                              constant_values=eos))
   texts = lm.generate(PROMPTS, max_new_tokens=16)

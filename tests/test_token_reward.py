@@ -185,19 +185,19 @@ def test_unsupported_inputs_raise():
 
 def cut_short(gen, rng):
   """Each sampled row with its mask ending at a random point: real text, truncated."""
-  mask_bn = np.array(gen.mask_bn)
-  for row in mask_bn:
+  mask_br = np.array(gen.mask_br)
+  for row in mask_br:
     row[rng.randint(0, len(row)):] = False
-  return types.SimpleNamespace(tokens_bn=np.asarray(gen.tokens_bn), mask_bn=mask_bn)
+  return types.SimpleNamespace(tokens_br=np.asarray(gen.tokens_br), mask_br=mask_br)
 
 
 def splice(gen, eos_ids, inserts, rng):
   """Sampled row `i % batch` with the id sequences `inserts[i]` put, in order, at random points
   of its response (before its EOS): real model text on both sides of what is inserted."""
-  tokens_bn, mask_bn = np.asarray(gen.tokens_bn), np.asarray(gen.mask_bn)
+  tokens_br, mask_br = np.asarray(gen.tokens_br), np.asarray(gen.mask_br)
   rows, masks = [], []
   for i, pieces in enumerate(inserts):
-    row, keep = tokens_bn[i % len(tokens_bn)], mask_bn[i % len(tokens_bn)]
+    row, keep = tokens_br[i % len(tokens_br)], mask_br[i % len(tokens_br)]
     live = int(sum(k and t not in eos_ids for t, k in zip(row, keep)))
     cuts = sorted(rng.randint(0, live) for _ in pieces)
     new_row, new_keep, start = [], [], 0
@@ -210,7 +210,7 @@ def splice(gen, eos_ids, inserts, rng):
   tokens, mask = right_padded(rows, max(map(len, rows)), [0])
   for i, keep in enumerate(masks):
     mask[i, :len(keep)] = keep
-  return types.SimpleNamespace(tokens_bn=tokens, mask_bn=mask)
+  return types.SimpleNamespace(tokens_br=tokens, mask_br=mask)
 
 
 def tag_spellings(tok):
@@ -225,10 +225,10 @@ def tag_spellings(tok):
 
 def stacked(batches):
   """One batch of rows from several, right-padded (mask False) to the widest."""
-  width = max(b.tokens_bn.shape[1] for b in batches)
+  width = max(b.tokens_br.shape[1] for b in batches)
   pad = lambda x: np.pad(np.asarray(x), ((0, 0), (0, width - x.shape[1])))
-  return types.SimpleNamespace(tokens_bn=np.concatenate([pad(b.tokens_bn) for b in batches]),
-                               mask_bn=np.concatenate([pad(b.mask_bn) for b in batches]))
+  return types.SimpleNamespace(tokens_br=np.concatenate([pad(b.tokens_br) for b in batches]),
+                               mask_br=np.concatenate([pad(b.mask_br) for b in batches]))
 
 
 @pytest.mark.slow
@@ -255,7 +255,7 @@ def test_real_sst2_generations_agree_with_text_extractor(lm, glue_dir):
            "tag spliced": splice(gen, eos_ids, [[t] for t in tags for _ in ids], rng),
            "word + tag spliced": splice(gen, eos_ids, with_words, rng)}
   batch = stacked(list(parts.values()))
-  part_b = np.repeat(list(parts), [len(p.tokens_bn) for p in parts.values()])
+  part_b = np.repeat(list(parts), [len(p.tokens_br) for p in parts.values()])
   gold_b = np.resize(np.asarray(ds["label"]), len(part_b))
   texts = pretrained.decode_responses(lm.tokenizer, batch, eos_ids)
   parsed = dict.fromkeys([(part, lenient) for part in parts for lenient in (False, True)], 0)
@@ -265,7 +265,7 @@ def test_real_sst2_generations_agree_with_text_extractor(lm, glue_dir):
     matcher = TokenMatcher.build(task, lm.tokenizer, eos_ids)
     for lenient in (False, True):
       want = text_labels(texts, task.extraction_rule(lenient))
-      got = np.asarray(token_labels(matcher, batch.tokens_bn, batch.mask_bn, lenient))
+      got = np.asarray(token_labels(matcher, batch.tokens_br, batch.mask_br, lenient))
       for part in parts:
         rows = part_b == part
         parsed[part, lenient] += int((want[rows] >= 0).sum())
@@ -275,8 +275,8 @@ def test_real_sst2_generations_agree_with_text_extractor(lm, glue_dir):
       wrong = [(texts[i], int(got[i]), int(want[i])) for i in np.flatnonzero(got != want)]
       assert not wrong, f"{task.name} lenient={lenient}: (text, token, text label) {wrong}"
   for lenient in (False, True):
-    rewards = token_rewards(TokenMatcher.build(sst2, lm.tokenizer, eos_ids), batch.tokens_bn,
-                            batch.mask_bn, gold_b, lenient=lenient)
+    rewards = token_rewards(TokenMatcher.build(sst2, lm.tokenizer, eos_ids), batch.tokens_br,
+                            batch.mask_br, gold_b, lenient=lenient)
     want = answer.response_rewards(texts, gold_b, sst2.extraction_rule(lenient))
     np.testing.assert_array_equal(rewards, want)
   # The strict rule must have met parsed answers in real text, not only unparsed rows.

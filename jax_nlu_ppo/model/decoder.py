@@ -9,7 +9,8 @@ maps those names to mesh axes, never this file. How products, cache writes and t
 run on a given backend is `kernels.Kernels`, chosen once when the model is built.
 
 Shape suffixes: b batch, t query positions, s key positions (cache slots), d embed, n query
-heads, k kv heads, g query heads per kv head, h head dim, f mlp, v vocab, l layers.
+heads, k kv heads, g query heads per kv head, h head dim, f mlp, v vocab, l layers; outside the
+decoder, r response positions (`tokens_br`: a generated token per row and step).
 """
 from __future__ import annotations
 

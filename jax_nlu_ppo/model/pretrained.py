@@ -181,11 +181,11 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt], chat: bool = True,
 
 def decode_responses(tokenizer, gen: sampling_lib.Generation, eos_ids) -> list[str]:
   """The text of each generated row: its tokens up to (not including) EOS."""
-  tokens_bn, keep_bn = np.asarray(gen.tokens_bn), np.asarray(gen.mask_bn)
+  tokens_br, keep_br = np.asarray(gen.tokens_br), np.asarray(gen.mask_br)
   eos = set(eos_ids)
   return [tokenizer.decode([int(x) for x, keep in zip(row, keep_row) if keep and x not in eos],
                            skip_special_tokens=True)
-          for row, keep_row in zip(tokens_bn, keep_bn)]
+          for row, keep_row in zip(tokens_br, keep_br)]
 
 
 class LanguageModel:

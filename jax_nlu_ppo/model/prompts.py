@@ -61,10 +61,10 @@ class Prompts:
   mask_bt: Array
   layout: PromptLayout = flax.struct.field(pytree_node=False, default=PromptLayout())
 
-  def extended(self, ids_bn: Array, mask_bn: Array) -> Prompts:
-    """These rows followed by `ids_bn` (a response each), in the same layout."""
-    return Prompts(jnp.concatenate([self.ids_bt, ids_bn], axis=1),
-                   jnp.concatenate([self.mask_bt, mask_bn.astype(self.mask_bt.dtype)], axis=1),
+  def extended(self, ids_br: Array, mask_br: Array) -> Prompts:
+    """These rows followed by `ids_br` (a response each), in the same layout."""
+    return Prompts(jnp.concatenate([self.ids_bt, ids_br], axis=1),
+                   jnp.concatenate([self.mask_bt, mask_br.astype(self.mask_bt.dtype)], axis=1),
                    self.layout)
 
 

@@ -39,10 +39,10 @@ class SamplingConfig:
 @flax.struct.dataclass
 class Generation:
   """What a rollout produced; `n` is max_new_tokens."""
-  tokens_bn: Array    # generated ids; `pad_id` after a row has finished
-  mask_bn: Array      # True for generated tokens, up to and including the first EOS
-  logprobs_bn: Array  # log-prob of each token under the distribution it was sampled from
-  values_bn: Array    # `value_fn` of the hidden state each token was sampled from (or zeros)
+  tokens_br: Array    # generated ids; `pad_id` after a row has finished
+  mask_br: Array      # True for generated tokens, up to and including the first EOS
+  logprobs_br: Array  # log-prob of each token under the distribution it was sampled from
+  values_br: Array    # `value_fn` of the hidden state each token was sampled from (or zeros)
 
 
 def sampling_logprobs(logits_bv: Array, sampling: SamplingConfig) -> Array:
@@ -117,18 +117,18 @@ def generate(model: decoder.Llama, prompts: prompts_lib.Prompts, key: Array, *,
   hidden_bd = hidden_btd[:, -1]
   eos_e = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
-  def emit(i, hidden_bd, done_b, tokens_bn, mask_bn, logprobs_bn, values_bn, key):
+  def emit(i, hidden_bd, done_b, tokens_br, mask_br, logprobs_br, values_br, key):
     """Draws token i of every row still going (`i` below `limit`) from `hidden_bd`."""
     key, step_key = jax.random.split(key)
     token_b, logprob_b = sample(model.logits(hidden_bd[:, None])[:, 0], step_key, sampling)
     live_b = ~done_b & (i < limit)
     token_b = jnp.where(live_b, token_b, pad_id).astype(jnp.int32)
-    tokens_bn = tokens_bn.at[:, i].set(token_b)
-    mask_bn = mask_bn.at[:, i].set(live_b)
-    logprobs_bn = logprobs_bn.at[:, i].set(jnp.where(live_b, logprob_b, 0.0))
-    values_bn = values_bn.at[:, i].set(jnp.where(live_b, value_fn(hidden_bd), 0.0))
+    tokens_br = tokens_br.at[:, i].set(token_b)
+    mask_br = mask_br.at[:, i].set(live_b)
+    logprobs_br = logprobs_br.at[:, i].set(jnp.where(live_b, logprob_b, 0.0))
+    values_br = values_br.at[:, i].set(jnp.where(live_b, value_fn(hidden_bd), 0.0))
     done_b = done_b | jnp.isin(token_b, eos_e)
-    return token_b, done_b, tokens_bn, mask_bn, logprobs_bn, values_bn, key
+    return token_b, done_b, tokens_br, mask_br, logprobs_br, values_br, key
 
   # The loop draws a token and runs it through the model for the next one; the last token
   # is drawn after it, since nothing reads the model's output for it (a sixteenth of the
@@ -145,11 +145,11 @@ def generate(model: decoder.Llama, prompts: prompts_lib.Prompts, key: Array, *,
     hidden_b1d, cache = model(token_b[:, None], position_b[:, None], mask_b1s, cache, slot)
     return (i + 1, cache, hidden_b1d[:, 0], position_b + 1, done_b, *outputs)
 
-  zeros_bn = jnp.zeros((b, max_new_tokens), jnp.float32)
+  zeros_br = jnp.zeros((b, max_new_tokens), jnp.float32)
   next_position_b = decoder.positions_from_mask(prompt_mask_bt)[:, -1] + 1
   init = (jnp.int32(0), cache, hidden_bd, next_position_b, jnp.zeros((b,), bool),
           jnp.full((b, max_new_tokens), pad_id, jnp.int32), jnp.zeros((b, max_new_tokens), bool),
-          zeros_bn, zeros_bn, key)
+          zeros_br, zeros_br, key)
   i, _, hidden_bd, _, done_b, *outputs = jax.lax.while_loop(cond, body, init)
   # After an early stop (every row done, or a limit of 0) this draws for no row.
   _, _, *outputs, _ = emit(i, hidden_bd, done_b, *outputs)

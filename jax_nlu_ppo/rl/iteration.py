@@ -63,7 +63,7 @@ def run(steps: steps_lib.Steps, base, reference, state: ppo_lib.PPOState,
   times["time/reward"] = time.perf_counter() - start
 
   start = time.perf_counter()
-  batch, kl_bn = steps.experience(
+  batch, kl_br = steps.experience(
       base, state.trainable, reference, prompts, generation,
       distributed.global_batch(scores_b, steps.shardings.rows1), state.kl_coef)
   jax.block_until_ready(batch)
@@ -74,12 +74,12 @@ def run(steps: steps_lib.Steps, base, reference, state: ppo_lib.PPOState,
                                              host_rng, config.ppo)
   times["time/update"] = time.perf_counter() - start
 
-  kl_per_sample = distributed.all_rows(kl_bn).sum(axis=1)
+  kl_per_sample = distributed.all_rows(kl_br).sum(axis=1)
   kl_coef = float(state.kl_coef)
-  state = adapt_kl(state, kl_per_sample, batch.response_bn.shape[0], config.ppo.kl,
+  state = adapt_kl(state, kl_per_sample, batch.response_br.shape[0], config.ppo.kl,
                    steps.shardings.replicated)
   return Outcome(state, key, limit, generation, local_generation, labels, scores_b, batch,
-                 kl_per_sample, distributed.all_rows(generation.mask_bn), kl_coef,
+                 kl_per_sample, distributed.all_rows(generation.mask_br), kl_coef,
                  update_metrics, times)
 
 
@@ -90,7 +90,7 @@ def update_epochs(steps: steps_lib.Steps, state: ppo_lib.PPOState, base, batch: 
   the prompts' `layout`) -> (state, the passes' token-weighted metrics, key)."""
   updates = []
   for _ in range(config.ppo_epochs):
-    picks, picked_layout = prompts_lib.minibatches(host_rng, batch.response_bn.shape[0],
+    picks, picked_layout = prompts_lib.minibatches(host_rng, batch.response_br.shape[0],
                                                    config.minibatch_size, layout,
                                                    config.gradient_accumulation_steps)
     for picked in picks:

@@ -93,8 +93,8 @@ def policy_split(llama_graphdef, llama_params, lora: lora_lib.LoraConfig, *,
 @flax.struct.dataclass
 class ResponseOutputs:
   """Per response token: the policy's logits over the vocabulary and the critic's value."""
-  logits_bnv: Array
-  values_bn: Array
+  logits_brv: Array
+  values_br: Array
 
 
 def response_outputs(policy: Policy, sequences: prompts_lib.Prompts, prompt_len: int,
@@ -116,14 +116,14 @@ def response_outputs(policy: Policy, sequences: prompts_lib.Prompts, prompt_len:
     hidden_btd = prompts_lib.hidden_states(llama, sequences, key)
     return hidden_btd[:, prompt_len - 1 - sequences.layout.shared:-1]
 
-  hidden_bnd = response_hidden(keys[0])
-  logits_bnv = llama.logits(hidden_bnd).astype(jnp.float32)
+  hidden_brd = response_hidden(keys[0])
+  logits_brv = llama.logits(hidden_brd).astype(jnp.float32)
   if not values:
-    return ResponseOutputs(logits_bnv, jnp.zeros(logits_bnv.shape[:2], jnp.float32))
+    return ResponseOutputs(logits_brv, jnp.zeros(logits_brv.shape[:2], jnp.float32))
   if policy.critic is not None:
     with lora_lib.swapped(llama, policy.critic):
-      hidden_bnd = response_hidden(keys[2])
-  return ResponseOutputs(logits_bnv, policy.value_head(hidden_bnd, keys[1]))
+      hidden_brd = response_hidden(keys[2])
+  return ResponseOutputs(logits_brv, policy.value_head(hidden_brd, keys[1]))
 
 
 def with_trainable(graphdef, base, trainable) -> Policy:

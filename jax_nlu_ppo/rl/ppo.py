@@ -1,7 +1,7 @@
 """The PPO step as pure functions: rollout, experience, advantages and the minibatch update.
 
 Each takes the frozen `graphdef` and `base` and returns new arrays; the trainer jits each once.
-Sequences are [left-padded prompt of static length P | response of static length N]; the
+Sequences are [left-padded prompt of static length P | response of static length R]; the
 response mask marks generated tokens up to and including EOS.
 """
 from __future__ import annotations
@@ -120,18 +120,18 @@ class PPOState:
 class Batch:
   """One row per sample; what the update needs, all fixed before the first epoch."""
   sequences: prompts_lib.Prompts    # prompt + response, in the prompts' layout
-  response_bn: Array
-  response_mask_bn: Array
-  old_logp_bn: Array
-  ref_logp_bn: Array
-  old_values_bn: Array
-  advantages_bn: Array
-  returns_bn: Array
+  response_br: Array
+  response_mask_br: Array
+  old_logp_br: Array
+  ref_logp_br: Array
+  old_values_br: Array
+  advantages_br: Array
+  returns_br: Array
 
 
-def _scaled(logits_bnv: Array, temperature: float) -> Array:
+def _scaled(logits_brv: Array, temperature: float) -> Array:
   # The policy being optimised is the distribution rollouts sample from.
-  return logits_bnv / temperature if temperature > 0 else logits_bnv
+  return logits_brv / temperature if temperature > 0 else logits_brv
 
 
 def rollout(graphdef, base, trainable, prompts: prompts_lib.Prompts, key, limit, *,
@@ -168,37 +168,37 @@ def experience(graphdef, base, trainable, reference, sequences: prompts_lib.Prom
   runs: half the work of recomputing both (the KV-cached decode and the full forward agree to
   float rounding).
   """
-  prompt_len = sequences.ids_bt.shape[1] - gen.tokens_bn.shape[1]
+  prompt_len = sequences.ids_bt.shape[1] - gen.tokens_br.shape[1]
   ref = policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, reference),
                                     sequences, prompt_len, values=False)
-  ref_logp_bn = ppo_math.token_logprobs(_scaled(ref.logits_bnv, temperature), gen.tokens_bn)
+  ref_logp_br = ppo_math.token_logprobs(_scaled(ref.logits_brv, temperature), gen.tokens_br)
   if reuse_rollout:
-    return gen.logprobs_bn, gen.values_bn, ref_logp_bn
+    return gen.logprobs_br, gen.values_br, ref_logp_br
   out = policy_lib.response_outputs(policy_lib.with_trainable(graphdef, base, trainable),
                                     sequences, prompt_len, values=values)
-  logp_bn = ppo_math.token_logprobs(_scaled(out.logits_bnv, temperature), gen.tokens_bn)
-  return logp_bn, out.values_bn, ref_logp_bn
+  logp_br = ppo_math.token_logprobs(_scaled(out.logits_brv, temperature), gen.tokens_br)
+  return logp_br, out.values_br, ref_logp_br
 
 
-def advantages(scores_b, old_logp_bn, ref_logp_bn, old_values_bn, response_mask_bn, kl_coef, *,
+def advantages(scores_b, old_logp_br, ref_logp_br, old_values_br, response_mask_br, kl_coef, *,
                config: PPOConfig) -> tuple[Array, Array, Array]:
   """(advantages, returns, per-token KL): GAE on KL-penalised rewards, or group baselines."""
-  mask_bn = response_mask_bn.astype(bool)
+  mask_br = response_mask_br.astype(bool)
   if config.uses_critic:
-    rewards = ppo_math.kl_penalized_rewards(scores_b, old_logp_bn, ref_logp_bn, mask_bn,
+    rewards = ppo_math.kl_penalized_rewards(scores_b, old_logp_br, ref_logp_br, mask_br,
                                             kl_coef, config.kl_estimator)
-    adv = ppo_math.gae(rewards.rewards_bt, old_values_bn, mask_bn, config.gamma, config.lam)
-    advantages_bn, returns_bn, kl_bn = adv.advantages_bt, adv.returns_bt, rewards.kl_bt
+    adv = ppo_math.gae(rewards.rewards_bt, old_values_br, mask_br, config.gamma, config.lam)
+    advantages_br, returns_br, kl_br = adv.advantages_bt, adv.returns_bt, rewards.kl_bt
   else:
     group_b = ppo_math.group_advantages(scores_b, config.group_size, config.advantage)
-    advantages_bn = jnp.where(mask_bn, group_b[:, None], 0.0)
-    returns_bn = jnp.zeros_like(advantages_bn)
-    kl_bn = jnp.where(mask_bn, ppo_math.kl_k3(old_logp_bn, ref_logp_bn), 0.0)
+    advantages_br = jnp.where(mask_br, group_b[:, None], 0.0)
+    returns_br = jnp.zeros_like(advantages_br)
+    kl_br = jnp.where(mask_br, ppo_math.kl_k3(old_logp_br, ref_logp_br), 0.0)
   if config.whiten_advantages and config.uses_critic:
     # Not for group advantages: a token-weighted shift would move long answers' advantages
     # and could flip the sign of answers that beat their group.
-    advantages_bn = jnp.where(mask_bn, ppo_math.masked_whiten(advantages_bn, mask_bn), 0.0)
-  return advantages_bn, returns_bn, kl_bn
+    advantages_br = jnp.where(mask_br, ppo_math.masked_whiten(advantages_br, mask_br), 0.0)
+  return advantages_br, returns_br, kl_br
 
 
 def experience_batch(graphdef, base, trainable, reference, prompts: prompts_lib.Prompts,
@@ -207,14 +207,14 @@ def experience_batch(graphdef, base, trainable, reference, prompts: prompts_lib.
                      config: PPOConfig) -> tuple[Batch, Array]:
   """A rollout and its rewards made into the update's `Batch` (`experience`, then `advantages`);
   also returns the per-token KL the controller reads."""
-  sequences = prompts.extended(gen.tokens_bn, gen.mask_bn)
+  sequences = prompts.extended(gen.tokens_br, gen.mask_br)
   old_logp, old_values, ref_logp = experience(graphdef, base, trainable, reference, sequences,
                                               gen, temperature=temperature, values=values,
                                               reuse_rollout=reuse_rollout)
-  adv, returns, kl_bn = advantages(scores_b, old_logp, ref_logp, old_values, gen.mask_bn,
+  adv, returns, kl_br = advantages(scores_b, old_logp, ref_logp, old_values, gen.mask_br,
                                    kl_coef, config=config)
-  return Batch(sequences, gen.tokens_bn, gen.mask_bn, old_logp, ref_logp, old_values, adv,
-               returns), kl_bn
+  return Batch(sequences, gen.tokens_br, gen.mask_br, old_logp, ref_logp, old_values, adv,
+               returns), kl_br
 
 
 def loss_fn(trainable, graphdef, base, batch: Batch, dropout_key, kl_coef, *, config: PPOConfig,
@@ -223,29 +223,29 @@ def loss_fn(trainable, graphdef, base, batch: Batch, dropout_key, kl_coef, *, co
 
   Every term and metric is a mean over the batch's response tokens.
   """
-  prompt_len = batch.sequences.ids_bt.shape[1] - batch.response_bn.shape[1]
+  prompt_len = batch.sequences.ids_bt.shape[1] - batch.response_br.shape[1]
   policy = policy_lib.with_trainable(graphdef, base, trainable)
   out = policy_lib.response_outputs(policy, batch.sequences, prompt_len, dropout_key,
                                     values=config.uses_critic)
-  logits_bnv = _scaled(out.logits_bnv, temperature)
-  mask_bn = batch.response_mask_bn.astype(bool)
-  logp_bn = ppo_math.token_logprobs(logits_bnv, batch.response_bn)
-  pg = ppo_math.policy_loss(logp_bn, batch.old_logp_bn, batch.advantages_bn, mask_bn,
+  logits_brv = _scaled(out.logits_brv, temperature)
+  mask_br = batch.response_mask_br.astype(bool)
+  logp_br = ppo_math.token_logprobs(logits_brv, batch.response_br)
+  pg = ppo_math.policy_loss(logp_br, batch.old_logp_br, batch.advantages_br, mask_br,
                             config.cliprange)
   # Without an entropy bonus the entropy is only reported: no backward pass through it.
-  entropy_logits_bnv = logits_bnv if config.ent_coef else jax.lax.stop_gradient(logits_bnv)
-  entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(entropy_logits_bnv), mask_bn)
+  entropy_logits_brv = logits_brv if config.ent_coef else jax.lax.stop_gradient(logits_brv)
+  entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(entropy_logits_brv), mask_br)
   loss = pg.loss - config.ent_coef * entropy
   metrics = {"policy/approxkl": pg.approx_kl, "policy/clipfrac": pg.clipfrac,
              "policy/ratio": pg.ratio_mean, "loss/policy": pg.loss, "objective/entropy": entropy}
   if config.uses_critic:
-    vf = ppo_math.value_loss(out.values_bn, batch.old_values_bn, batch.returns_bn, mask_bn,
+    vf = ppo_math.value_loss(out.values_br, batch.old_values_br, batch.returns_br, mask_br,
                              config.cliprange_value)
     loss = loss + config.vf_coef * vf.loss
     metrics |= {"loss/value": vf.loss, "val/clipfrac": vf.clipfrac,
-                "val/vpred": ppo_math.masked_mean(out.values_bn, mask_bn)}
+                "val/vpred": ppo_math.masked_mean(out.values_br, mask_br)}
   else:
-    kl = ppo_math.masked_mean(ppo_math.kl_k3(logp_bn, batch.ref_logp_bn), mask_bn)
+    kl = ppo_math.masked_mean(ppo_math.kl_k3(logp_br, batch.ref_logp_br), mask_br)
     loss = loss + kl_coef * kl
     metrics["loss/kl"] = kl
   metrics["loss/total"] = loss
@@ -273,12 +273,12 @@ def update_minibatch(state: PPOState, graphdef, base, batch: Batch, dropout_key,
     # Every loss term is a mean over response tokens, so weighting each micro-batch by its
     # share of the tokens makes the sum exactly the whole minibatch's mean and gradient.
     micro = jax.tree.map(lambda x: x.reshape(steps, x.shape[0] // steps, *x.shape[1:]), batch)
-    total = jnp.maximum(batch.response_mask_bn.sum(), 1).astype(jnp.float32)
+    total = jnp.maximum(batch.response_mask_br.sum(), 1).astype(jnp.float32)
 
     def accumulate(acc, xs):
       micro_batch, key = xs
       out = value_and_grad(micro_batch, key)
-      weight = micro_batch.response_mask_bn.sum() / total
+      weight = micro_batch.response_mask_br.sum() / total
       return jax.tree.map(lambda a, x: a + weight * x, acc, out), None
 
     zeros = jax.tree.map(jnp.zeros_like,
@@ -295,7 +295,7 @@ def update_minibatch(state: PPOState, graphdef, base, batch: Batch, dropout_key,
                        trainable=keep(trainable, state.trainable),
                        opt_state=keep(opt_state, state.opt_state), kl_coef=state.kl_coef)
   metrics = metrics | {"ppo/grad_norm": grad_norm, "ppo/skipped": 1.0 - ok.astype(jnp.float32),
-                       "ppo/tokens": batch.response_mask_bn.sum().astype(jnp.float32)}
+                       "ppo/tokens": batch.response_mask_br.sum().astype(jnp.float32)}
   return new_state, metrics
 
 

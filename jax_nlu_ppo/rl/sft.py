@@ -156,10 +156,10 @@ def encode_example(tokenizer, task: tasks_lib.Task, example: dict[str, Any], fmt
 
 @flax.struct.dataclass
 class Batch:
-  """[left-padded prompt of static length P | right-padded target of static length N]."""
+  """[left-padded prompt of static length P | right-padded target of static length R]."""
   tokens_bt: Array
   mask_bt: Array
-  target_mask_bn: Array    # target tokens that count; its width N fixes P = T - N
+  target_mask_br: Array    # target tokens that count; its width R fixes P = T - R
 
 
 def make_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
@@ -198,11 +198,11 @@ def target_nll(trainable, graphdef, base, batch: Batch, dropout_key=None) -> lm_
 
   Only the positions that predict target tokens go through the vocabulary projection.
   """
-  prompt_len = batch.tokens_bt.shape[1] - batch.target_mask_bn.shape[1]
+  prompt_len = batch.tokens_bt.shape[1] - batch.target_mask_br.shape[1]
   policy = policy_lib.with_trainable(graphdef, base, trainable)
   out = policy_lib.response_outputs(policy, prompts_lib.Prompts(batch.tokens_bt, batch.mask_bt),
                                     prompt_len, dropout_key, values=False)
-  return lm_loss.nll_sum(out.logits_bnv, batch.tokens_bt[:, prompt_len:], batch.target_mask_bn)
+  return lm_loss.nll_sum(out.logits_brv, batch.tokens_bt[:, prompt_len:], batch.target_mask_br)
 
 
 def update(state: SFTState, graphdef, base, batch: Batch, dropout_key, *,

@@ -39,7 +39,7 @@ class Shardings:
 @dataclasses.dataclass(frozen=True)
 class Steps:
   """rollout(base, trainable, prompts, key, limit) -> Generation
-  experience(base, trainable, reference, prompts, gen, scores_b, kl_coef) -> (Batch, kl_bn)
+  experience(base, trainable, reference, prompts, gen, scores_b, kl_coef) -> (Batch, kl_br)
   minibatch(batch, rows, layout) -> Batch
   update(state, base, batch, dropout_key) -> (state, metrics); `state` is donated.
 

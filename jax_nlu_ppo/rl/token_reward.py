@@ -192,29 +192,29 @@ class TokenMatcher:
         num_labels=rule.num_labels, case_sensitive=rule.case_sensitive)
 
 
-def response_bytes(matcher: TokenMatcher, tokens_bn: jax.Array,
-                   mask_bn: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Each row's text as bytes [B, N * max token bytes] (256 past the end), and its length.
+def response_bytes(matcher: TokenMatcher, tokens_br: jax.Array,
+                   mask_br: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each row's text as bytes [B, R * max token bytes] (256 past the end), and its length.
 
   A row's text is its masked-in tokens before its first EOS, as `decode_responses` reads it.
   """
-  b, n = tokens_bn.shape
+  b, n = tokens_br.shape
   max_bytes = matcher.bytes_vl.shape[1]
-  eos_bn = jnp.take(matcher.eos_v, tokens_bn, mode="fill", fill_value=False)
-  live_bn = mask_bn.astype(bool) & (jnp.cumsum(eos_bn, axis=1) == 0)
-  length_bn = jnp.where(live_bn, jnp.take(matcher.length_v, tokens_bn, mode="fill",
+  eos_br = jnp.take(matcher.eos_v, tokens_br, mode="fill", fill_value=False)
+  live_br = mask_br.astype(bool) & (jnp.cumsum(eos_br, axis=1) == 0)
+  length_br = jnp.where(live_br, jnp.take(matcher.length_v, tokens_br, mode="fill",
                                           fill_value=0), 0)
-  start_bn = jnp.cumsum(length_bn, axis=1) - length_bn
-  bytes_bnl = jnp.take(matcher.bytes_vl, tokens_bn, axis=0, mode="fill", fill_value=0)
+  start_br = jnp.cumsum(length_br, axis=1) - length_br
+  bytes_bnl = jnp.take(matcher.bytes_vl, tokens_br, axis=0, mode="fill", fill_value=0)
   offset_bnl = jnp.arange(max_bytes)[None, None, :]
   # Each token's bytes go right after the previous token's; unused slots land in a spill
   # column that is cut off.
   size = n * max_bytes
-  target_bnl = jnp.where(offset_bnl < length_bn[..., None], start_bn[..., None] + offset_bnl,
+  target_bnl = jnp.where(offset_bnl < length_br[..., None], start_br[..., None] + offset_bnl,
                          size)
   text_bk = jnp.full((b, size + 1), _NO_BYTE, jnp.int32)
   text_bk = text_bk.at[jnp.arange(b)[:, None, None], target_bnl].set(bytes_bnl.astype(jnp.int32))
-  return text_bk[:, :size], length_bn.sum(axis=1)
+  return text_bk[:, :size], length_br.sum(axis=1)
 
 
 def _occurrences(text_bk: jax.Array, patterns_pm: jax.Array, length_p: jax.Array) -> jax.Array:
@@ -260,14 +260,14 @@ def _word_chars(word_c: jax.Array, text_bk: jax.Array) -> tuple[jax.Array, jax.A
 
 
 @functools.partial(jax.jit, static_argnames="lenient")
-def token_labels(matcher: TokenMatcher, tokens_bn: jax.Array, mask_bn: jax.Array,
+def token_labels(matcher: TokenMatcher, tokens_br: jax.Array, mask_br: jax.Array,
                  lenient: bool) -> jax.Array:
   """label_b (int32): the label each response names, -1 when unparsed; `answer.extract`'s rule.
 
-  `tokens_bn` are generated ids, `mask_bn` true on the response's tokens (a `Generation`'s
+  `tokens_br` are generated ids, `mask_br` true on the response's tokens (a `Generation`'s
   fields); tokens after the first EOS are ignored as well.
   """
-  text_bk, length_b = response_bytes(matcher, tokens_bn, mask_bn)
+  text_bk, length_b = response_bytes(matcher, tokens_br, mask_br)
   k = text_bk.shape[1]
   tag_m = matcher.tag_m
   tag_bk = _occurrences(text_bk, tag_m[None], jnp.asarray([tag_m.shape[0]]))[:, 0]
@@ -297,7 +297,7 @@ def token_labels(matcher: TokenMatcher, tokens_bn: jax.Array, mask_bn: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("config", "lenient"))
-def token_rewards(matcher: TokenMatcher, tokens_bn: jax.Array, mask_bn: jax.Array,
+def token_rewards(matcher: TokenMatcher, tokens_br: jax.Array, mask_br: jax.Array,
                   gold_b: jax.Array, config: answer.RewardConfig = answer.RewardConfig(),
                   lenient: bool | None = None) -> jax.Array:
   """rewards_b (float32): `correct` / `wrong` / `unparsed` from `config`, as `answer.reward`.
@@ -305,6 +305,6 @@ def token_rewards(matcher: TokenMatcher, tokens_bn: jax.Array, mask_bn: jax.Arra
   `lenient=None` follows `config.lenient`.
   """
   lenient = config.lenient if lenient is None else lenient
-  label_b = token_labels(matcher, tokens_bn, mask_bn, lenient)
+  label_b = token_labels(matcher, tokens_br, mask_br, lenient)
   rewards_b = jnp.where(label_b == gold_b, config.correct, config.wrong)
   return jnp.where(label_b < 0, config.unparsed, rewards_b).astype(jnp.float32)

@@ -231,8 +231,8 @@ class PPOTrainer:
         "env/unparsed_rate": float(1 - parsed.mean()),
         "objective/kl": float(out.kl_per_sample.mean()),
         "objective/kl_coef": out.kl_coef,
-        "returns/mean": float(distributed.all_rows(out.batch.returns_bn)[valid].mean()),
-        "advantages/mean": float(distributed.all_rows(out.batch.advantages_bn)[valid].mean()),
+        "returns/mean": float(distributed.all_rows(out.batch.returns_br)[valid].mean()),
+        "advantages/mean": float(distributed.all_rows(out.batch.advantages_br)[valid].mean()),
         "tokens/response_len_mean": float(mask_np.sum(axis=1).mean()),
         "tokens/max_new_tokens": out.limit,
         "tokens/prompt_len": int(prompts.ids_bt.shape[1]),
@@ -263,8 +263,8 @@ class PPOTrainer:
         if not rows.any():
           continue
         lenient = self.rules[spec].lenient      # "plain" prompts are always read whole
-        labels = token_reward.token_labels(matcher, gen.tokens_bn, gen.mask_bn, lenient=lenient)
-        scores = token_reward.token_rewards(matcher, gen.tokens_bn, gen.mask_bn, golds_b,
+        labels = token_reward.token_labels(matcher, gen.tokens_br, gen.mask_br, lenient=lenient)
+        scores = token_reward.token_rewards(matcher, gen.tokens_br, gen.mask_br, golds_b,
                                             cfg.reward, lenient=lenient)
         labels_b = np.where(rows, np.asarray(labels), labels_b)
         scores_b = np.where(rows, np.asarray(scores), scores_b)
