@@ -19,7 +19,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -130,6 +130,10 @@ class LogicalMesh:
   @classmethod
   def create(cls, config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> LogicalMesh:
     return cls(make_mesh(config, devices), config.logical_rules)
+
+  def __hash__(self) -> int:
+    # Hashable, so that a jitted function can take it as a static argument.
+    return hash((self.jax_mesh, tuple((k, tuple(v)) for k, v in sorted(self.rules.items()))))
 
   def spec(self, names: Sequence[str | None], shape: Sequence[int] | None = None,
            what: str = "array") -> PartitionSpec:
@@ -247,6 +251,17 @@ def place(tree: Any, shardings: Any) -> Any:
 # Activation constraints. The model marks its residual stream with logical names through
 # `constrain`; it does nothing unless a step traced the model inside `activations(mesh)`.
 _ACTIVE: contextvars.ContextVar[LogicalMesh | None] = contextvars.ContextVar("mesh", default=None)
+
+
+def with_activations(mesh: LogicalMesh | None, fn: Callable) -> Callable:
+  """`fn` tracing the model's activation constraints for `mesh` (`constrain`), set inside the
+  function that is jitted, so that its programs never depend on the caller's context."""
+  def traced(*args, **kwargs):
+    with activations(mesh):
+      return fn(*args, **kwargs)
+  # The function's own name, for its programs (`jit_rollout`, ...) in profiles.
+  traced.__name__ = getattr(fn, "__name__", None) or fn.func.__name__
+  return traced
 
 
 @contextlib.contextmanager

@@ -141,12 +141,14 @@ def _forward_logits(graphdef, params, tokens_bt, mask_bt):
   return decoder.forward_logits(nnx.merge(graphdef, params), tokens_bt, mask_bt)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "max_new_tokens", "sampling",
                                              "eos_ids", "pad_id"))
-def _generate(graphdef, params, prompts, key, *, max_new_tokens, sampling, eos_ids, pad_id):
-  return sampling_lib.generate(nnx.merge(graphdef, params), prompts, key,
-                               max_new_tokens=max_new_tokens, sampling=sampling,
-                               eos_ids=eos_ids, pad_id=pad_id)
+def _generate(graphdef, params, prompts, key, *, mesh, max_new_tokens, sampling, eos_ids, pad_id):
+  # The mesh is static: its activation constraints are part of the program's cache key.
+  with sharding_lib.activations(mesh):
+    return sampling_lib.generate(nnx.merge(graphdef, params), prompts, key,
+                                 max_new_tokens=max_new_tokens, sampling=sampling,
+                                 eos_ids=eos_ids, pad_id=pad_id)
 
 
 Prompt = str | list[dict[str, str]]
@@ -242,16 +244,15 @@ class LanguageModel:
                    ) -> sampling_lib.Generation:
     """Token-level generation over a left-padded batch (one compiled program per shape), the
     prompt columns `layout` allows left out (see `prompts.lay_out`)."""
-    kw = dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=self.eos_ids(),
-              pad_id=self.pad_id)
+    kw = dict(mesh=self.mesh, max_new_tokens=max_new_tokens, sampling=sampling,
+              eos_ids=self.eos_ids(), pad_id=self.pad_id)
     if self.mesh is None:
       prompts = prompts_lib.Prompts(jnp.asarray(prompt_bt), jnp.asarray(prompt_mask_bt), layout)
       return _generate(self.graphdef, self.params, prompts, jax.random.key(seed), **kw)
     rows = self.mesh.batch(2)
     prompts = prompts_lib.Prompts(sharding_lib.place(np.asarray(prompt_bt), rows),
                                   sharding_lib.place(np.asarray(prompt_mask_bt), rows), layout)
-    with sharding_lib.activations(self.mesh):
-      gen = _generate(self.graphdef, self.params, prompts, jax.random.key(seed), **kw)
+    gen = _generate(self.graphdef, self.params, prompts, jax.random.key(seed), **kw)
     return jax.tree.map(distributed.all_rows, gen)
 
   def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 32, temperature: float = 0.0,

@@ -278,7 +278,7 @@ def setup(llama_graphdef, llama_params, config: SFTConfig, mesh: sharding_lib.Lo
   step = functools.partial(update, tx=tx, accumulation_steps=config.gradient_accumulation_steps)
   batch_sh = Batch(mesh.batch(2), mesh.batch(2), mesh.batch(2))
   jitted = jax.jit(
-      steps_lib.with_activations(
+      sharding_lib.with_activations(
           mesh, lambda state, base, batch, key: step(state, graphdef, base, batch, key)),
       in_shardings=(state_sh, base_sh, batch_sh, mesh.replicated),
       out_shardings=(state_sh, mesh.replicated), donate_argnums=0)

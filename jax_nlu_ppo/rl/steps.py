@@ -123,12 +123,12 @@ def build(graphdef, base, trainable, config: TrainConfig, mesh: sharding_lib.Log
   r, rep, rows = config.rollout, sh.replicated, sh.rows2
   sampling = sampling_lib.SamplingConfig(r.temperature, r.top_k, r.top_p)
   rollout = jax.jit(
-      with_activations(mesh, functools.partial(
+      sharding_lib.with_activations(mesh, functools.partial(
           ppo_lib.rollout, graphdef, max_new_tokens=r.max_new_tokens, sampling=sampling,
           eos_ids=eos_ids, pad_id=pad_id)),
       in_shardings=(sh.base, sh.trainable, rows, rep, rep), out_shardings=rows)
   experience = jax.jit(
-      with_activations(mesh, functools.partial(
+      sharding_lib.with_activations(mesh, functools.partial(
           ppo_lib.experience_batch, graphdef, temperature=r.temperature,
           values=config.ppo.uses_critic,
           reuse_rollout=ppo_lib.reuses_rollout(sampling, config.critic_lora),
@@ -150,21 +150,10 @@ def build(graphdef, base, trainable, config: TrainConfig, mesh: sharding_lib.Log
     return ppo_lib.update_minibatch(state, graphdef, base, batch, key, tx=tx, config=config.ppo,
                                     temperature=r.temperature)
 
-  update = jax.jit(with_activations(mesh, update),
+  update = jax.jit(sharding_lib.with_activations(mesh, update),
                    in_shardings=(sh.state, sh.base, rows, rep), out_shardings=(sh.state, rep),
                    donate_argnums=0)
   return Steps(rollout, experience, minibatch, update, sh, tx)
-
-
-def with_activations(mesh: sharding_lib.LogicalMesh, fn: Callable) -> Callable:
-  """`fn` tracing the model's activation constraints for `mesh` (`sharding.constrain`): set
-  inside the jitted function, so that its programs do not depend on the caller's context."""
-  def traced(*args, **kwargs):
-    with sharding_lib.activations(mesh):
-      return fn(*args, **kwargs)
-  # The step's own name, for its programs (`jit_rollout`, ...) in profiles.
-  traced.__name__ = getattr(fn, "__name__", None) or fn.func.__name__
-  return traced
 
 
 def _laid_out(batch: ppo_lib.Batch, layout: PromptLayout) -> ppo_lib.Batch:
