@@ -24,6 +24,7 @@ from jax_nlu_ppo.nlu import data as data_lib
 from jax_nlu_ppo.nlu import evaluate as evaluate_lib
 from jax_nlu_ppo.rl import policy as policy_lib
 from jax_nlu_ppo.model import pretrained
+from jax_nlu_ppo import sharding as sharding_lib
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +35,32 @@ CONFIG_FILE, METRICS_FILE, SAMPLES_FILE = "config.yaml", "metrics.jsonl", "sampl
 TENSORBOARD_DIR, EVAL_DIR = "tensorboard", "eval"
 
 
-def load_training_rows(data: data_lib.DataConfig,
-                       mixture: Sequence[data_lib.MixtureComponent] = (),
-                       seed: int = 0) -> list[dict[str, Any]]:
-  """The training rows: a weighted mixture when given (rows tagged with their task), else
-  `data`'s split. Skipped bad rows are reported, never hidden."""
-  if mixture:
-    rows, reports = data_lib.load_mixture(mixture, seed=seed)
+def process_rows(config, local_batch: int,
+                 train_examples: Sequence[dict[str, Any]] | None = None
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """(every training row, this process's block of every global batch of `local_batch` rows per
+  process): `train_examples`, or the rows `config.data` / `config.mixture` name, read before
+  any model is loaded, so that a data problem is reported without waiting for one. Skipped bad
+  rows are reported, never hidden."""
+  if train_examples is not None:
+    rows = list(train_examples)
+  elif config.mixture:       # a weighted mixture, each row tagged with its task
+    rows, reports = data_lib.load_mixture(config.mixture, seed=config.seed)
+    for report in reports:
+      if report.rows_skipped:
+        log.warning(report.summary())
   else:
-    ds, report = data_lib.load(data)
-    rows, reports = list(ds), [report]
-  for report in reports:
-    if report.rows_skipped:
-      log.warning(report.summary())
-  return rows
+    rows = data_lib.load_rows(config.data)
+  return rows, data_lib.deal(rows, local_batch, jax.process_count(), jax.process_index())
+
+
+def model_on(mesh: sharding_lib.LogicalMesh, model: config_lib.ModelConfig,
+             lm: pretrained.LanguageModel | None = None) -> pretrained.LanguageModel:
+  """`lm`, or `model` loaded straight onto `mesh`, checked to split over it."""
+  lm = lm or pretrained.load_pretrained(model.name, model.dtype, model.gguf_file, mesh=mesh,
+                                        kernels=model.kernels)
+  sharding_lib.check_model(mesh, lm.config)
+  return lm
 
 
 def task_of(example: dict[str, Any], train_tasks: Sequence[str]) -> str:

@@ -303,21 +303,15 @@ class SFTTrainer:
     # As PPOTrainer: mesh and batch sizes checked first; each process has its block of rows.
     self.mesh = mesh or sharding_lib.LogicalMesh.create(config.mesh)
     self.mesh.check_batch(config.batch_size // config.gradient_accumulation_steps,
-                            "batch_size / gradient_accumulation_steps")
+                          "batch_size / gradient_accumulation_steps")
     self.local_batch = distributed.per_process(config.batch_size, "batch_size")
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
     self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
-    self.train_examples = data_lib.deal(
-        train_examples if train_examples is not None
-        else run_loop.load_training_rows(config.data, config.mixture, config.seed),
-        self.local_batch, jax.process_count(), jax.process_index())
+    _, self.train_examples = run_loop.process_rows(config, self.local_batch, train_examples)
     if not any(_labelled(ex) for ex in self.train_examples):
       raise ValueError(f"none of the {len(self.train_examples)} training examples of "
                        f"{', '.join(self.tasks)} has a label; SFT needs gold answers")
-    self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
-                                               config.model.gguf_file, mesh=self.mesh,
-                                               kernels=config.model.kernels)
-    sharding_lib.check_model(self.mesh, self.lm.config)
+    self.lm = run_loop.model_on(self.mesh, config.model, lm)
     if self.lm.tokenizer is None:
       raise ValueError(f"{config.model.name} was loaded without a tokenizer; SFT needs one to "
                        "encode prompts and answers")

@@ -16,7 +16,6 @@ import numpy as np
 from jax_nlu_ppo.nlu import answer as answer_lib
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import compiles
-from jax_nlu_ppo.nlu import data as data_lib
 from jax_nlu_ppo import distributed
 from jax_nlu_ppo.nlu import evaluate as evaluate_lib
 from jax_nlu_ppo.rl import iteration as iteration_lib
@@ -54,20 +53,13 @@ class PPOTrainer:
     self.local_batch = check_mesh(config, self.mesh)
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
     self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
-    # The rows before the model: a data problem is reported without waiting for a model load.
-    examples = (list(train_examples) if train_examples is not None
-                else run_loop.load_training_rows(config.data, config.mixture, config.seed))
-    # Each process keeps its block of every global batch (all of it when there is one process).
-    self.train_examples = data_lib.deal(examples, self.local_batch, jax.process_count(),
-                                        jax.process_index())
+    examples, self.train_examples = run_loop.process_rows(config, self.local_batch,
+                                                          train_examples)
     if not self.train_examples:
       where = (f" on process {jax.process_index()} of {jax.process_count()} (fewer rows than "
                "one global batch)" if examples else "")
       raise ValueError(f"no training examples for {', '.join(self.tasks)}{where}")
-    self.lm = lm or pretrained.load_pretrained(config.model.name, config.model.dtype,
-                                               config.model.gguf_file, mesh=self.mesh,
-                                               kernels=config.model.kernels)
-    sharding_lib.check_model(self.mesh, self.lm.config)
+    self.lm = run_loop.model_on(self.mesh, config.model, lm)
     self.tokenizer = self.lm.tokenizer
 
     run = ppo_steps.setup(self.lm.graphdef, self.lm.params, config, self.mesh,
