@@ -113,7 +113,9 @@ def test_config_errors_come_before_any_model_load(workspace, capsys):
                          (["checkpoint.best_metric=eval/accuracy"], "needs eval_data"),
                          (["data.source=glue_dir", f"data.path={root}/nowhere"],
                           "GLUE folder .*nowhere not found"),
-                         (["mesh.data=3"], "mesh .* cannot use 1 devices")]:
+                         (["mesh.data=3"], "mesh .* cannot use 1 devices"),
+                         (["reward.function=/nowhere/rewards.py:brevity"],
+                          "reward.function .*: no such file /nowhere/rewards.py")]:
     assert cli.main(["train", "--set", *base, *extra]) == 2
     err = capsys.readouterr().err
     assert "nonexistent" not in err, err

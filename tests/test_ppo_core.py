@@ -784,9 +784,12 @@ def tiny_chat_tokenizer(texts):
 SENTENCES = ["a gorgeous, witty film", "dull and far too long", "the cast is superb"]
 
 
-def tiny_trainer(output_dir=None, lora_dropout: float = 0.05, sentences=SENTENCES, **rollout):
+def tiny_trainer(output_dir=None, lora_dropout: float = 0.05, sentences=SENTENCES,
+                 reward: dict | None = None, ppo_options: dict | None = None,
+                 checkpoint=None, **rollout):
   """A `PPOTrainer` on SST-2 chat prompts and a tiny random model with a word-level tokenizer;
-  `rollout`: fields of its `RolloutConfig`."""
+  `reward`, `ppo_options`: fields of its `RewardConfig` and `PPOConfig`; `rollout`: of its
+  `RolloutConfig`."""
   from jax_nlu_ppo.nlu import answer
   from jax_nlu_ppo import config as config_lib
   from jax_nlu_ppo.nlu import tasks
@@ -802,12 +805,12 @@ def tiny_trainer(output_dir=None, lora_dropout: float = 0.05, sentences=SENTENCE
   config = config_lib.TrainConfig(
       lora=lora_lib.LoraConfig(rank=4, alpha=8.0, dropout=lora_dropout,
                                targets=("q_proj", "v_proj")),
-      ppo=ppo.PPOConfig(ppo_epochs=2, minibatch_size=2),
+      ppo=ppo.PPOConfig(**{"ppo_epochs": 2, "minibatch_size": 2, **(ppo_options or {})}),
       rollout=config_lib.RolloutConfig(batch_size=4, min_new_tokens=3, max_new_tokens=5,
                                        **rollout),
       # Lenient extraction finds label words anywhere, so random text earns varied rewards.
-      reward=answer.RewardConfig(lenient=True),
-      output_dir=output_dir)
+      reward=answer.RewardConfig(lenient=True, **(reward or {})),
+      output_dir=output_dir, **({"checkpoint": checkpoint} if checkpoint else {}))
   return trainer_lib.PPOTrainer(config, lm=lm, train_examples=examples)
 
 

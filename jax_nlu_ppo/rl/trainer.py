@@ -22,6 +22,7 @@ from jax_nlu_ppo.rl import iteration as iteration_lib
 from jax_nlu_ppo.rl import steps as ppo_steps
 from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.model import prompts as prompt_layout
+from jax_nlu_ppo.rl import reward_fn
 from jax_nlu_ppo.rl import run_loop
 from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo.nlu import tasks as tasks_lib
@@ -53,6 +54,9 @@ class PPOTrainer:
     self.local_batch = check_mesh(config, self.mesh)
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
     self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
+    # A reward function of the user's is imported before anything is loaded or compiled.
+    self.reward_function = (reward_fn.load(config.reward.function)
+                            if config.reward.function else None)
     examples, self.train_examples = run_loop.process_rows(config, self.local_batch,
                                                           train_examples)
     if not self.train_examples:
@@ -167,8 +171,8 @@ class PPOTrainer:
     specs = [self.task_of(ex) for ex in examples]
     golds = [ex["label"] for ex in examples]
     out = iteration_lib.run(self.steps, self.base, self.reference, self.state, prompts,
-                            lambda gen: self._rewards(gen, specs, golds), self.key,
-                            self.host_rng, self.config)
+                            lambda gen: self._rewards(gen, specs, golds, examples, ids),
+                            self.key, self.host_rng, self.config)
     self.state, self.key = out.state, out.key
     self.iteration += 1
     metrics = self._metrics(out, prompts, specs, golds)
@@ -233,6 +237,9 @@ class PPOTrainer:
         "data/skipped_rows": self.skipped_rows,
         **out.update_metrics, **out.times,
     }
+    if "function" in self.last_reward_parts:
+      for part, scores in self.last_reward_parts.items():
+        metrics[f"env/{part}_reward_mean"] = float(distributed.all_rows(scores).mean())
     if len(self.tasks) > 1:
       for i, task in enumerate(self.tasks.values()):
         rows = task_ids == i
@@ -242,7 +249,23 @@ class PPOTrainer:
     metrics["tokens/per_s"] = float(mask_np.sum()) / out.times["time/rollout"]
     return metrics
 
-  def _rewards(self, gen, specs: Sequence[str], golds: Sequence[float]):
+  def _rewards(self, gen, specs: Sequence[str], golds: Sequence[float],
+               examples: Sequence[dict[str, Any]], ids: Sequence[Sequence[int]]):
+    """Each row's parsed label (None: unparsed) and reward: its own task's label reward, and the
+    user's reward function's value with their weights when there is one."""
+    preds, label_scores = self._label_rewards(gen, specs, golds)
+    self.last_reward_parts = {"label": label_scores}
+    if self.reward_function is None:
+      return preds, label_scores
+    r = self.config.reward
+    prompts = self.tokenizer.batch_decode([list(x) for x in ids])
+    responses = pretrained.decode_responses(self.tokenizer, gen, self.lm.eos_ids())
+    values = reward_fn.score(self.reward_function, r.function, prompts, responses, preds,
+                             examples)
+    self.last_reward_parts["function"] = values
+    return preds, (r.label_weight * label_scores + r.function_weight * values).astype(np.float32)
+
+  def _label_rewards(self, gen, specs: Sequence[str], golds: Sequence[float]):
     """Each row's parsed label (None: unparsed) and reward, by its own task's rule."""
     cfg = self.config
     if self.matchers is not None:
