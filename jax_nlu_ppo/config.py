@@ -130,6 +130,8 @@ def check_eval(eval_data, eval_every: int, checkpoint: checkpoint_lib.Checkpoint
   """The periodic-evaluation settings shared by the PPO and SFT configs."""
   if eval_every < 0:
     raise ConfigError(f"eval_every must be >= 0 (0: only before and after), got {eval_every}")
+  if eval_data is not None and eval_data.label_noise:
+    raise ConfigError("eval_data.label_noise must be 0: evaluation scores against gold labels")
   best = checkpoint.best_metric
   if best and best.startswith(checkpoint_lib.EVAL_PREFIX) and eval_data is None:
     raise ConfigError(f"checkpoint.best_metric {best!r} needs eval_data (the set it is "

@@ -114,6 +114,10 @@ class DataConfig:
   strict: bool = False
   labelled: bool | None = None
   header: tuple[str, ...] | None = None
+  # Training on noisy labels: this fraction of the labelled rows (after shuffle and limit) gets
+  # another label, uniformly, chosen with `label_noise_seed` (`flip_labels`; logged).
+  label_noise: float = 0.0
+  label_noise_seed: int = 0
 
   def __post_init__(self):
     task = tasks_lib.get_task(self.task)
@@ -130,6 +134,10 @@ class DataConfig:
                        f"not {self.source!r}")
     if self.limit is not None and self.limit < 1:
       raise ValueError(f"data.limit must be a positive number of rows or None, got {self.limit}")
+    if not 0.0 <= self.label_noise <= 1.0:
+      raise ValueError(f"data.label_noise must be a fraction in [0, 1], got {self.label_noise}")
+    if self.label_noise and task.is_regression:
+      raise ValueError(f"data.label_noise flips class labels; {task.name}'s labels are scores")
 
 
 def load(config: DataConfig, *, num_shards: int = 1,
@@ -148,9 +156,30 @@ def load(config: DataConfig, *, num_shards: int = 1,
     ds, report = load_file(task, config.path, split=config.split,
                            column_map=config.column_map, header=config.header,
                            strict=config.strict, labelled=config.labelled)
-  ds = subset(ds, shuffle_seed=config.shuffle_seed, limit=config.limit,
-              num_shards=num_shards, shard_index=shard_index)
+  ds = subset(ds, shuffle_seed=config.shuffle_seed, limit=config.limit)
+  if config.label_noise:
+    ds, flipped = flip_labels(ds, config.label_noise, config.label_noise_seed, task.num_labels)
+    idx = ds["idx"] if "idx" in ds.column_names else range(len(ds))
+    log.warning("data.label_noise=%g: %d of %d labels of %s %s flipped, rows idx %s",
+                config.label_noise, len(flipped), len(ds), task.name, config.split,
+                [idx[i] for i in flipped])
+  ds = subset(ds, num_shards=num_shards, shard_index=shard_index)
   return ds, report
+
+
+def flip_labels(ds: datasets.Dataset, fraction: float, seed: int,
+                num_labels: int) -> tuple[datasets.Dataset, list[int]]:
+  """`ds` with round(fraction x labelled rows) of its labelled rows (label >= 0), chosen with
+  `seed`, given another of the `num_labels` labels uniformly; and those rows' positions."""
+  rng = np.random.default_rng(seed)
+  labels = np.asarray(ds["label"])
+  labelled = np.flatnonzero(labels >= 0)
+  chosen = np.sort(rng.choice(labelled, size=round(fraction * len(labelled)), replace=False))
+  new = labels.copy()
+  new[chosen] = (labels[chosen] + rng.integers(1, num_labels, size=len(chosen))) % num_labels
+  ds = ds.remove_columns("label").add_column("label", new.tolist(),
+                                             feature=ds.features["label"])
+  return ds, chosen.tolist()
 
 
 def data_config_for(task_spec: str, location: str | None, split: str, limit: int | None = None,
