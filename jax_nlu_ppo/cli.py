@@ -39,8 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   from jax_nlu_ppo import config as config_lib
   from jax_nlu_ppo.nlu import data as data_lib
   from jax_nlu_ppo.nlu import task_files
-  compiles.configure_cache(args.compile_cache)
   try:
+    compiles.configure_cache(args.compile_cache)
     return args.run(args)
   except (config_lib.ConfigError, data_lib.DataError, task_files.TaskFileError, KeyError,
           ValueError, FileNotFoundError, checkpoint_lib.CheckpointReadError) as e:

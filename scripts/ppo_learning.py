@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
       "history": history,
   }
   metric = next(k for k in before if k not in ("unparsed_rate", "count"))
-  print(f"\n| figure | value |\n|---|---|")
+  print("\n| figure | value |\n|---|---|")
   print(f"| dev {metric} before -> after | {before[metric]:.3f} -> {after[metric]:.3f} |")
   print(f"| dev unparsed before -> after | {before['unparsed_rate']:.3f} -> "
         f"{after['unparsed_rate']:.3f} |")

@@ -85,13 +85,18 @@ def test_compile_cache_option(tmp_path, monkeypatch, jax_cache_config, option, e
   assert jax_cache_config.jax_enable_compilation_cache == (expected is not None)
 
 
-def test_unusable_cache_folder(tmp_path, monkeypatch, jax_cache_config):
+def test_unusable_cache_folder(tmp_path, monkeypatch, jax_cache_config, capsys):
   """Given explicitly, an unusable folder is an error naming the option; the default (a
   read-only home, say) falls back to compiling afresh."""
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   with pytest.raises(ValueError, match="--compile-cache"):
     compiles.configure_cache(str(blocker / "cache"))
+  # On the command line: one line naming the option, exit code 2, before any work.
+  from jax_nlu_ppo import cli
+  assert cli.main(["plan", "--compile-cache", str(blocker / "cache"), "--no-compile"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "error: --compile-cache" in err, err
   monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
   assert compiles.configure_cache(None) is None
   assert not jax_cache_config.jax_enable_compilation_cache
