@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Usage: scripts/label_noise.sh [NOISE ...]        (default: 0 0.2 0.4)
+#
+# SFT against PPO on SST-2 when a fraction NOISE of the training labels is wrong
+# (`data.label_noise`, flipped rows chosen with the run's seed): the configs, dev set (200
+# examples) and evaluation of docs/results.md's SST-2 cells, one run folder per noise, method and
+# seed; then a table of final dev accuracy per noise and method (mean, min..max over seeds).
+# Runs whose last evaluation exists are skipped, so an interrupted sweep continues.
+#
+# Environment: OUT [runs/label_noise]  SEEDS ["0 1"]
+set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0
+fi
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/label_noise}"
+SEEDS="${SEEDS:-0 1}"
+NOISES=("$@")
+if [[ ${#NOISES[@]} -eq 0 ]]; then NOISES=(0 0.2 0.4); fi
+mkdir -p "$OUT"
+
+for noise in "${NOISES[@]}"; do
+  for seed in $SEEDS; do
+    for method in sft ppo; do
+      dir="$OUT/noise_$noise/${method}_seed$seed"
+      if compgen -G "$dir/eval/step_*.json" > /dev/null && [[ -e "$dir/done" ]]; then continue; fi
+      noisy=(seed="$seed" data.label_noise="$noise" data.label_noise_seed="$seed")
+      start=$SECONDS
+      if [[ $method == sft ]]; then
+        jax-nlu-ppo sft --config configs/sft/sst2_cpu.yaml --set "${noisy[@]}" --output-dir "$dir"
+      else
+        jax-nlu-ppo train --config configs/demo/sst2_cpu.yaml --set "${noisy[@]}" eval_every=0 \
+            --output-dir "$dir"
+      fi
+      touch "$dir/done"
+      printf '%s\t%s\t%s\t%s\n' "$noise" "$method" "$seed" "$((SECONDS - start))" \
+          >> "$OUT/wall_times.tsv"
+    done
+  done
+done
+
+python - "$OUT" <<'EOF'
+import json, pathlib, statistics, sys
+out = pathlib.Path(sys.argv[1])
+print("| label noise | method | dev accuracy, mean (min..max) | seeds |")
+print("|---|---|---|---|")
+for noise_dir in sorted(out.glob("noise_*")):
+  for method in ("sft", "ppo"):
+    accs = [json.load(open(sorted((run / "eval").glob("step_*.json"))[-1]))["accuracy"]
+            for run in sorted(noise_dir.glob(f"{method}_seed*")) if (run / "done").exists()]
+    if accs:
+      print(f"| {noise_dir.name[6:]} | {method.upper()} | {statistics.mean(accs):.3f} "
+            f"({min(accs):.3f}..{max(accs):.3f}) | {len(accs)} |")
+EOF
