@@ -2,6 +2,7 @@
 import csv
 import logging
 
+import datasets
 import numpy as np
 import pytest
 
@@ -30,24 +31,36 @@ def _labels(path, task, **noise):
 
 
 def test_flips_the_seeded_fraction_to_other_labels(tmp_path, caplog):
-  labels = [0, 1, 2] * 40 + [-1] * 10           # 120 labelled, 10 unlabelled
+  labels = [0, 1, 2] * 40
   path = _file(tmp_path, "mnli", labels)
   clean, idx = _labels(path, "mnli")
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.DEBUG, logger="jax_nlu_ppo.nlu.data"):
     noisy, noisy_idx = _labels(path, "mnli", label_noise=0.25, label_noise_seed=3)
   assert (idx == noisy_idx).all()
   changed = np.flatnonzero(clean != noisy)
-  assert len(changed) == 30                     # round(0.25 x 120 labelled rows)
+  assert len(changed) == 30                     # round(0.25 x 120 rows)
   assert (clean[changed] >= 0).all() and set(noisy[changed]) <= {0, 1, 2}
   # Each flipped row got one of the two other labels, both of them occurring.
   moves = {(int(a), int(b)) for a, b in zip(clean[changed], noisy[changed])}
   assert all(a != b for a, b in moves) and len(moves) >= 5
-  assert str(sorted(idx[changed].tolist())) in caplog.text   # the flipped rows, logged
+  # The flipped rows, logged: the first 20 in the warning, all of them at DEBUG level.
+  warning, debug = [r for r in caplog.records if "label_noise" in r.getMessage()]
+  assert warning.levelname == "WARNING" and "30 of 120 labels of mnli train flipped" in (
+      warning.getMessage())
+  assert sorted(eval(debug.getMessage().split("idx ")[1])) == sorted(idx[changed].tolist())
   # The same seed flips the same rows; another seed others; no noise, none.
   assert (_labels(path, "mnli", label_noise=0.25, label_noise_seed=3)[0] == noisy).all()
   other = _labels(path, "mnli", label_noise=0.25, label_noise_seed=4)[0]
   assert set(np.flatnonzero(other != clean)) != set(changed)
   assert (_labels(path, "mnli", label_noise=0.0)[0] == clean).all()
+
+
+def test_unlabelled_rows_keep_their_mark():
+  ds = datasets.Dataset.from_dict({"label": [0, 1, -1, -1, 1, 0, -1, 1]})
+  noisy, flipped = data.flip_labels(ds, 0.6, seed=0, num_labels=2)
+  assert len(flipped) == 3 and all(ds["label"][i] >= 0 for i in flipped)   # round(0.6 x 5)
+  assert [noisy["label"][i] for i in (2, 3, 6)] == [-1, -1, -1]
+  assert sum(a != b for a, b in zip(ds["label"], noisy["label"])) == 3
 
 
 def test_binary_labels_swap_and_shuffle_comes_first(tmp_path):

@@ -160,11 +160,18 @@ def load(config: DataConfig, *, num_shards: int = 1,
   if config.label_noise:
     ds, flipped = flip_labels(ds, config.label_noise, config.label_noise_seed, task.num_labels)
     idx = ds["idx"] if "idx" in ds.column_names else range(len(ds))
-    log.warning("data.label_noise=%g: %d of %d labels of %s %s flipped, rows idx %s",
-                config.label_noise, len(flipped), len(ds), task.name, config.split,
-                [idx[i] for i in flipped])
+    flipped_idx = [idx[i] for i in flipped]
+    log.warning("data.label_noise=%g: %d of %d labels of %s %s flipped (the same seed flips "
+                "the same rows), rows idx %s%s", config.label_noise, len(flipped), len(ds),
+                task.name, config.split, flipped_idx[:_LOGGED_ROWS],
+                " ... (all of them at DEBUG level)" if len(flipped) > _LOGGED_ROWS else "")
+    log.debug("data.label_noise: the flipped rows of %s %s, idx %s", task.name, config.split,
+              flipped_idx)
   ds = subset(ds, num_shards=num_shards, shard_index=shard_index)
   return ds, report
+
+
+_LOGGED_ROWS = 20     # flipped rows named in the warning; all of them at DEBUG level
 
 
 def flip_labels(ds: datasets.Dataset, fraction: float, seed: int,
@@ -177,8 +184,8 @@ def flip_labels(ds: datasets.Dataset, fraction: float, seed: int,
   chosen = np.sort(rng.choice(labelled, size=round(fraction * len(labelled)), replace=False))
   new = labels.copy()
   new[chosen] = (labels[chosen] + rng.integers(1, num_labels, size=len(chosen))) % num_labels
-  ds = ds.remove_columns("label").add_column("label", new.tolist(),
-                                             feature=ds.features["label"])
+  ds = (ds.add_column("noisy_label", new.tolist(), feature=ds.features["label"])
+        .remove_columns("label").rename_column("noisy_label", "label"))
   return ds, chosen.tolist()
 
 
