@@ -76,7 +76,7 @@ def run(steps: steps_lib.Steps, base, reference, state: ppo_lib.PPOState,
 
   kl_per_sample = distributed.all_rows(kl_br).sum(axis=1)
   kl_coef = float(state.kl_coef)
-  state = adapt_kl(state, kl_per_sample, batch.response_br.shape[0], config.ppo.kl,
+  state = adapt_kl(state, kl_coef, kl_per_sample, batch.response_br.shape[0], config.ppo.kl,
                    steps.shardings.replicated)
   return Outcome(state, key, limit, generation, local_generation, labels, scores_b, batch,
                  kl_per_sample, distributed.all_rows(generation.mask_br), kl_coef,
@@ -101,10 +101,9 @@ def update_epochs(steps: steps_lib.Steps, state: ppo_lib.PPOState, base, batch: 
   return state, ppo_lib.mean_metrics(jax.device_get(updates)), key
 
 
-def adapt_kl(state: ppo_lib.PPOState, kl_per_sample: np.ndarray, samples: int,
+def adapt_kl(state: ppo_lib.PPOState, kl_coef: float, kl_per_sample: np.ndarray, samples: int,
              config: ppo_math.KLControlConfig, replicated) -> ppo_lib.PPOState:
-  """Ziegler's controller: the next coefficient from the mean over samples of each response's
-  summed KL."""
-  coef = ppo_math.kl_coef_update(config, float(state.kl_coef), float(kl_per_sample.mean()),
-                                 samples)
+  """Ziegler's controller: the coefficient after `kl_coef` (the state's, on the host), from the
+  mean over samples of each response's summed KL."""
+  coef = ppo_math.kl_coef_update(config, kl_coef, float(kl_per_sample.mean()), samples)
   return state.replace(kl_coef=sharding_lib.place(np.asarray(np.float32(coef)), replicated))

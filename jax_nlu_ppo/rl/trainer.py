@@ -253,20 +253,24 @@ class PPOTrainer:
                examples: Sequence[dict[str, Any]], ids: Sequence[Sequence[int]]):
     """Each row's parsed label (None: unparsed) and reward: its own task's label reward, and the
     user's reward function's value with their weights when there is one."""
-    preds, label_scores = self._label_rewards(gen, specs, golds)
+    # Decoded once, for the text extractor and the reward function alike.
+    responses = (pretrained.decode_responses(self.tokenizer, gen, self.lm.eos_ids())
+                 if self.matchers is None or self.reward_function is not None else None)
+    preds, label_scores = self._label_rewards(gen, responses, specs, golds)
     self.last_reward_parts = {"label": label_scores}
     if self.reward_function is None:
       return preds, label_scores
     r = self.config.reward
     prompts = self.tokenizer.batch_decode([list(x) for x in ids])
-    responses = pretrained.decode_responses(self.tokenizer, gen, self.lm.eos_ids())
     values = reward_fn.score(self.reward_function, r.function, prompts, responses, preds,
                              examples)
     self.last_reward_parts["function"] = values
     return preds, (r.label_weight * label_scores + r.function_weight * values).astype(np.float32)
 
-  def _label_rewards(self, gen, specs: Sequence[str], golds: Sequence[float]):
-    """Each row's parsed label (None: unparsed) and reward, by its own task's rule."""
+  def _label_rewards(self, gen, responses: Sequence[str] | None, specs: Sequence[str],
+                     golds: Sequence[float]):
+    """Each row's parsed label (None: unparsed) and reward, by its own task's rule: on the
+    generated ids with the token extractor, else on the decoded `responses`."""
     cfg = self.config
     if self.matchers is not None:
       # On device: each task's matcher reads the whole batch, each row keeps its own task's.
@@ -284,7 +288,6 @@ class PPOTrainer:
         labels_b = np.where(rows, np.asarray(labels), labels_b)
         scores_b = np.where(rows, np.asarray(scores), scores_b)
       return [None if label < 0 else int(label) for label in labels_b], scores_b
-    responses = pretrained.decode_responses(self.tokenizer, gen, self.lm.eos_ids())
     preds = [answer_lib.extract(text, self.rules[spec]).label
              for spec, text in zip(specs, responses)]
     scores_b = np.asarray([answer_lib.reward(p, g, regression=self.tasks[spec].is_regression,
