@@ -4,6 +4,7 @@
         --split validation --shots 4 --limit 200 --output results.json
     jax-nlu-ppo train --config configs/demo/sst2_cpu.yaml --set ppo.kl.init_coef=0.1
     jax-nlu-ppo sft --config configs/sft/sst2_cpu.yaml --output-dir runs/sft_sst2
+    jax-nlu-ppo reward-model --config configs/reward_model/sst2_cpu.yaml --output-dir runs/rm
     jax-nlu-ppo perplexity --task sst2 --data ../shared/data/glue --limit 200
     jax-nlu-ppo report runs/ppo_sst2 runs/sft_sst2 --output reports/sst2
 
@@ -56,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
       description="PPO with LoRA for natural-language understanding on LLaMA-family models.")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for add_parser in (_add_eval_parser, _add_train_parser, _add_sft_parser,
-                     _add_perplexity_parser, _add_export_parser, _add_report_parser,
+                     _add_reward_model_parser, _add_perplexity_parser, _add_export_parser, _add_report_parser,
                      _add_plan_parser, _add_bench_parser):
     add_parser(commands)
   for command in commands.choices.values():
@@ -246,10 +247,23 @@ def _add_sft_parser(commands) -> None:
   sf.set_defaults(run=run_sft)
 
 
+def _add_reward_model_parser(commands) -> None:
+  rm = commands.add_parser(
+      "reward-model", help="train a reward model (the paper's section 3.8) from a YAML config",
+      description="LoRA and a scalar head on a frozen base, trained to score the gold answer "
+      "of labelled rows above the wrong ones (Bradley-Terry; see configs/reward_model/). "
+      "Held-out pairwise accuracy and AUC go to OUTPUT_DIR/metrics.jsonl; PPO then scores its "
+      "rollouts with it through reward.model=OUTPUT_DIR, and `export` writes it as a "
+      "LlamaForSequenceClassification.")
+  _config_arguments(rm)
+  rm.set_defaults(run=run_reward_model)
+
+
 # The progress bar's postfix: label -> metric key, shown where the step's metrics have it (the
-# first three are PPO's, `sft/loss` SFT's; both trainers report tokens/per_s).
+# first three are PPO's, then SFT's and the reward model's losses; all report tokens/per_s).
 STEP_POSTFIX = {"reward": "env/reward_mean", "acc": "env/accuracy", "kl": "objective/kl",
-                "loss": "sft/loss", "tok/s": "tokens/per_s"}
+                "loss": "sft/loss", "rm_loss": "rm/loss", "pair_acc": "rm/accuracy",
+                "tok/s": "tokens/per_s"}
 
 
 def _step_progress(trainer, format_metrics):
@@ -307,6 +321,15 @@ def run_sft(args) -> int:
   lm, trainable = export.initial_adapter(args.init_adapter, config)
   trainer = sft.SFTTrainer(config, lm=lm, initial_trainable=trainable)
   return _run_trainer(trainer, sft.format_metrics)
+
+
+def run_reward_model(args) -> int:
+  from jax_nlu_ppo.rl import reward_model
+  from jax_nlu_ppo.runs import export
+  config = _load_config(args, reward_model.RewardModelConfig)
+  lm, trainable = export.initial_adapter(args.init_adapter, config)
+  trainer = reward_model.RewardModelTrainer(config, lm=lm, initial_trainable=trainable)
+  return _run_trainer(trainer, reward_model.format_metrics)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -177,24 +177,29 @@ class RewardConfig:
   # "text": `extract` on the decoded answer (host, exactly evaluation's rule); "token": the
   # same rule on the generated ids inside jit (`token_reward.py`; not for STS-B).
   extractor: str = "text"
-  # A reward of your own, "package.module:name" or "path/to/file.py:name" (rl/reward_fn.py):
-  # each row's reward is label_weight * the label reward + function_weight * its value.
+  # A reward of your own, "package.module:name" or "path/to/file.py:name" (rl/reward_fn.py),
+  # and a learned reward model, the run folder of `jax-nlu-ppo reward-model`
+  # (rl/reward_model.py): each row's reward is label_weight * the label reward
+  # + function_weight * the function's value + model_weight * the model's score.
   function: str | None = None
   function_weight: float = 1.0
+  model: str | None = None
+  model_weight: float = 1.0
   label_weight: float = 1.0
 
   def __post_init__(self):
     if self.extractor not in ("text", "token"):
       raise ValueError(f"reward.extractor must be 'text' or 'token', got {self.extractor!r}")
-    for name in ("function_weight", "label_weight"):
+    for name in ("function_weight", "model_weight", "label_weight"):
       if not math.isfinite(getattr(self, name)):
         raise ValueError(f"reward.{name} must be a finite number, got {getattr(self, name)}")
     if self.function is not None and (":" not in self.function
                                       or not all(self.function.rpartition(":")[::2])):
       raise ValueError(f"reward.function must be 'package.module:name' or "
                        f"'path/to/file.py:name', got {self.function!r}")
-    if self.function is None and self.label_weight == 0:
-      raise ValueError("reward.label_weight=0 leaves no reward; name a reward.function")
+    if self.function is None and self.model is None and self.label_weight == 0:
+      raise ValueError("reward.label_weight=0 leaves no reward; name a reward.function or a "
+                       "reward.model")
     if not self.correct > self.wrong >= self.unparsed:
       raise ValueError(
           "RewardConfig needs correct > wrong >= unparsed, got "

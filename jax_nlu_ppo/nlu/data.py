@@ -102,7 +102,9 @@ class DataConfig:
   `save_to_disk` folder) or "task" (the data a custom task's YAML names; `task` is its path). `column_map` maps hub column names to the file's own (only the ones
   that differ); `header` names the columns of a csv / tsv file without a header row.
   `labelled=None` means unlabelled only for test splits. Rows are shuffled with
-  `shuffle_seed` (None keeps file order), then cut to `limit`, then sharded per host.
+  `shuffle_seed` (None keeps file order), the first `offset` dropped, then cut to `limit`, then
+  sharded per host (so offset=480 with the same seed holds out the rows another run's limit=480
+  read).
   """
   task: str
   split: str = "train"
@@ -111,6 +113,7 @@ class DataConfig:
   column_map: Mapping[str, str] | None = None
   shuffle_seed: int | None = None
   limit: int | None = None
+  offset: int = 0
   strict: bool = False
   labelled: bool | None = None
   header: tuple[str, ...] | None = None
@@ -132,6 +135,8 @@ class DataConfig:
     if self.source in ("hub", "glue_dir") and task.name not in tasks_lib.TASKS:
       raise ValueError(f"custom task {task.name} reads data.source='task' or 'file', "
                        f"not {self.source!r}")
+    if self.offset < 0:
+      raise ValueError(f"data.offset must be a number of rows >= 0, got {self.offset}")
     if self.limit is not None and self.limit < 1:
       raise ValueError(f"data.limit must be a positive number of rows or None, got {self.limit}")
     if not 0.0 <= self.label_noise <= 1.0:
@@ -156,7 +161,7 @@ def load(config: DataConfig, *, num_shards: int = 1,
     ds, report = load_file(task, config.path, split=config.split,
                            column_map=config.column_map, header=config.header,
                            strict=config.strict, labelled=config.labelled)
-  ds = subset(ds, shuffle_seed=config.shuffle_seed, limit=config.limit)
+  ds = subset(ds, shuffle_seed=config.shuffle_seed, offset=config.offset, limit=config.limit)
   if config.label_noise:
     ds, flipped = flip_labels(ds, config.label_noise, config.label_noise_seed, task.num_labels)
     idx = ds["idx"] if "idx" in ds.column_names else range(len(ds))
@@ -289,9 +294,10 @@ def deal(rows: Sequence[dict[str, Any]], block: int, num_shards: int = 1,
   return [row for i, row in enumerate(rows) if (i // block) % num_shards == index]
 
 
-def subset(ds: datasets.Dataset, *, shuffle_seed: int | None = None, limit: int | None = None,
-           num_shards: int = 1, shard_index: int = 0) -> datasets.Dataset:
-  """Seeded shuffle, then the first `limit` rows, then contiguous shard `shard_index`.
+def subset(ds: datasets.Dataset, *, shuffle_seed: int | None = None, offset: int = 0,
+           limit: int | None = None, num_shards: int = 1,
+           shard_index: int = 0) -> datasets.Dataset:
+  """Seeded shuffle, then `limit` rows from row `offset`, then contiguous shard `shard_index`.
 
   Every host shuffles with the same seed before taking its shard, so the shards are disjoint
   and together hold exactly the limited rows.
@@ -300,8 +306,9 @@ def subset(ds: datasets.Dataset, *, shuffle_seed: int | None = None, limit: int 
     raise ValueError(f"shard_index must lie in 0..{num_shards - 1}, got {shard_index}")
   if shuffle_seed is not None:
     ds = ds.shuffle(seed=shuffle_seed)
-  if limit is not None:
-    ds = ds.select(range(min(limit, len(ds))))
+  if offset or limit is not None:
+    end = len(ds) if limit is None else min(offset + limit, len(ds))
+    ds = ds.select(range(min(offset, len(ds)), end))
   if num_shards > 1:
     ds = ds.shard(num_shards=num_shards, index=shard_index, contiguous=True)
   return ds

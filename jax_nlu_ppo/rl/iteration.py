@@ -23,9 +23,10 @@ from jax_nlu_ppo.rl import ppo as ppo_lib
 from jax_nlu_ppo.rl import ppo_math
 from jax_nlu_ppo.rl import steps as steps_lib
 
-# This process's rows of a rollout, on the host -> (each row's parsed label, None when
-# unparsed; each row's reward as float32).
-RewardFn = Callable[[sampling_lib.Generation], tuple[Sequence[Any], np.ndarray]]
+# (The rollout, global on the mesh; this process's rows of it, on the host) -> (each of this
+# process's rows' parsed label, None when unparsed; their rewards as float32).
+RewardFn = Callable[[sampling_lib.Generation, sampling_lib.Generation],
+                    tuple[Sequence[Any], np.ndarray]]
 
 
 @dataclasses.dataclass
@@ -59,7 +60,7 @@ def run(steps: steps_lib.Steps, base, reference, state: ppo_lib.PPOState,
   times["time/rollout"] = time.perf_counter() - start
 
   start = time.perf_counter()
-  labels, scores_b = reward(local_generation)
+  labels, scores_b = reward(generation, local_generation)
   times["time/reward"] = time.perf_counter() - start
 
   start = time.perf_counter()

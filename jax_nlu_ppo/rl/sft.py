@@ -208,16 +208,39 @@ def target_nll(trainable, graphdef, base, batch: Batch, dropout_key=None) -> lm_
 def update(state: SFTState, graphdef, base, batch: Batch, dropout_key, *,
            tx: optax.GradientTransformation,
            accumulation_steps: int = 1) -> tuple[SFTState, dict[str, Array]]:
-  """One optimiser step on the batch's token-mean target NLL (the module's L).
+  """One optimiser step on the batch's token-mean target NLL (the module's L)."""
+  def sums(trainable, micro_batch, key):
+    nll = target_nll(trainable, graphdef, base, micro_batch, key)
+    return Sums(nll.nll, nll.tokens, {})
 
-  Micro-batches return the gradient of their NLL *sum*; the sum over micro-batches divided once
-  by the batch's target-token count is the whole batch's mean and its gradient, however the
-  tokens fall between micro-batches. A non-finite loss or gradient skips the step (counted in
-  `sft/skipped`), leaving parameters and optimiser state as they were.
+  state, metrics = accumulated_update(state, sums, batch, dropout_key, tx=tx,
+                                      accumulation_steps=accumulation_steps, prefix="sft")
+  metrics["sft/tokens"] = metrics.pop("sft/count")
+  return state, metrics
+
+
+@flax.struct.dataclass
+class Sums:
+  """A micro-batch's loss summed over its terms (target tokens, answer pairs), their count, and
+  other sums reported as means over the same count."""
+  loss: Array
+  count: Array
+  reported: dict[str, Array]
+
+
+def accumulated_update(state: SFTState, sums_fn: Callable[[Any, Any, Any], Sums], batch,
+                       dropout_key, *, tx: optax.GradientTransformation,
+                       accumulation_steps: int, prefix: str) -> tuple[SFTState, dict[str, Array]]:
+  """One optimiser step on sum(loss) / sum(count) over the batch's micro-batches.
+
+  Micro-batches return the gradient of their loss *sum*; the sum over micro-batches divided once
+  by the batch's count is the whole batch's mean and its gradient, however the terms fall
+  between micro-batches. A non-finite loss or gradient skips the step (counted in
+  `<prefix>/skipped`), leaving parameters and optimiser state as they were.
   """
   def summed(trainable, micro_batch, key):
-    nll = target_nll(trainable, graphdef, base, micro_batch, key)
-    return nll.nll, nll
+    out = sums_fn(trainable, micro_batch, key)
+    return out.loss, out
 
   grad_fn = jax.value_and_grad(summed, has_aux=True)
   micro = jax.tree.map(lambda x: x.reshape(accumulation_steps, -1, *x.shape[1:]), batch)
@@ -225,15 +248,17 @@ def update(state: SFTState, graphdef, base, batch: Batch, dropout_key, *,
 
   def accumulate(carry, xs):
     total, grad_sum = carry
-    (_, nll), grads = grad_fn(state.trainable, *xs)
-    return (total + nll, jax.tree.map(jnp.add, grad_sum, grads)), None
+    (_, out), grads = grad_fn(state.trainable, *xs)
+    return (jax.tree.map(jnp.add, total, out), jax.tree.map(jnp.add, grad_sum, grads)), None
 
-  zeros = (lm_loss.NLLSum(jnp.float32(0), jnp.int32(0)),
+  first = jax.tree.map(lambda x: x[0], micro)
+  zeros = (jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                        jax.eval_shape(sums_fn, state.trainable, first, dropout_key)),
            jax.tree.map(jnp.zeros_like, state.trainable))
   (total, grad_sum), _ = jax.lax.scan(accumulate, zeros, (micro, keys))
-  count = jnp.maximum(total.tokens, 1).astype(jnp.float32)
+  count = jnp.maximum(total.count, 1).astype(jnp.float32)
   grads = jax.tree.map(lambda g: g / count, grad_sum)
-  loss = total.nll / count
+  loss = total.loss / count
   grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
@@ -242,8 +267,9 @@ def update(state: SFTState, graphdef, base, batch: Batch, dropout_key, *,
   new_state = SFTState(step=state.step + ok.astype(jnp.int32),
                        trainable=keep(trainable, state.trainable),
                        opt_state=keep(opt_state, state.opt_state))
-  metrics = {"sft/loss": loss, "sft/tokens": total.tokens, "sft/grad_norm": grad_norm,
-             "sft/skipped": 1.0 - ok.astype(jnp.float32)}
+  metrics = {f"{prefix}/loss": loss, f"{prefix}/count": total.count,
+             f"{prefix}/grad_norm": grad_norm, f"{prefix}/skipped": 1.0 - ok.astype(jnp.float32),
+             **{f"{prefix}/{name}": value / count for name, value in total.reported.items()}}
   return new_state, metrics
 
 
@@ -259,9 +285,11 @@ class Setup:
 
 
 def setup(llama_graphdef, llama_params, config: SFTConfig, mesh: sharding_lib.LogicalMesh,
-          initial_trainable=None) -> Setup:
+          initial_trainable=None, *, step: Callable = update, batch_sharding=None) -> Setup:
   """PPO's policy (`policy.policy_split`) on a loaded decoder, placed on `mesh` with
-  its optimiser state, and the update that trains it."""
+  its optimiser state, and the update that trains it: `step(state, graphdef, base, batch, key,
+  *, tx, accumulation_steps)` (default: SFT's `update`) on batches placed as `batch_sharding`
+  (default: a `Batch`'s)."""
   graphdef, trainable, base = policy_lib.policy_split(
       llama_graphdef, llama_params, config.lora, value_dropout=0.0, seed=config.seed,
       remat=config.remat, initial_trainable=initial_trainable)
@@ -275,8 +303,8 @@ def setup(llama_graphdef, llama_params, config: SFTConfig, mesh: sharding_lib.Lo
       SFTState(step=np.int32(0), trainable=trainable,
                opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(trainable)),
       state_sh)
-  step = functools.partial(update, tx=tx, accumulation_steps=config.gradient_accumulation_steps)
-  batch_sh = Batch(mesh.batch(2), mesh.batch(2), mesh.batch(2))
+  step = functools.partial(step, tx=tx, accumulation_steps=config.gradient_accumulation_steps)
+  batch_sh = batch_sharding or Batch(mesh.batch(2), mesh.batch(2), mesh.batch(2))
   jitted = jax.jit(
       sharding_lib.with_activations(
           mesh, lambda state, base, batch, key: step(state, graphdef, base, batch, key)),
@@ -317,7 +345,7 @@ class SFTTrainer:
                        "encode prompts and answers")
     self.tokenizer = self.lm.tokenizer
 
-    run = setup(self.lm.graphdef, self.lm.params, config, self.mesh, initial_trainable)
+    run = self._setup(initial_trainable)
     self.graphdef, self._update, self._batch_sh = run.graphdef, run.update, run.batch_sharding
     self.base, self.state = run.base, run.state
     self.key = jax.random.key(config.seed)
@@ -326,6 +354,9 @@ class SFTTrainer:
     self.skipped: set[int] = set()
     self._encoded: dict[int, tuple[list[int], list[int]]] = {}
     self.checkpointer = run_loop.open_checkpoints(self, config, self.lm)
+
+  def _setup(self, initial_trainable) -> Setup:
+    return setup(self.lm.graphdef, self.lm.params, self.config, self.mesh, initial_trainable)
 
   # --------------------------------------------------------------------------------------------
   def task_of(self, example: dict[str, Any]) -> str:
@@ -349,11 +380,10 @@ class SFTTrainer:
     if not _labelled(example):
       problem = f"label {example.get('label')!r}: unlabelled"
     else:
-      ids = encode_example(self.tokenizer, task, example, self.config.prompt_format,
-                           self.lm.eos_ids())
+      ids = self._encode_example(task, example)
       limit = self.lm.config.max_position_embeddings
-      if len(ids[0]) + len(ids[1]) > limit:
-        problem = (f"prompt and answer take {len(ids[0]) + len(ids[1])} tokens, more than the "
+      if self._length(ids) > limit:
+        problem = (f"prompt and answer take {self._length(ids)} tokens, more than the "
                    f"model's max_position_embeddings ({limit})")
     if problem is not None:
       self.skipped.add(index)
@@ -364,6 +394,15 @@ class SFTTrainer:
       return None
     self._encoded[index] = ids
     return ids
+
+  def _encode_example(self, task: tasks_lib.Task, example: dict[str, Any]):
+    return encode_example(self.tokenizer, task, example, self.config.prompt_format,
+                          self.lm.eos_ids())
+
+  @staticmethod
+  def _length(ids) -> int:
+    """Tokens of an encoded example's longest sequence."""
+    return len(ids[0]) + len(ids[1])
 
   def next_rows(self, n: int) -> list[tuple[list[int], list[int]]]:
     """The next `n` usable examples, encoded, cycling through the (already shuffled) list."""
@@ -379,10 +418,7 @@ class SFTTrainer:
     """One optimiser step on the next `batch_size` examples; returns its metrics."""
     compiled_before = compiles.count()
     start = time.perf_counter()
-    rows = self.next_rows(self.local_batch)
-    # Every process pads to the same lengths: the global batch has one shape.
-    lengths = tuple(distributed.max_over_processes(n) for n in batch_lengths(rows))
-    local = make_batch(rows, self.lm.pad_id, lengths)
+    local = self._local_batch(self.next_rows(self.local_batch))
     batch = jax.tree.map(distributed.global_batch, local, self._batch_sh)
     self.key, dropout_key = jax.random.split(self.key)
     self.state, metrics = self._update(self.state, self.base, batch, dropout_key)
@@ -391,10 +427,16 @@ class SFTTrainer:
     self.iteration += 1
     tokens = distributed.all_rows(np.asarray([local.mask_bt.sum()])).sum()
     return {"iteration": self.iteration, **metrics,
-            "tokens/seq_len": int(batch.tokens_bt.shape[1]),
+            "tokens/seq_len": int(local.mask_bt.shape[-1]),
             "tokens/per_s": float(tokens) / seconds,
             "data/skipped": len(self.skipped), "time/step": seconds,
             "jit/compilations": compiles.count() - compiled_before}
+
+  def _local_batch(self, rows) -> Batch:
+    """This process's rows as host arrays, padded as every process pads them: the global batch
+    has one shape."""
+    lengths = tuple(distributed.max_over_processes(n) for n in batch_lengths(rows))
+    return make_batch(rows, self.lm.pad_id, lengths)
 
   def snapshot(self) -> checkpoint_lib.Snapshot:
     """What a checkpoint holds: the `SFTState`, the key and the data position."""

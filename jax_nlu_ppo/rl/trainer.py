@@ -22,7 +22,9 @@ from jax_nlu_ppo.rl import iteration as iteration_lib
 from jax_nlu_ppo.rl import steps as ppo_steps
 from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.model import prompts as prompt_layout
+from jax_nlu_ppo.model import sampling as sampling_lib
 from jax_nlu_ppo.rl import reward_fn
+from jax_nlu_ppo.rl import reward_model
 from jax_nlu_ppo.rl import run_loop
 from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo.nlu import tasks as tasks_lib
@@ -57,6 +59,8 @@ class PPOTrainer:
     # A reward function of the user's is imported before anything is loaded or compiled.
     self.reward_function = (reward_fn.load(config.reward.function)
                             if config.reward.function else None)
+    if config.reward.model:
+      reward_model.check_run_folder(config.reward.model)
     examples, self.train_examples = run_loop.process_rows(config, self.local_batch,
                                                           train_examples)
     if not self.train_examples:
@@ -70,6 +74,9 @@ class PPOTrainer:
                           eos_ids=self.lm.eos_ids(), pad_id=self.lm.pad_id,
                           initial_trainable=initial_trainable)
     self.graphdef, self.steps = run.graphdef, run.steps
+    self.reward_model = (reward_model.rollout_scorer(config.reward.model, self.lm, self.mesh,
+                                                     prompt_format=config.rollout.prompt_format)
+                         if config.reward.model else None)
     self.base, self.reference, self.state = run.base, run.reference, run.state
     self.key = jax.random.key(config.seed)
     self.host_rng = np.random.default_rng(config.seed)
@@ -171,7 +178,8 @@ class PPOTrainer:
     specs = [self.task_of(ex) for ex in examples]
     golds = [ex["label"] for ex in examples]
     out = iteration_lib.run(self.steps, self.base, self.reference, self.state, prompts,
-                            lambda gen: self._rewards(gen, specs, golds, examples, ids),
+                            lambda gen, local: self._rewards(prompts, gen, local, specs, golds,
+                                                             examples, ids),
                             self.key, self.host_rng, self.config)
     self.state, self.key = out.state, out.key
     self.iteration += 1
@@ -237,7 +245,7 @@ class PPOTrainer:
         "data/skipped_rows": self.skipped_rows,
         **out.update_metrics, **out.times,
     }
-    if "function" in self.last_reward_parts:
+    if len(self.last_reward_parts) > 1:
       for part, scores in self.last_reward_parts.items():
         metrics[f"env/{part}_reward_mean"] = float(distributed.all_rows(scores).mean())
     if len(self.tasks) > 1:
@@ -249,23 +257,29 @@ class PPOTrainer:
     metrics["tokens/per_s"] = float(mask_np.sum()) / out.times["time/rollout"]
     return metrics
 
-  def _rewards(self, gen, specs: Sequence[str], golds: Sequence[float],
+  def _rewards(self, prompts: prompt_layout.Prompts, gen: sampling_lib.Generation,
+               local: sampling_lib.Generation, specs: Sequence[str], golds: Sequence[float],
                examples: Sequence[dict[str, Any]], ids: Sequence[Sequence[int]]):
-    """Each row's parsed label (None: unparsed) and reward: its own task's label reward, and the
-    user's reward function's value with their weights when there is one."""
-    # Decoded once, for the text extractor and the reward function alike.
-    responses = (pretrained.decode_responses(self.tokenizer, gen, self.lm.eos_ids())
-                 if self.matchers is None or self.reward_function is not None else None)
-    preds, label_scores = self._label_rewards(gen, responses, specs, golds)
-    self.last_reward_parts = {"label": label_scores}
-    if self.reward_function is None:
-      return preds, label_scores
+    """Each of this process's rows' parsed label (None: unparsed) and reward: its own task's
+    label reward, plus the user's reward function's value and the reward model's score (of the
+    global rollout `gen`, on the mesh) with their weights when there are."""
     r = self.config.reward
-    prompts = self.tokenizer.batch_decode([list(x) for x in ids])
-    values = reward_fn.score(self.reward_function, r.function, prompts, responses, preds,
-                             examples)
-    self.last_reward_parts["function"] = values
-    return preds, (r.label_weight * label_scores + r.function_weight * values).astype(np.float32)
+    # Decoded once, for the text extractor and the reward function alike.
+    responses = (pretrained.decode_responses(self.tokenizer, local, self.lm.eos_ids())
+                 if self.matchers is None or self.reward_function is not None else None)
+    preds, label_scores = self._label_rewards(local, responses, specs, golds)
+    parts = {"label": label_scores}
+    if self.reward_function is not None:
+      prompt_texts = self.tokenizer.batch_decode([list(x) for x in ids])
+      parts["function"] = reward_fn.score(self.reward_function, r.function, prompt_texts,
+                                          responses, preds, examples)
+    if self.reward_model is not None:
+      parts["model"] = distributed.local_rows(self.reward_model(prompts, gen))
+    self.last_reward_parts = parts
+    if len(parts) == 1:
+      return preds, label_scores
+    weights = {"label": r.label_weight, "function": r.function_weight, "model": r.model_weight}
+    return preds, sum(weights[k] * v for k, v in parts.items()).astype(np.float32)
 
   def _label_rewards(self, gen, responses: Sequence[str] | None, specs: Sequence[str],
                      golds: Sequence[float]):

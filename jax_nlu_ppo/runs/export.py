@@ -2,7 +2,8 @@
 
 Two export formats:
   * merged: a plain transformers model folder (`config.json`, safetensors, generation config,
-    tokenizer) with every adapter folded into its kernel, W' = W + scale B A;
+    tokenizer) with every adapter folded into its kernel, W' = W + scale B A; a reward model's
+    is a `LlamaForSequenceClassification` (`export_reward_model`);
   * peft: `adapter_config.json` + `adapter_model.safetensors` that
     `peft.PeftModel.from_pretrained(base, folder)` applies to the unchanged base, plus our
     `value_head.safetensors` (the critic: value head and any critic adapters, in our layout) so
@@ -38,6 +39,7 @@ from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.rl import policy as policy_lib
 from jax_nlu_ppo.model import weights as weights_lib
 from jax_nlu_ppo.model.llama_config import LlamaConfig
+from jax_nlu_ppo.rl import reward_model
 from jax_nlu_ppo.runs import reader
 
 log = logging.getLogger(__name__)
@@ -75,22 +77,61 @@ def export_merged(lm, trainable, lora: lora_lib.LoraConfig | None, output: str, 
   Returns:
     The absolute path of the written folder.
   """
-  np_dtype = _np_dtype(dtype)
-  start = time.perf_counter()
   params = nnx.to_pure_dict(lm.params)
   if trainable is not None:
     params = _with_folded_adapters(params, _pure(trainable), lora)
-  tensors = weights_lib.hf_tensors(lm.config, params)
+  return _write_model(lm, weights_lib.hf_tensors(lm.config, params), lm.config.to_hf(), output,
+                      dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                      what="merged")
+
+
+def export_reward_model(lm, trainable, lora: lora_lib.LoraConfig, output: str, *,
+                        dtype: str = "float32", max_shard_size: int | str = "5GB",
+                        overwrite: bool = False) -> str:
+  """Writes a reward model (`rl/reward_model.py`) as a transformers
+  `LlamaForSequenceClassification` folder (one label): the adapters folded in as for
+  `export_merged`, no LM head, and the head's kernel as `score.weight`.
+
+  transformers scores a row at its last token that is not `pad_token_id` (the config keeps the
+  model's), which is our score's token when a row ends with its answer or with the answer and
+  EOS, and the pad token is the EOS. Arguments as for `export_merged`.
+  """
+  pure = _pure(trainable)
+  head = pure["value_head"]
+  if float(np.abs(np.asarray(jax.device_get(head["bias"])))) != 0.0:
+    raise ExportError("the reward model's head has a bias; a sequence classifier's score layer "
+                      "has none (was this trained as a reward model?)")
+  params = _with_folded_adapters(nnx.to_pure_dict(lm.params), pure, lora)
+  tensors = [t for t in weights_lib.hf_tensors(lm.config, params) if t.name != "lm_head.weight"]
+  kernel = head["kernel"]
+  tensors.append(weights_lib.HFTensor(
+      "score.weight", (1, kernel.shape[0]),
+      lambda: np.asarray(jax.device_get(kernel), np.float32)[None, :]))
+  hf = lm.config.to_hf()
+  hf |= {"architectures": [hf["architectures"][0].replace("ForCausalLM",
+                                                          "ForSequenceClassification")],
+         "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+         "problem_type": "regression"}
+  return _write_model(lm, tensors, hf, output, dtype=dtype, max_shard_size=max_shard_size,
+                      overwrite=overwrite, what="reward-model")
+
+
+def _write_model(lm, tensors: list[weights_lib.HFTensor], hf_config: dict, output: str, *,
+                 dtype: str, max_shard_size: int | str, overwrite: bool, what: str) -> str:
+  """A transformers model folder of `tensors`: weights, config, generation config, tokenizer."""
+  np_dtype = _np_dtype(dtype)
+  start = time.perf_counter()
   with _staging(output, overwrite) as folder:
     _write_sharded(folder, tensors, np_dtype, max_shard_size)
     _write_json(os.path.join(folder, "config.json"),
-                lm.config.to_hf() | {"dtype": dtype, "torch_dtype": dtype})
+                hf_config | {"dtype": dtype, "torch_dtype": dtype})
     _write_generation_config(folder, lm.config)
     if lm.tokenizer is not None:
       lm.tokenizer.save_pretrained(folder)
     else:
       log.warning("the model has no tokenizer; %s will hold weights and config only", output)
-  log.info("exported a merged %s model to %s in %.1fs", dtype, output, time.perf_counter() - start)
+  log.info("exported a %s %s model to %s in %.1fs", what, dtype, output,
+           time.perf_counter() - start)
   return os.path.abspath(output)
 
 
@@ -130,7 +171,13 @@ def export_run(run_path: str, output: str, fmt: str = "merged", dtype: str = "fl
   `fmt`, "merged" or "peft": (the folder written, the step)."""
   run = reader.load_run(run_path)
   log.info("read %s at step %d", run_path, run.step)
-  if fmt == "merged":
+  if isinstance(run.config, reward_model.RewardModelConfig):
+    if fmt != "merged":
+      raise ExportError(f"{run_path} is a reward model: it exports merged, as a sequence "
+                        "classifier (--format merged)")
+    out = export_reward_model(run.lm, run.trainable, run.config.lora, output, dtype=dtype,
+                              max_shard_size=max_shard_size, overwrite=overwrite)
+  elif fmt == "merged":
     out = export_merged(run.lm, run.trainable, run.config.lora, output, dtype=dtype,
                         max_shard_size=max_shard_size, overwrite=overwrite)
   else:

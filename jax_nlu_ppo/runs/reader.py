@@ -1,6 +1,6 @@
 """Reading a finished (or stopped) run back: its config, base model and trained adapters.
 
-A run folder is what `train` / `sft` write under `output_dir` (`checkpoints/<step>/...`); a
+A run folder is what `train` / `sft` / `reward-model` write under `output_dir` (`checkpoints/<step>/...`); a
 checkpoint is one of its step folders. Export and evaluation of a run go through `load_run`.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo.model import pretrained
+from jax_nlu_ppo.rl import reward_model
 from jax_nlu_ppo.rl import run_loop
 from jax_nlu_ppo.rl import sft
 from jax_nlu_ppo.rl import trainer as trainer_lib
@@ -25,9 +26,9 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class LoadedRun:
   """A run at one checkpoint step; `trainer` holds its state (no training data loaded)."""
-  config: Any            # TrainConfig or sft.SFTConfig, as the run resolved it
+  config: Any            # TrainConfig, SFTConfig or RewardModelConfig, as the run resolved it
   step: int
-  trainer: Any           # PPOTrainer or sft.SFTTrainer
+  trainer: Any           # PPOTrainer, SFTTrainer or RewardModelTrainer
 
   @property
   def trainable(self):
@@ -73,16 +74,19 @@ def load_run(path: str | pathlib.Path, lm: pretrained.LanguageModel | None = Non
   values = dict(run["config"])
   # Rebuilt without its output folder: reading a run must not touch it.
   values["output_dir"] = None
-  is_sft = "ppo" not in values
-  cls = sft.SFTConfig if is_sft else config_lib.TrainConfig
+  if reward_model.is_reward_model_config(values):
+    cls, trainer_cls = reward_model.RewardModelConfig, reward_model.RewardModelTrainer
+  elif "ppo" in values:
+    cls, trainer_cls = config_lib.TrainConfig, trainer_lib.PPOTrainer
+  else:
+    cls, trainer_cls = sft.SFTConfig, sft.SFTTrainer
   config = config_lib.from_dict(cls, values)
   if lm is None:
     lm = pretrained.load_pretrained(config.model.name, config.model.dtype,
                                     config.model.gguf_file, kernels=config.model.kernels)
   # A placeholder row: the trainers want training data, and reading a run needs none.
   placeholder = [{"label": 0}]
-  trainer = (sft.SFTTrainer if is_sft else trainer_lib.PPOTrainer)(
-      config, lm=lm, train_examples=placeholder)
+  trainer = trainer_cls(config, lm=lm, train_examples=placeholder)
   checkpointer = checkpoint_lib.Checkpointer(directory, config.checkpoint,
                                              run_loop.run_description(config, lm))
   try:

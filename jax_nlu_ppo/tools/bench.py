@@ -128,7 +128,7 @@ def bench_ours(lm: pretrained.LanguageModel, w: Workload, iterations: int,
   _, prompts = prompt_layout.lay_out(rows, lm.pad_id, share=w.shared_prefix,
                                      sort=w.sort_by_length)
   scores_b = np.random.default_rng(0).choice([-1.0, 1.0], w.batch).astype(np.float32)
-  reward = lambda generation: ([None] * w.batch, scores_b)
+  reward = lambda generation, local: ([None] * w.batch, scores_b)
   host_rng, key = np.random.default_rng(0), jax.random.key(0)
   calls = {}    # with `profile`: each step's last arguments (as shapes), for its program text
   steps = _recording(run.steps, calls) if profile else run.steps
