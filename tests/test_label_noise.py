@@ -79,3 +79,27 @@ def test_noise_is_refused_where_it_has_no_meaning():
     data.DataConfig(task="stsb", label_noise=0.2)
   with pytest.raises(config_lib.ConfigError, match="eval_data.label_noise must be 0"):
     config_lib.load_config(None, ["eval_data.task=sst2", "eval_data.label_noise=0.1"])
+
+
+def test_a_reward_model_trains_on_the_same_flipped_rows(tmp_path):
+  from jax_nlu_ppo.rl import reward_model, run_loop
+  path = _file(tmp_path, "sst2", [0, 1] * 20)
+  noise = {"label_noise": 0.4, "label_noise_seed": 3}
+  config = reward_model.RewardModelConfig(
+      data=data.DataConfig(task="sst2", source="file", path=path, **noise))
+  rows, _ = run_loop.process_rows(config, 4)
+  np.testing.assert_array_equal([r["label"] for r in rows], _labels(path, "sst2", **noise)[0])
+  assert sum(r["label"] != i % 2 for i, r in enumerate(rows)) == 16
+
+
+def test_offset_holds_out_the_rows_a_limit_read(tmp_path):
+  path = _file(tmp_path, "sst2", [0, 1] * 20)
+  read = lambda **cut: list(data.load(data.DataConfig(task="sst2", source="file", path=path,
+                                                      shuffle_seed=5, **cut))[0]["idx"])
+  every = read()
+  assert read(limit=12) == every[:12]
+  assert read(offset=12) == every[12:]
+  assert read(offset=12, limit=5) == every[12:17]
+  assert read(offset=40) == []
+  with pytest.raises(ValueError, match="data.offset must be"):
+    data.DataConfig(task="sst2", offset=-1)

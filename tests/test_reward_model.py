@@ -211,7 +211,7 @@ def test_reward_model_errors_name_the_folder_before_loading(tiny, rm_run, tmp_pa
   from jax_nlu_ppo.rl import sft
   sft.SFTTrainer(sft.SFTConfig(lora=LORA, batch_size=4, steps=1, output_dir=str(sft_run)),
                  lm=lm, train_examples=EXAMPLES).train()
-  with pytest.raises(ValueError, match="is a SFTConfig run, not a reward model"):
+  with pytest.raises(ValueError, match="is a SFT run, not a reward model"):
     ppo_trainer(lm, model=str(sft_run), label_weight=0)
   with pytest.raises(ValueError, match="trained on prompt_format 'chat'"):
     from jax_nlu_ppo.nlu import answer

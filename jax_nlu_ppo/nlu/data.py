@@ -308,7 +308,8 @@ def subset(ds: datasets.Dataset, *, shuffle_seed: int | None = None, offset: int
     ds = ds.shuffle(seed=shuffle_seed)
   if offset or limit is not None:
     end = len(ds) if limit is None else min(offset + limit, len(ds))
-    ds = ds.select(range(min(offset, len(ds)), end))
+    rows = range(min(offset, end), end)
+    ds = ds.select(rows if rows else [])    # datasets refuses an empty range past its end
   if num_shards > 1:
     ds = ds.shard(num_shards=num_shards, index=shard_index, contiguous=True)
   return ds

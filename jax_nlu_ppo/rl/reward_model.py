@@ -37,6 +37,7 @@ from jax_nlu_ppo.model import sampling as sampling_lib
 from jax_nlu_ppo.nlu import evaluate as evaluate_lib
 from jax_nlu_ppo.nlu import tasks as tasks_lib
 from jax_nlu_ppo.rl import policy as policy_lib
+from jax_nlu_ppo.rl import run_loop
 from jax_nlu_ppo.rl import sft
 
 Array = jax.Array
@@ -334,18 +335,18 @@ def rollout_scorer(path: str, lm: pretrained.LanguageModel, mesh: sharding_lib.L
                    prompt_format: str) -> RolloutScorer:
   """The reward model of run folder `path` (its latest good step) on `mesh`, for a policy of
   `lm` (the base it was trained on) whose prompts are written in `prompt_format`."""
-  from jax_nlu_ppo.runs import reader   # reader imports the trainers, this module among them
-  run = reader.load_run(path, lm=lm)
-  if not isinstance(run.config, RewardModelConfig):
-    raise ValueError(f"reward.model {path} is a {type(run.config).__name__} run, not a reward "
-                     "model (train one with `jax-nlu-ppo reward-model`)")
-  if run.config.prompt_format != prompt_format:
+  saved = run_loop.saved_run(path)
+  if not is_reward_model_config(saved.config):
+    kind = "PPO" if "ppo" in saved.config else "SFT"
+    raise ValueError(f"reward.model {path} is a {kind} run, not a reward model (train one "
+                     "with `jax-nlu-ppo reward-model`)")
+  if saved.config.get("prompt_format") != prompt_format:
     raise ValueError(f"reward.model {path} was trained on prompt_format "
-                     f"{run.config.prompt_format!r}, but rollout.prompt_format is "
+                     f"{saved.config.get('prompt_format')!r}, but rollout.prompt_format is "
                      f"{prompt_format!r}: it would score prompts it has never seen")
-  config = run.config
-  trained = jax.device_get(run.trainable)
-  del run     # its optimiser state and trainer
+  trainer, _ = run_loop.restore_saved(saved, RewardModelConfig, RewardModelTrainer, lm)
+  config, trained = trainer.config, jax.device_get(trainer.state.trainable)
+  del trainer     # its optimiser state
   graphdef, trainable, base = policy_lib.policy_split(
       lm.graphdef, lm.params, config.lora, value_dropout=0.0, seed=0, initial_trainable=trained)
   base_sh, trainable_sh, rows = mesh.tree(base), mesh.tree(trainable), mesh.batch(2)

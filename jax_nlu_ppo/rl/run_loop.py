@@ -3,6 +3,7 @@ checkpoints and stop signals, and the adapted model out for generation, evaluati
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ from typing import Any, Callable, Protocol, Sequence
 import jax
 import tensorboardX
 import yaml
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -133,6 +135,67 @@ def truncate_jsonl(path: pathlib.Path, iteration: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(keep))
     os.replace(tmp, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+  """A run folder's checkpoints as `saved_run` found them: where, which step (None: the latest
+  good one), and the config the run resolved (a dict)."""
+  directory: pathlib.Path
+  step: int | None
+  config: dict[str, Any]
+
+
+def saved_run(path: str | pathlib.Path) -> SavedRun:
+  """The run at `path`: a run folder (with checkpoints/) or one of its step folders
+  (RUN/checkpoints/<step>); its config is read from the newest complete step."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise checkpoint_lib.CheckpointReadError(f"{path} does not exist")
+  if (path / "checkpoints").is_dir():
+    directory, step = path / "checkpoints", None
+  elif path.name.isdigit() and path.parent.name == "checkpoints":
+    directory, step = path.parent, int(path.name)
+  else:
+    raise checkpoint_lib.CheckpointReadError(
+        f"{path} is neither a run folder (with checkpoints/) nor a checkpoint step folder "
+        "(RUN/checkpoints/<step>)")
+  manager = ocp.CheckpointManager(directory.absolute(),
+                                  item_handlers={"run": ocp.JsonCheckpointHandler()})
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise checkpoint_lib.CheckpointReadError(f"{directory} holds no complete checkpoint step")
+  if step is not None and step not in steps:
+    raise checkpoint_lib.CheckpointReadError(
+        f"{path}: no complete step {step} (complete steps: {steps})")
+  run = manager.restore(step if step is not None else steps[-1],
+                        args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+  manager.close()
+  return SavedRun(directory, step, dict(run["config"]))
+
+
+def restore_saved(saved: SavedRun, config_cls, trainer_cls,
+                  lm: pretrained.LanguageModel | None = None) -> tuple[Any, int]:
+  """(a `trainer_cls` at the saved step, that step). The base is loaded as the run's config
+  names it unless `lm` is given; the checkpoint's description of the base must match it (else
+  `CheckpointMismatchError`). The trainer has no training data and no output folder: reading a
+  run must not touch it."""
+  config = config_lib.from_dict(config_cls, {**saved.config, "output_dir": None})
+  if lm is None:
+    lm = pretrained.load_pretrained(config.model.name, config.model.dtype,
+                                    config.model.gguf_file, kernels=config.model.kernels)
+  trainer = trainer_cls(config, lm=lm, train_examples=[{"label": 0}])   # a placeholder row
+  checkpointer = checkpoint_lib.Checkpointer(saved.directory, config.checkpoint,
+                                             run_description(config, lm))
+  try:
+    if saved.step is None:
+      restored = checkpointer.restore_latest(trainer.snapshot())
+    else:
+      restored = checkpointer.restore(saved.step, trainer.snapshot())
+  finally:
+    checkpointer.close()
+  trainer.load_snapshot(restored.snapshot)
+  return trainer, restored.step
 
 
 class StopSignal:

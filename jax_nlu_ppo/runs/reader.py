@@ -1,7 +1,8 @@
 """Reading a finished (or stopped) run back: its config, base model and trained adapters.
 
-A run folder is what `train` / `sft` / `reward-model` write under `output_dir` (`checkpoints/<step>/...`); a
-checkpoint is one of its step folders. Export and evaluation of a run go through `load_run`.
+A run folder is what `train`, `sft` and `reward-model` write under `output_dir`
+(`checkpoints/<step>/...`); a checkpoint is one of its step folders. Export and evaluation of a
+run go through `load_run`.
 """
 from __future__ import annotations
 
@@ -10,9 +11,6 @@ import logging
 import pathlib
 from typing import Any
 
-import orbax.checkpoint as ocp
-
-from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.rl import reward_model
@@ -39,65 +37,21 @@ class LoadedRun:
     return self.trainer.lm
 
 
-def _locate(path: pathlib.Path) -> tuple[pathlib.Path, int | None]:
-  """(the run's checkpoints folder, a step or None for the latest)."""
-  if (path / "checkpoints").is_dir():
-    return path / "checkpoints", None
-  if path.name.isdigit() and path.parent.name == "checkpoints":
-    return path.parent, int(path.name)
-  raise checkpoint_lib.CheckpointReadError(
-      f"{path} is neither a run folder (with checkpoints/) nor a checkpoint step folder "
-      "(RUN/checkpoints/<step>)")
-
-
 def load_run(path: str | pathlib.Path, lm: pretrained.LanguageModel | None = None) -> LoadedRun:
   """The run at `path` (a run folder: its latest good step; or a step folder), with its base.
 
   The base is loaded as the run's config names it unless `lm` is given; the checkpoint's
   description of the base must match it (else `CheckpointMismatchError`).
   """
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise checkpoint_lib.CheckpointReadError(f"{path} does not exist")
-  directory, step = _locate(path)
-  manager = ocp.CheckpointManager(directory.absolute(),
-                                  item_handlers={"run": ocp.JsonCheckpointHandler()})
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise checkpoint_lib.CheckpointReadError(f"{directory} holds no complete checkpoint step")
-  if step is not None and step not in steps:
-    raise checkpoint_lib.CheckpointReadError(
-        f"{path}: no complete step {step} (complete steps: {steps})")
-  run = manager.restore(step if step is not None else steps[-1],
-                        args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
-  manager.close()
-  values = dict(run["config"])
-  # Rebuilt without its output folder: reading a run must not touch it.
-  values["output_dir"] = None
-  if reward_model.is_reward_model_config(values):
+  saved = run_loop.saved_run(path)
+  if reward_model.is_reward_model_config(saved.config):
     cls, trainer_cls = reward_model.RewardModelConfig, reward_model.RewardModelTrainer
-  elif "ppo" in values:
+  elif "ppo" in saved.config:
     cls, trainer_cls = config_lib.TrainConfig, trainer_lib.PPOTrainer
   else:
     cls, trainer_cls = sft.SFTConfig, sft.SFTTrainer
-  config = config_lib.from_dict(cls, values)
-  if lm is None:
-    lm = pretrained.load_pretrained(config.model.name, config.model.dtype,
-                                    config.model.gguf_file, kernels=config.model.kernels)
-  # A placeholder row: the trainers want training data, and reading a run needs none.
-  placeholder = [{"label": 0}]
-  trainer = trainer_cls(config, lm=lm, train_examples=placeholder)
-  checkpointer = checkpoint_lib.Checkpointer(directory, config.checkpoint,
-                                             run_loop.run_description(config, lm))
-  try:
-    if step is None:
-      restored = checkpointer.restore_latest(trainer.snapshot())
-    else:
-      restored = checkpointer.restore(step, trainer.snapshot())
-  finally:
-    checkpointer.close()
-  trainer.load_snapshot(restored.snapshot)
-  return LoadedRun(config, restored.step, trainer)
+  trainer, step = run_loop.restore_saved(saved, cls, trainer_cls, lm)
+  return LoadedRun(trainer.config, step, trainer)
 
 
 def load_model(path: str, dtype: str = "float32", gguf_file: str | None = None,
