@@ -14,7 +14,7 @@ from flax import nnx
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo.rl import reward_model as rm
 from jax_nlu_ppo.runs import export, reader
-from tests.test_sft import EXAMPLES, LORA, RTE, TOO_LONG, UNLABELLED, tiny  # noqa: F401
+from tests.test_sft import EXAMPLES, LORA, ROOT, RTE, TOO_LONG, UNLABELLED, tiny  # noqa: F401
 
 
 def make_trainer(lm, examples=EXAMPLES, **overrides):
@@ -222,3 +222,13 @@ def test_reward_model_errors_name_the_folder_before_loading(tiny, rm_run, tmp_pa
         rollout=config_lib.RolloutConfig(batch_size=4, prompt_format="paper"),
         reward=answer.RewardConfig(model=str(rm_run)))
     trainer_lib.PPOTrainer(config, lm=lm, train_examples=EXAMPLES)
+
+
+def test_command_reports_a_bad_config_in_one_line(capsys):
+  from jax_nlu_ppo import cli
+  code = cli.main(["reward-model", "--config", str(ROOT / "configs/reward_model/sst2_cpu.yaml"),
+                   "--set", "loss=hinge", "--compile-cache", "off"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1
+  assert err[0].startswith("jax-nlu-ppo reward-model: error: ")
+  assert "sst2_cpu.yaml: loss must be one of bradley_terry, pointwise, got 'hinge'" in err[0]
