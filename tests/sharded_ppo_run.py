@@ -6,8 +6,10 @@ own (the device count is fixed when JAX starts):
 For each mesh (and one device as the reference) it saves the metrics, the trained adapters and
 value head, and the partition spec of a few arrays, for `test_sharding` to compare.
 """
+import dataclasses
 import os
 import sys
+import tempfile
 
 if "device_count" not in os.environ.get("XLA_FLAGS", ""):   # multihost_run sets its own
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -137,6 +139,33 @@ def run_sft(name: str, mesh: dict | None, lm) -> dict[str, np.ndarray]:
   return out
 
 
+def run_reward_model(name: str, mesh: dict | None, lm, folder: str) -> dict[str, np.ndarray]:
+  """Two reward-model steps, its held-out scores, then a PPO iteration rewarded by it alone."""
+  from jax_nlu_ppo.rl import reward_model
+  devices = jax.devices()[:1] if mesh is None else jax.devices()
+  mesh_config = sharding.MeshConfig(**(mesh or dict(fsdp=1)))
+  config = reward_model.RewardModelConfig(
+      lora=lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1), batch_size=16,
+      gradient_accumulation_steps=2, steps=2, mesh=mesh_config,
+      output_dir=os.path.join(folder, name))
+  trainer = reward_model.RewardModelTrainer(
+      config, lm=lm, train_examples=EXAMPLES,
+      mesh=sharding.LogicalMesh.create(config.mesh, devices))
+  history = trainer.train()
+  out = {f"rm_{name}/metric/rm/loss": np.asarray([m["rm/loss"] for m in history]),
+         f"rm_{name}/metric/scores": trainer.scores([trainer.encode(i) for i in range(13)])}
+  ppo_config = dataclasses.replace(make_config(mesh, steps=1), reward=answer.RewardConfig(
+      lenient=True, label_weight=0.0, model=config.output_dir))
+  ppo_trainer = trainer_lib.PPOTrainer(ppo_config, lm=lm, train_examples=EXAMPLES,
+                                       mesh=sharding.LogicalMesh.create(ppo_config.mesh, devices))
+  ppo_trainer.step()
+  out[f"rm_{name}/metric/ppo_rewards"] = np.asarray(ppo_trainer.last_rows[3])
+  out[f"rm_{name}/spec/scorer_lora_a"] = np.asarray(spec(
+      ppo_trainer.reward_model.trainable["llama"]["layers"]["self_attn"]["q_proj"]["adapter"]
+      ["a"]))
+  return out
+
+
 def main(argv) -> int:
   # The layout runs sort their rows in 8 blocks, as the 8-way meshes do by themselves, so that
   # all see the same rows in the same order (the 4-way meshes hold two blocks a shard).
@@ -150,6 +179,9 @@ def main(argv) -> int:
     results |= run_layout(f"layout_{name}", MESHES[name], lm)
   for name in ("one_device", "data2_fsdp2_tensor2"):
     results |= run_sft(name, MESHES[name], lm)
+  with tempfile.TemporaryDirectory() as folder:
+    for name in ("one_device", "data2_fsdp2_tensor2"):
+      results |= run_reward_model(name, MESHES[name], lm, folder)
   np.savez(argv[1], **results)
   return 0
 

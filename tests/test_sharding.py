@@ -218,6 +218,18 @@ def test_sft_steps_on_a_mesh_match_one_device(sharded_runs):
   assert str(sharded_runs["sft_data2_fsdp2_tensor2/spec/lora_a"]) == str((None, "fsdp"))
 
 
+def test_reward_model_on_a_mesh_matches_one_device(sharded_runs):
+  """Its training steps, held-out scores, and the rewards its scorer gives PPO's rollouts."""
+  want = _group(sharded_runs, "rm_one_device", "metric")
+  got = _group(sharded_runs, "rm_data2_fsdp2_tensor2", "metric")
+  assert want.keys() == {"rm/loss", "scores", "ppo_rewards"} == got.keys()
+  assert np.ptp(want["ppo_rewards"]) > 0
+  for name, value in want.items():
+    np.testing.assert_allclose(got[name], value, rtol=1e-5,
+                               atol=1e-5 * float(np.abs(value).max()), err_msg=name)
+  assert str(sharded_runs["rm_data2_fsdp2_tensor2/spec/scorer_lora_a"]) == str((None, "fsdp"))
+
+
 @pytest.mark.parametrize("mesh", MESHES)
 def test_arrays_are_sharded_as_the_rules_say(sharded_runs, mesh):
   specs = {k: str(v) for k, v in _group(sharded_runs, mesh, "spec").items()}

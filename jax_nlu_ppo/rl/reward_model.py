@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from jax_nlu_ppo import config as config_lib
+from jax_nlu_ppo import distributed
 from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.model import prompts as prompts_lib
@@ -230,7 +231,6 @@ class RewardModelTrainer(sft.SFTTrainer):
     return len(ids[0]) + max(len(answer) for answer in ids[1])
 
   def _local_batch(self, rows) -> Candidates:
-    from jax_nlu_ppo import distributed
     lengths = tuple(distributed.max_over_processes(n) for n in candidate_lengths(rows))
     return make_candidates(rows, self.lm.pad_id, lengths)
 
@@ -344,7 +344,7 @@ def rollout_scorer(path: str, lm: pretrained.LanguageModel, mesh: sharding_lib.L
     raise ValueError(f"reward.model {path} was trained on prompt_format "
                      f"{saved.config.get('prompt_format')!r}, but rollout.prompt_format is "
                      f"{prompt_format!r}: it would score prompts it has never seen")
-  trainer, _ = run_loop.restore_saved(saved, RewardModelConfig, RewardModelTrainer, lm)
+  trainer, _ = run_loop.restore_saved(saved, RewardModelConfig, RewardModelTrainer, lm, mesh)
   config, trained = trainer.config, jax.device_get(trainer.state.trainable)
   del trainer     # its optimiser state
   graphdef, trainable, base = policy_lib.policy_split(

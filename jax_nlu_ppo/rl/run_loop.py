@@ -175,16 +175,18 @@ def saved_run(path: str | pathlib.Path) -> SavedRun:
 
 
 def restore_saved(saved: SavedRun, config_cls, trainer_cls,
-                  lm: pretrained.LanguageModel | None = None) -> tuple[Any, int]:
-  """(a `trainer_cls` at the saved step, that step). The base is loaded as the run's config
-  names it unless `lm` is given; the checkpoint's description of the base must match it (else
-  `CheckpointMismatchError`). The trainer has no training data and no output folder: reading a
-  run must not touch it."""
+                  lm: pretrained.LanguageModel | None = None,
+                  mesh: sharding_lib.LogicalMesh | None = None) -> tuple[Any, int]:
+  """(a `trainer_cls` at the saved step, on `mesh` (default: the one its config builds), that
+  step). The base is loaded as the run's config names it unless `lm` is given; the checkpoint's
+  description of the base must match it (else `CheckpointMismatchError`). The trainer has no
+  training data and no output folder: reading a run must not touch it."""
   config = config_lib.from_dict(config_cls, {**saved.config, "output_dir": None})
   if lm is None:
     lm = pretrained.load_pretrained(config.model.name, config.model.dtype,
                                     config.model.gguf_file, kernels=config.model.kernels)
-  trainer = trainer_cls(config, lm=lm, train_examples=[{"label": 0}])   # a placeholder row
+  trainer = trainer_cls(config, lm=lm, train_examples=[{"label": 0}],   # a placeholder row
+                        mesh=mesh)
   checkpointer = checkpoint_lib.Checkpointer(saved.directory, config.checkpoint,
                                              run_description(config, lm))
   try:
