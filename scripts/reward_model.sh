@@ -5,8 +5,10 @@
 # the embedded model, for each seed: a reward model trained on 480 labelled training rows
 # (configs/reward_model/sst2_cpu.yaml, its ranking scored on the 872-row dev set), then PPO on 480
 # prompts of the training rows after those (configs/demo/sst2_cpu_reward_model.yaml, labels left
-# out of the reward), evaluated as docs/results.md's SST-2 PPO cells (200 dev examples), the
-# gold-label side of the table. Runs whose last evaluation exists are skipped, so an interrupted
+# out of the reward), then the same PPO with the answer format rewarded too (reward_fn's
+# answer_format: -3 for an answer no label is read from, still no labels), evaluated as
+# docs/results.md's SST-2 PPO cells (200 dev examples); gold-label PPO is the other side of the
+# table. Runs whose last evaluation exists are skipped, so an interrupted
 # sweep continues; then the table.
 #
 # Environment: OUT [runs/reward_model]  SEEDS ["0 1"]  GOLD [runs/label_noise/noise_0]: the
@@ -40,6 +42,12 @@ for seed in $SEEDS; do
   finished "$ppo_dir" || timed ppo_reward_model "$seed" "$ppo_dir" \
       jax-nlu-ppo train --config configs/demo/sst2_cpu_reward_model.yaml \
       --set seed="$seed" reward.model="$rm_dir" --output-dir "$ppo_dir"
+  # The same, with the answer format rewarded too (no labels): -3 for an unparsed answer.
+  format_dir="$OUT/ppo_rm_format_seed$seed"
+  finished "$format_dir" || timed ppo_reward_model_format "$seed" "$format_dir" \
+      jax-nlu-ppo train --config configs/demo/sst2_cpu_reward_model.yaml \
+      --set seed="$seed" reward.model="$rm_dir" \
+      reward.function=jax_nlu_ppo.rl.reward_fn:answer_format --output-dir "$format_dir"
 done
 
 python - "$OUT" "$GOLD" <<'PYEOF'
@@ -49,19 +57,23 @@ last = lambda run: json.load(open(sorted((run / "eval").glob("step_*.json"))[-1]
 def cell(values):
   return (f"{statistics.mean(values):.3f} ({min(values):.3f}..{max(values):.3f})"
           if len(values) > 1 else f"{values[0]:.3f}") if values else "-"
-rms = [last(r) for r in sorted(out.glob("rm_seed*")) if (r / "done").exists()]
-rm_ppo = [last(r)["accuracy"] for r in sorted(out.glob("ppo_rm_seed*")) if (r / "done").exists()]
-gold_ppo = [last(r)["accuracy"] for r in sorted(gold.glob("ppo_seed*"))
-            if list((r / "eval").glob("step_*.json"))]
-# The reward model as a classifier on the 200 dev rows PPO is scored on.
-subset = {p["idx"] for p in last(sorted(out.glob("ppo_rm_seed*"))[0])["predictions"]} if rm_ppo else set()
+done = lambda folder, pattern: [last(r) for r in sorted(folder.glob(pattern))
+                                if (r / "done").exists()]
+acc = lambda runs: cell([r["accuracy"] for r in runs])
+unparsed = lambda runs: cell([r["unparsed_rate"] for r in runs])
+rms, gold_ppo = done(out, "rm_seed*"), done(gold, "ppo_seed*")
+rm_ppo, rm_format_ppo = done(out, "ppo_rm_seed*"), done(out, "ppo_rm_format_seed*")
+# The reward models as classifiers on the 200 dev rows PPO is scored on.
+subset = {p["idx"] for p in (rm_ppo or gold_ppo or [{"predictions": []}])[0]["predictions"]}
 rm_200 = [statistics.mean(p["prediction"] == p["label"] for p in r["predictions"]
                           if p["idx"] in subset) for r in rms] if subset else []
-print("| reward | labelled rows | reward model: dev acc (872) / AUC / acc on PPO's 200 | "
-      "PPO dev accuracy (200) | seeds |")
+print(f"Reward models ({len(rms)} seeds): dev accuracy (872 rows) {acc(rms)}, AUC "
+      f"{cell([r['auc'] for r in rms])}, accuracy on PPO's 200 dev rows {cell(rm_200)}\n")
+print("| PPO reward | labels used | PPO dev accuracy (200) | unparsed | seeds |")
 print("|---|---|---|---|---|")
-print(f"| gold label | 480 (every prompt's) | - | {cell(gold_ppo)} | {len(gold_ppo)} |")
-print(f"| reward model | 480 (the reward model's; PPO's 480 prompts unlabelled) | "
-      f"{cell([r['accuracy'] for r in rms])} / {cell([r['auc'] for r in rms])} / {cell(rm_200)} | "
-      f"{cell(rm_ppo)} | {len(rm_ppo)} |")
+for name, labels, runs in [
+    ("gold label", "480, every prompt's", gold_ppo),
+    ("reward model", "480, the reward model's (PPO's prompts: none)", rm_ppo),
+    ("reward model + answer format", "the same", rm_format_ppo)]:
+  print(f"| {name} | {labels} | {acc(runs)} | {unparsed(runs)} | {len(runs)} |")
 PYEOF

@@ -140,3 +140,10 @@ def test_a_failing_function_stops_the_run_and_keeps_what_was_saved(functions_fil
                          checkpoint=every_step)
   assert resumed.iteration == 1
   assert [m["iteration"] for m in resumed.train(steps=1)] == [2]
+
+
+def test_the_shipped_format_reward_reads_only_whether_a_label_was_parsed():
+  fn = reward_fn.load("jax_nlu_ppo.rl.reward_fn:answer_format")
+  values = reward_fn.score(fn, "answer_format", ["p"] * 3, [" Positive", " Negative or", ""],
+                           [1, None, 0], [{"label": 0}] * 3)
+  np.testing.assert_array_equal(values, np.float32([0, -3, 0]))

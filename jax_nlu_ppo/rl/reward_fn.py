@@ -94,3 +94,13 @@ def _name(row: dict[str, Any]) -> str:
   """A data row as a user finds it again: its task and `idx`."""
   parts = [f"{k} {row[k]}" for k in ("task", "idx") if k in row]
   return ", ".join(parts) or "a row without idx"
+
+
+def answer_format(prompts: Sequence[str], responses: Sequence[str],
+                  labels: Sequence[Any], rows: Sequence[dict[str, Any]]) -> list[float]:
+  """0 for an answer the task's extractor reads a label from, -3 (the label reward's `unparsed`
+  default) for one it does not: the answer format rewarded without gold labels, beside a reward
+  model that has only seen well-formed answers (`reward.function:
+  jax_nlu_ppo.rl.reward_fn:answer_format`)."""
+  del prompts, responses, rows
+  return [0.0 if label is not None else -3.0 for label in labels]
