@@ -148,6 +148,10 @@ def test_learns_to_rank_the_gold_answer_and_reads_back(tiny, tmp_path):
   assert after.metrics["pairwise_accuracy"] == 1.0 > before.metrics["pairwise_accuracy"]
   assert after.metrics["count"] == len(EXAMPLES) and after.skipped[0]["why"] == "unlabelled"
   assert trainer.skipped == {len(EXAMPLES), len(EXAMPLES) + 1}
+  from jax_nlu_ppo.tools import report
+  reported = report.read_run(out)
+  assert reported.label == "rm_run (reward_model, sst2)"
+  assert reported.metrics() == ["rm/loss", "rm/accuracy", "rm/margin"]
   # Read back as a reward model, at its last step, scoring as the trainer did.
   run = reader.load_run(out, lm=lm)
   assert isinstance(run.trainer, rm.RewardModelTrainer) and run.step == 24

@@ -68,11 +68,6 @@ class RewardModelConfig(sft.SFTConfig):
                                    "needs a wrong answer to rank below the gold one")
 
 
-def is_reward_model_config(values: dict[str, Any]) -> bool:
-  """Whether a run's saved config (a dict) is a reward model's."""
-  return "loss" in values and "ppo" not in values
-
-
 # ----------------------------------------------------------------------------------------------
 # Examples -> candidate answers -> batches
 # ----------------------------------------------------------------------------------------------
@@ -336,10 +331,10 @@ def rollout_scorer(path: str, lm: pretrained.LanguageModel, mesh: sharding_lib.L
   """The reward model of run folder `path` (its latest good step) on `mesh`, for a policy of
   `lm` (the base it was trained on) whose prompts are written in `prompt_format`."""
   saved = run_loop.saved_run(path)
-  if not is_reward_model_config(saved.config):
-    kind = "PPO" if "ppo" in saved.config else "SFT"
-    raise ValueError(f"reward.model {path} is a {kind} run, not a reward model (train one "
-                     "with `jax-nlu-ppo reward-model`)")
+  kind = run_loop.run_kind(saved.config)
+  if kind != "reward_model":
+    raise ValueError(f"reward.model {path} is a {kind.upper()} run, not a reward model (train "
+                     "one with `jax-nlu-ppo reward-model`)")
   if saved.config.get("prompt_format") != prompt_format:
     raise ValueError(f"reward.model {path} was trained on prompt_format "
                      f"{saved.config.get('prompt_format')!r}, but rollout.prompt_format is "

@@ -137,6 +137,14 @@ def truncate_jsonl(path: pathlib.Path, iteration: int) -> None:
     os.replace(tmp, path)
 
 
+def run_kind(config: dict[str, Any]) -> str:
+  """"ppo", "sft" or "reward_model": which trainer wrote a run, from its saved config (only
+  TrainConfig has `ppo`, only RewardModelConfig a `loss`)."""
+  if "ppo" in config:
+    return "ppo"
+  return "reward_model" if "loss" in config else "sft"
+
+
 @dataclasses.dataclass(frozen=True)
 class SavedRun:
   """A run folder's checkpoints as `saved_run` found them: where, which step (None: the latest

@@ -44,12 +44,11 @@ def load_run(path: str | pathlib.Path, lm: pretrained.LanguageModel | None = Non
   description of the base must match it (else `CheckpointMismatchError`).
   """
   saved = run_loop.saved_run(path)
-  if reward_model.is_reward_model_config(saved.config):
-    cls, trainer_cls = reward_model.RewardModelConfig, reward_model.RewardModelTrainer
-  elif "ppo" in saved.config:
-    cls, trainer_cls = config_lib.TrainConfig, trainer_lib.PPOTrainer
-  else:
-    cls, trainer_cls = sft.SFTConfig, sft.SFTTrainer
+  cls, trainer_cls = {
+      "ppo": (config_lib.TrainConfig, trainer_lib.PPOTrainer),
+      "sft": (sft.SFTConfig, sft.SFTTrainer),
+      "reward_model": (reward_model.RewardModelConfig, reward_model.RewardModelTrainer),
+  }[run_loop.run_kind(saved.config)]
   trainer, step = run_loop.restore_saved(saved, cls, trainer_cls, lm)
   return LoadedRun(trainer.config, step, trainer)
 

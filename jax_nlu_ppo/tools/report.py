@@ -23,11 +23,11 @@ from jax_nlu_ppo.rl import run_loop
 
 log = logging.getLogger(__name__)
 
-# What the PPO step (trainer.py, ppo.py) and the SFT step (sft.py) log that tells how training
-# went, in panel order; a run shows the ones it has.
+# What the PPO step (trainer.py, ppo.py), the SFT step (sft.py) and the reward model's step
+# (reward_model.py) log that tells how training went, in panel order; a run shows the ones it has.
 METRICS = ("env/reward_mean", "env/accuracy", "env/unparsed_rate", "objective/kl",
            "objective/kl_coef", "objective/entropy", "loss/value", "policy/clipfrac",
-           "val/clipfrac", "sft/loss")
+           "val/clipfrac", "sft/loss", "rm/loss", "rm/accuracy", "rm/margin")
 # Steps averaged for a run's "first" and "last" values: one step alone is noisy.
 WINDOW = 5
 PLOT_FILE, REPORT_FILE = "metrics.png", "report.md"
@@ -66,7 +66,8 @@ def read_run(path: str | pathlib.Path) -> Run:
     raise ReportError(f"{folder}: no such run folder")
   metrics_path = folder / run_loop.METRICS_FILE
   if not metrics_path.is_file():
-    raise ReportError(f"{folder}: no {run_loop.METRICS_FILE} (is it a train or sft output_dir?)")
+    raise ReportError(f"{folder}: no {run_loop.METRICS_FILE} (is it the output_dir of train, sft "
+                      "or reward-model?)")
   lines = []
   for number, text in enumerate(metrics_path.read_text().splitlines(), start=1):
     if not text.strip():
@@ -93,8 +94,7 @@ def _label(folder: pathlib.Path) -> str:
   except yaml.YAMLError:
     log.warning("%s: not valid YAML; labelling the run by its folder", config_path)
     return folder.name
-  # Only PPO configs have a `ppo` section (config.TrainConfig vs sft.SFTConfig).
-  kind = "ppo" if "ppo" in config else "sft"
+  kind = run_loop.run_kind(config)
   tasks = [c.get("task") for c in config.get("mixture") or []] or [
       (config.get("data") or {}).get("task")]
   return f"{folder.name} ({kind}, {'+'.join(str(t) for t in tasks if t)})"
