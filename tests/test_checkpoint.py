@@ -221,13 +221,19 @@ def test_keep_last_k_and_the_best(tmp_path, mode, async_save):
   checkpointer.close()
 
 
-def test_sft_resumes_exactly(tmp_path, lm):
+@pytest.mark.parametrize("kind", ["sft", "reward_model"])
+def test_sft_and_reward_model_resume_exactly(tmp_path, lm, kind):
+  from jax_nlu_ppo.rl import reward_model
+  config_cls, trainer_cls = {
+      "sft": (sft.SFTConfig, sft.SFTTrainer),
+      "reward_model": (reward_model.RewardModelConfig, reward_model.RewardModelTrainer)}[kind]
+
   def trainer(output_dir):
-    config = sft.SFTConfig(
+    config = config_cls(
         lora=lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=("q_proj", "v_proj")),
         batch_size=2, steps=4, output_dir=str(output_dir),
         checkpoint=checkpoint_lib.CheckpointConfig(every_steps=2))
-    return sft.SFTTrainer(config, lm=lm, train_examples=checkpoint_run.EXAMPLES)
+    return trainer_cls(config, lm=lm, train_examples=checkpoint_run.EXAMPLES)
 
   whole = trainer(tmp_path / "whole")
   whole.train()
