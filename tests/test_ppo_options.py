@@ -147,12 +147,13 @@ def test_paper_preset_is_exact():
 
 
 def test_every_shipped_config_loads():
-  from jax_nlu_ppo.rl import sft
+  from jax_nlu_ppo.rl import reward_model, sft
   paths = sorted((ROOT / "configs").rglob("*.yaml"))
   assert len(paths) >= 10
   for path in paths:
-    # configs/sft/ holds SFT runs; everything else is a PPO run.
-    cls = sft.SFTConfig if "sft" in path.relative_to(ROOT / "configs").parts else None
+    # configs/sft/ holds SFT runs, configs/reward_model/ reward models; the rest are PPO runs.
+    folder = path.relative_to(ROOT / "configs").parts[0]
+    cls = {"sft": sft.SFTConfig, "reward_model": reward_model.RewardModelConfig}.get(folder)
     config_lib.load_config(path, cls=cls or config_lib.TrainConfig)
 
 
