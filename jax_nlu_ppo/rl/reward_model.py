@@ -88,7 +88,7 @@ def encode_candidates(tokenizer, task: tasks_lib.Task, example: dict[str, Any], 
 @flax.struct.dataclass
 class Candidates(sft.Batch):
   """K answers to each of B prompts: `sft.Batch` arrays of shape (B, K, ...), and the gold's k."""
-  gold_b: Array = None
+  gold_b: Array
 
 
 def make_candidates(rows: Sequence[tuple[list[int], list[list[int]], int]], pad_id: int,
