@@ -3,7 +3,7 @@ a scalar head, trained on (prompt, answer) pairs built from labelled rows; PPO c
 rollouts with it (`reward.model`) instead of, or beside, the label match.
 
 Every labelled row gives its task's K answers, " {label word} </Judgement>" for each label (the
-SFT target without the end of turn, `sft.encode_example`): the gold one is chosen, the others
+SFT target without the end of turn, `sft.encode_answers`): the gold one is chosen, the others
 rejected. A (prompt, answer) sequence scores r = w . h, h the final hidden state at the answer's
 last token (an EOS ending it is not part of it), as `LlamaForSequenceClassification` scores the
 last token. Losses (`loss`):
@@ -77,11 +77,9 @@ def encode_candidates(tokenizer, task: tasks_lib.Task, example: dict[str, Any], 
                       eos_ids: Sequence[int]) -> tuple[list[int], list[list[int]], int]:
   """(prompt ids, every label's answer ids, the gold label) of a labelled example; an answer's
   ids are SFT's target for that label, without the EOS that ends it."""
-  answers = []
-  for label in range(task.num_labels):
-    prompt, target = sft.encode_example(tokenizer, task, {**example, "label": label}, fmt,
-                                        eos_ids)
-    answers.append(target[:-1] if target[-1] in eos_ids else target)
+  prompt, targets = sft.encode_answers(tokenizer, task, example, fmt, eos_ids,
+                                       range(task.num_labels))
+  answers = [target[:-1] if target[-1] in eos_ids else target for target in targets]
   return prompt, answers, int(example["label"])
 
 
@@ -260,8 +258,7 @@ class RewardModelTrainer(sft.SFTTrainer):
     rows, kept, skipped = [], [], []
     limit = self.lm.config.max_position_embeddings
     for i, example in enumerate(examples):
-      label = example.get("label")
-      if label is None or float(label) < 0:
+      if not sft.is_labelled(example):
         skipped.append({"idx": example.get("idx", i), "why": "unlabelled"})
         continue
       ids = self._encode_example(task_obj, example)

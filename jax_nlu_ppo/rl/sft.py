@@ -143,15 +143,27 @@ def encode_example(tokenizer, task: tasks_lib.Task, example: dict[str, Any], fmt
   target is tokenized on its own, as the model must generate it after those ids, and ends with
   the first EOS (appended when the format or template has none).
   """
+  prompt_ids, (target_ids,) = encode_answers(tokenizer, task, example, fmt, eos_ids,
+                                             [example["label"]])
+  return prompt_ids, target_ids
+
+
+def encode_answers(tokenizer, task: tasks_lib.Task, example: dict[str, Any], fmt: str,
+                   eos_ids: Sequence[int], labels: Sequence[int | float]
+                   ) -> tuple[list[int], list[list[int]]]:
+  """(prompt ids, the target ids of each of `labels`): `encode_example`'s, the prompt rendered
+  once."""
   prompt = tasks_lib.build_prompt(task, example, fmt)
   chat = tasks_lib.uses_chat_template(fmt)
   prompt_ids = pretrained.render_prompt(tokenizer, prompt, chat)
-  answer = answer_text(task, example["label"], fmt)
-  target = _turn_end(tokenizer, prompt, answer) if chat else answer
-  target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-  ends = [i for i, t in enumerate(target_ids) if t in eos_ids]
-  target_ids = target_ids[:ends[0] + 1] if ends else [*target_ids, tokenizer.eos_token_id]
-  return prompt_ids, target_ids
+  targets = []
+  for label in labels:
+    answer = answer_text(task, label, fmt)
+    target = _turn_end(tokenizer, prompt, answer) if chat else answer
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    ends = [i for i, t in enumerate(target_ids) if t in eos_ids]
+    targets.append(target_ids[:ends[0] + 1] if ends else [*target_ids, tokenizer.eos_token_id])
+  return prompt_ids, targets
 
 
 @flax.struct.dataclass
@@ -336,7 +348,7 @@ class SFTTrainer:
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
     self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
     _, self.train_examples = run_loop.process_rows(config, self.local_batch, train_examples)
-    if not any(_labelled(ex) for ex in self.train_examples):
+    if not any(is_labelled(ex) for ex in self.train_examples):
       raise ValueError(f"none of the {len(self.train_examples)} training examples of "
                        f"{', '.join(self.tasks)} has a label; SFT needs gold answers")
     self.lm = run_loop.model_on(self.mesh, config.model, lm)
@@ -377,7 +389,7 @@ class SFTTrainer:
     task = self._task(self.task_of(example))
     where = f"training example {index}" + (f" (idx {example['idx']})" if "idx" in example else "")
     problem = None
-    if not _labelled(example):
+    if not is_labelled(example):
       problem = f"label {example.get('label')!r}: unlabelled"
     else:
       ids = self._encode_example(task, example)
@@ -486,7 +498,8 @@ class SFTTrainer:
                               self.checkpointer)
 
 
-def _labelled(example: dict[str, Any]) -> bool:
+def is_labelled(example: dict[str, Any]) -> bool:
+  """Whether a row has a gold label (not a test row's mark)."""
   # Loaders mark test rows -1 (-1.0 for STS-B, whose gold scores lie in 0..5).
   label = example.get("label")
   return label is not None and float(label) >= 0
