@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pathlib
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo import distributed
 from jax_nlu_ppo import sharding as sharding_lib
@@ -210,7 +210,6 @@ class RewardModelTrainer(sft.SFTTrainer):
 
   def _setup(self, initial_trainable) -> sft.Setup:
     rows3 = self.mesh.batch(3)
-    self._scores = None
     return sft.setup(self.lm.graphdef, self.lm.params, self.config, self.mesh, initial_trainable,
                      step=functools.partial(update, loss=self.config.loss),
                      batch_sharding=Candidates(rows3, rows3, rows3, self.mesh.batch(1)))
@@ -227,18 +226,21 @@ class RewardModelTrainer(sft.SFTTrainer):
     lengths = tuple(distributed.max_over_processes(n) for n in candidate_lengths(rows))
     return make_candidates(rows, self.lm.pad_id, lengths)
 
+  @functools.cached_property
+  def _score_batch(self) -> Callable:
+    """(trainable, base, Candidates) -> (B, K) scores, jitted once over the mesh."""
+    graphdef = self.graphdef
+    return jax.jit(
+        sharding_lib.with_activations(
+            self.mesh, lambda trainable, base, batch: candidate_scores(trainable, graphdef,
+                                                                       base, batch)),
+        in_shardings=(self.mesh.tree(self.state.trainable), self.mesh.tree(self.base),
+                      self._batch_sh),
+        out_shardings=self.mesh.replicated)
+
   def scores(self, rows: Sequence[tuple[list[int], list[list[int]], int]]) -> np.ndarray:
     """(N, K) scores of encoded rows under the current adapters, `batch_size` rows at a time
     (each batch padded with copies of its last row to split over the mesh)."""
-    if self._scores is None:
-      graphdef = self.graphdef
-      self._scores = jax.jit(
-          sharding_lib.with_activations(
-              self.mesh, lambda trainable, base, batch: candidate_scores(trainable, graphdef,
-                                                                         base, batch)),
-          in_shardings=(self.mesh.tree(self.state.trainable), self.mesh.tree(self.base),
-                        self._batch_sh),
-          out_shardings=self.mesh.replicated)
     out = []
     step = self.config.batch_size
     for begin in range(0, len(rows), step):
@@ -246,7 +248,7 @@ class RewardModelTrainer(sft.SFTTrainer):
       n = len(chunk)
       chunk += [chunk[-1]] * (-n % self.mesh.batch_ways)
       batch = sharding_lib.place(make_candidates(chunk, self.lm.pad_id), self._batch_sh)
-      out.append(np.asarray(self._scores(self.state.trainable, self.base, batch))[:n])
+      out.append(np.asarray(self._score_batch(self.state.trainable, self.base, batch))[:n])
     return np.concatenate(out)
 
   def evaluate(self, examples: Sequence[dict[str, Any]],
@@ -317,10 +319,11 @@ class RolloutScorer:
 
 def check_run_folder(path: str) -> None:
   """Before anything is loaded: `path` must be a run folder (or step folder) with checkpoints."""
-  p = pathlib.Path(path)
-  if not ((p / "checkpoints").is_dir() or (p.name.isdigit() and p.parent.name == "checkpoints")):
+  try:
+    run_loop.locate_run(path)
+  except checkpoint_lib.CheckpointReadError:
     raise ValueError(f"reward.model {path}: not a run folder of `jax-nlu-ppo reward-model` "
-                     "(no checkpoints/ in it)")
+                     "(no checkpoints/ in it)") from None
 
 
 def rollout_scorer(path: str, lm: pretrained.LanguageModel, mesh: sharding_lib.LogicalMesh, *,
@@ -336,15 +339,13 @@ def rollout_scorer(path: str, lm: pretrained.LanguageModel, mesh: sharding_lib.L
     raise ValueError(f"reward.model {path} was trained on prompt_format "
                      f"{saved.config.get('prompt_format')!r}, but rollout.prompt_format is "
                      f"{prompt_format!r}: it would score prompts it has never seen")
+  # Restored onto `mesh`: its adapters and base are already where the scorer wants them; the
+  # trainer (and its optimiser state) is dropped.
   trainer, _ = run_loop.restore_saved(saved, RewardModelConfig, RewardModelTrainer, lm, mesh)
-  config, trained = trainer.config, jax.device_get(trainer.state.trainable)
-  del trainer     # its optimiser state
-  graphdef, trainable, base = policy_lib.policy_split(
-      lm.graphdef, lm.params, config.lora, value_dropout=0.0, seed=0, initial_trainable=trained)
-  base_sh, trainable_sh, rows = mesh.tree(base), mesh.tree(trainable), mesh.batch(2)
+  base, trainable, rows = trainer.base, trainer.state.trainable, mesh.batch(2)
   score = jax.jit(
-      sharding_lib.with_activations(mesh, functools.partial(rollout_scores, graphdef,
+      sharding_lib.with_activations(mesh, functools.partial(rollout_scores, trainer.graphdef,
                                                             eos_ids=tuple(lm.eos_ids()))),
-      in_shardings=(base_sh, trainable_sh, rows, rows), out_shardings=mesh.batch(1))
-  return RolloutScorer(path, config, score, sharding_lib.place(base, base_sh),
-                       sharding_lib.place(trainable, trainable_sh))
+      in_shardings=(mesh.tree(base), mesh.tree(trainable), rows, rows),
+      out_shardings=mesh.batch(1))
+  return RolloutScorer(path, trainer.config, score, base, trainable)

@@ -154,20 +154,25 @@ class SavedRun:
   config: dict[str, Any]
 
 
-def saved_run(path: str | pathlib.Path) -> SavedRun:
-  """The run at `path`: a run folder (with checkpoints/) or one of its step folders
-  (RUN/checkpoints/<step>); its config is read from the newest complete step."""
+def locate_run(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
+  """(the checkpoints folder, the step or None for the latest) of a run folder or step folder;
+  nothing is read."""
   path = pathlib.Path(path)
   if not path.exists():
     raise checkpoint_lib.CheckpointReadError(f"{path} does not exist")
   if (path / "checkpoints").is_dir():
-    directory, step = path / "checkpoints", None
-  elif path.name.isdigit() and path.parent.name == "checkpoints":
-    directory, step = path.parent, int(path.name)
-  else:
-    raise checkpoint_lib.CheckpointReadError(
-        f"{path} is neither a run folder (with checkpoints/) nor a checkpoint step folder "
-        "(RUN/checkpoints/<step>)")
+    return path / "checkpoints", None
+  if path.name.isdigit() and path.parent.name == "checkpoints":
+    return path.parent, int(path.name)
+  raise checkpoint_lib.CheckpointReadError(
+      f"{path} is neither a run folder (with checkpoints/) nor a checkpoint step folder "
+      "(RUN/checkpoints/<step>)")
+
+
+def saved_run(path: str | pathlib.Path) -> SavedRun:
+  """The run at `path`: a run folder (with checkpoints/) or one of its step folders
+  (RUN/checkpoints/<step>); its config is read from the newest complete step."""
+  directory, step = locate_run(path)
   manager = ocp.CheckpointManager(directory.absolute(),
                                   item_handlers={"run": ocp.JsonCheckpointHandler()})
   steps = sorted(manager.all_steps())
