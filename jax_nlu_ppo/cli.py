@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
       description="PPO with LoRA for natural-language understanding on LLaMA-family models.")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for add_parser in (_add_eval_parser, _add_train_parser, _add_sft_parser,
-                     _add_reward_model_parser, _add_perplexity_parser, _add_export_parser, _add_report_parser,
+                     _add_reward_model_parser, _add_perplexity_parser, _add_export_parser,
+                     _add_report_parser,
                      _add_plan_parser, _add_bench_parser):
     add_parser(commands)
   for command in commands.choices.values():
@@ -316,20 +317,22 @@ def run_train(args) -> int:
 
 def run_sft(args) -> int:
   from jax_nlu_ppo.rl import sft
-  from jax_nlu_ppo.runs import export
-  config = _load_config(args, sft.SFTConfig)
-  lm, trainable = export.initial_adapter(args.init_adapter, config)
-  trainer = sft.SFTTrainer(config, lm=lm, initial_trainable=trainable)
-  return _run_trainer(trainer, sft.format_metrics)
+  return _run_supervised(args, sft.SFTConfig, sft.SFTTrainer, sft.format_metrics)
 
 
 def run_reward_model(args) -> int:
   from jax_nlu_ppo.rl import reward_model
+  return _run_supervised(args, reward_model.RewardModelConfig, reward_model.RewardModelTrainer,
+                         reward_model.format_metrics)
+
+
+def _run_supervised(args, config_cls, trainer_cls, format_metrics) -> int:
+  """sft and reward-model: a config, an optional starting adapter, the trainer's loop."""
   from jax_nlu_ppo.runs import export
-  config = _load_config(args, reward_model.RewardModelConfig)
+  config = _load_config(args, config_cls)
   lm, trainable = export.initial_adapter(args.init_adapter, config)
-  trainer = reward_model.RewardModelTrainer(config, lm=lm, initial_trainable=trainable)
-  return _run_trainer(trainer, reward_model.format_metrics)
+  trainer = trainer_cls(config, lm=lm, initial_trainable=trainable)
+  return _run_trainer(trainer, format_metrics)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,7 +384,8 @@ def _add_export_parser(commands) -> None:
       description="merged: the adapters folded into the base (W + B A * scale), a folder "
       "transformers.AutoModelForCausalLM.from_pretrained loads; peft: adapter_config.json + "
       "adapter_model.safetensors for peft.PeftModel.from_pretrained on the base (plus our "
-      "value_head.safetensors). The run's config names the base and the LoRA settings.")
+      "value_head.safetensors). A reward-model run exports merged, as a "
+      "LlamaForSequenceClassification. The run's config names the base and the LoRA settings.")
   ex.add_argument("run_path", metavar="RUN_DIR_OR_CHECKPOINT",
                   help="a run folder (its latest good checkpoint) or RUN/checkpoints/<step>")
   ex.add_argument("--output", required=True, help="the folder to write")

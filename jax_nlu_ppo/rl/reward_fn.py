@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from jax_nlu_ppo.nlu import answer as answer_lib
+
 
 class RewardFunctionError(ValueError):
   """A reward function could not be loaded, or its values cannot be used."""
@@ -103,4 +105,5 @@ def answer_format(prompts: Sequence[str], responses: Sequence[str],
   model that has only seen well-formed answers (`reward.function:
   jax_nlu_ppo.rl.reward_fn:answer_format`)."""
   del prompts, responses, rows
-  return [0.0 if label is not None else -3.0 for label in labels]
+  unparsed = answer_lib.RewardConfig.unparsed
+  return [0.0 if label is not None else unparsed for label in labels]
