@@ -296,10 +296,12 @@ def test_two_processes_train_and_checkpoint_like_one(tmp_path):
   multi, single = dict(np.load(multi_out)), dict(np.load(single_out))
   # Both processes agreed on the prompts' shared start, as one process finds it.
   assert np.all(multi["metric/tokens/shared_prefix"] >= 8)
-  for name in (k for k in single if k.startswith("metric/")):
+  # The reward model trained over both processes as in one, and its scores rewarded PPO.
+  assert np.all(multi["metric/env/model_reward_mean"] != 0)
+  for name in (k for k in single if k.startswith(("metric/", "rm/"))):
     np.testing.assert_allclose(multi[name], single[name], rtol=1e-5, atol=1e-5, err_msg=name)
   params = [k for k in single if k.startswith("param/")]
-  assert params
+  assert params and any(k.startswith("rm/param/") for k in single)
   for name in params:
     want = single[name]
     np.testing.assert_allclose(multi[name], want, rtol=1e-5,

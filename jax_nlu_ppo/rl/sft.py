@@ -347,9 +347,11 @@ class SFTTrainer:
     self.local_batch = distributed.per_process(config.batch_size, "batch_size")
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
     self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
-    _, self.train_examples = run_loop.process_rows(config, self.local_batch, train_examples)
-    if not any(is_labelled(ex) for ex in self.train_examples):
-      raise ValueError(f"none of the {len(self.train_examples)} training examples of "
+    rows, self.train_examples = run_loop.process_rows(config, self.local_batch, train_examples)
+    # Every process checks all rows: one process's block may lack labels, or (restoring a run
+    # with a placeholder row) be empty.
+    if not any(is_labelled(ex) for ex in rows):
+      raise ValueError(f"none of the {len(rows)} training examples of "
                        f"{', '.join(self.tasks)} has a label; SFT needs gold answers")
     self.lm = run_loop.model_on(self.mesh, config.model, lm)
     if self.lm.tokenizer is None:
