@@ -2,10 +2,11 @@
 # Usage: scripts/label_noise.sh [NOISE ...]        (default: 0 0.2 0.4)
 #
 # SFT against PPO on SST-2 when a fraction NOISE of the training labels is wrong
-# (`data.label_noise`, flipped rows chosen with the run's seed): the configs, dev set (200
-# examples) and evaluation of docs/results.md's SST-2 cells, one run folder per noise, method and
-# seed; then a table of final dev accuracy per noise and method (mean, min..max over seeds).
-# Runs whose last evaluation exists are skipped, so an interrupted sweep continues.
+# (`data.label_noise`, flipped rows chosen with the run's seed): the configs and evaluation of
+# docs/results.md's SST-2 cells, one run folder per noise, method and seed, each final model then
+# scored on the whole dev set (scripts/full_dev_eval.sh); then the table of dev accuracy per noise
+# and method (scripts/sst2_tables.py: mean over seeds, min..max, 95% bootstrap intervals).
+# Finished runs and evaluations are skipped, so an interrupted sweep continues.
 #
 # Environment: OUT [runs/label_noise]  SEEDS ["0 1"]
 set -euo pipefail
@@ -39,16 +40,5 @@ for noise in "${NOISES[@]}"; do
   done
 done
 
-python - "$OUT" <<'EOF'
-import json, pathlib, statistics, sys
-out = pathlib.Path(sys.argv[1])
-print("| label noise | method | dev accuracy, mean (min..max) | seeds |")
-print("|---|---|---|---|")
-for noise_dir in sorted(out.glob("noise_*")):
-  for method in ("sft", "ppo"):
-    accs = [json.load(open(sorted((run / "eval").glob("step_*.json"))[-1]))["accuracy"]
-            for run in sorted(noise_dir.glob(f"{method}_seed*")) if (run / "done").exists()]
-    if accs:
-      print(f"| {noise_dir.name[6:]} | {method.upper()} | {statistics.mean(accs):.3f} "
-            f"({min(accs):.3f}..{max(accs):.3f}) | {len(accs)} |")
-EOF
+WALL_TIMES="$OUT/wall_times_full_dev.tsv" scripts/full_dev_eval.sh "$OUT"/noise_*/*_seed*
+python scripts/sst2_tables.py label-noise "$OUT"

@@ -6,10 +6,10 @@
 # (configs/reward_model/sst2_cpu.yaml, its ranking scored on the 872-row dev set), then PPO on 480
 # prompts of the training rows after those (configs/demo/sst2_cpu_reward_model.yaml, labels left
 # out of the reward), then the same PPO with the answer format rewarded too (reward_fn's
-# answer_format: -3 for an answer no label is read from, still no labels), evaluated as
-# docs/results.md's SST-2 PPO cells (200 dev examples); gold-label PPO is the other side of the
-# table. Runs whose last evaluation exists are skipped, so an interrupted
-# sweep continues; then the table.
+# answer_format: -3 for an answer no label is read from, still no labels); every PPO policy then
+# scored on the whole dev set (scripts/full_dev_eval.sh); gold-label PPO is the other side of the
+# table (scripts/sst2_tables.py). Finished runs and evaluations are skipped, so an interrupted
+# sweep continues.
 #
 # Environment: OUT [runs/reward_model]  SEEDS ["0 1"]  GOLD [runs/label_noise/noise_0]: the
 # gold-label PPO runs, GOLD/ppo_seedN (`scripts/label_noise.sh 0` runs them: the demo config at
@@ -50,30 +50,5 @@ for seed in $SEEDS; do
       reward.function=jax_nlu_ppo.rl.reward_fn:answer_format --output-dir "$format_dir"
 done
 
-python - "$OUT" "$GOLD" <<'PYEOF'
-import json, pathlib, statistics, sys
-out, gold = map(pathlib.Path, sys.argv[1:])
-last = lambda run: json.load(open(sorted((run / "eval").glob("step_*.json"))[-1]))
-def cell(values):
-  return (f"{statistics.mean(values):.3f} ({min(values):.3f}..{max(values):.3f})"
-          if len(values) > 1 else f"{values[0]:.3f}") if values else "-"
-done = lambda folder, pattern: [last(r) for r in sorted(folder.glob(pattern))
-                                if (r / "done").exists()]
-acc = lambda runs: cell([r["accuracy"] for r in runs])
-unparsed = lambda runs: cell([r["unparsed_rate"] for r in runs])
-rms, gold_ppo = done(out, "rm_seed*"), done(gold, "ppo_seed*")
-rm_ppo, rm_format_ppo = done(out, "ppo_rm_seed*"), done(out, "ppo_rm_format_seed*")
-# The reward models as classifiers on the 200 dev rows PPO is scored on.
-subset = {p["idx"] for p in (rm_ppo or gold_ppo or [{"predictions": []}])[0]["predictions"]}
-rm_200 = [statistics.mean(p["prediction"] == p["label"] for p in r["predictions"]
-                          if p["idx"] in subset) for r in rms] if subset else []
-print(f"Reward models ({len(rms)} seeds): dev accuracy (872 rows) {acc(rms)}, AUC "
-      f"{cell([r['auc'] for r in rms])}, accuracy on PPO's 200 dev rows {cell(rm_200)}\n")
-print("| PPO reward | labels used | PPO dev accuracy (200) | unparsed | seeds |")
-print("|---|---|---|---|---|")
-for name, labels, runs in [
-    ("gold label", "480, every prompt's", gold_ppo),
-    ("reward model", "480, the reward model's (PPO's prompts: none)", rm_ppo),
-    ("reward model + answer format", "the same", rm_format_ppo)]:
-  print(f"| {name} | {labels} | {acc(runs)} | {unparsed(runs)} | {len(runs)} |")
-PYEOF
+WALL_TIMES="$OUT/wall_times_full_dev.tsv" scripts/full_dev_eval.sh "$OUT"/ppo_rm*_seed*
+python scripts/sst2_tables.py reward-model "$OUT" "$GOLD"
