@@ -90,6 +90,9 @@ class TrainConfig:
   eval_before: bool = True
   output_dir: str | None = None     # metrics.jsonl and checkpoints/; a run there continues
   checkpoint: checkpoint_lib.CheckpointConfig = checkpoint_lib.CheckpointConfig()
+  # This many iterations in a row with every update skipped (non-finite loss) stop the run;
+  # 0: never.
+  max_skipped_steps: int = 3
   mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig()
   # Rematerialise each decoder layer in the update's backward pass: "none", "full" (recompute
   # everything, least memory) or "dots" (keep matmul outputs without a batch axis).
@@ -97,6 +100,7 @@ class TrainConfig:
 
   def __post_init__(self):
     check_eval(self.eval_data, self.eval_every, self.checkpoint)
+    check_max_skipped(self.max_skipped_steps)
     r, p = self.rollout, self.ppo
     if self.remat not in model_lib.REMAT_POLICIES:
       raise ConfigError(f"remat must be one of {', '.join(model_lib.REMAT_POLICIES)}, "
@@ -124,6 +128,11 @@ class TrainConfig:
     if self.mixture:
       return tuple(component.data.task for component in self.mixture)
     return (self.data.task,)
+
+
+def check_max_skipped(max_skipped_steps: int) -> None:
+  if max_skipped_steps < 0:
+    raise ConfigError(f"max_skipped_steps must be >= 0 (0: never stop), got {max_skipped_steps}")
 
 
 def check_eval(eval_data, eval_every: int, checkpoint: checkpoint_lib.CheckpointConfig) -> None:

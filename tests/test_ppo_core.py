@@ -847,6 +847,38 @@ def test_trainer_runs_ppo_iterations(tmp_path):
   assert len(trainer.last_responses()) == 4
 
 
+def test_a_run_whose_rewards_turn_nan_stops_with_its_last_good_checkpoint(tmp_path):
+  """From iteration 3 the rewards are NaN (as a broken reward could make them): every update is
+  skipped, and after `max_skipped_steps` such iterations the run stops, its latest checkpoint
+  the last one that trained; the same command then continues from there."""
+  from jax_nlu_ppo import checkpoint as checkpoint_lib
+  from jax_nlu_ppo.rl import run_loop
+  every_step = checkpoint_lib.CheckpointConfig(every_steps=1, keep=9)
+  trainer = tiny_trainer(str(tmp_path), checkpoint=every_step)
+  trainer.config = dataclasses.replace(trainer.config, max_skipped_steps=2, steps=6)
+  rewards = trainer._rewards
+
+  def nan_after_two(*args):
+    preds, scores = rewards(*args)
+    return preds, scores * np.nan if trainer.iteration >= 2 else scores
+  trainer._rewards = nan_after_two
+  with pytest.raises(run_loop.RunawayLossError, match=r"iterations 3\.\.4.*step 2"):
+    trainer.train()
+  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [m["ppo/skipped"] for m in lines] == [0, 0, 1, 1]
+  assert trainer.checkpointer.steps() == [1, 2]
+  # The skipped updates left the adapters as iteration 2 made them.
+  skipped_state = flat(trainer.state.trainable)
+  trainer.checkpointer.close()
+
+  resumed = tiny_trainer(str(tmp_path), checkpoint=every_step)
+  assert resumed.iteration == 2
+  for name, value in flat(resumed.state.trainable).items():
+    np.testing.assert_array_equal(value, skipped_state[name], err_msg=name)
+  history = resumed.train(steps=2)
+  assert [m["ppo/skipped"] for m in history] == [0, 0] and resumed.iteration == 4
+
+
 def test_trainer_prompt_layout_changes_no_metric():
   """Two iterations with the prompts laid out to run less (the shared start once; rows sorted by
   length, the shorter half skipping padding in rollout, experience and minibatches that keep

@@ -207,6 +207,7 @@ class RewardModelTrainer(sft.SFTTrainer):
   and the ranking loss; `evaluate` scores held-out rows with `ranking_metrics`."""
 
   config: RewardModelConfig
+  skipped_metric = "rm/skipped"
 
   def _setup(self, initial_trainable) -> sft.Setup:
     rows3 = self.mesh.batch(3)

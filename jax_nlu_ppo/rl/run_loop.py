@@ -81,12 +81,17 @@ class Resumable(Protocol):
   """A trainer the loop can run, checkpoint and restore (`PPOTrainer`, `SFTTrainer`)."""
   iteration: int
   config: Any
+  skipped_metric: str      # the step metric that is 1 when every update of the step was skipped
 
   def step(self) -> Metrics: ...
 
   def snapshot(self) -> checkpoint_lib.Snapshot: ...
 
   def load_snapshot(self, snapshot: checkpoint_lib.Snapshot) -> None: ...
+
+
+class RunawayLossError(RuntimeError):
+  """Too many iterations in a row skipped every update (a non-finite loss or gradient)."""
 
 
 def run_description(config, lm: pretrained.LanguageModel) -> dict[str, Any]:
@@ -302,7 +307,9 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
   continued run extends its files; written by process 0 only, with the resolved config as
   config.yaml). With `eval_data` in the trainer's config, `PeriodicEval` scores the policy.
   `checkpointer` saves every `every_steps` iterations, on a stop signal and after the last step.
-  Returns the lines written to metrics.jsonl: each step's metrics, after the starting
+  `config.max_skipped_steps` iterations in a row whose every update was skipped (a non-finite
+  loss or gradient) stop the run with `RunawayLossError`; their periodic saves are left out, so
+  the latest checkpoint holds the last iteration that updated. Returns the lines written to metrics.jsonl: each step's metrics, after the starting
   evaluation's line (step 0) when there is one.
   """
   out_dir = pathlib.Path(output_dir) if output_dir and jax.process_index() == 0 else None
@@ -319,6 +326,7 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
   history = []
   metrics = None
   config = trainer.config
+  skipped_in_a_row = 0
   evaluator = (PeriodicEval(config.eval_data, config.eval_every, out_dir)
                if config.eval_data is not None and steps > 0 else None)
   with StopSignal() as stop, tensorboard as scalars:
@@ -330,6 +338,7 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
         _write_scalars(scalars, start, 0)
     for i in range(steps):
       metrics = trainer.step()
+      skipped_in_a_row = skipped_in_a_row + 1 if metrics[trainer.skipped_metric] >= 1 else 0
       stopping = stop.reached(trainer.iteration)
       # Not when stopping: a preempted host has seconds to save, not minutes to evaluate.
       if evaluator is not None and not stopping and (
@@ -343,7 +352,10 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
         _write_scalars(scalars, metrics, trainer.iteration)
         if samples is not None:
           _append_jsonl(out_dir / SAMPLES_FILE, samples())
-      if checkpointer is not None and (stopping or checkpointer.due(trainer.iteration)):
+      if 0 < config.max_skipped_steps <= skipped_in_a_row:
+        raise _runaway(trainer, skipped_in_a_row, checkpointer)
+      if checkpointer is not None and (stopping or (checkpointer.due(trainer.iteration)
+                                                    and not skipped_in_a_row)):
         checkpointer.save(trainer.iteration, trainer.snapshot(), metrics)
       if stopping:
         log.warning("stopped after iteration %d%s", trainer.iteration,
@@ -354,6 +366,25 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
         checkpointer.save(trainer.iteration, trainer.snapshot(), metrics)
       checkpointer.wait()
   return history
+
+
+def _runaway(trainer: Resumable, skipped: int,
+             checkpointer: checkpoint_lib.Checkpointer | None) -> RunawayLossError:
+  """The error that stops a run whose updates keep being skipped; saves in flight finish."""
+  last = trainer.iteration
+  where = "no checkpoint was saved"
+  if checkpointer is not None:
+    checkpointer.wait()
+    steps = checkpointer.steps()
+    where = (f"its latest checkpoint, step {steps[-1]}, is from before them and is kept; fix the "
+             "cause and run the same command to continue from it" if steps else
+             "no checkpoint was saved before them")
+  return RunawayLossError(
+      f"iterations {last - skipped + 1}..{last}: every update was skipped ({skipped} iterations in "
+      f"a row, max_skipped_steps={trainer.config.max_skipped_steps}): the loss or its gradient is "
+      f"not finite (the step metric {trainer.skipped_metric} in metrics.jsonl). Lower "
+      f"optimizer.learning_rate or look for bad rewards or data; {where}. "
+      "max_skipped_steps=0 never stops.")
 
 
 def _write_scalars(writer: tensorboardX.SummaryWriter, metrics: Metrics, step: int) -> None:

@@ -72,11 +72,13 @@ class SFTConfig:
   seed: int = 0
   output_dir: str | None = None              # metrics.jsonl and checkpoints/; a run there continues
   checkpoint: checkpoint_lib.CheckpointConfig = checkpoint_lib.CheckpointConfig()
+  max_skipped_steps: int = 3                 # as TrainConfig.max_skipped_steps
   mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig()
   remat: str = "none"                        # as PPO's: none, full or dots
 
   def __post_init__(self):
     config_lib.check_eval(self.eval_data, self.eval_every, self.checkpoint)
+    config_lib.check_max_skipped(self.max_skipped_steps)
     if self.remat not in model_lib.REMAT_POLICIES:
       raise config_lib.ConfigError(f"remat must be one of {', '.join(model_lib.REMAT_POLICIES)}, "
                                    f"got {self.remat!r}")
@@ -335,6 +337,8 @@ class SFTTrainer:
 
   With `config.output_dir` holding checkpoints, it continues from the latest one.
   """
+
+  skipped_metric = "sft/skipped"
 
   def __init__(self, config: SFTConfig, lm: pretrained.LanguageModel | None = None,
                train_examples: Sequence[dict[str, Any]] | None = None,

@@ -46,6 +46,8 @@ class PPOTrainer:
   With `config.output_dir` holding checkpoints, it continues from the latest one.
   """
 
+  skipped_metric = "ppo/skipped"
+
   def __init__(self, config: TrainConfig, lm: pretrained.LanguageModel | None = None,
                train_examples: Sequence[dict[str, Any]] | None = None,
                initial_trainable=None, mesh: sharding_lib.LogicalMesh | None = None):
