@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from jax_nlu_ppo import compiles
   from jax_nlu_ppo import config as config_lib
   from jax_nlu_ppo.nlu import data as data_lib
+  from jax_nlu_ppo import run_lock
   from jax_nlu_ppo.nlu import task_files
   from jax_nlu_ppo.rl import run_loop
   try:
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.run(args)
   except (config_lib.ConfigError, data_lib.DataError, task_files.TaskFileError, KeyError,
           ValueError, FileNotFoundError, checkpoint_lib.CheckpointReadError,
-          run_loop.RunawayLossError) as e:
+          run_loop.RunawayLossError, run_lock.RunFolderLockedError) as e:
     # The library's errors already name the file, row or option: one line, no traceback.
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     print(f"jax-nlu-ppo {args.command}: error: {message}", file=sys.stderr)

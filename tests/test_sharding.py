@@ -288,6 +288,8 @@ def test_two_processes_train_and_checkpoint_like_one(tmp_path):
   # One checkpoint folder, written once by both processes together; one metrics file.
   assert sorted(p.name for p in (multi_dir / "checkpoints").iterdir()) == ["2"]
   assert len((multi_dir / "metrics.jsonl").read_text().splitlines()) == 2
+  # Both processes ran under process 0's lock of the folder, released at the end.
+  assert not (multi_dir / "run.lock").exists()
 
   single_out = tmp_path / "single.npz"
   done = _run_module("tests.multihost_run", "0", "1", "0", str(tmp_path / "single"),

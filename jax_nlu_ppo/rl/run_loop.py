@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import config as config_lib
+from jax_nlu_ppo import run_lock
 from jax_nlu_ppo.nlu import data as data_lib
 from jax_nlu_ppo.nlu import evaluate as evaluate_lib
 from jax_nlu_ppo.rl import policy as policy_lib
@@ -309,9 +310,19 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
   `checkpointer` saves every `every_steps` iterations, on a stop signal and after the last step.
   `config.max_skipped_steps` iterations in a row whose every update was skipped (a non-finite
   loss or gradient) stop the run with `RunawayLossError`; their periodic saves are left out, so
-  the latest checkpoint holds the last iteration that updated. Returns the lines written to metrics.jsonl: each step's metrics, after the starting
-  evaluation's line (step 0) when there is one.
+  the latest checkpoint holds the last iteration that updated. `run_lock.RunLock` holds the
+  folder meanwhile. Returns the lines written to metrics.jsonl: each step's metrics, after the
+  starting evaluation's line (step 0) when there is one.
   """
+  # Held before anything is written: a second run on this folder stops instead of mixing in.
+  with run_lock.RunLock(output_dir) if output_dir else contextlib.nullcontext():
+    return _steps(trainer, steps, output_dir, on_step, checkpointer, samples)
+
+
+def _steps(trainer: Resumable, steps: int, output_dir: str | None,
+           on_step: Callable[[Metrics], None] | None,
+           checkpointer: checkpoint_lib.Checkpointer | None,
+           samples: Callable[[], list[dict[str, Any]]] | None) -> list[Metrics]:
   out_dir = pathlib.Path(output_dir) if output_dir and jax.process_index() == 0 else None
   tensorboard = contextlib.nullcontext()
   if out_dir is not None:

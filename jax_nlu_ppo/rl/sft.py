@@ -31,6 +31,7 @@ from jax_nlu_ppo import compiles
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo.nlu import data as data_lib
 from jax_nlu_ppo import distributed
+from jax_nlu_ppo import run_lock
 from jax_nlu_ppo.nlu import evaluate as evaluate_lib
 from jax_nlu_ppo.model import lm_loss
 from jax_nlu_ppo.model import lora as lora_lib
@@ -349,6 +350,7 @@ class SFTTrainer:
     self.mesh.check_batch(config.batch_size // config.gradient_accumulation_steps,
                           "batch_size / gradient_accumulation_steps")
     self.local_batch = distributed.per_process(config.batch_size, "batch_size")
+    run_lock.check(config.output_dir)     # another live run in the folder: stop now
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
     self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
     rows, self.train_examples = run_loop.process_rows(config, self.local_batch, train_examples)
