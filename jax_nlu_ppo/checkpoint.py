@@ -193,6 +193,10 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=config.async_save, cleanup_tmp_directories=True,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
+    if jax.process_index() == 0:
+      for partial in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
+        log.warning("%s: a save that did not finish (the run stopped while writing it); it is "
+                    "not a step and is removed", partial)
     # Handlers named up front: a manager that only knows item names reads no array metadata.
     handlers = {"arrays": ocp.StandardCheckpointHandler(), "host": ocp.JsonCheckpointHandler(),
                 "run": ocp.JsonCheckpointHandler()}

@@ -1,12 +1,19 @@
 """A PPO run on a tiny random model, as a process of its own, for `test_checkpoint` to stop with
 SIGTERM and continue:
 
-    python -m tests.checkpoint_run OUTPUT_DIR [SECONDS_TO_SLEEP_AFTER_EACH_STEP]
+    python -m tests.checkpoint_run OUTPUT_DIR [SECONDS_TO_SLEEP_AFTER_EACH_STEP [KILL_AT]]
+
+With KILL_AT the process kills itself (SIGKILL) while saving that step: after Orbax has written
+its arrays, before its host state.
 
 The model, tokenizer and rows are drawn from fixed seeds, so every process builds the same run.
 """
+import os
+import signal
 import sys
 import time
+
+import orbax.checkpoint as ocp
 
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import config as config_lib
@@ -47,8 +54,21 @@ def make_trainer(output_dir, lm=None, **overrides) -> trainer_lib.PPOTrainer:
                                 train_examples=EXAMPLES)
 
 
+def kill_while_saving(step: int) -> None:
+  """A crash at a known point of a save: Orbax's write of `step`'s host state kills the process."""
+  save = ocp.JsonCheckpointHandler.async_save
+
+  def async_save(self, directory, *args, **kwargs):
+    if directory.parent.name.startswith(f"{step}.") and directory.name.startswith("host"):
+      os.kill(os.getpid(), signal.SIGKILL)
+    return save(self, directory, *args, **kwargs)
+  ocp.JsonCheckpointHandler.async_save = async_save
+
+
 def main(argv) -> int:
   output_dir, pause = argv[1], float(argv[2]) if len(argv) > 2 else 0.0
+  if len(argv) > 3:
+    kill_while_saving(int(argv[3]))
   trainer = make_trainer(output_dir)
   trainer.train(on_step=lambda m: time.sleep(pause))
   print(f"stopped at iteration {trainer.iteration}", flush=True)

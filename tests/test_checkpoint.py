@@ -32,13 +32,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMING = ("time/", "tokens/per_s", "jit/compilations")
 
 
-def launch(output_dir, cache_dir, pause=0.0) -> subprocess.Popen:
+def launch(output_dir, cache_dir, pause=0.0, kill_at=None) -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   return subprocess.Popen([sys.executable, "-m", "tests.checkpoint_run", str(output_dir),
-                           str(pause)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           str(pause)] + ([str(kill_at)] if kill_at else []), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 
@@ -177,6 +177,33 @@ def test_an_interrupted_save_is_never_a_step(reference, tmp_path, lm):
   trainer = checkpoint_run.make_trainer(run_dir, lm=lm)
   assert trainer.iteration == checkpoint_run.STEPS - 1
   assert not partial.exists()
+
+
+def test_a_run_killed_while_saving_continues_from_the_step_before(reference, cache_dir, tmp_path,
+                                                                    lm):
+  """SIGKILL half-way through writing step 3 (its arrays written, not its host state): steps 1
+  and 2 are intact, the half-written step is no step, and the same command continues from 2 to
+  the end, equal to the run never stopped."""
+  run_dir = tmp_path / "run"
+  process = launch(run_dir, cache_dir, kill_at=3)
+  _, err = process.communicate(timeout=240)
+  assert process.returncode == -signal.SIGKILL, err[-3000:]
+  partial = run_dir / "checkpoints" / "3.orbax-checkpoint-tmp"
+  assert partial.is_dir() and not (partial / "commit_success.txt").exists()
+  assert steps_on_disk(run_dir) == [1, 2]
+  assert (run_dir / "run.lock").exists()        # the killed run could not release it
+
+  out, err = finish(launch(run_dir, cache_dir))
+  assert f"{partial}: a save that did not finish" in err
+  assert "taking over the lock of a run that is gone" in err
+  assert f"stopped at iteration {checkpoint_run.STEPS}" in out
+  assert steps_on_disk(run_dir) == list(range(1, checkpoint_run.STEPS + 1))
+  assert metric_lines(run_dir) == metric_lines(reference)
+  for step in (2, checkpoint_run.STEPS):
+    ours = checkpoint_run.make_trainer(run_dir, lm=lm)
+    theirs = checkpoint_run.make_trainer(reference, lm=lm)
+    assert_same_arrays(ours.checkpointer.restore(step, ours.snapshot()).snapshot.arrays,
+                       theirs.checkpointer.restore(step, theirs.snapshot()).snapshot.arrays)
 
 
 def test_another_adapter_shape_or_base_is_refused(reference, tmp_path, lm):
