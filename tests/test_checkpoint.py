@@ -11,6 +11,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -290,3 +291,65 @@ def test_stop_signal_sets_a_flag_and_restores_the_handlers():
     with pytest.raises(KeyboardInterrupt):     # a second Ctrl-C stops at once
       os.kill(os.getpid(), signal.SIGINT)
   assert signal.getsignal(signal.SIGINT) is before
+
+
+# --------------------------------------------------------------------------------------------
+# Preemption of a two-process run (gloo on this machine), as a pod's maintenance event does it.
+
+def _launch_two(run_dir, cache_dir, out, pause) -> list[subprocess.Popen]:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                                  os.environ.get("PYTHONPATH")])),
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  env.pop("XLA_FLAGS", None)
+  return [subprocess.Popen([sys.executable, "-m", "tests.multihost_checkpoint_run", str(i), "2",
+                            port, str(run_dir), str(pause), str(out)], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
+
+
+def _finish_two(processes, timeout=300) -> list[str]:
+  outs = [p.communicate(timeout=timeout) for p in processes]
+  for i, (p, (out, err)) in enumerate(zip(processes, outs)):
+    assert p.returncode == 0, f"process {i}:\n{err[-3000:]}"
+  return [out for out, _ in outs]
+
+
+def _stop_two(run_dir, cache_dir, out, after_step: int, signalled: list[int]) -> int:
+  """Runs both processes until `after_step` is saved, sends SIGTERM to those in `signalled`;
+  returns the step both stopped at."""
+  processes = _launch_two(run_dir, cache_dir, out, pause=0.5)
+  deadline = time.time() + 240
+  while not (run_dir / "checkpoints" / str(after_step)).exists():
+    assert all(p.poll() is None for p in processes) and time.time() < deadline
+    time.sleep(0.1)
+  for i in signalled:
+    processes[i].send_signal(signal.SIGTERM)
+  stopped = {int(line.split()[-1]) for text in _finish_two(processes) for line in
+             text.splitlines() if "stopped at iteration" in line}
+  assert len(stopped) == 1, stopped        # every process saved and stopped after the same step
+  return stopped.pop()
+
+
+def test_two_processes_preempted_together_or_one_alone_continue_exactly(tmp_path, cache_dir):
+  reference, run_dir = tmp_path / "reference", tmp_path / "run"
+  _finish_two(_launch_two(reference, cache_dir, tmp_path / "reference.npz", pause=0.0))
+  # SIGTERM to every process, then (continued) to process 1 alone: the others learn of it
+  # through JAX's preemption sync point and stop after the same step.
+  first = _stop_two(run_dir, cache_dir, tmp_path / "stopped.npz", 1, signalled=[0, 1])
+  assert 1 <= first < checkpoint_run.STEPS and steps_on_disk(run_dir)[-1] == first
+  second = _stop_two(run_dir, cache_dir, tmp_path / "stopped.npz", first + 1, signalled=[1])
+  assert first < second < checkpoint_run.STEPS and steps_on_disk(run_dir)[-1] == second
+  outs = _finish_two(_launch_two(run_dir, cache_dir, tmp_path / "continued.npz", pause=0.0))
+  assert f"process 0 started at iteration {second}" in outs[0]
+
+  assert steps_on_disk(run_dir) == steps_on_disk(reference)
+  assert metric_lines(run_dir) == metric_lines(reference)
+  continued, never_stopped = np.load(tmp_path / "continued.npz"), np.load(tmp_path / "reference.npz")
+  assert sorted(continued) == sorted(never_stopped)
+  for name in never_stopped:
+    np.testing.assert_array_equal(continued[name], never_stopped[name], err_msg=name)
