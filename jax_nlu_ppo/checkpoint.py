@@ -45,6 +45,10 @@ class CheckpointReadError(RuntimeError):
   """No checkpoint step of a run folder reads back."""
 
 
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint step could not be written (a full disk, a folder gone read-only)."""
+
+
 # Metrics of the periodic evaluation on `eval_data` (run_loop) carry this prefix.
 EVAL_PREFIX = "eval/"
 
@@ -225,14 +229,29 @@ class Checkpointer:
       else:
         raise ValueError(f"checkpoint.best_metric {name!r} is not a step metric; choose one of "
                          f"{', '.join(sorted(metrics))} (or an eval/ metric with eval_data)")
-    self.manager.save(step, metrics=tracked, force=True, args=ocp.args.Composite(
-        arrays=ocp.args.StandardSave(snapshot.arrays), host=ocp.args.JsonSave(snapshot.host),
-        run=ocp.args.JsonSave(self.run)))
+    try:
+      self.manager.save(step, metrics=tracked, force=True, args=ocp.args.Composite(
+          arrays=ocp.args.StandardSave(snapshot.arrays), host=ocp.args.JsonSave(snapshot.host),
+          run=ocp.args.JsonSave(self.run)))
+    except OSError as e:
+      raise self._write_error(step, e) from e
     return True
 
   def wait(self) -> None:
     """Blocks until an asynchronous save is on disk."""
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except OSError as e:
+      raise self._write_error(None, e) from e
+
+  def _write_error(self, step: int | None, error: OSError) -> CheckpointWriteError:
+    complete = [s for s in self.steps() if s != step]
+    kept = (f"the latest complete step, {complete[-1]}, is intact: free space or fix the folder, "
+            "then run the same command to continue from it" if complete else
+            "no earlier step was saved")
+    return CheckpointWriteError(
+        f"checkpoint step {step if step is not None else '(asynchronous)'} could not be written "
+        f"to {self.directory} ({error.strerror or error}); {kept}")
 
   def close(self) -> None:
     self.manager.close()

@@ -47,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.run(args)
   except (config_lib.ConfigError, data_lib.DataError, task_files.TaskFileError, KeyError,
           ValueError, FileNotFoundError, checkpoint_lib.CheckpointReadError,
-          run_loop.RunawayLossError, run_lock.RunFolderLockedError) as e:
+          checkpoint_lib.CheckpointWriteError,
+          run_loop.RunawayLossError, run_lock.RunFolderError) as e:
     # The library's errors already name the file, row or option: one line, no traceback.
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     print(f"jax-nlu-ppo {args.command}: error: {message}", file=sys.stderr)

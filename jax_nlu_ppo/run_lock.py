@@ -1,4 +1,5 @@
-"""One run at a time in a run folder: a lock file that names its holder.
+"""One run at a time in a run folder, and a folder it can write: a lock file that names its
+holder.
 
 While a run trains, its process 0 holds `RUN_DIR/run.lock` (host, pid, start time, process
 count), created atomically and touched every `HEARTBEAT_S` seconds. A second run that finds it
@@ -30,7 +31,11 @@ HEARTBEAT_S = 60.0
 STALE_S = 600.0     # ten missed heartbeats: a run on another host is taken to be gone
 
 
-class RunFolderLockedError(RuntimeError):
+class RunFolderError(RuntimeError):
+  """The run folder cannot be used for this run."""
+
+
+class RunFolderLockedError(RunFolderError):
   """The run folder is held by another live run."""
 
 
@@ -87,19 +92,31 @@ def _locked_error(run_dir: pathlib.Path, holder: Holder) -> RunFolderLockedError
       f"it, or choose another output_dir. If that run is gone, delete {run_dir / LOCK_FILE}")
 
 
-def _agreed(error: RunFolderLockedError | None, run_dir: pathlib.Path) -> None:
-  """Raises on every process when process 0 found the folder held (it alone reads the lock)."""
+def _agreed(error: RunFolderError | None, run_dir: pathlib.Path) -> None:
+  """Raises on every process when process 0 (which alone reads the lock) found a problem."""
   if jax.process_count() > 1:
-    held = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
-    if held and error is None:
-      error = RunFolderLockedError(f"{run_dir} is in use by another run (process 0's log names "
-                                   "it)")
+    failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if failed and error is None:
+      error = RunFolderError(f"process 0 cannot use {run_dir} for this run (its log says why)")
   if error is not None:
     raise error
 
 
+def _writable(run_dir: pathlib.Path) -> RunFolderError | None:
+  try:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe = run_dir / f".{LOCK_FILE}.probe"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    return RunFolderError(f"output_dir {run_dir}: cannot write there ({e.strerror}); choose "
+                          "another folder or fix its permissions")
+  return None
+
+
 def check(run_dir: str | os.PathLike | None) -> None:
-  """Fails at once if a live run holds `run_dir` (before a trainer loads or restores anything)."""
+  """Fails at once, before a trainer loads or restores anything, if `run_dir` cannot be written
+  or a live run holds it."""
   if run_dir is None:
     return
   run_dir = pathlib.Path(run_dir)
@@ -109,6 +126,8 @@ def check(run_dir: str | os.PathLike | None) -> None:
     holder = _read(path) if path.exists() else None
     if path.exists() and _gone(holder, path) is None:
       error = _locked_error(run_dir, holder)
+    else:
+      error = _writable(run_dir)
   _agreed(error, run_dir)
 
 
@@ -125,9 +144,11 @@ class RunLock:
   def __enter__(self) -> RunLock:
     error = None
     if jax.process_index() == 0:
+      error = _writable(self.run_dir)
       try:
-        self._acquire()
-      except RunFolderLockedError as e:
+        if error is None:
+          self._acquire()
+      except RunFolderError as e:
         error = e
     _agreed(error, self.run_dir)
     if self.holder is not None:
@@ -144,7 +165,6 @@ class RunLock:
     self.holder = None
 
   def _acquire(self) -> None:
-    self.run_dir.mkdir(parents=True, exist_ok=True)
     holder = Holder.this_process()
     # Written whole beside the lock, then linked to its name: the link fails if the lock exists,
     # and a lock that exists is never half-written.

@@ -6,6 +6,7 @@ The PPO runs are processes of their own (`tests/checkpoint_run.py`) sharing a pe
 compilation cache, so only the first pays for compiling.
 """
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -19,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -205,6 +207,36 @@ def test_a_run_killed_while_saving_continues_from_the_step_before(reference, cac
     theirs = checkpoint_run.make_trainer(reference, lm=lm)
     assert_same_arrays(ours.checkpointer.restore(step, ours.snapshot()).snapshot.arrays,
                        theirs.checkpointer.restore(step, theirs.snapshot()).snapshot.arrays)
+
+
+def test_a_full_disk_at_a_save_stops_the_run_with_the_last_step_intact(tmp_path, lm,
+                                                                       monkeypatch):
+  """ENOSPC while Orbax writes step 3's arrays: one error that names the intact step 2, which
+  the same command then continues from."""
+  run_dir = tmp_path / "run"
+  save = ocp.StandardCheckpointHandler.async_save
+
+  def full_disk(self, directory, *args, **kwargs):
+    if directory.parent.name.startswith("3."):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+    return save(self, directory, *args, **kwargs)
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", full_disk)
+  trainer = checkpoint_run.make_trainer(run_dir, lm=lm)
+  with pytest.raises(checkpoint_lib.CheckpointWriteError) as error:
+    trainer.train()
+  assert str(error.value) == (
+      f"checkpoint step 3 could not be written to {run_dir / 'checkpoints'} (No space left on "
+      "device); the latest complete step, 2, is intact: free space or fix the folder, then run "
+      "the same command to continue from it")
+  assert steps_on_disk(run_dir) == [1, 2]
+  assert not (run_dir / "run.lock").exists()
+  trainer.checkpointer.close()
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", save)
+  continued = checkpoint_run.make_trainer(run_dir, lm=lm)
+  assert continued.iteration == 2
+  continued.train()
+  assert steps_on_disk(run_dir) == list(range(1, checkpoint_run.STEPS + 1))
 
 
 def test_another_adapter_shape_or_base_is_refused(reference, tmp_path, lm):

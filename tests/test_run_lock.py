@@ -104,3 +104,17 @@ def test_a_lock_from_another_host_is_stale_only_once_it_stops_being_refreshed(tm
                        match="host another-host, pid 1, started 2026-01-01T00:00:00, 4 processes"):
       run_lock.RunLock(tmp_path).__enter__()
     assert json.loads(lock.read_text())["host"] == "another-host"     # left as it was
+
+
+def test_a_folder_that_cannot_be_written_stops_the_run_before_loading(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  done = subprocess.run(
+      [sys.executable, "-m", "jax_nlu_ppo", "train", "--config", "configs/demo/sst2_cpu.yaml",
+       "--output-dir", str(blocker / "run")], cwd=ROOT, capture_output=True, text=True,
+      timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert done.stderr.strip().splitlines()[-1] == (
+      f"jax-nlu-ppo train: error: output_dir {blocker / 'run'}: cannot write there (Not a "
+      "directory); choose another folder or fix its permissions")
+  assert "loaded" not in done.stderr
