@@ -2,8 +2,9 @@
 
     config = load_config("configs/paper/sst2.yaml", ["ppo.kl.target=6", "lora.rank=16"])
 
-Unknown keys and values of the wrong type are errors that name the key (and the file), raised
-before any model is loaded or any function compiled.
+Unknown keys and values of the wrong type are errors that name the key (and the file, or the
+override that set it) and what would do, raised before any model is loaded or any function
+compiled.
 """
 from __future__ import annotations
 
@@ -27,7 +28,12 @@ from jax_nlu_ppo.nlu import tasks as tasks_lib
 
 
 class ConfigError(ValueError):
-  """A config key or value that cannot be used; the message names it."""
+  """A config key or value that cannot be used; the message names it, and `key` holds it where
+  one key is to blame (so that an override, not the file, is named when it set the key)."""
+
+  def __init__(self, message: str, key: str | None = None):
+    super().__init__(message)
+    self.key = key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +153,9 @@ def check_eval(eval_data, eval_every: int, checkpoint: checkpoint_lib.Checkpoint
                       "measured on)")
 
 
-def _check_type(value: Any, hint: Any, key: str) -> Any:
-  """`value` converted to `hint` where that is lossless (int -> float, list -> tuple)."""
+def _check_type(value: Any, hint: Any, key: str, default: Any = None) -> Any:
+  """`value` converted to `hint` where that is lossless (int -> float, list -> tuple, "1e-5" ->
+  float: YAML 1.1 reads a float without a dot as text); errors say what would do."""
   origin = typing.get_origin(hint)
   if origin in (typing.Union, types.UnionType):
     options = typing.get_args(hint)
@@ -159,40 +166,62 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
       if option is type(None):
         continue
       try:
-        return _check_type(value, option, key)
+        return _check_type(value, option, key, default)
       except ConfigError as e:
-        errors.append(str(e))
-    raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        errors.append(e)
+    if not errors:
+      raise ConfigError(f"{key}: bad value {value!r}", key)
+    if type(None) in options and errors[0].key == key:
+      raise ConfigError(f"{errors[0]}, or null", key)
+    raise errors[0]
   if origin is typing.Literal:
     choices = typing.get_args(hint)
     if value not in choices:
-      raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+      raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}",
+                        key)
     return value
   if dataclasses.is_dataclass(hint):
     if isinstance(value, hint):
       return value
     if not isinstance(value, dict):
-      raise ConfigError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}")
+      fields = ", ".join(f.name for f in dataclasses.fields(hint))
+      raise ConfigError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}; "
+                        f"set its fields one by one ({key}.FIELD=VALUE), of {fields}", key)
     return from_dict(hint, value, key)
   if origin is tuple:
     if not isinstance(value, (list, tuple)):
-      raise ConfigError(f"{key}: expected a list, got {value!r}")
+      raise ConfigError(f"{key}: expected a list, got {value!r}; write it in brackets, e.g. "
+                        f"[{value}]", key)
     item = typing.get_args(hint)[0]
     return tuple(_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value))
   if origin in (dict, typing.Mapping) or hint is typing.Mapping or origin is not None and (
       getattr(origin, "__name__", "") == "Mapping"):
     if not isinstance(value, dict):
-      raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+      raise ConfigError(f"{key}: expected a mapping, got {value!r}; write it in braces, e.g. "
+                        "{name: value}", key)
     return dict(value)
   if hint is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
+  if hint is float and isinstance(value, str):
+    try:
+      return float(value)
+    except ValueError:
+      pass
   if hint in (int, float, str, bool):
     if type(value) is not hint:
-      raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+      raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}; "
+                        f"give {_looks_like(hint, default)}", key)
     return value
   if hint is typing.Any:
     return value
-  raise ConfigError(f"{key}: unsupported type {hint}")
+  raise ConfigError(f"{key}: unsupported type {hint}", key)
+
+
+def _looks_like(hint: type, default: Any) -> str:
+  """What a value of `hint` looks like, the field's default as the example."""
+  example = f" such as {default}" if type(default) is hint else ""
+  return {int: f"a whole number{example}", float: f"a number{example}", bool: "true or false",
+          str: "text (quoted if it would read as a number, true/false or null)"}[hint]
 
 
 def from_dict(cls, values: dict[str, Any], prefix: str = ""):
@@ -202,7 +231,8 @@ def from_dict(cls, values: dict[str, Any], prefix: str = ""):
   unknown = sorted(set(values) - names)
   if unknown:
     where = f"{prefix}." if prefix else ""
-    raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})",
+                      f"{where}{unknown[0]}")
   defaults = {f.name: f.default for f in dataclasses.fields(cls)
               if f.default is not dataclasses.MISSING}
   kwargs = {}
@@ -213,7 +243,7 @@ def from_dict(cls, values: dict[str, Any], prefix: str = ""):
       # A section given in part keeps the default's other fields (`data.split=validation`
       # keeps the default task and folder).
       value = _deep_merged(to_dict(default), value)
-    kwargs[name] = _check_type(value, hints[name], key)
+    kwargs[name] = _check_type(value, hints[name], key, default)
   try:
     return cls(**kwargs)
   except ConfigError:
@@ -261,7 +291,20 @@ def load_config(path: str | pathlib.Path | None = None, overrides: list[str] = (
   try:
     return from_dict(cls, values)
   except ConfigError as e:
-    raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    # A key an override set is the override's fault, not the file's.
+    override = _override_setting(e.key, overrides)
+    if override is not None:
+      raise ConfigError(f"{e} (from the override {override})", e.key) from None
+    raise ConfigError(f"{path}: {e}" if path else str(e), e.key) from None
+
+
+def _override_setting(key: str | None, overrides: list[str]) -> str | None:
+  """The last of `overrides` that set `key` or a section holding it, if any."""
+  for item in reversed(overrides if key is not None else []):
+    dotted = item.split("=", 1)[0].strip()
+    if key == dotted or key.startswith((f"{dotted}.", f"{dotted}[")):
+      return item
+  return None
 
 
 def _read_yaml(path: pathlib.Path) -> dict[str, Any]:

@@ -120,6 +120,19 @@ def load_tokenizer(checkpoint: Checkpoint):
   return tokenizer
 
 
+def check_vocab(tokenizer, checkpoint: Checkpoint) -> None:
+  """A tokenizer with more tokens than the embedding has rows is refused before the weights load:
+  its extra ids would read past the table, and JAX gives NaN logits there, not an error."""
+  if tokenizer is None or len(tokenizer) <= checkpoint.config.vocab_size:
+    return
+  raise weights_lib.CheckpointError(
+      f"{checkpoint.tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but the weights' "
+      f"embedding has {checkpoint.config.vocab_size} rows (vocab_size in "
+      f"{checkpoint.config_source}); use the tokenizer saved with these weights, or resize the "
+      f"embedding to match (transformers' model.resize_token_embeddings({len(tokenizer)})) and "
+      "save both again")
+
+
 def tokenizer_only(name_or_path: str):
   """A tokenizer without its model: from a folder of tokenizer files (`save_pretrained`), or
   from anything `resolve` takes."""
@@ -324,6 +337,8 @@ def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
                   rates.best_bfloat16, rates.float32)
   start = time.perf_counter()
   checkpoint = resolve(name_or_path, gguf_file)
+  tokenizer = load_tokenizer(checkpoint)
+  check_vocab(tokenizer, checkpoint)
   graphdef, abstract_state = nnx.split(abstract_model(checkpoint.config, _DTYPES[dtype],
                                                        resolved))
   shardings = None if mesh is None else nnx.to_pure_dict(mesh.tree(abstract_state))
@@ -331,7 +346,6 @@ def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32",
                                    nnx.to_pure_dict(abstract_state), checkpoint.config_source,
                                    shardings)
   nnx.replace_by_pure_dict(abstract_state, loaded)
-  tokenizer = load_tokenizer(checkpoint)
   log.info("loaded %s (%s, %.1fM parameters) in %.1fs", name_or_path, dtype,
            checkpoint.config.num_params / 1e6, time.perf_counter() - start)
   return LanguageModel(checkpoint.config, graphdef, abstract_state, tokenizer,

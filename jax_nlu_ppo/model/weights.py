@@ -118,9 +118,13 @@ class _SafetensorsFile:
   def __init__(self, path: str):
     self.path = path
     try:
+      self.size = os.path.getsize(path)
       with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+        text = f.read(header_len)
+      if text[:1] == b"{" and len(text) < header_len:   # a JSON header that was cut
+        _truncated(path, self.size, f"header of {header_len} bytes")
+      header = json.loads(text)
     except FileNotFoundError:
       raise CheckpointError(f"{path}: file not found") from None
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -128,17 +132,22 @@ class _SafetensorsFile:
     header.pop("__metadata__", None)
     self.entries = header
     self.data_start = 8 + header_len
-    self.size = os.path.getsize(path)
+    # Checked at open, so a cut file stops the load before any tensor is read.
+    end, name = max(((e["data_offsets"][1], n) for n, e in header.items()), default=(0, None))
+    if self.data_start + end > self.size:
+      _truncated(path, self.size, f"tensor {name!r}")
 
   def get(self, name: str) -> np.ndarray:
     entry = self.entries[name]
     dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
-    begin, end = entry["data_offsets"]
-    if self.data_start + end > self.size:
-      raise CheckpointError(f"{self.path}: tensor {name!r} runs past the end of the file "
-                            "(truncated download?)")
+    begin, _ = entry["data_offsets"]
     return np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + begin,
                      shape=tuple(entry["shape"]))
+
+
+def _truncated(path: str, size: int, what: str):
+  raise CheckpointError(f"{path}: the file ends at {size} bytes, before its {what} does: it "
+                        "was truncated (an interrupted download or copy?); fetch it again")
 
 
 class SafetensorsSource:
@@ -208,7 +217,15 @@ class GGUFSource:
     try:
       self._reader = gguf.GGUFReader(path)
     except Exception as e:  # gguf raises bare ValueError/struct errors on bad files
-      raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+      with open(path, "rb") as f:
+        head = f.read(8)
+      readable_head = len(head) == 8 and head[:4] == b"GGUF" and (
+          struct.unpack("<I", head[4:])[0] in gguf.READER_SUPPORTED_VERSIONS)
+      # A GGUF cut short fails in numpy's reshapes, deep in the reader: say what it means.
+      hint = (f"; it begins as GGUF but its header or tensors do not fit in its "
+              f"{os.path.getsize(path)} bytes: truncated or damaged (an interrupted download "
+              "or copy?); fetch it again") if readable_head else ""
+      raise CheckpointError(f"{path}: not a readable GGUF file ({e}){hint}") from None
     self.path = path
     self._dequantize = gguf.quants.dequantize
     self.metadata = {k: _field_value(v) for k, v in self._reader.fields.items()

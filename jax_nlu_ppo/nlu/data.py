@@ -599,6 +599,23 @@ def _normalise(task: tasks_lib.Task, record: dict[str, Any], column_map: Mapping
   return row
 
 
+def _column_mismatch(task: tasks_lib.Task, source: str, record: dict[str, Any],
+                     column_map: Mapping[str, str]) -> str | None:
+  """Why `source` does not fit `task`, when its first row lacks an input column of the task: the
+  file holds another task's data, or names its columns otherwise. One message, not one a row."""
+  missing = [c for c in task.input_columns
+             if not any(n in record for n in _candidates(task, c, column_map))]
+  if not missing:
+    return None
+  one = len(missing) == 1
+  return (f"{source}: missing {'column' if one else 'columns'} "
+          f"{' and '.join(map(repr, missing))}, {'an input' if one else 'inputs'} of task "
+          f"{task.name} (its inputs: {', '.join(task.input_columns)}; the file's columns: "
+          f"{', '.join(map(str, record))}). Check that the file holds {task.name} data "
+          "(data.task, --task); a data file of your own (data.source=file) maps its column "
+          "names with data.column_map, e.g. {" + f"{missing[0]}: <its column>" + "}")
+
+
 def _build(task: tasks_lib.Task, source: str, rows: Iterator[Row], column_map: Mapping[str, str],
            labelled: bool, strict: bool) -> tuple[datasets.Dataset, LoadReport]:
   unknown = sorted(set(column_map) - {*task.input_columns, "label"})
@@ -608,8 +625,14 @@ def _build(task: tasks_lib.Task, source: str, rows: Iterator[Row], column_map: M
   columns: dict[str, list[Any]] = {c: [] for c in (*task.input_columns, "label", "idx")}
   problems: list[str] = []
   rows_read = 0
+  first = mismatch = None     # the first record, whose columns say if the file fits the task
   for position, (where, record) in enumerate(rows):
     rows_read += 1
+    if first is None and isinstance(record, dict):
+      first = record
+      mismatch = _column_mismatch(task, source, first, column_map)
+      if strict and mismatch:
+        raise DataError(mismatch)
     row = record if isinstance(record, str) else _normalise(task, record, column_map, labelled)
     if isinstance(row, str):
       message = f"{where}: {row}"
@@ -624,6 +647,8 @@ def _build(task: tasks_lib.Task, source: str, rows: Iterator[Row], column_map: M
   kept = len(columns["idx"])
   if rows_read == 0:
     raise DataError(f"data file {source} has no data rows")
+  if kept == 0 and mismatch:
+    raise DataError(mismatch)
   if kept == 0:
     raise DataError(f"no usable rows in {source} (all {rows_read} skipped); first problems:\n  "
                     + "\n  ".join(problems[:5]))

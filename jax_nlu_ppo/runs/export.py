@@ -19,11 +19,13 @@ PEFT folder (`--init-adapter`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import operator
 import os
+import re
 import shutil
 import time
 import uuid
@@ -356,39 +358,37 @@ def load_peft_adapter(folder: str, lm, critic_lora: bool | None = None
   it; otherwise the critic starts fresh (V = 0). `critic_lora` forces the presence (True) or
   absence (False) of critic adapters; by default it follows the file.
   """
-  path = os.path.join(folder, ADAPTER_CONFIG)
-  try:
-    with open(path) as f:
-      peft = json.load(f)
-  except FileNotFoundError:
-    raise ExportError(f"{path}: not found; a PEFT adapter folder needs {ADAPTER_CONFIG}") from None
-  except json.JSONDecodeError as e:
-    raise ExportError(f"{path}: not valid JSON ({e})") from None
-  lora = _lora_config(peft, path)
-
+  lora, base = read_adapter_config(folder)
   critic_source = None
   if os.path.exists(os.path.join(folder, VALUE_HEAD_WEIGHTS)):
     critic_source = weights_lib.SafetensorsSource(folder, VALUE_HEAD_WEIGHTS)
   if critic_lora is None:
     critic_lora = critic_source is not None and any(
         n.startswith("critic.") for n in critic_source.names())
-  llama = nnx.merge(lm.graphdef, lm.params)  # a new module over the same, untouched arrays
-  policy = policy_lib.make_policy(llama, lora, value_dropout=0.0, seed=0,
-                                  critic_lora=critic_lora)
-  _, trainable, _ = policy_lib.split(policy)
-  pure = nnx.to_pure_dict(trainable)
 
+  def fresh_trainable():
+    # A new module over the same, untouched arrays: make_policy adds its adapters in place.
+    llama = nnx.merge(lm.graphdef, lm.params)
+    return policy_lib.split(policy_lib.make_policy(llama, lora, value_dropout=0.0, seed=0,
+                                                   critic_lora=critic_lora))[1]
+
+  # The files are checked against the shapes alone: a mismatched adapter stops before anything
+  # is computed.
+  shapes = nnx.to_pure_dict(nnx.eval_shape(fresh_trainable))
   specs = adapter_specs(lm.config, lora.targets)
   source = weights_lib.SafetensorsSource(folder, ADAPTER_WEIGHTS)
-  _check_adapter_tensors(source, specs, pure, lm.config, lora,
-                         os.path.join(folder, ADAPTER_WEIGHTS))
+  _check_adapter_tensors(source, specs, shapes, lm.config, lora,
+                         os.path.join(folder, ADAPTER_WEIGHTS), base)
+  critic_specs = _critic_specs(shapes)
+  if critic_source is not None:
+    _check_tensors(critic_source, critic_specs, shapes, lm.config,
+                   f"critic_lora={critic_lora}, hidden_size={lm.config.hidden_size}",
+                   os.path.join(folder, VALUE_HEAD_WEIGHTS))
+  trainable = fresh_trainable()
+  pure = nnx.to_pure_dict(trainable)
   loaded = weights_lib.load_params(source, lm.config, pure, specs=specs)
   pure["llama"] = loaded["llama"]
   if critic_source is not None:
-    critic_specs = _critic_specs(pure)
-    _check_tensors(critic_source, critic_specs, pure, lm.config,
-                   f"critic_lora={critic_lora}, hidden_size={lm.config.hidden_size}",
-                   os.path.join(folder, VALUE_HEAD_WEIGHTS))
     pure |= weights_lib.load_params(critic_source, lm.config, pure, specs=critic_specs)
   else:
     log.info("%s has no %s; the value head starts at zero", folder, VALUE_HEAD_WEIGHTS)
@@ -403,21 +403,51 @@ def initial_adapter(folder: str | None, config) -> tuple[pretrained.LanguageMode
   config's."""
   if not folder:
     return None, None
+  # Its LoRA settings are known from its config file: compare them before the base loads.
+  lora, _ = read_adapter_config(folder)
+  differ = [(f"lora.{f.name}", getattr(lora, f.name), getattr(config.lora, f.name))
+            for f in dataclasses.fields(lora)
+            if getattr(lora, f.name) != getattr(config.lora, f.name)]
+  if differ:
+    theirs = [f"{key}={_override_value(value)}" for key, value, _ in differ]
+    ours = ", ".join(f"{key}={_override_value(value)}" for key, _, value in differ)
+    raise ExportError(f"--init-adapter {os.path.join(folder, ADAPTER_CONFIG)}: the adapter "
+                      f"has {', '.join(theirs)}, the config {ours}; set the config's lora "
+                      f"section to the adapter's (--set {' '.join(theirs)}), or pass an adapter "
+                      "trained with the config's")
   lm = pretrained.load_pretrained(config.model.name, config.model.dtype, config.model.gguf_file,
                                   kernels=config.model.kernels)
-  lora, trainable = load_peft_adapter(folder, lm)
-  if lora != config.lora:
-    raise ValueError(f"--init-adapter {folder} has LoRA settings {lora}, the config "
-                     f"{config.lora}; set the config's lora section to match")
+  _, trainable = load_peft_adapter(folder, lm)
   return lm, trainable
+
+
+def read_adapter_config(folder: str) -> tuple[lora_lib.LoraConfig, str | None]:
+  """A PEFT folder's LoRA settings and the base it names, from its adapter_config.json."""
+  path = os.path.join(folder, ADAPTER_CONFIG)
+  try:
+    with open(path) as f:
+      peft = json.load(f)
+  except FileNotFoundError:
+    raise ExportError(f"{path}: not found; a PEFT adapter folder needs {ADAPTER_CONFIG}") from None
+  except json.JSONDecodeError as e:
+    raise ExportError(f"{path}: not valid JSON ({e})") from None
+  return _lora_config(peft, path), peft.get("base_model_name_or_path")
+
+
+def _override_value(value) -> str:
+  """`value` as a --set override writes it (YAML)."""
+  if isinstance(value, tuple):
+    return f"[{','.join(value)}]"
+  return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _lora_config(peft: dict, path: str) -> lora_lib.LoraConfig:
   if peft.get("peft_type") != "LORA":
     raise ExportError(f"{path}: peft_type {peft.get('peft_type')!r} is not supported (LORA only)")
   for key, needed in _UNSUPPORTED.items():
-    if (peft.get(key) or None) != (needed or None):  # absent, null, false and {} all agree
-      raise ExportError(f"{path}: {key}={peft[key]!r} is not supported (needs {needed!r})")
+    value = peft.get(key, needed)  # absent: PEFT's default, the value needed
+    if (value or None) != (needed or None):  # null, false and {} all agree
+      raise ExportError(f"{path}: {key}={value!r} is not supported (needs {needed!r})")
   targets = peft.get("target_modules")
   if targets == "all-linear":
     targets = list(lora_lib.ALL_TARGETS)
@@ -438,23 +468,30 @@ def _lora_config(peft: dict, path: str) -> lora_lib.LoraConfig:
 
 
 def _check_adapter_tensors(source, specs, pure, config: LlamaConfig, lora: lora_lib.LoraConfig,
-                           path: str):
+                           path: str, base: str | None = None):
+  # Said where the tensors show another model's layer count or widths, not a mis-edited rank.
+  another_base = (f"; it was made for another base model ({ADAPTER_CONFIG} names {base!r}): "
+                  "run on that base (model.name), or train an adapter on this one")
   expected = {s.hf_name.format(i=i) for s in specs for i in range(config.num_layers)}
   unexpected = sorted(n for n in source.names() if n not in expected)
   if unexpected:
+    layers = [int(m[1]) for n in unexpected if (m := re.search(r"\.layers\.(\d+)\.", n))]
     raise ExportError(
         f"{path}: tensor {unexpected[0]!r} is not an adapter of this "
         f"model with target_modules {list(lora.targets)} and {config.num_layers} layers "
-        f"({len(unexpected)} such tensors)")
+        f"({len(unexpected)} such tensors)"
+        + (another_base if layers and max(layers) >= config.num_layers else ""))
   _check_tensors(source, specs, pure, config, f"r={lora.rank}, target_modules="
                  f"{list(lora.targets)}, hidden_size={config.hidden_size}, "
                  f"heads={config.num_heads}, kv_heads={config.num_kv_heads}, "
                  f"head_dim={config.head_dim}, intermediate_size={config.intermediate_size}",
-                 path)
+                 path, another_base, lora.rank)
 
 
-def _check_tensors(source, specs, pure, config: LlamaConfig, settings: str, path: str):
-  """Every tensor present with the shape this model needs; errors name the tensor and why."""
+def _check_tensors(source, specs, pure, config: LlamaConfig, settings: str, path: str,
+                   another_base: str = "", rank: int | None = None):
+  """Every tensor present with the shape this model needs; errors name the tensor and why.
+  `another_base` ends the message when a layer or a width other than the `rank` differs."""
   for spec in specs:
     leaf = functools.reduce(operator.getitem, spec.path, pure)
     shape = spec.hf_shape(leaf.shape[1:] if spec.stacked else leaf.shape)
@@ -462,7 +499,9 @@ def _check_tensors(source, specs, pure, config: LlamaConfig, settings: str, path
       name = spec.hf_name.format(i=i)
       if name not in source.names():
         raise ExportError(f"{path}: tensor {name!r} is missing; this model expects it with "
-                          f"{settings}")
-      if source.shape(name) != shape:
-        raise ExportError(f"{path}: tensor {name!r} has shape {source.shape(name)} but this "
-                          f"model expects {shape} ({settings})")
+                          f"{settings}" + (another_base if i else ""))
+      got = source.shape(name)
+      if got != shape:
+        widths = any(g != e and e != rank for g, e in zip(got, shape))
+        raise ExportError(f"{path}: tensor {name!r} has shape {got} but this model expects "
+                          f"{shape} ({settings})" + (another_base if widths else ""))
