@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jax_nlu_ppo.nlu import evaluate as evaluate_lib
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
@@ -103,15 +105,11 @@ def _agreed(error: RunFolderError | None, run_dir: pathlib.Path) -> None:
 
 
 def _writable(run_dir: pathlib.Path) -> RunFolderError | None:
-  try:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    probe = run_dir / f".{LOCK_FILE}.probe"
-    probe.write_text("")
-    probe.unlink()
-  except OSError as e:
-    return RunFolderError(f"output_dir {run_dir}: cannot write there ({e.strerror}); choose "
-                          "another folder or fix its permissions")
-  return None
+  reason = evaluate_lib.unwritable(run_dir / LOCK_FILE)
+  if reason is None:
+    return None
+  return RunFolderError(f"output_dir {run_dir}: cannot write there ({reason}); choose another "
+                        "folder or fix its permissions")
 
 
 def check(run_dir: str | os.PathLike | None) -> None:

@@ -226,8 +226,8 @@ def evaluate_tasks(task_specs: Sequence[str], config: EvalConfig, load_model: Ca
   return results
 
 
-def check_writable(path: str | pathlib.Path) -> None:
-  """Fail before hours of work, not after: the output folder must be creatable and writable."""
+def unwritable(path: str | pathlib.Path) -> str | None:
+  """Why the folder `path` goes in cannot be created or written (the OS's reason), else None."""
   path = pathlib.Path(path)
   folder = path.parent
   try:
@@ -236,7 +236,15 @@ def check_writable(path: str | pathlib.Path) -> None:
     probe.write_text("")
     probe.unlink()
   except OSError as e:
-    raise ValueError(f"--output {path}: cannot write there ({e.strerror})") from None
+    return e.strerror
+  return None
+
+
+def check_writable(path: str | pathlib.Path) -> None:
+  """Fail before hours of work, not after: the output folder must be creatable and writable."""
+  reason = unwritable(path)
+  if reason is not None:
+    raise ValueError(f"--output {path}: cannot write there ({reason})")
 
 
 def write_json(results: Sequence[EvalResult], path: str | pathlib.Path,
