@@ -1,10 +1,11 @@
 """`checkpoint_run`'s PPO run as one process of several, for `test_checkpoint` to preempt:
 
-    python -m tests.multihost_checkpoint_run PROCESS_ID NUM_PROCESSES PORT RUN_DIR PAUSE OUT.npz
+    python -m tests.multihost_checkpoint_run PROCESS_ID NUM_PROCESSES PORT RUN_DIR HOLD OUT.npz
 
-Each process has 4 / NUM_PROCESSES fake CPU devices (one 4-device mesh in all). PAUSE seconds
-after each step leave time to send SIGTERM. Process 0 prints the iteration it stopped at and
-writes the trained adapters to OUT.npz.
+Each process has 4 / NUM_PROCESSES fake CPU devices (one 4-device mesh in all). HOLD > 0: after
+step HOLD, before it asks whether to stop, each process writes `OUT.gate/holding.<id>` and waits
+for `OUT.gate/release`, so the test's SIGTERM reaches it at a known step. Process 0 prints the
+iteration it stopped at and writes the trained adapters to OUT.npz.
 """
 import os
 import sys
@@ -15,6 +16,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import dataclasses  # noqa: E402
+import pathlib  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -27,7 +29,7 @@ from tests.multihost_run import trained  # noqa: E402
 
 
 def main(argv) -> int:
-  process_id, port, run_dir, pause, out = int(argv[1]), argv[3], argv[4], float(argv[5]), argv[6]
+  process_id, port, run_dir, hold, out = int(argv[1]), argv[3], argv[4], int(argv[5]), argv[6]
   distributed.initialize(distributed.DistributedConfig(f"127.0.0.1:{port}", NUM_PROCESSES,
                                                        process_id))
   config = dataclasses.replace(checkpoint_run.make_config(run_dir),
@@ -35,7 +37,18 @@ def main(argv) -> int:
   trainer = trainer_lib.PPOTrainer(config, lm=checkpoint_run.tiny_lm(),
                                    train_examples=checkpoint_run.EXAMPLES * 2)
   print(f"process {process_id} started at iteration {trainer.iteration}", flush=True)
-  trainer.train(on_step=lambda m: time.sleep(pause))
+  if hold:
+    step, gate = trainer.step, pathlib.Path(out + ".gate")
+
+    def held_step():
+      metrics = step()
+      if trainer.iteration == hold:
+        (gate / f"holding.{process_id}").touch()
+        while not (gate / "release").exists():
+          time.sleep(0.05)
+      return metrics
+    trainer.step = held_step
+  trainer.train()
   params = trained(trainer)
   if distributed.is_primary():
     np.savez(out, **params)

@@ -317,9 +317,9 @@ def test_stop_signal_sets_a_flag_and_restores_the_handlers():
   from jax_nlu_ppo.rl import run_loop
   before = signal.getsignal(signal.SIGINT)
   with run_loop.StopSignal() as stop:
-    assert not stop.reached(1)
+    assert not stop.reached()
     os.kill(os.getpid(), signal.SIGINT)        # Ctrl-C: no KeyboardInterrupt, a request to stop
-    assert stop.received == "SIGINT" and stop.reached(1)
+    assert stop.received == "SIGINT" and stop.reached()
     with pytest.raises(KeyboardInterrupt):     # a second Ctrl-C stops at once
       os.kill(os.getpid(), signal.SIGINT)
   assert signal.getsignal(signal.SIGINT) is before
@@ -328,7 +328,7 @@ def test_stop_signal_sets_a_flag_and_restores_the_handlers():
 # --------------------------------------------------------------------------------------------
 # Preemption of a two-process run (gloo on this machine), as a pod's maintenance event does it.
 
-def _launch_two(run_dir, cache_dir, out, pause) -> list[subprocess.Popen]:
+def _launch_two(run_dir, cache_dir, out, hold=0) -> list[subprocess.Popen]:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = str(s.getsockname()[1])
@@ -339,7 +339,7 @@ def _launch_two(run_dir, cache_dir, out, pause) -> list[subprocess.Popen]:
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   env.pop("XLA_FLAGS", None)
   return [subprocess.Popen([sys.executable, "-m", "tests.multihost_checkpoint_run", str(i), "2",
-                            port, str(run_dir), str(pause), str(out)], cwd=ROOT, env=env,
+                            port, str(run_dir), str(hold), str(out)], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
           for i in range(2)]
 
@@ -351,32 +351,39 @@ def _finish_two(processes, timeout=300) -> list[str]:
   return [out for out, _ in outs]
 
 
-def _stop_two(run_dir, cache_dir, out, after_step: int, signalled: list[int]) -> int:
-  """Runs both processes until `after_step` is saved, sends SIGTERM to those in `signalled`;
-  returns the step both stopped at."""
-  processes = _launch_two(run_dir, cache_dir, out, pause=0.5)
+def _stop_two(run_dir, cache_dir, out, hold: int, signalled: list[int]) -> int:
+  """Runs both processes to step `hold`, where they wait while those in `signalled` get
+  SIGTERM; returns the step both stopped at (checked to be one of the next two)."""
+  gate = pathlib.Path(f"{out}.gate")
+  shutil.rmtree(gate, ignore_errors=True)
+  gate.mkdir()
+  processes = _launch_two(run_dir, cache_dir, out, hold)
   deadline = time.time() + 240
-  while not (run_dir / "checkpoints" / str(after_step)).exists():
+  while not all((gate / f"holding.{i}").exists() for i in range(2)):
     assert all(p.poll() is None for p in processes) and time.time() < deadline
     time.sleep(0.1)
   for i in signalled:
     processes[i].send_signal(signal.SIGTERM)
+  time.sleep(2)                            # the notice reaches the coordination service
+  (gate / "release").touch()
   stopped = {int(line.split()[-1]) for text in _finish_two(processes) for line in
              text.splitlines() if "stopped at iteration" in line}
   assert len(stopped) == 1, stopped        # every process saved and stopped after the same step
-  return stopped.pop()
+  step = stopped.pop()
+  assert hold <= step <= hold + 1, (hold, step)
+  return step
 
 
 def test_two_processes_preempted_together_or_one_alone_continue_exactly(tmp_path, cache_dir):
   reference, run_dir = tmp_path / "reference", tmp_path / "run"
-  _finish_two(_launch_two(reference, cache_dir, tmp_path / "reference.npz", pause=0.0))
+  _finish_two(_launch_two(reference, cache_dir, tmp_path / "reference.npz"))
   # SIGTERM to every process, then (continued) to process 1 alone: the others learn of it
   # through JAX's preemption sync point and stop after the same step.
   first = _stop_two(run_dir, cache_dir, tmp_path / "stopped.npz", 1, signalled=[0, 1])
-  assert 1 <= first < checkpoint_run.STEPS and steps_on_disk(run_dir)[-1] == first
+  assert steps_on_disk(run_dir)[-1] == first
   second = _stop_two(run_dir, cache_dir, tmp_path / "stopped.npz", first + 1, signalled=[1])
-  assert first < second < checkpoint_run.STEPS and steps_on_disk(run_dir)[-1] == second
-  outs = _finish_two(_launch_two(run_dir, cache_dir, tmp_path / "continued.npz", pause=0.0))
+  assert second < checkpoint_run.STEPS and steps_on_disk(run_dir)[-1] == second
+  outs = _finish_two(_launch_two(run_dir, cache_dir, tmp_path / "continued.npz"))
   assert f"process 0 started at iteration {second}" in outs[0]
 
   assert steps_on_disk(run_dir) == steps_on_disk(reference)

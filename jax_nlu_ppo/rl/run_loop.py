@@ -231,6 +231,7 @@ class StopSignal:
   def __init__(self):
     self.received: str | None = None
     self._previous: dict[int, Any] = {}
+    self._steps = 0
 
   def __enter__(self) -> StopSignal:
     # Handlers can only be set from the main thread; elsewhere signals keep their handlers.
@@ -250,11 +251,14 @@ class StopSignal:
     self.received = signal.Signals(signum).name
     log.warning("%s: finishing this step, then saving a checkpoint and stopping", self.received)
 
-  def reached(self, step: int) -> bool:
-    """Whether to stop after `step`; called by every process at every step."""
+  def reached(self) -> bool:
+    """Whether to stop after the step just done; called by every process at every step."""
+    self._steps += 1
     if jax.process_count() > 1:
+      # Steps are counted from this process's start, not the run's: JAX's sync point starts at
+      # 1, so a resumed run that heard of a preemption before its first count would never stop.
       try:
-        return multihost_utils.reached_preemption_sync_point(step)
+        return multihost_utils.reached_preemption_sync_point(self._steps)
       except RuntimeError:     # JAX's preemption service is off: nothing to sync on
         return False
     return self.received is not None
@@ -350,7 +354,7 @@ def _steps(trainer: Resumable, steps: int, output_dir: str | None,
     for i in range(steps):
       metrics = trainer.step()
       skipped_in_a_row = skipped_in_a_row + 1 if metrics[trainer.skipped_metric] >= 1 else 0
-      stopping = stop.reached(trainer.iteration)
+      stopping = stop.reached()
       # Not when stopping: a preempted host has seconds to save, not minutes to evaluate.
       if evaluator is not None and not stopping and (
           i == steps - 1 or evaluator.due(trainer.iteration)):
