@@ -115,11 +115,13 @@ def _load_config(args, cls):
   return config_lib.load_config(args.config, overrides, cls=cls)
 
 
-def _model_loader(args, batch_size: int = 32):
+def _model_loader(args, batch_size: int = 32, batch_tokens: int | None = None):
   """Loads --model when called, once the command has read its data: a bad path fails first."""
   def load():
     from jax_nlu_ppo.runs import reader
-    return reader.load_model(args.model, args.dtype, args.gguf_file, batch_size)
+    lm = reader.load_model(args.model, args.dtype, args.gguf_file, batch_size)
+    lm.batch_tokens = batch_tokens
+    return lm
   return load
 
 
@@ -176,6 +178,9 @@ def _add_eval_parser(commands) -> None:
                   "submissions); by default unparsed answers count as wrong")
   ev.add_argument("--batch-size", type=int, default=32,
                   help="prompts per generation batch (default: %(default)s)")
+  ev.add_argument("--batch-tokens", type=int, default=None,
+                  help="padded tokens (prompt + answer) per batch: prompts are sorted by "
+                  "length and long ones go in smaller batches (default: 256 x --batch-size)")
   ev.add_argument("--strict-data", action="store_true",
                   help="stop at the first bad data row instead of skipping and counting it")
   ev.add_argument("--output", default=None, help="write the results JSON here")
@@ -191,7 +196,8 @@ def run_eval(args) -> int:
       max_new_tokens=args.max_new_tokens, lenient=not args.strict_parsing,
       random_fallback=args.random_fallback)
   results = evaluate_lib.evaluate_tasks(
-      specs, config, _model_loader(args, args.batch_size), data=args.data, split=args.split,
+      specs, config, _model_loader(args, args.batch_size, args.batch_tokens), data=args.data,
+      split=args.split,
       limit=args.limit, shuffle_seed=args.shuffle_seed, strict_data=args.strict_data,
       shot_data=args.shot_data, shot_split=args.shot_split, output=args.output,
       progress=_progress)

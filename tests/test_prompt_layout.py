@@ -121,3 +121,38 @@ def test_minibatches_without_a_skip_are_plain_random_rows():
                                             PromptLayout(8, 16, 2), 2)
   assert layout == PromptLayout(8, 0, 2)
   np.testing.assert_array_equal(np.concatenate(picks), np.random.default_rng(5).permutation(16))
+
+
+def test_length_batches_sort_and_keep_to_the_token_budget():
+  lengths = [5, 300, 40, 7, 290, 60, 8, 9, 500, 35]
+  batches = prompt_layout.length_batches(lengths, rows=4, max_tokens=1024, new_tokens=16)
+  order = np.concatenate([indices for indices, _ in batches])
+  assert sorted(order.tolist()) == list(range(len(lengths)))      # every index once
+  assert [lengths[i] for i in order] == sorted(lengths)
+  for indices, rows in batches:
+    assert len(indices) <= rows <= 4
+    longest = max(lengths[i] for i in indices)
+    # Within budget, or already down to a single row.
+    assert rows * (prompt_layout.bucket_length(longest) + 16) <= 1024 or rows == 1
+  # 5-9 | 35, 40 (4 rows to 290 would be 4 x 400 tokens) | 60, 290 | 300 | 500
+  assert [rows for _, rows in batches] == [4, 2, 2, 1, 1] and batches[-1][0].tolist() == [8]
+  # No budget: plain sorted batches of `rows`; on a mesh, rows stay a multiple of its ways.
+  assert [rows for _, rows in prompt_layout.length_batches(lengths, 4)] == [4, 4, 4]
+  assert [rows for _, rows in prompt_layout.length_batches(lengths, 8, 1024, 16, 2)] == [4, 2, 2, 2]
+
+
+def test_generation_sorted_by_length_answers_in_the_input_order():
+  from tests import checkpoint_run
+  lm = checkpoint_run.tiny_lm()
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(3, lm.config.vocab_size, n).tolist() for n in (5, 70, 9, 33, 6, 70, 12)]
+  alone = [lm.generate_rendered([p], max_new_tokens=6)[0] for p in prompts]
+  shapes = []
+  generate_ids = lm.generate_ids
+  lm.generate_ids = lambda ids, *a, **k: shapes.append(np.shape(ids)) or generate_ids(ids, *a, **k)
+  lm.batch_size, lm.batch_tokens = 4, 4 * 40
+  done = []
+  assert lm.generate_rendered(prompts, max_new_tokens=6,
+                              progress=lambda n, total: done.append((n, total))) == alone
+  # 5, 6, 9, 12 | 33 | 70, 70 | : the long prompts in batches of 2 and 1 (bucket 96 + 6 > 40)
+  assert [rows for rows, _ in shapes] == [4, 1, 1, 1] and done[-1] == (7, 7)

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,9 @@ EMBEDDED_MODELS = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# The default token budget of a generated batch, per row of `batch_size`: SST-2-length prompts
+# fill whole batches; a prompt of several hundred tokens shares its batch with fewer.
+DEFAULT_TOKENS_PER_ROW = 256
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -213,7 +216,8 @@ class LanguageModel:
   """
 
   def __init__(self, config: LlamaConfig, graphdef, params, tokenizer=None, dtype=jnp.float32,
-               batch_size: int = 32, mesh: sharding_lib.LogicalMesh | None = None):
+               batch_size: int = 32, mesh: sharding_lib.LogicalMesh | None = None,
+               batch_tokens: int | None = None):
     self.config = config
     self.graphdef = graphdef
     self.params = params
@@ -223,6 +227,9 @@ class LanguageModel:
     # Batches split evenly over the mesh's data-parallel devices.
     ways = mesh.batch_ways if mesh is not None else 1
     self.batch_size = -(-batch_size // ways) * ways
+    # Padded tokens (prompt + answer) per generated batch, long prompts going in fewer rows;
+    # None: DEFAULT_TOKENS_PER_ROW x batch_size.
+    self.batch_tokens = batch_tokens
 
   @property
   def model(self) -> decoder.Llama:
@@ -278,22 +285,34 @@ class LanguageModel:
 
   def generate_rendered(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 32,
                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                        seed: int = 0) -> list[str]:
-    """`generate` for prompts already rendered to token ids (see `render_prompt`)."""
+                        seed: int = 0, progress: Callable[[int, int], None] | None = None
+                        ) -> list[str]:
+    """`generate` for prompts already rendered to token ids (see `render_prompt`): sorted by
+    length into batches of at most `batch_size` rows and `batch_tokens` tokens
+    (`prompts.length_batches`), answered in the input order. `progress(done, total)` after each
+    batch."""
     tok = self._require_tokenizer()
     sampling = sampling_lib.SamplingConfig(temperature, top_k, top_p)
-    outputs = []
-    for start in range(0, len(prompt_ids), self.batch_size):
-      chunk = list(prompt_ids[start:start + self.batch_size])
+    ways = self.mesh.batch_ways if self.mesh is not None else 1
+    outputs: list[str] = [""] * len(prompt_ids)
+    budget = self.batch_tokens or DEFAULT_TOKENS_PER_ROW * self.batch_size
+    batches = prompts_lib.length_batches([len(p) for p in prompt_ids], self.batch_size, budget,
+                                         max_new_tokens, ways)
+    done = 0
+    for number, (indices, rows) in enumerate(batches):
+      chunk = [list(prompt_ids[i]) for i in indices]
       # A short last batch is padded with copies so that it reuses the compiled shape (and, on
       # a mesh, so that it splits evenly).
-      fill = (self.batch_size - len(chunk)
-              if len(prompt_ids) > self.batch_size or self.mesh is not None else 0)
+      fill = rows - len(chunk) if len(batches) > 1 or self.mesh is not None else 0
       # A task's instructions (and k-shot demonstrations) begin every prompt: they run once.
       _, prompts = prompts_lib.lay_out(chunk + [chunk[0]] * fill, self.pad_id)
       gen = self.generate_ids(prompts.ids_bt, prompts.mask_bt, max_new_tokens, sampling,
-                              seed + start, prompts.layout)
-      outputs += decode_responses(tok, gen, self.eos_ids())[:len(chunk)]
+                              seed + number, prompts.layout)
+      for i, text in zip(indices, decode_responses(tok, gen, self.eos_ids())):
+        outputs[i] = text
+      done += len(chunk)
+      if progress is not None:
+        progress(done, len(prompt_ids))
     return outputs
 
   def eos_ids(self) -> tuple[int, ...]:

@@ -78,6 +78,29 @@ def bucket_length(n: int, minimum: int = 16) -> int:
   return max(minimum, power * 3 // 4 if n <= power * 3 // 4 else power)
 
 
+def length_batches(lengths: Sequence[int], rows: int, max_tokens: int | None = None,
+                   new_tokens: int = 0, multiple: int = 1) -> list[tuple[np.ndarray, int]]:
+  """(indices into `lengths`, the batch's rows), shortest first: batches of at most `rows`
+  whose padded size, rows x (`bucket_length` of the longest + `new_tokens`), stays within
+  `max_tokens`. Only the last batch can hold fewer indices than its rows.
+
+  Sorting keeps a long prompt from padding a batch of short ones; a batch over the budget halves
+  its rows (never below `multiple`, the mesh's data-parallel ways), so few shapes compile.
+  """
+  order = np.argsort(np.asarray(lengths, np.int64), kind="stable")
+  batches, start = [], 0
+  while start < len(order):
+    take = rows
+    while take > multiple and max_tokens is not None:
+      longest = lengths[order[min(start + take, len(order)) - 1]]
+      if take * (bucket_length(longest) + new_tokens) <= max_tokens:
+        break
+      take = max(multiple, -(-(take // 2) // multiple) * multiple)
+    batches.append((order[start:start + take], take))
+    start += take
+  return batches
+
+
 # Shared prompt starts are rounded down to a multiple of this, so that a run meets few
 # distinct lengths (each compiles its own programs).
 SHARED_PREFIX_MULTIPLE = 8

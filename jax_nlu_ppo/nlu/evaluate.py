@@ -170,12 +170,8 @@ def evaluate_model(lm, task: tasks_lib.Task | str, examples: Sequence[dict[str, 
   if not kept:
     raise ValueError(f"task {task.name}: every prompt is too long for the model "
                      f"({skipped[0]['reason'] if skipped else 'no examples'})")
-  responses: list[str] = []
-  for start in range(0, len(prompts), lm.batch_size):
-    responses += lm.generate_rendered(prompts[start:start + lm.batch_size],
-                                      max_new_tokens=config.max_new_tokens, temperature=0.0)
-    if progress is not None:
-      progress(len(responses), len(prompts))
+  responses = lm.generate_rendered(prompts, max_new_tokens=config.max_new_tokens,
+                                   temperature=0.0, progress=progress)
   result = score(task, kept, responses, lenient=config.lenient,
                  fallback_seed=config.shot_seed if config.random_fallback else None,
                  fmt=config.prompt_format)

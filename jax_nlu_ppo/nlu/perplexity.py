@@ -79,13 +79,12 @@ def perplexity(lm: pretrained.LanguageModel, texts: Sequence[str], *,
   nll_i = np.zeros(len(ids), np.float64)
   tokens_i = np.zeros(len(ids), np.int64)
   # Similar lengths together waste less padding; results go back to the texts' own order.
-  order = np.argsort([len(x) for x in ids], kind="stable")
-  for start in range(0, len(order), batch_size):
-    rows = order[start:start + batch_size]
+  budget = lm.batch_tokens or pretrained.DEFAULT_TOKENS_PER_ROW * batch_size
+  for rows, size in prompts_lib.length_batches([len(x) for x in ids], batch_size, budget):
     length = prompts_lib.bucket_length(max(len(ids[i]) for i in rows))
     # A short last batch is filled with empty rows so that it reuses the compiled shape.
-    ids_bt = np.full((batch_size, length), lm.pad_id, np.int32)
-    mask_bt = np.zeros((batch_size, length), np.int32)
+    ids_bt = np.full((size, length), lm.pad_id, np.int32)
+    mask_bt = np.zeros((size, length), np.int32)
     for row, i in enumerate(rows):
       ids_bt[row, :len(ids[i])] = ids[i]
       mask_bt[row, :len(ids[i])] = 1

@@ -423,7 +423,7 @@ def adapted_model(lm: pretrained.LanguageModel, graphdef, base, trainable,
   policy = policy_lib.with_trainable(graphdef, base, trainable)
   llama_graphdef, params = nnx.split(policy.llama)
   return pretrained.LanguageModel(lm.config, llama_graphdef, params, lm.tokenizer, lm.dtype,
-                                  lm.batch_size, mesh or lm.mesh)
+                                  lm.batch_size, mesh or lm.mesh, lm.batch_tokens)
 
 
 def evaluate_model(lm: pretrained.LanguageModel, examples: Sequence[dict[str, Any]],
