@@ -143,7 +143,7 @@ def _add_eval_parser(commands) -> None:
                   help="where the data is: 'hub' (nyu-mll/glue, needs internet), a local GLUE "
                   "folder in the original TSV layout, or a data file (csv/tsv/json/jsonl/"
                   "parquet or a save_to_disk folder). Default: a custom task's own data, "
-                  "else 'hub'")
+                  "else the GLUE folder ../shared/data/glue if there, else 'hub'")
   ev.add_argument("--split", default=None,
                   help="split to score (default: validation; validation_matched for mnli, "
                   "test for ax). With a GLUE folder, other names pick a file in the task's "

@@ -80,8 +80,7 @@ class TrainConfig:
   optimizer: ppo_lib.OptimizerConfig = ppo_lib.OptimizerConfig()
   rollout: RolloutConfig = RolloutConfig()
   reward: answer.RewardConfig = answer.RewardConfig()
-  data: data_lib.DataConfig = data_lib.DataConfig(task="sst2", source="glue_dir",
-                                                  path="../shared/data/glue", shuffle_seed=0)
+  data: data_lib.DataConfig = data_lib.DataConfig(task="sst2", shuffle_seed=0)
   # Several tasks at once: weighted components replace `data` (each row keeps its task's
   # prompt, extraction rule and reward).
   mixture: tuple[data_lib.MixtureComponent, ...] = ()

@@ -322,7 +322,7 @@ def test_data_locations_and_an_unreachable_hub(tmp_path, monkeypatch):
   rows.write_text(json.dumps({"sentence": "fine", "label": 1}) + "\n")
   sources = {location: data.data_config_for("sst2", location, "validation").source
              for location in (None, "hub", str(glue), str(rows))}
-  assert sources == {None: "hub", "hub": "hub", str(glue): "glue_dir", str(rows): "file"}
+  assert sources == {None: "auto", "hub": "hub", str(glue): "glue_dir", str(rows): "file"}
   with pytest.raises(data.DataError, match="--data .*nowhere: no such file or folder"):
     data.data_config_for("sst2", str(tmp_path / "nowhere"), "validation")
   assert [tasks.default_eval_split(t) for t in ("sst2", "mnli", "ax")] == [
@@ -332,4 +332,4 @@ def test_data_locations_and_an_unreachable_hub(tmp_path, monkeypatch):
     raise ConnectionError("no network")
   monkeypatch.setattr(data, "load", offline)
   with pytest.raises(data.DataError, match="cannot reach the Hugging Face hub for sst2 .*--data"):
-    data.load_rows(data.DataConfig(task="sst2", split="validation"))
+    data.load_rows(data.DataConfig(task="sst2", split="validation", source="hub"))

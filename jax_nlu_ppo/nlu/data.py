@@ -1,7 +1,8 @@
 """Loading task data into `datasets.Dataset`s with the hub's column names and integer labels.
 
-Three sources, each normalised to the `nyu-mll/glue` layout (the task's input columns, `label`
-as a ClassLabel or, for STS-B, a float, and `idx`, the row's position in its source):
+Four sources, each normalised to the `nyu-mll/glue` layout (the task's input columns, `label`
+as a ClassLabel or, for STS-B, a float, and `idx`, the row's position in its source), and
+"auto", which picks one of them (`resolve_source`):
 
 * "hub": `load_dataset("nyu-mll/glue", task, split=split)` (needs internet);
 * "glue_dir": a folder in the original GLUE distribution layout (`CoLA/dev.tsv`, ...);
@@ -36,6 +37,8 @@ from jax_nlu_ppo.nlu import tasks as tasks_lib
 log = logging.getLogger(__name__)
 
 HUB_NAME = "nyu-mll/glue"
+# Where "auto" looks for a local GLUE folder when data.path is not given.
+DEFAULT_GLUE_DIR = "../shared/data/glue"
 
 # Folder of each task in the GLUE distribution, and its files for the standard splits.
 GLUE_FOLDERS = {
@@ -64,7 +67,8 @@ _ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
 # CoLA's train and dev files have no header (its test.tsv has one).
 _COLA_COLUMNS = ("source", "label", "original_label", "sentence")
 
-Source = Literal["hub", "glue_dir", "file", "task"]
+Source = Literal["auto", "hub", "glue_dir", "file", "task"]
+SOURCES = ("auto", "hub", "glue_dir", "file", "task")
 _MAX_PROBLEMS_KEPT = 100
 
 
@@ -99,7 +103,9 @@ class DataConfig:
   """Where a task's split comes from and how it is cut.
 
   `source`: "hub", "glue_dir" (`path` = the GLUE folder), "file" (`path` = a file or a
-  `save_to_disk` folder) or "task" (the data a custom task's YAML names; `task` is its path). `column_map` maps hub column names to the file's own (only the ones
+  `save_to_disk` folder), "task" (the data a custom task's YAML names; `task` is its path) or
+  "auto": a custom task's own data; else `path` (default `DEFAULT_GLUE_DIR`) as a GLUE folder or
+  data file when it exists; else the hub. `column_map` maps hub column names to the file's own (only the ones
   that differ); `header` names the columns of a csv / tsv file without a header row.
   `labelled=None` means unlabelled only for test splits. Rows are shuffled with
   `shuffle_seed` (None keeps file order), the first `offset` dropped, then cut to `limit`, then
@@ -108,7 +114,7 @@ class DataConfig:
   """
   task: str
   split: str = "train"
-  source: Source = "hub"
+  source: Source = "auto"
   path: str | None = None
   column_map: Mapping[str, str] | None = None
   shuffle_seed: int | None = None
@@ -124,9 +130,8 @@ class DataConfig:
 
   def __post_init__(self):
     task = tasks_lib.get_task(self.task)
-    if self.source not in ("hub", "glue_dir", "file", "task"):
-      raise ValueError(f"data.source must be 'hub', 'glue_dir', 'file' or 'task', "
-                       f"got {self.source!r}")
+    if self.source not in SOURCES:
+      raise ValueError(f"data.source must be one of {', '.join(SOURCES)}, got {self.source!r}")
     if self.source in ("glue_dir", "file") and not self.path:
       raise ValueError(f"data.source={self.source!r} needs data.path")
     if self.source == "task" and task.data is None:
@@ -145,12 +150,51 @@ class DataConfig:
       raise ValueError(f"data.label_noise flips class labels; {task.name}'s labels are scores")
 
 
+def resolve_source(config: DataConfig) -> DataConfig:
+  """`config` with source "auto" replaced by the source it finds (logged); others unchanged."""
+  if config.source != "auto":
+    return config
+  task = tasks_lib.get_task(config.task)
+  if config.path is None and task.data is not None:
+    found = dataclasses.replace(config, source="task")
+  else:
+    path = pathlib.Path(config.path or DEFAULT_GLUE_DIR)
+    if path.is_dir() and any((path / f).is_dir() for f in GLUE_FOLDERS.values()):
+      found = dataclasses.replace(config, source="glue_dir", path=str(path))
+    elif config.path is not None:
+      if not path.exists():
+        raise DataError(f"data.path {path}: no such file or folder (from "
+                        f"{pathlib.Path.cwd()})")
+      found = dataclasses.replace(config, source="file")
+    elif task.name not in tasks_lib.TASKS:
+      raise DataError(f"custom task {task.name} names no data of its own; give data.path")
+    else:
+      found = dataclasses.replace(config, source="hub")
+  where = {"task": f"the task file's data ({task.name})", "file": f"the file {found.path}",
+           "glue_dir": f"the local GLUE folder {found.path}",
+           "hub": f"the hub's {HUB_NAME} (no GLUE folder at {config.path or DEFAULT_GLUE_DIR}, "
+                  f"from {pathlib.Path.cwd()})"}[found.source]
+  log.info("data for %s %s: %s (data.source auto)", task.name, config.split, where)
+  return found
+
+
 def load(config: DataConfig, *, num_shards: int = 1,
          shard_index: int = 0) -> tuple[datasets.Dataset, LoadReport]:
   """Loads, shuffles, limits and shards the configured split: this host's rows and a report."""
   task = tasks_lib.get_task(config.task)
+  auto, config = config.source == "auto", resolve_source(config)
   if config.source == "hub":
-    ds, report = load_hub(task, config.split, strict=config.strict, labelled=config.labelled)
+    try:
+      ds, report = load_hub(task, config.split, strict=config.strict,
+                            labelled=config.labelled)
+    except (ConnectionError, OSError) as e:
+      if not auto:
+        raise
+      raise DataError(
+          f"no data for {task.name} {config.split}: no local GLUE folder at "
+          f"{pathlib.Path(config.path or DEFAULT_GLUE_DIR).resolve()} and the hub's {HUB_NAME} "
+          f"cannot be read ({type(e).__name__}: {e}); give data.path=FOLDER (the GLUE TSV "
+          "layout) or a data file, or connect to the internet") from None
   elif config.source == "task":
     ds, report = load_task_data(task, config.split, column_map=config.column_map,
                                 strict=config.strict, labelled=config.labelled)
@@ -196,14 +240,14 @@ def flip_labels(ds: datasets.Dataset, fraction: float, seed: int,
 
 def data_config_for(task_spec: str, location: str | None, split: str, limit: int | None = None,
                     shuffle_seed: int | None = None, strict: bool = False) -> DataConfig:
-  """Where a task's split comes from, given a `--data` location: None (a custom task's own
-  data, else the hub), 'hub', a GLUE folder or a data file."""
+  """Where a task's split comes from, given a `--data` location: None ("auto": a custom task's
+  own data, else a GLUE folder at `DEFAULT_GLUE_DIR`, else the hub), 'hub', a GLUE folder or a
+  data file."""
   task = tasks_lib.get_task(task_spec)
   common = dict(task=task_spec, split=split, limit=limit, shuffle_seed=shuffle_seed,
                 strict=strict)
   if location is None:
-    source = "task" if task.data is not None else "hub"
-    return DataConfig(source=source, **common)
+    return DataConfig(source="auto", **common)
   if location == "hub":
     return DataConfig(source="hub", **common)
   path = pathlib.Path(location)

@@ -57,8 +57,7 @@ class SFTConfig:
   model: config_lib.ModelConfig = config_lib.ModelConfig()
   lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
   optimizer: ppo_lib.OptimizerConfig = ppo_lib.OptimizerConfig()
-  data: data_lib.DataConfig = data_lib.DataConfig(task="sst2", source="glue_dir",
-                                                  path="../shared/data/glue", shuffle_seed=0)
+  data: data_lib.DataConfig = data_lib.DataConfig(task="sst2", shuffle_seed=0)
   # Several tasks at once: weighted components replace `data` (rows keep their task's prompt).
   mixture: tuple[data_lib.MixtureComponent, ...] = ()
   eval_data: data_lib.DataConfig | None = None
