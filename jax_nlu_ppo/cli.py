@@ -170,6 +170,14 @@ def _add_eval_parser(commands) -> None:
                   "for the bare label word) (default: %(default)s)")
   ev.add_argument("--max-new-tokens", type=int, default=32,
                   help="answer length limit (default: %(default)s)")
+  ev.add_argument("--scoring", default="generate", choices=("generate", "loglik"),
+                  help="generate: greedy answers, parsed; loglik: the label whose answer "
+                  "(e.g. ' Positive </Judgement>') is most likely after the prompt, as "
+                  "lm-evaluation-harness scores choices (default: %(default)s)")
+  ev.add_argument("--loglik-normalize", default="none", choices=("none", "tokens", "chars"),
+                  help="with --scoring loglik, divide each answer's log-likelihood by nothing "
+                  "(the harness's acc), its tokens, or its characters (acc_norm) "
+                  "(default: %(default)s)")
   ev.add_argument("--strict-parsing", action="store_true",
                   help="the training rule: no </Judgement> means unparsed (default: lenient, "
                   "the whole answer is searched when the tag is missing)")
@@ -194,7 +202,8 @@ def run_eval(args) -> int:
       shots=args.shots, shot_seed=args.shot_seed, shot_selection=args.shot_selection,
       prompt_format=args.format,
       max_new_tokens=args.max_new_tokens, lenient=not args.strict_parsing,
-      random_fallback=args.random_fallback)
+      random_fallback=args.random_fallback, scoring=args.scoring,
+      loglik_normalize=args.loglik_normalize)
   results = evaluate_lib.evaluate_tasks(
       specs, config, _model_loader(args, args.batch_size, args.batch_tokens), data=args.data,
       split=args.split,

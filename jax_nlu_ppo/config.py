@@ -19,6 +19,7 @@ import yaml
 from jax_nlu_ppo.nlu import answer
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo.nlu import data as data_lib
+from jax_nlu_ppo.nlu import evaluate as evaluate_lib
 from jax_nlu_ppo.model import lora as lora_lib
 from jax_nlu_ppo.model import decoder as model_lib
 from jax_nlu_ppo.model import kernels as kernels_lib
@@ -93,6 +94,9 @@ class TrainConfig:
   eval_every: int = 0               # 0: evaluate only before and after training
   # The step-0 evaluation is the base model's (zero-shot) score: off when that is known already.
   eval_before: bool = True
+  # How eval_data is scored: "generate" (greedy answers, parsed) or "loglik" (the most likely
+  # label answer, as lm-evaluation-harness scores choices; nlu/loglik.py).
+  eval_scoring: str = "generate"
   output_dir: str | None = None     # metrics.jsonl and checkpoints/; a run there continues
   checkpoint: checkpoint_lib.CheckpointConfig = checkpoint_lib.CheckpointConfig()
   # This many iterations in a row with every update skipped (non-finite loss) stop the run;
@@ -104,7 +108,7 @@ class TrainConfig:
   remat: str = "none"
 
   def __post_init__(self):
-    check_eval(self.eval_data, self.eval_every, self.checkpoint)
+    check_eval(self.eval_data, self.eval_every, self.checkpoint, self.eval_scoring)
     check_max_skipped(self.max_skipped_steps)
     r, p = self.rollout, self.ppo
     if self.remat not in model_lib.REMAT_POLICIES:
@@ -140,8 +144,17 @@ def check_max_skipped(max_skipped_steps: int) -> None:
     raise ConfigError(f"max_skipped_steps must be >= 0 (0: never stop), got {max_skipped_steps}")
 
 
-def check_eval(eval_data, eval_every: int, checkpoint: checkpoint_lib.CheckpointConfig) -> None:
+def check_eval(eval_data, eval_every: int, checkpoint: checkpoint_lib.CheckpointConfig,
+               scoring: str = "generate") -> None:
   """The periodic-evaluation settings shared by the PPO and SFT configs."""
+  if scoring not in evaluate_lib.SCORINGS:
+    raise ConfigError(f"eval_scoring must be one of {', '.join(evaluate_lib.SCORINGS)}, got "
+                      f"{scoring!r}")
+  if eval_data is not None and scoring == "loglik":
+    try:
+      evaluate_lib.check_scoring(eval_data.task, scoring)
+    except ValueError as e:
+      raise ConfigError(f"eval_scoring: {e}") from None
   if eval_every < 0:
     raise ConfigError(f"eval_every must be >= 0 (0: only before and after), got {eval_every}")
   if eval_data is not None and eval_data.label_noise:

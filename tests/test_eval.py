@@ -59,8 +59,8 @@ def test_custom_task_file_loads_its_data(review_task):
   assert [row["label"] for row in ds] == [1, 0, 1, 0, 1, 0]
   # The two bad rows are skipped, counted, and named by file and line.
   assert report.rows_read == 8 and report.rows_skipped == 2
-  assert "reviews.jsonl, line 7: unknown label 'meh'" in report.problems[0]
-  assert "line 8: missing column 'review'" in report.problems[1]
+  assert "reviews.jsonl, line 7: unknown label 'meh'" in str(report.problems[0])
+  assert "line 8: missing column 'review'" in str(report.problems[1])
   with pytest.raises(data.DataError, match="strict=True"):
     data.load(data.DataConfig(task=str(review_task), split="validation", source="task",
                               strict=True))
@@ -140,6 +140,24 @@ def test_score_and_json(tmp_path):
   assert out["model"] == "m" and out["task"] == "mrpc" and out["n"] == 4
   assert out["confusion_matrix"]["counts"] == [[1, 0, 1], [1, 1, 0]]  # rows: gold
   assert [p["status"] for p in out["predictions"]] == ["parsed", "parsed", "unparsed", "parsed"]
+
+
+def test_eval_results_record_the_data_rows_skipped(tmp_path):
+  from tests import checkpoint_run
+  rows = tmp_path / "dev.jsonl"
+  good = [json.dumps(ex) for ex in checkpoint_run.EXAMPLES[:3]]
+  rows.write_text("\n".join([good[0], '{"sentence": "x", "label": 7}', good[1], "{oops",
+                             good[2]]) + "\n")
+  results = evaluate.evaluate_tasks(["sst2"], evaluate.EvalConfig(max_new_tokens=3),
+                                    checkpoint_run.tiny_lm, data=str(rows))
+  evaluate.write_json(results, tmp_path / "results.json")
+  out = json.loads((tmp_path / "results.json").read_text())
+  assert out["n"] == 3
+  assert out["data"]["rows_read"] == 5 and out["data"]["rows_skipped"] == 2
+  skipped = out["data"]["skipped_rows"]
+  assert [(row["file"], row["line"]) for row in skipped] == [(str(rows), 2), (str(rows), 4)]
+  assert skipped[0]["reason"].startswith("unknown label 7")
+  assert skipped[1]["reason"].startswith("not valid JSON")
 
 
 # The real model.

@@ -261,10 +261,10 @@ def test_bad_rows_are_reported_by_line(tmp_path):
   ds, report = data.load_file("rte", path)
   assert ds["label"] == [0, 1] and ds["idx"] == [0, 5]
   assert (report.rows_read, report.rows_kept, report.rows_skipped) == (6, 2, 4)
-  assert report.problems[0] == f"{path}, line 2: missing column 'sentence2' (for 'sentence2')"
-  assert report.problems[1].startswith(f"{path}, line 3: unknown label 'maybe'")
-  assert report.problems[2].startswith(f"{path}, line 4: not valid JSON")
-  assert report.problems[3].startswith(f"{path}, line 5: unknown label 7")
+  assert str(report.problems[0]) == f"{path}, line 2: missing column 'sentence2' (for 'sentence2')"
+  assert str(report.problems[1]).startswith(f"{path}, line 3: unknown label 'maybe'")
+  assert str(report.problems[2]).startswith(f"{path}, line 4: not valid JSON")
+  assert str(report.problems[3]).startswith(f"{path}, line 5: unknown label 7")
   assert "skipped 4" in report.summary()
   with pytest.raises(data.DataError, match=f"{path}, line 2: missing column"):
     data.load_file("rte", path, strict=True)
@@ -275,7 +275,7 @@ def test_tsv_field_count_and_test_split(tmp_path):
   path.write_text('index\tsentence1\tsentence2\tlabel\n0\ta "quoted\tb\t0\n1\tonly two\n')
   ds, report = data.load_file("wnli", path)
   assert ds["sentence1"] == ['a "quoted'] and report.rows_skipped == 1
-  assert report.problems[0].startswith(f"{path}, line 3: 2 fields where the header has 4")
+  assert str(report.problems[0]).startswith(f"{path}, line 3: 2 fields where the header has 4")
   test = tmp_path / "test.tsv"
   test.write_text("index\tsentence1\tsentence2\n0\ta\tb\n")
   ds, _ = data.load_file("wnli", test, split="test")

@@ -78,20 +78,25 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LoadReport:
-  """What loading read and skipped. `problems` holds the first messages, one per skipped row."""
+  """What loading read and skipped. `problems` holds the first skipped rows (where, why)."""
   source: str
   rows_read: int
   rows_kept: int
-  problems: tuple[str, ...] = ()
+  problems: tuple[SkippedRow, ...] = ()
 
   @property
   def rows_skipped(self) -> int:
     return self.rows_read - self.rows_kept
 
+  def to_json(self) -> dict[str, Any]:
+    return {"source": self.source, "rows_read": self.rows_read, "rows_kept": self.rows_kept,
+            "rows_skipped": self.rows_skipped,
+            "skipped_rows": [problem.to_json() for problem in self.problems]}
+
   def summary(self, max_problems: int = 5) -> str:
     text = f"{self.source}: kept {self.rows_kept} of {self.rows_read} rows"
     if self.rows_skipped:
-      shown = "\n  ".join(self.problems[:max_problems])
+      shown = "\n  ".join(map(str, self.problems[:max_problems]))
       more = self.rows_skipped - min(max_problems, len(self.problems))
       text += f", skipped {self.rows_skipped}:\n  {shown}"
       text += f"\n  ... and {more} more" if more > 0 else ""
@@ -105,8 +110,9 @@ class DataConfig:
   `source`: "hub", "glue_dir" (`path` = the GLUE folder), "file" (`path` = a file or a
   `save_to_disk` folder), "task" (the data a custom task's YAML names; `task` is its path) or
   "auto": a custom task's own data; else `path` (default `DEFAULT_GLUE_DIR`) as a GLUE folder or
-  data file when it exists; else the hub. `column_map` maps hub column names to the file's own (only the ones
-  that differ); `header` names the columns of a csv / tsv file without a header row.
+  data file when it exists; else the hub. `column_map` maps hub column names to the file's own
+  (only the ones that differ); `header` names the columns of a csv / tsv file without a header
+  row.
   `labelled=None` means unlabelled only for test splits. Rows are shuffled with
   `shuffle_seed` (None keeps file order), the first `offset` dropped, then cut to `limit`, then
   sharded per host (so offset=480 with the same seed holds out the rows another run's limit=480
@@ -267,8 +273,13 @@ def data_config_for(task_spec: str, location: str | None, split: str, limit: int
 
 
 def load_rows(config: DataConfig) -> list[dict[str, Any]]:
-  """`config`'s rows; skipped bad rows are logged, and an unreachable hub is a `DataError`
-  that says how to read local data instead."""
+  """`config`'s rows (see `load_checked`)."""
+  return load_checked(config)[0]
+
+
+def load_checked(config: DataConfig) -> tuple[list[dict[str, Any]], LoadReport]:
+  """`config`'s rows and load report; skipped bad rows are logged, and an unreachable hub is a
+  `DataError` that says how to read local data instead."""
   try:
     ds, report = load(config)
   except ConnectionError as e:
@@ -277,7 +288,7 @@ def load_rows(config: DataConfig) -> list[dict[str, Any]]:
         "GLUE folder (e.g. ../shared/data/glue) or a data file") from None
   if report.rows_skipped:
     log.warning(report.summary())
-  return list(ds)
+  return list(ds), report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,7 +385,7 @@ def load_hub(task: tasks_lib.Task | str, split: str, *, strict: bool = False,
   _check_split(task, split)
   raw = datasets.load_dataset(HUB_NAME, task.name, split=split)
   source = f"{HUB_NAME}/{task.name}[{split}]"
-  rows = ((f"{source}, row index {i}", row) for i, row in enumerate(raw))
+  rows = ((Where(source, row=i), row) for i, row in enumerate(raw))
   return _build(task, source, rows, {}, _is_labelled(split, labelled), strict)
 
 
@@ -396,7 +407,7 @@ def load_task_data(task: tasks_lib.Task | str, split: str, *,
   hub_split = task.data.hub_split(split)
   raw = datasets.load_dataset(task.data.hub, task.data.hub_config, split=hub_split)
   source = f"{task.data.hub}[{hub_split}]"
-  rows = ((f"{source}, row index {i}", row) for i, row in enumerate(raw))
+  rows = ((Where(source, row=i), row) for i, row in enumerate(raw))
   return _build(task, source, rows, columns, _is_labelled(split, labelled), strict)
 
 
@@ -494,7 +505,32 @@ def _is_labelled(split: str | None, labelled: bool | None) -> bool:
 # Readers: each yields (where, record) with `where` naming the file and row for messages, or
 # (where, error message) for a row that could not even be read.
 
-Row = tuple[str, dict[str, Any] | str]
+@dataclasses.dataclass(frozen=True)
+class Where:
+  """A row's place: a text file's line (1-based), else its index in a dataset or array."""
+  file: str
+  line: int | None = None
+  row: int | None = None
+
+  def __str__(self) -> str:
+    return f"{self.file}, line {self.line}" if self.line is not None else (
+        f"{self.file}, row index {self.row}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedRow:
+  where: Where
+  reason: str
+
+  def __str__(self) -> str:
+    return f"{self.where}: {self.reason}"
+
+  def to_json(self) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(self.where).items() if v is not None} | {
+        "reason": self.reason}
+
+
+Row = tuple[Where, dict[str, Any] | str]
 
 
 def _delimited_rows(path: pathlib.Path, header: Sequence[str] | None, delimiter: str,
@@ -509,7 +545,7 @@ def _delimited_rows(path: pathlib.Path, header: Sequence[str] | None, delimiter:
     if len(set(header)) != len(header):
       raise DataError(f"{path}: repeated column names in the header {list(header)}")
     for fields in reader:
-      where = f"{path}, line {reader.line_num}"
+      where = Where(str(path), line=reader.line_num)
       if not fields:
         continue
       if len(fields) != len(header):
@@ -533,7 +569,7 @@ def _jsonl_rows(path: pathlib.Path, header: None = None) -> Iterator[Row]:
     for line_num, line in enumerate(f, start=1):
       if not line.strip():
         continue
-      where = f"{path}, line {line_num}"
+      where = Where(str(path), line=line_num)
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
@@ -557,14 +593,14 @@ def _json_rows(path: pathlib.Path, header: None = None) -> Iterator[Row]:
   except json.JSONDecodeError as e:
     raise DataError(f"{path}: not valid JSON at line {e.lineno} ({e.msg})") from None
   for i, record in enumerate(records):
-    where = f"{path}, row index {i}"
+    where = Where(str(path), row=i)
     yield where, _object_or_message(record)
 
 
 def _parquet_rows(path: pathlib.Path, header: None = None) -> Iterator[Row]:
   # Read with pyarrow (what `datasets` is built on) to stay in memory, without a builder cache.
   for i, record in enumerate(pq.read_table(path).to_pylist()):
-    yield f"{path}, row index {i}", record
+    yield Where(str(path), row=i), record
 
 
 def _saved_rows(path: pathlib.Path, split: str | None) -> Iterator[Row]:
@@ -577,7 +613,7 @@ def _saved_rows(path: pathlib.Path, split: str | None) -> Iterator[Row]:
       raise DataError(f"{path} holds splits {list(saved)}; choose one with split=, got {split!r}")
     saved = saved[split]
   source = f"{path}[{split}]" if split else str(path)
-  return ((f"{source}, row index {i}", row) for i, row in enumerate(saved.to_list()))
+  return ((Where(source, row=i), row) for i, row in enumerate(saved.to_list()))
 
 
 # Normalisation: one source record -> the hub's columns, or the reason it cannot be used.
@@ -667,7 +703,7 @@ def _build(task: tasks_lib.Task, source: str, rows: Iterator[Row], column_map: M
     raise ValueError(f"column_map names {unknown}, which task {task.name} does not have; its "
                      f"columns: {[*task.input_columns, 'label']}")
   columns: dict[str, list[Any]] = {c: [] for c in (*task.input_columns, "label", "idx")}
-  problems: list[str] = []
+  problems: list[SkippedRow] = []
   rows_read = 0
   first = mismatch = None     # the first record, whose columns say if the file fits the task
   for position, (where, record) in enumerate(rows):
@@ -679,11 +715,11 @@ def _build(task: tasks_lib.Task, source: str, rows: Iterator[Row], column_map: M
         raise DataError(mismatch)
     row = record if isinstance(record, str) else _normalise(task, record, column_map, labelled)
     if isinstance(row, str):
-      message = f"{where}: {row}"
+      problem = SkippedRow(where, row)
       if strict:
-        raise DataError(f"{message} (strict=True; drop strict to skip bad rows)")
+        raise DataError(f"{problem} (strict=True; drop strict to skip bad rows)")
       if len(problems) < _MAX_PROBLEMS_KEPT:
-        problems.append(message)
+        problems.append(problem)
       continue
     row["idx"] = position
     for column, value in row.items():
@@ -695,7 +731,7 @@ def _build(task: tasks_lib.Task, source: str, rows: Iterator[Row], column_map: M
     raise DataError(mismatch)
   if kept == 0:
     raise DataError(f"no usable rows in {source} (all {rows_read} skipped); first problems:\n  "
-                    + "\n  ".join(problems[:5]))
+                    + "\n  ".join(map(str, problems[:5])))
   ds = datasets.Dataset.from_dict(columns, features=features(task))
   return ds, LoadReport(source=source, rows_read=rows_read, rows_kept=kept,
                         problems=tuple(problems))

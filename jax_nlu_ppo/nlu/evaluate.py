@@ -39,6 +39,8 @@ class EvalResult:
   # Examples that were not scored (e.g. a prompt longer than the model's context), with why.
   skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # What reading the data kept and skipped (bad rows, with file, line and reason).
+  data_report: data_lib.LoadReport | None = None
 
   def to_json(self) -> dict[str, Any]:
     out = {"task": self.task, **self.metrics, "n": len(self.predictions),
@@ -47,6 +49,8 @@ class EvalResult:
       out["confusion_matrix"] = {"labels": list(self.confusion.label_names),
                                  "counts": self.confusion.counts_kc.tolist()}
     out["skipped_examples"] = self.skipped
+    if self.data_report is not None:
+      out["data"] = self.data_report.to_json()
     out["predictions"] = self.predictions
     return out
 
@@ -54,6 +58,9 @@ class EvalResult:
     shown = "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items() if k != "count")
     skipped = f"  skipped {len(self.skipped)}" if self.skipped else ""
     return f"{self.task}: n {len(self.predictions)}  {shown}{skipped}"
+
+
+SCORINGS = ("generate", "loglik")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +77,10 @@ class EvalConfig:
   max_new_tokens: int = 32
   lenient: bool = True
   random_fallback: bool = False
+  # "generate": greedy answers, parsed; "loglik": the most likely label answer (nlu/loglik.py),
+  # its summed log-probability divided by nothing, its tokens or its characters.
+  scoring: str = "generate"
+  loglik_normalize: str = "none"
 
   def __post_init__(self):
     if self.shots < 0:
@@ -79,6 +90,11 @@ class EvalConfig:
     tasks_lib.uses_chat_template(self.prompt_format)  # a known format
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.scoring not in SCORINGS:
+      raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+    if self.loglik_normalize not in ("none", "tokens", "chars"):
+      raise ValueError("loglik_normalize must be 'none', 'tokens' or 'chars', got "
+                       f"{self.loglik_normalize!r}")
 
 
 def draw_shots(pool: Sequence[dict[str, Any]], k: int, seed: int, count: int,
@@ -154,6 +170,9 @@ def evaluate_model(lm, task: tasks_lib.Task | str, examples: Sequence[dict[str, 
   chat = tasks_lib.uses_chat_template(config.prompt_format)
   shots = draw_shots(shot_pool, config.shots, config.shot_seed, len(examples),
                      config.shot_selection)
+  if config.scoring == "loglik":
+    from jax_nlu_ppo.nlu import loglik  # imports this module
+    return loglik.evaluate_choices(lm, task, examples, shots, config, progress)
   limit = lm.config.max_position_embeddings - config.max_new_tokens
   kept, prompts, skipped = [], [], []
   for i, (ex, demos) in enumerate(zip(examples, shots)):
@@ -180,7 +199,7 @@ def evaluate_model(lm, task: tasks_lib.Task | str, examples: Sequence[dict[str, 
                      "shot_selection": config.shot_selection,
                      "prompt_format": config.prompt_format,
                      "max_new_tokens": config.max_new_tokens,
-                     "random_fallback": config.random_fallback}
+                     "random_fallback": config.random_fallback, "scoring": "generate"}
   return result
 
 
@@ -198,28 +217,39 @@ def evaluate_tasks(task_specs: Sequence[str], config: EvalConfig, load_model: Ca
   name, path or file fails in seconds. `progress(label)` gives a task's progress function.
   """
   tasks = [tasks_lib.get_task(spec) for spec in task_specs]
+  for task in tasks:
+    check_scoring(task, config.scoring)
   if output:
     check_writable(output)
   work = []
   for spec, task in zip(task_specs, tasks):
     task_split = split or tasks_lib.default_eval_split(task.name)
-    examples = data_lib.load_rows(data_lib.data_config_for(spec, data, task_split, limit,
-                                                           shuffle_seed, strict_data))
+    examples, report = data_lib.load_checked(data_lib.data_config_for(
+        spec, data, task_split, limit, shuffle_seed, strict_data))
     pool = []
     if config.shots:
       pool = data_lib.load_rows(data_lib.data_config_for(spec, shot_data or data, shot_split,
                                                          None, None, strict_data))
-    work.append((task, task_split, examples, pool))
+    work.append((task, task_split, examples, pool, report))
   lm = load_model()
   results = []
-  for task, task_split, examples, pool in work:
+  for task, task_split, examples, pool, report in work:
     start = time.perf_counter()
     result = evaluate_model(lm, task, examples, config, shot_pool=pool,
                             progress=progress(f"{task.name} {task_split}") if progress else None)
+    result.data_report = report
     result.settings.update(split=task_split, seconds=round(time.perf_counter() - start, 2))
     log.info(result.summary())
     results.append(result)
   return results
+
+
+def check_scoring(task: tasks_lib.Task | str, scoring: str) -> None:
+  """Log-likelihood scoring chooses among label words: a regression task is refused."""
+  task = tasks_lib.get_task(task)
+  if scoring == "loglik" and task.is_regression:
+    raise ValueError(f"task {task.name} is a regression task (a score, no label words to "
+                     "choose from); evaluate it with scoring 'generate', not 'loglik'")
 
 
 def unwritable(path: str | pathlib.Path) -> str | None:

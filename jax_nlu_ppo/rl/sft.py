@@ -63,6 +63,7 @@ class SFTConfig:
   eval_data: data_lib.DataConfig | None = None
   eval_every: int = 0                        # 0: evaluate eval_data only before and after
   eval_before: bool = True                   # as TrainConfig.eval_before
+  eval_scoring: str = "generate"             # as TrainConfig.eval_scoring
   prompt_format: tasks_lib.Format = "chat"   # as PPO's rollout.prompt_format
   batch_size: int = 16                       # examples per optimiser step
   # Each batch runs as this many micro-batches; the step is exactly the whole batch's.
@@ -77,7 +78,8 @@ class SFTConfig:
   remat: str = "none"                        # as PPO's: none, full or dots
 
   def __post_init__(self):
-    config_lib.check_eval(self.eval_data, self.eval_every, self.checkpoint)
+    config_lib.check_eval(self.eval_data, self.eval_every, self.checkpoint,
+                          self.eval_scoring)
     config_lib.check_max_skipped(self.max_skipped_steps)
     if self.remat not in model_lib.REMAT_POLICIES:
       raise config_lib.ConfigError(f"remat must be one of {', '.join(model_lib.REMAT_POLICIES)}, "
@@ -486,7 +488,8 @@ class SFTTrainer:
     `task` defaults to the examples' `task` key, else the (first) training task.
     """
     return run_loop.evaluate_model(self.policy_model(), examples, self.config.train_tasks,
-                                   self.config.prompt_format, task)
+                                   self.config.prompt_format, task,
+                                   scoring=self.config.eval_scoring)
 
   @property
   def total_steps(self) -> int:

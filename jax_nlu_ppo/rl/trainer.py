@@ -365,7 +365,8 @@ class PPOTrainer:
     """
     return run_loop.evaluate_model(self.policy_model(), examples, self.config.train_tasks,
                                    self.config.rollout.prompt_format, task,
-                                   max_new_tokens=EVAL_MAX_NEW_TOKENS)
+                                   max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                                   scoring=self.config.eval_scoring)
 
   @property
   def total_steps(self) -> int:
