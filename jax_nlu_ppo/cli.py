@@ -240,8 +240,7 @@ def _progress(label: str):
 def _print_table(results) -> None:
   print(f"{'task':<10} {'n':>6} {'unparsed':>9}  metrics")
   for r in results:
-    shown = "  ".join(f"{k} {v:.4f}" for k, v in r.metrics.items()
-                      if k not in ("count", "unparsed_rate"))
+    shown = r.metrics_text(leave_out=("count", "unparsed_rate"))
     print(f"{r.task:<10} {len(r.predictions):>6} {r.metrics['unparsed_rate']:>9.3f}  {shown}")
 
 

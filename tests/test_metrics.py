@@ -119,3 +119,28 @@ def test_macro_f1_matches_numpy_formula(seed):
     tp, fp, fn = np.sum((p == c) & (g == c)), np.sum((p == c) & (g != c)), np.sum((p != c) & (g == c))
     per_class.append(2 * tp / (2 * tp + fp + fn))
   assert got["macro_f1"] == pytest.approx(np.mean(per_class))
+
+
+def test_bootstrap_intervals_against_independent_formulas():
+  rng = np.random.default_rng(1)
+  golds = rng.integers(0, 2, 872).tolist()
+  preds = [g if rng.random() < 0.8 else (None if rng.random() < 0.3 else 1 - g) for g in golds]
+  got = metrics.bootstrap_intervals(["accuracy", "f1"], preds, golds, draws=1000)
+  # Accuracy: the normal approximation of the binomial, p +- 1.96 sqrt(p (1 - p) / n).
+  p = metrics.accuracy(preds, golds)
+  half = 1.96 * np.sqrt(p * (1 - p) / len(golds))
+  np.testing.assert_allclose(got["accuracy"], (p - half, p + half), atol=0.004)
+  # F1: scipy's own percentile bootstrap (its own resamples) of the NumPy formula 2tp / (2tp +
+  # fp + fn), unparsed answers counting as not positive.
+  gold_i = np.asarray(golds)
+  positive_i = np.asarray([p == 1 for p in preds])
+
+  def f1(rows, axis=-1):
+    g, q = gold_i[rows] == 1, positive_i[rows]
+    tp, fp, fn = (g & q).sum(axis), (~g & q).sum(axis), (g & ~q).sum(axis)
+    return 2 * tp / (2 * tp + fp + fn)
+  ref = stats.bootstrap((np.arange(len(golds)),), f1, n_resamples=2000, method="percentile",
+                        random_state=0, vectorized=True).confidence_interval
+  np.testing.assert_allclose(got["f1"], (ref.low, ref.high), atol=0.006)
+  assert got["accuracy"] == metrics.bootstrap_intervals(["accuracy"], preds, golds,
+                                                        draws=1000)["accuracy"]   # seeded

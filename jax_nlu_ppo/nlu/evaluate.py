@@ -41,10 +41,14 @@ class EvalResult:
   settings: dict[str, Any] = dataclasses.field(default_factory=dict)
   # What reading the data kept and skipped (bad rows, with file, line and reason).
   data_report: data_lib.LoadReport | None = None
+  # 95% bootstrap intervals of the metrics over the examples (`metrics.bootstrap_intervals`).
+  intervals: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
     out = {"task": self.task, **self.metrics, "n": len(self.predictions),
            "lenient_parsing": self.lenient, "skipped": len(self.skipped), **self.settings}
+    if self.intervals:
+      out["intervals_95"] = {name: list(bounds) for name, bounds in self.intervals.items()}
     if self.confusion is not None:
       out["confusion_matrix"] = {"labels": list(self.confusion.label_names),
                                  "counts": self.confusion.counts_kc.tolist()}
@@ -54,10 +58,16 @@ class EvalResult:
     out["predictions"] = self.predictions
     return out
 
+  def metrics_text(self, leave_out: Sequence[str] = ("count",)) -> str:
+    """"accuracy 0.8430 [0.821, 0.864]  ...": each metric with its interval when it has one."""
+    return "  ".join(
+        f"{k} {v:.4f}" + (" [{:.3f}, {:.3f}]".format(*self.intervals[k]) if k in self.intervals
+                          else "")
+        for k, v in self.metrics.items() if k not in leave_out)
+
   def summary(self) -> str:
-    shown = "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items() if k != "count")
     skipped = f"  skipped {len(self.skipped)}" if self.skipped else ""
-    return f"{self.task}: n {len(self.predictions)}  {shown}{skipped}"
+    return f"{self.task}: n {len(self.predictions)}  {self.metrics_text()}{skipped}"
 
 
 SCORINGS = ("generate", "loglik")
@@ -131,10 +141,18 @@ def score(task: tasks_lib.Task, examples: Sequence[dict[str, Any]], responses: S
     predictions.append({"index": i, "idx": ex.get("idx", i), "response": response,
                         "prediction": extraction.label, "status": extraction.status,
                         "label": ex["label"]})
-  scores = metrics_lib.compute_metrics(task.metrics, preds, golds)
-  confusion = (None if task.is_regression
-               else metrics_lib.confusion_matrix(preds, golds, task.label_names))
-  return EvalResult(task.name, scores, predictions, confusion, lenient)
+  return scored(task, preds, golds, predictions, lenient)
+
+
+def scored(task: tasks_lib.Task, preds: Sequence[Any], golds: Sequence[Any],
+           predictions: list[dict[str, Any]], lenient: bool) -> EvalResult:
+  """`preds` against `golds`: the task's metrics, their bootstrap intervals, the confusion
+  matrix."""
+  return EvalResult(
+      task.name, metrics_lib.compute_metrics(task.metrics, preds, golds), predictions,
+      None if task.is_regression else metrics_lib.confusion_matrix(preds, golds,
+                                                                   task.label_names),
+      lenient, intervals=metrics_lib.bootstrap_intervals(task.metrics, preds, golds))
 
 
 def evaluate(generate: GenerateFn, task: tasks_lib.Task, examples: Sequence[dict[str, Any]], *,

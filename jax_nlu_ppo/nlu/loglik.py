@@ -24,7 +24,6 @@ from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.model import prompts as prompts_lib
 from jax_nlu_ppo.nlu import evaluate as evaluate_lib
-from jax_nlu_ppo.nlu import metrics as metrics_lib
 from jax_nlu_ppo.nlu import tasks as tasks_lib
 from jax_nlu_ppo.rl import ppo_math
 
@@ -178,10 +177,8 @@ def evaluate_choices(lm: pretrained.LanguageModel, task: tasks_lib.Task,
                   "logprobs": [round(float(x), 5) for x in lp],
                   "answer_tokens": [int(t) for t in tokens]}
                  for (i, ex), pred, lp, tokens in zip(kept, preds, logprob_nc, tokens_nc)]
-  result = evaluate_lib.EvalResult(
-      task.name, metrics_lib.compute_metrics(task.metrics, preds, golds), predictions,
-      metrics_lib.confusion_matrix(preds, golds, task.label_names), lenient=config.lenient,
-      skipped=skipped)
+  result = evaluate_lib.scored(task, preds, golds, predictions, config.lenient)
+  result.skipped = skipped
   result.settings = {"shots": config.shots, "shot_seed": config.shot_seed,
                      "shot_selection": config.shot_selection, "prompt_format": fmt,
                      "scoring": "loglik", "loglik_normalize": config.loglik_normalize,
