@@ -4,6 +4,7 @@ On a user's clone a missing `../shared/data` skips the tests that need it; under
 its absence is a failure, since CI always has it.
 """
 import os
+import importlib.util
 import pathlib
 import shutil
 import tempfile
@@ -25,6 +26,14 @@ def pytest_sessionfinish(session, exitstatus):
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
+
+
+def load_script(name: str):
+  """scripts/<name>.py as a module, for tests of a script's functions."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def _require(path: pathlib.Path, what: str) -> pathlib.Path:

@@ -13,6 +13,7 @@ from jax_nlu_ppo.nlu import evaluate
 from jax_nlu_ppo.nlu import loglik
 from jax_nlu_ppo.nlu import tasks
 from tests import tiny_hf
+from tests.conftest import load_script
 from tests.test_eval import REVIEWS, REVIEWS_YAML
 from tests.test_ppo_core import tiny_chat_tokenizer
 
@@ -141,22 +142,6 @@ def test_training_config_key():
 
 # lm-evaluation-harness itself, on the same prompts, rows and weights.
 
-HARNESS_TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {rows}
-  cache_dir: {cache}
-test_split: test
-output_type: multiple_choice
-doc_to_text: prompt
-doc_to_choice: choices
-doc_to_target: label
-target_delimiter: ""
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 
 
 def test_agrees_with_lm_evaluation_harness(tmp_path, smollm2_gguf):
@@ -166,6 +151,7 @@ def test_agrees_with_lm_evaluation_harness(tmp_path, smollm2_gguf):
   from lm_eval.models.huggingface import HFLM
   from lm_eval.tasks import TaskManager
 
+  script = load_script("harness_agreement")   # the harness task config and prompt text it uses
   folder = tmp_path / "model"
   tokenizer = pretrained.load_tokenizer(pretrained.resolve(str(smollm2_gguf)))
   tiny_hf.save_tiny(folder, vocab_size=len(tokenizer), max_position_embeddings=1024,
@@ -179,15 +165,13 @@ def test_agrees_with_lm_evaluation_harness(tmp_path, smollm2_gguf):
     docs = []
     for ex, demos in zip(ROWS, evaluate.draw_shots(ROWS, 1, 0, len(ROWS))):
       prompt = tasks.build_prompt(SST2, ex, fmt, demos)
-      text = (prompt if fmt == "paper" else tokenizer.apply_chat_template(
-          prompt, tokenize=False, add_generation_prompt=fmt == "plain",
-          continue_final_message=fmt == "chat"))
-      docs.append({"prompt": text, "choices": list(loglik.answer_texts(SST2, fmt)),
+      docs.append({"prompt": script.prompt_text(tokenizer, prompt, fmt),
+                   "choices": list(loglik.answer_texts(SST2, fmt)),
                    "label": ex["label"]})
     rows = tmp_path / f"{fmt}.jsonl"
     rows.write_text("".join(json.dumps(d) + "\n" for d in docs))
     names.append(f"ours_sst2_{fmt}")
-    (tmp_path / f"{fmt}.yaml").write_text(HARNESS_TASK.format(
+    (tmp_path / f"{fmt}.yaml").write_text(script.HARNESS_TASK.format(
         name=names[-1], rows=rows, cache=tmp_path / "cache"))
   harness = HFLM(pretrained=str(folder), device="cpu", dtype="float32", batch_size=8)
   out = lm_eval.simple_evaluate(model=harness, tasks=names, log_samples=True,

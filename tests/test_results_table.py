@@ -1,16 +1,12 @@
 """scripts/results_table.py on a folder laid out as scripts/reproduce.sh leaves it."""
-import importlib.util
 import json
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import load_script
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("results_table", ROOT / "scripts/results_table.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("results_table")
 
 
 def _write(path: pathlib.Path, value) -> None:

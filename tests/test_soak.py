@@ -1,11 +1,10 @@
 """scripts/soak.py, short: a tiny PPO run in two processes (one SIGTERM stop), checked for
 one metrics line per iteration, no compiling after a segment's first iteration, checkpoints
 within keep + 1 steps' size, and RSS growth within the margin."""
-import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, load_script
 
 
 def test_short_soak_passes_its_checks(tmp_path):
@@ -20,10 +19,9 @@ def test_short_soak_passes_its_checks(tmp_path):
 
 def test_the_soak_fails_when_its_checks_fail(tmp_path):
   """The checks read what a run leaves: a metrics line missing is reported."""
-  sys.path.insert(0, str(ROOT / "scripts"))
   import argparse
   import json
-  import soak
+  soak = load_script("soak")
   out = tmp_path / "soak"
   (out / "run").mkdir(parents=True)
   (out / "run" / "metrics.jsonl").write_text("".join(

@@ -1,20 +1,16 @@
 """scripts/sst2_tables.py on run folders laid out as scripts/label_noise.sh and
 scripts/reward_model.sh leave them."""
-import importlib.util
 import json
 import math
 import pathlib
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import load_script
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("sst2_tables", ROOT / "scripts/sst2_tables.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("sst2_tables")
 
 
 def _run(path: pathlib.Path, correct: list[bool], unparsed: float = 0.0) -> None:
