@@ -152,7 +152,7 @@ def check_eval(eval_data, eval_every: int, checkpoint: checkpoint_lib.Checkpoint
                       f"{scoring!r}")
   if eval_data is not None and scoring == "loglik":
     try:
-      evaluate_lib.check_scoring(eval_data.task, scoring)
+      tasks_lib.check_scoring(eval_data.task, scoring)
     except ValueError as e:
       raise ConfigError(f"eval_scoring: {e}") from None
   if eval_every < 0:

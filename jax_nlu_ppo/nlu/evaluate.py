@@ -189,8 +189,7 @@ def evaluate_model(lm, task: tasks_lib.Task | str, examples: Sequence[dict[str, 
   shots = draw_shots(shot_pool, config.shots, config.shot_seed, len(examples),
                      config.shot_selection)
   if config.scoring == "loglik":
-    from jax_nlu_ppo.nlu import loglik  # imports this module
-    return loglik.evaluate_choices(lm, task, examples, shots, config, progress)
+    return _evaluate_loglik(lm, task, examples, shots, config, progress)
   limit = lm.config.max_position_embeddings - config.max_new_tokens
   kept, prompts, skipped = [], [], []
   for i, (ex, demos) in enumerate(zip(examples, shots)):
@@ -221,6 +220,33 @@ def evaluate_model(lm, task: tasks_lib.Task | str, examples: Sequence[dict[str, 
   return result
 
 
+def _evaluate_loglik(lm, task: tasks_lib.Task, examples: Sequence[dict[str, Any]],
+                    shots: Sequence[Sequence[dict[str, Any]]], config: EvalConfig,
+                    progress: ProgressFn | None) -> EvalResult:
+  """`examples` scored by the log-likelihood of each label's answer (nlu/loglik.py): the
+  prediction is the most likely answer under `config.loglik_normalize`, never unparsed."""
+  from jax_nlu_ppo.nlu import loglik  # the model side, as above
+
+  tasks_lib.check_scoring(task, "loglik")
+  choices = loglik.choose(lm, task, examples, shots, config.prompt_format,
+                          config.loglik_normalize, progress)
+  golds = [examples[i]["label"] for i in choices.kept]
+  predictions = [{"index": i, "idx": examples[i].get("idx", i),
+                  "response": choices.answers[pred], "prediction": pred, "status": "parsed",
+                  "label": gold, "logprobs": [round(float(x), 5) for x in lp],
+                  "answer_tokens": [int(t) for t in tokens]}
+                 for i, pred, gold, lp, tokens in zip(choices.kept, choices.preds, golds,
+                                                      choices.logprob_nc, choices.tokens_nc)]
+  result = scored(task, choices.preds, golds, predictions, config.lenient)
+  result.skipped = choices.skipped
+  result.settings = {"shots": config.shots, "shot_seed": config.shot_seed,
+                     "shot_selection": config.shot_selection,
+                     "prompt_format": config.prompt_format, "scoring": "loglik",
+                     "loglik_normalize": config.loglik_normalize,
+                     "answers": list(choices.answers)}
+  return result
+
+
 def evaluate_tasks(task_specs: Sequence[str], config: EvalConfig, load_model: Callable[[], Any],
                    *, data: str | None = None, split: str | None = None,
                    limit: int | None = None, shuffle_seed: int | None = None,
@@ -236,7 +262,7 @@ def evaluate_tasks(task_specs: Sequence[str], config: EvalConfig, load_model: Ca
   """
   tasks = [tasks_lib.get_task(spec) for spec in task_specs]
   for task in tasks:
-    check_scoring(task, config.scoring)
+    tasks_lib.check_scoring(task, config.scoring)
   if output:
     check_writable(output)
   work = []
@@ -260,14 +286,6 @@ def evaluate_tasks(task_specs: Sequence[str], config: EvalConfig, load_model: Ca
     log.info(result.summary())
     results.append(result)
   return results
-
-
-def check_scoring(task: tasks_lib.Task | str, scoring: str) -> None:
-  """Log-likelihood scoring chooses among label words: a regression task is refused."""
-  task = tasks_lib.get_task(task)
-  if scoring == "loglik" and task.is_regression:
-    raise ValueError(f"task {task.name} is a regression task (a score, no label words to "
-                     "choose from); evaluate it with scoring 'generate', not 'loglik'")
 
 
 def unwritable(path: str | pathlib.Path) -> str | None:

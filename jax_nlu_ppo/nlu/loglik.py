@@ -23,7 +23,6 @@ from jax_nlu_ppo import distributed
 from jax_nlu_ppo import sharding as sharding_lib
 from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.model import prompts as prompts_lib
-from jax_nlu_ppo.nlu import evaluate as evaluate_lib
 from jax_nlu_ppo.nlu import tasks as tasks_lib
 from jax_nlu_ppo.rl import ppo_math
 
@@ -35,7 +34,7 @@ def answer_texts(task: tasks_lib.Task, fmt: tasks_lib.Format) -> tuple[str, ...]
   """Each label's answer as the model writes it after the prompt: " Positive </Judgement>"
   after the tagged formats' open "<Judgement>" (as in their demonstrations), the bare word
   ("Positive") in the "plain" format's assistant turn."""
-  evaluate_lib.check_scoring(task, "loglik")
+  tasks_lib.check_scoring(task, "loglik")
   tasks_lib.uses_chat_template(fmt)  # a known format
   if fmt == "plain":
     return tuple(task.label_words)
@@ -133,15 +132,25 @@ def score_rows(lm: pretrained.LanguageModel, rows: Sequence[tuple[Sequence[int],
   return out
 
 
-def evaluate_choices(lm: pretrained.LanguageModel, task: tasks_lib.Task,
-                     examples: Sequence[dict[str, Any]], shots: Sequence[Sequence[dict[str, Any]]],
-                     config: evaluate_lib.EvalConfig,
-                     progress: Callable[[int, int], None] | None = None
-                     ) -> evaluate_lib.EvalResult:
-  """`examples` (each with its demonstrations) scored by the log-likelihood of each label's
-  answer: the prediction is the argmax of `config.loglik_normalize`'s score, never unparsed.
-  Examples whose prompt and answer exceed the model's context are skipped and listed."""
-  fmt = config.prompt_format
+@dataclasses.dataclass(frozen=True)
+class Choices:
+  """Each kept example's answer scores: `kept` indexes `examples`; the rest are listed in
+  `skipped` (too long for the model's context)."""
+  answers: tuple[str, ...]
+  kept: list[int]
+  preds: list[int]
+  logprob_nc: np.ndarray  # [kept, choice] summed log-probability of each answer
+  tokens_nc: np.ndarray   # [kept, choice] the answer's token count
+  skipped: list[dict[str, Any]]
+
+
+def choose(lm: pretrained.LanguageModel, task: tasks_lib.Task,
+           examples: Sequence[dict[str, Any]], shots: Sequence[Sequence[dict[str, Any]]],
+           fmt: str, normalize: str = "none",
+           progress: Callable[[int, int], None] | None = None) -> Choices:
+  """Each example's (with its demonstrations) label answers scored; the prediction is the
+  argmax of the `normalize`d score. Examples whose prompt and answer exceed the model's context
+  are skipped and listed."""
   answers = answer_texts(task, fmt)
   chat = tasks_lib.uses_chat_template(fmt)
   tokenizer = lm.tokenizer
@@ -157,7 +166,7 @@ def evaluate_choices(lm: pretrained.LanguageModel, task: tasks_lib.Task,
       skipped.append({"idx": ex.get("idx", i), "reason": (
           f"prompt and answer of {length} tokens exceed the model's {context}-token context")})
       continue
-    kept.append((i, ex))
+    kept.append(i)
     choice_sets.append(choices)
   if not kept:
     raise ValueError(f"task {task.name}: every prompt is too long for the model "
@@ -169,18 +178,6 @@ def evaluate_choices(lm: pretrained.LanguageModel, task: tasks_lib.Task,
   tokens_nc = np.array([[len(a) for a in s.answers] for s in choice_sets], np.float32)
   score_nc = {"none": logprob_nc, "tokens": logprob_nc / tokens_nc,
               "chars": logprob_nc / np.array([len(a) for a in answers], np.float32)
-              }[config.loglik_normalize]
-  preds = [int(p) for p in np.argmax(score_nc, axis=1)]
-  golds = [ex["label"] for _, ex in kept]
-  predictions = [{"index": i, "idx": ex.get("idx", i), "response": answers[pred],
-                  "prediction": pred, "status": "parsed", "label": ex["label"],
-                  "logprobs": [round(float(x), 5) for x in lp],
-                  "answer_tokens": [int(t) for t in tokens]}
-                 for (i, ex), pred, lp, tokens in zip(kept, preds, logprob_nc, tokens_nc)]
-  result = evaluate_lib.scored(task, preds, golds, predictions, config.lenient)
-  result.skipped = skipped
-  result.settings = {"shots": config.shots, "shot_seed": config.shot_seed,
-                     "shot_selection": config.shot_selection, "prompt_format": fmt,
-                     "scoring": "loglik", "loglik_normalize": config.loglik_normalize,
-                     "answers": list(answers)}
-  return result
+              }[normalize]
+  return Choices(answers, kept, [int(p) for p in np.argmax(score_nc, axis=1)], logprob_nc,
+                 tokens_nc, skipped)

@@ -223,6 +223,14 @@ def default_eval_split(task_name: str) -> str:
   return _EVAL_SPLITS.get(task_name, "validation")
 
 
+def check_scoring(task: str | Task, scoring: str) -> None:
+  """Log-likelihood scoring chooses among label words: a regression task is refused."""
+  task = get_task(task)
+  if scoring == "loglik" and task.is_regression:
+    raise ValueError(f"task {task.name} is a regression task (a score, no label words to "
+                     "choose from); evaluate it with scoring 'generate', not 'loglik'")
+
+
 def format_input(task: Task, example: Mapping[str, Any]) -> str:
   """The example's inputs: the task's template, or one "Title: text" line per input column."""
   missing = [c for c in task.input_columns if c not in example]
