@@ -20,15 +20,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pathlib
 import re
-import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from jax_nlu_ppo import storage
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
           (tuple(x.shape), jnp.dtype(x.dtype).name) for path, x in leaves}
 
 
-def _unreadable_file(step_dir: pathlib.Path, error: BaseException) -> str:
+def _unreadable_file(step_dir: storage.Path, error: BaseException) -> str:
   """The file behind a failed restore: named by the error, else the first JSON that no longer
   parses, else the step folder."""
   if getattr(error, "filename", None):
@@ -165,9 +165,9 @@ def _unreadable_file(step_dir: pathlib.Path, error: BaseException) -> str:
   files = [f for f in re.findall(r'local file "([^"]+)"', str(error)) if not f.endswith("/")]
   if files:
     return files[-1]
-  for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
+  for path in storage.files_under(step_dir):
     try:
-      with open(path, "rb") as f:
+      with path.open("rb") as f:
         if f.read(1) != b"{":
           continue
       json.loads(path.read_text())
@@ -182,9 +182,9 @@ class Checkpointer:
   `run` (the resolved config and `describe_base`) goes with every step and is checked on restore.
   """
 
-  def __init__(self, directory: str | pathlib.Path, config: CheckpointConfig,
+  def __init__(self, directory: storage.PathLike, config: CheckpointConfig,
                run: dict[str, Any]):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = storage.absolute(directory)
     self.config = config
     self.run = run
     policies = [ocp.checkpoint_managers.LatestN(config.keep)]
@@ -306,13 +306,13 @@ class Checkpointer:
       return
     if jax.process_index() == 0:
       aside = self.directory.parent / UNREADABLE_DIR
-      aside.mkdir(exist_ok=True)
+      storage.mkdir(aside)
       for step in steps:
         dest = aside / str(step)
         n = 1
         while dest.exists():
           dest, n = aside / f"{step}.{n}", n + 1
-        shutil.move(str(self.directory / str(step)), dest)
+        storage.move(self.directory / str(step), dest)
         log.warning("moved unreadable checkpoint step %d to %s", step, dest)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("jax_nlu_ppo checkpoint set aside")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pathlib
 import sys
 import time
 from typing import Sequence
@@ -389,7 +388,8 @@ def run_perplexity(args) -> int:
         f"{len(result.tokens_per_text)} texts ({source}); {result.truncated} truncated")
   if args.output:
     out = {"model": args.model, "source": source, **result.to_json()}
-    pathlib.Path(args.output).write_text(json.dumps(out, indent=1))
+    from jax_nlu_ppo import storage
+    storage.write_text(args.output, json.dumps(out, indent=1))
   return 0
 
 
@@ -489,7 +489,8 @@ def run_plan(args) -> int:
       progress=log.info)
   print(result.table())
   if args.output:
-    pathlib.Path(args.output).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    from jax_nlu_ppo import storage
+    storage.write_text(args.output, json.dumps(result.to_dict(), indent=2) + "\n")
   return 0
 
 

@@ -25,6 +25,7 @@ from jax_nlu_ppo.model import decoder as model_lib
 from jax_nlu_ppo.model import kernels as kernels_lib
 from jax_nlu_ppo.rl import ppo as ppo_lib
 from jax_nlu_ppo import sharding as sharding_lib
+from jax_nlu_ppo import tracking
 from jax_nlu_ppo.nlu import tasks as tasks_lib
 
 
@@ -98,6 +99,7 @@ class TrainConfig:
   # label answer, as lm-evaluation-harness scores choices; nlu/loglik.py).
   eval_scoring: str = "generate"
   output_dir: str | None = None     # metrics.jsonl and checkpoints/; a run there continues
+  logging: tracking.LoggingConfig = tracking.LoggingConfig()   # W&B beside TensorBoard
   checkpoint: checkpoint_lib.CheckpointConfig = checkpoint_lib.CheckpointConfig()
   # This many iterations in a row with every update skipped (non-finite loss) stop the run;
   # 0: never.

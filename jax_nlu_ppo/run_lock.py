@@ -7,6 +7,9 @@ stops before loading anything, with an error naming the holder, unless the holde
 this host, its process has exited; on another host, the lock has not been touched for `STALE_S`
 seconds. A stale lock (a killed run's) is taken over with a warning. The other processes of a
 multi-host run share process 0's lock and learn its verdict from it.
+
+In a bucket (`gs://`) the lock is an object uploaded on the precondition that none exists
+(`ifGenerationMatch=0`), and refreshed by uploading it again: the same rules hold there.
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ import datetime
 import json
 import logging
 import os
-import pathlib
 import socket
 import threading
 import time
@@ -24,7 +26,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jax_nlu_ppo.nlu import evaluate as evaluate_lib
+from jax_nlu_ppo import storage
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ class Holder:
     return f"host {self.host}, pid {self.pid}, started {self.started}{processes}"
 
 
-def _read(path: pathlib.Path) -> Holder | None:
+def _read(path: storage.Path) -> Holder | None:
   """The lock's holder, or None if the file is gone or unreadable (a crash mid-write)."""
   try:
     return Holder(**json.loads(path.read_text()))
@@ -67,7 +69,7 @@ def _read(path: pathlib.Path) -> Holder | None:
     return None
 
 
-def _gone(holder: Holder | None, path: pathlib.Path) -> str | None:
+def _gone(holder: Holder | None, path: storage.Path) -> str | None:
   """Why the lock's holder is no longer running, or None if it may be."""
   if holder is None:
     return "its lock file is unreadable"
@@ -82,19 +84,19 @@ def _gone(holder: Holder | None, path: pathlib.Path) -> str | None:
       return None
     return None
   try:
-    idle = time.time() - path.stat().st_mtime
+    idle = time.time() - storage.mtime(path)
   except FileNotFoundError:
     return "its lock is gone"
   return f"its lock was last refreshed {idle:.0f} s ago" if idle > STALE_S else None
 
 
-def _locked_error(run_dir: pathlib.Path, holder: Holder) -> RunFolderLockedError:
+def _locked_error(run_dir: storage.Path, holder: Holder) -> RunFolderLockedError:
   return RunFolderLockedError(
       f"{run_dir} is in use by another run ({holder.describe()}); wait for it to finish or stop "
       f"it, or choose another output_dir. If that run is gone, delete {run_dir / LOCK_FILE}")
 
 
-def _agreed(error: RunFolderError | None, run_dir: pathlib.Path) -> None:
+def _agreed(error: RunFolderError | None, run_dir: storage.Path) -> None:
   """Raises on every process when process 0 (which alone reads the lock) found a problem."""
   if jax.process_count() > 1:
     failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
@@ -104,8 +106,8 @@ def _agreed(error: RunFolderError | None, run_dir: pathlib.Path) -> None:
     raise error
 
 
-def _writable(run_dir: pathlib.Path) -> RunFolderError | None:
-  reason = evaluate_lib.unwritable(run_dir / LOCK_FILE)
+def _writable(run_dir: storage.Path) -> RunFolderError | None:
+  reason = storage.unwritable(run_dir / LOCK_FILE)
   if reason is None:
     return None
   return RunFolderError(f"output_dir {run_dir}: cannot write there ({reason}); choose another "
@@ -117,7 +119,7 @@ def check(run_dir: str | os.PathLike | None) -> None:
   or a live run holds it."""
   if run_dir is None:
     return
-  run_dir = pathlib.Path(run_dir)
+  run_dir = storage.path(run_dir)
   error = None
   if jax.process_index() == 0:
     path = run_dir / LOCK_FILE
@@ -133,7 +135,7 @@ class RunLock:
   """Holds `run_dir` for a run while it trains (`with RunLock(run_dir): ...`)."""
 
   def __init__(self, run_dir: str | os.PathLike):
-    self.run_dir = pathlib.Path(run_dir)
+    self.run_dir = storage.path(run_dir)
     self.path = self.run_dir / LOCK_FILE
     self.holder: Holder | None = None
     self._stop = threading.Event()
@@ -164,33 +166,26 @@ class RunLock:
 
   def _acquire(self) -> None:
     holder = Holder.this_process()
-    # Written whole beside the lock, then linked to its name: the link fails if the lock exists,
-    # and a lock that exists is never half-written.
-    tmp = self.path.with_name(f".{LOCK_FILE}.{holder.pid}.tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(holder)))
-    try:
-      for _ in range(2):
-        try:
-          os.link(tmp, self.path)
-        except FileExistsError:
-          other = _read(self.path)
-          reason = _gone(other, self.path)
-          if reason is None:
-            raise _locked_error(self.run_dir, other) from None
-          log.warning("%s: taking over the lock of a run that is gone (%s: %s)", self.path,
-                      other.describe() if other else "holder unknown", reason)
-          self.path.unlink(missing_ok=True)
-          continue
-        self.holder = holder
-        return
-      raise _locked_error(self.run_dir, _read(self.path) or holder)
-    finally:
-      tmp.unlink(missing_ok=True)
+    for _ in range(2):
+      try:
+        storage.create_new(self.path, json.dumps(dataclasses.asdict(holder)))
+      except FileExistsError:
+        other = _read(self.path)
+        reason = _gone(other, self.path)
+        if reason is None:
+          raise _locked_error(self.run_dir, other) from None
+        log.warning("%s: taking over the lock of a run that is gone (%s: %s)", self.path,
+                    other.describe() if other else "holder unknown", reason)
+        self.path.unlink(missing_ok=True)
+        continue
+      self.holder = holder
+      return
+    raise _locked_error(self.run_dir, _read(self.path) or holder)
 
   def _beat(self) -> None:
     while not self._stop.wait(HEARTBEAT_S):
       try:
-        os.utime(self.path)
+        storage.touch(self.path)
       except FileNotFoundError:
         log.warning("%s was deleted while this run holds it", self.path)
         return

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from jax_nlu_ppo import storage
 from jax_nlu_ppo.nlu import answer as answer_lib
 from jax_nlu_ppo.nlu import data as data_lib
 from jax_nlu_ppo.nlu import metrics as metrics_lib
@@ -288,23 +289,9 @@ def evaluate_tasks(task_specs: Sequence[str], config: EvalConfig, load_model: Ca
   return results
 
 
-def unwritable(path: str | pathlib.Path) -> str | None:
-  """Why the folder `path` goes in cannot be created or written (the OS's reason), else None."""
-  path = pathlib.Path(path)
-  folder = path.parent
-  try:
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".{path.name}.probe"
-    probe.write_text("")
-    probe.unlink()
-  except OSError as e:
-    return e.strerror
-  return None
-
-
 def check_writable(path: str | pathlib.Path) -> None:
   """Fail before hours of work, not after: the output folder must be creatable and writable."""
-  reason = unwritable(path)
+  reason = storage.unwritable(path)
   if reason is not None:
     raise ValueError(f"--output {path}: cannot write there ({reason})")
 
@@ -316,15 +303,11 @@ def write_json(results: Sequence[EvalResult], path: str | pathlib.Path,
   Written to a temporary file and renamed, so an existing results file is only replaced by a
   complete one.
   """
-  path = pathlib.Path(path)
   if len(results) == 1:
     out = {**(extra or {}), **results[0].to_json()}
   else:
     out = {**(extra or {}), "tasks": {r.task: r.to_json() for r in results}}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(out, indent=1, default=_json_default))
-  tmp.replace(path)
+  storage.write_text(path, json.dumps(out, indent=1, default=_json_default))
 
 
 def _json_default(x):

@@ -7,14 +7,11 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import pathlib
 import signal
 import threading
 from typing import Any, Callable, Protocol, Sequence
 
 import jax
-import tensorboardX
 import yaml
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -23,6 +20,8 @@ from jax.experimental import multihost_utils
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo import run_lock
+from jax_nlu_ppo import storage
+from jax_nlu_ppo import tracking
 from jax_nlu_ppo.nlu import data as data_lib
 from jax_nlu_ppo.nlu import evaluate as evaluate_lib
 from jax_nlu_ppo.rl import policy as policy_lib
@@ -35,7 +34,8 @@ Metrics = dict[str, float]
 
 # The files of a run folder beside checkpoints/ (read back by `report`).
 CONFIG_FILE, METRICS_FILE, SAMPLES_FILE = "config.yaml", "metrics.jsonl", "samples.jsonl"
-TENSORBOARD_DIR, EVAL_DIR = "tensorboard", "eval"
+EVAL_DIR = "eval"
+TENSORBOARD_DIR = tracking.TENSORBOARD_DIR
 
 
 def process_rows(config, local_batch: int,
@@ -108,7 +108,7 @@ def open_checkpoints(trainer: Resumable, config, lm: pretrained.LanguageModel
   that step."""
   if config.output_dir is None or not config.checkpoint.enabled:
     return None
-  out_dir = pathlib.Path(config.output_dir)
+  out_dir = storage.path(config.output_dir)
   checkpointer = checkpoint_lib.Checkpointer(out_dir / "checkpoints", config.checkpoint,
                                              run_description(config, lm))
   restored = checkpointer.restore_latest(trainer.snapshot())
@@ -121,7 +121,7 @@ def open_checkpoints(trainer: Resumable, config, lm: pretrained.LanguageModel
   return checkpointer
 
 
-def truncate_jsonl(path: pathlib.Path, iteration: int) -> None:
+def truncate_jsonl(path: storage.Path, iteration: int) -> None:
   """Drops the lines of iterations after `iteration` (and a line cut short by a kill), so that
   iterations redone after a restore are not written twice."""
   if not path.exists():
@@ -138,9 +138,7 @@ def truncate_jsonl(path: pathlib.Path, iteration: int) -> None:
   if len(keep) < len(lines):
     log.info("%s: dropping %d lines after iteration %d", path.name, len(lines) - len(keep),
              iteration)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    storage.write_text(path, "".join(keep))
 
 
 def run_kind(config: dict[str, Any]) -> str:
@@ -155,15 +153,15 @@ def run_kind(config: dict[str, Any]) -> str:
 class SavedRun:
   """A run folder's checkpoints as `saved_run` found them: where, which step (None: the latest
   good one), and the config the run resolved (a dict)."""
-  directory: pathlib.Path
+  directory: storage.Path
   step: int | None
   config: dict[str, Any]
 
 
-def locate_run(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
+def locate_run(path: storage.PathLike) -> tuple[storage.Path, int | None]:
   """(the checkpoints folder, the step or None for the latest) of a run folder or step folder;
   nothing is read."""
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if not path.exists():
     raise checkpoint_lib.CheckpointReadError(f"{path} does not exist")
   if (path / "checkpoints").is_dir():
@@ -175,11 +173,11 @@ def locate_run(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
       "(RUN/checkpoints/<step>)")
 
 
-def saved_run(path: str | pathlib.Path) -> SavedRun:
+def saved_run(path: storage.PathLike) -> SavedRun:
   """The run at `path`: a run folder (with checkpoints/) or one of its step folders
   (RUN/checkpoints/<step>); its config is read from the newest complete step."""
   directory, step = locate_run(path)
-  manager = ocp.CheckpointManager(directory.absolute(),
+  manager = ocp.CheckpointManager(storage.absolute(directory),
                                   item_handlers={"run": ocp.JsonCheckpointHandler()})
   steps = sorted(manager.all_steps())
   if not steps:
@@ -273,11 +271,9 @@ class PeriodicEval:
   `eval/step_<N>.json` in the run folder.
   """
 
-  def __init__(self, data: data_lib.DataConfig, every: int, out_dir: pathlib.Path | None):
-    ds, report = data_lib.load(data)
-    if report.rows_skipped:
-      log.warning(report.summary())
-    self.rows, self.task, self.every, self.out_dir = list(ds), data.task, every, out_dir
+  def __init__(self, data: data_lib.DataConfig, every: int, out_dir: storage.Path | None):
+    self.rows, self.report = data_lib.load_checked(data)
+    self.task, self.every, self.out_dir = data.task, every, out_dir
     if not self.rows:
       raise ValueError(f"eval_data ({data.task} {data.split}) has no rows")
 
@@ -286,6 +282,7 @@ class PeriodicEval:
 
   def __call__(self, trainer) -> Metrics:
     result = trainer.evaluate(self.rows, self.task)
+    result.data_report = self.report
     if self.out_dir is not None:
       evaluate_lib.write_json([result], self.out_dir / EVAL_DIR /
                               f"step_{trainer.iteration:06d}.json")
@@ -307,7 +304,8 @@ def run_steps(trainer: Resumable, steps: int, output_dir: str | None,
   """Calls `trainer.step` `steps` times, or until SIGTERM/SIGINT (see `StopSignal`).
 
   Each step's metrics go to `on_step` and a line of `output_dir/metrics.jsonl`, its numbers as
-  TensorBoard scalars in `output_dir/tensorboard/` (tag: the metric name, step: the iteration), and
+  TensorBoard scalars in `output_dir/tensorboard/` (tag: the metric name, step: the iteration)
+  and to W&B with `config.logging.wandb` (`tracking.Trackers`), and
   the rows of `samples()` (a few generations) to `output_dir/samples.jsonl` (appended, so a
   continued run extends its files; written by process 0 only, with the resolved config as
   config.yaml). With `eval_data` in the trainer's config, `PeriodicEval` scores the policy.
@@ -327,30 +325,28 @@ def _steps(trainer: Resumable, steps: int, output_dir: str | None,
            on_step: Callable[[Metrics], None] | None,
            checkpointer: checkpoint_lib.Checkpointer | None,
            samples: Callable[[], list[dict[str, Any]]] | None) -> list[Metrics]:
-  out_dir = pathlib.Path(output_dir) if output_dir and jax.process_index() == 0 else None
-  tensorboard = contextlib.nullcontext()
+  out_dir = storage.path(output_dir) if output_dir and jax.process_index() == 0 else None
+  trackers = contextlib.nullcontext()
   if out_dir is not None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    storage.mkdir(out_dir)
     # Rewritten on resume: a continued run is the same run, with the same config.
-    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_lib.to_dict(trainer.config),
-                                                      sort_keys=False))
-    # A continued run starts a new event file. Its purge_step makes TensorBoard hide the old
-    # files' events from the steps about to be redone, as truncate_jsonl does for metrics.jsonl.
-    purge_step = trainer.iteration + 1 if trainer.iteration else None
-    tensorboard = tensorboardX.SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=purge_step)
+    resolved = config_lib.to_dict(trainer.config)
+    storage.write_text(out_dir / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
+    trackers = tracking.Trackers(out_dir, trainer.config.logging, resolved,
+                                 first_step=trainer.iteration + 1)
   history = []
   metrics = None
   config = trainer.config
   skipped_in_a_row = 0
   evaluator = (PeriodicEval(config.eval_data, config.eval_every, out_dir)
                if config.eval_data is not None and steps > 0 else None)
-  with StopSignal() as stop, tensorboard as scalars:
+  with StopSignal() as stop, trackers as scalars:
     if evaluator is not None and trainer.iteration == 0 and config.eval_before:
       start = {"iteration": 0, **evaluator(trainer)}
       history.append(start)
       if out_dir is not None:
-        _append_jsonl(out_dir / METRICS_FILE, [start])
-        _write_scalars(scalars, start, 0)
+        storage.append_jsonl(out_dir / METRICS_FILE, [start])
+        scalars.write(start, 0)
     for i in range(steps):
       metrics = trainer.step()
       skipped_in_a_row = skipped_in_a_row + 1 if metrics[trainer.skipped_metric] >= 1 else 0
@@ -363,10 +359,10 @@ def _steps(trainer: Resumable, steps: int, output_dir: str | None,
       if on_step is not None:
         on_step(metrics)
       if out_dir is not None:
-        _append_jsonl(out_dir / METRICS_FILE, [metrics])
-        _write_scalars(scalars, metrics, trainer.iteration)
+        storage.append_jsonl(out_dir / METRICS_FILE, [metrics])
+        scalars.write(metrics, trainer.iteration)
         if samples is not None:
-          _append_jsonl(out_dir / SAMPLES_FILE, samples())
+          storage.append_jsonl(out_dir / SAMPLES_FILE, samples())
       if 0 < config.max_skipped_steps <= skipped_in_a_row:
         raise _runaway(trainer, skipped_in_a_row, checkpointer)
       if checkpointer is not None and (stopping or (checkpointer.due(trainer.iteration)
@@ -400,20 +396,6 @@ def _runaway(trainer: Resumable, skipped: int,
       f"not finite (the step metric {trainer.skipped_metric} in metrics.jsonl). Lower "
       f"optimizer.learning_rate or look for bad rewards or data; {where}. "
       "max_skipped_steps=0 never stops.")
-
-
-def _write_scalars(writer: tensorboardX.SummaryWriter, metrics: Metrics, step: int) -> None:
-  for name, value in metrics.items():
-    # `iteration` is the step axis itself; bools would plot as 0/1 noise.
-    if name != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
-      writer.add_scalar(name, value, step)
-  # Flushed every step, so a kill loses no more than metrics.jsonl does.
-  writer.flush()
-
-
-def _append_jsonl(path: pathlib.Path, rows: Sequence[dict[str, Any]]) -> None:
-  with open(path, "a") as f:
-    f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def adapted_model(lm: pretrained.LanguageModel, graphdef, base, trainable,

@@ -32,6 +32,7 @@ from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo.nlu import data as data_lib
 from jax_nlu_ppo import distributed
 from jax_nlu_ppo import run_lock
+from jax_nlu_ppo import tracking
 from jax_nlu_ppo.nlu import evaluate as evaluate_lib
 from jax_nlu_ppo.model import lm_loss
 from jax_nlu_ppo.model import lora as lora_lib
@@ -72,6 +73,7 @@ class SFTConfig:
   epochs: float | None = None                # passes over the training set; replaces `steps`
   seed: int = 0
   output_dir: str | None = None              # metrics.jsonl and checkpoints/; a run there continues
+  logging: tracking.LoggingConfig = tracking.LoggingConfig()   # W&B beside TensorBoard
   checkpoint: checkpoint_lib.CheckpointConfig = checkpoint_lib.CheckpointConfig()
   max_skipped_steps: int = 3                 # as TrainConfig.max_skipped_steps
   mesh: sharding_lib.MeshConfig = sharding_lib.MeshConfig()
@@ -352,6 +354,7 @@ class SFTTrainer:
                           "batch_size / gradient_accumulation_steps")
     self.local_batch = distributed.per_process(config.batch_size, "batch_size")
     run_lock.check(config.output_dir)     # another live run in the folder: stop now
+    tracking.check(config.logging)
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
     self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
     rows, self.train_examples = run_loop.process_rows(config, self.local_batch, train_examples)

@@ -18,6 +18,7 @@ from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import compiles
 from jax_nlu_ppo import distributed
 from jax_nlu_ppo import run_lock
+from jax_nlu_ppo import tracking
 from jax_nlu_ppo.nlu import evaluate as evaluate_lib
 from jax_nlu_ppo.rl import iteration as iteration_lib
 from jax_nlu_ppo.rl import steps as ppo_steps
@@ -58,6 +59,7 @@ class PPOTrainer:
     self.mesh = mesh or sharding_lib.LogicalMesh.create(config.mesh)
     self.local_batch = check_mesh(config, self.mesh)
     run_lock.check(config.output_dir)     # another live run in the folder: stop now
+    tracking.check(config.logging)
     # Every row names its task (a mixture tags its rows; a single source is its `data.task`).
     self.tasks = {spec: tasks_lib.get_task(spec) for spec in config.train_tasks}
     # A reward function of the user's is imported before anything is loaded or compiled.

@@ -27,6 +27,7 @@ import operator
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 
@@ -36,6 +37,7 @@ from huggingface_hub import split_state_dict_into_shards_factory
 import numpy as np
 from flax import nnx
 
+from jax_nlu_ppo import storage
 from jax_nlu_ppo.model import lora as lora_lib
 from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.rl import policy as policy_lib
@@ -134,7 +136,7 @@ def _write_model(lm, tensors: list[weights_lib.HFTensor], hf_config: dict, outpu
       log.warning("the model has no tokenizer; %s will hold weights and config only", output)
   log.info("exported a %s %s model to %s in %.1fs", what, dtype, output,
            time.perf_counter() - start)
-  return os.path.abspath(output)
+  return str(storage.absolute(output))
 
 
 def export_peft(lm, trainable, lora: lora_lib.LoraConfig, output: str, *,
@@ -164,7 +166,7 @@ def export_peft(lm, trainable, lora: lora_lib.LoraConfig, output: str, *,
                 _peft_config(lora, base_model_name_or_path))
   log.info("exported PEFT adapters (%s) to %s in %.1fs", dtype, output,
            time.perf_counter() - start)
-  return os.path.abspath(output)
+  return str(storage.absolute(output))
 
 
 def export_run(run_path: str, output: str, fmt: str = "merged", dtype: str = "float32",
@@ -306,6 +308,10 @@ def _write_json(path: str, obj):
 @contextlib.contextmanager
 def _staging(output: str, overwrite: bool):
   """A new sibling folder to write into; it replaces `output` only once the body succeeds."""
+  if storage.is_remote(output):
+    with _upload_staging(output, overwrite) as folder:
+      yield folder
+    return
   output = os.path.abspath(output)
   if os.path.exists(output) and not os.path.isdir(output):
     raise ExportError(f"{output}: exists and is not a folder")
@@ -337,6 +343,24 @@ def _staging(output: str, overwrite: bool):
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+
+
+@contextlib.contextmanager
+def _upload_staging(output: str, overwrite: bool):
+  """A local temporary folder to write into, uploaded to `output` in a bucket once the body
+  succeeds. A bucket has no rename: an upload cut short leaves part of the folder there."""
+  dest = storage.path(output)
+  if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+    raise ExportError(f"{output}: folder exists and is not empty; choose a new folder or pass "
+                      "overwrite=True (--overwrite) to replace it")
+  reason = storage.unwritable(dest / "config.json")
+  if reason is not None:
+    raise ExportError(f"{output}: cannot write there ({reason})")
+  with tempfile.TemporaryDirectory(prefix="jax_nlu_ppo_export.") as folder:
+    yield folder
+    if dest.is_dir():
+      dest.rmtree()
+    storage.copy_tree(folder, dest)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 from typing import Any
 
 from jax_nlu_ppo import config as config_lib
+from jax_nlu_ppo import storage
 from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.rl import reward_model
 from jax_nlu_ppo.rl import run_loop
@@ -37,7 +37,7 @@ class LoadedRun:
     return self.trainer.lm
 
 
-def load_run(path: str | pathlib.Path, lm: pretrained.LanguageModel | None = None) -> LoadedRun:
+def load_run(path: storage.PathLike, lm: pretrained.LanguageModel | None = None) -> LoadedRun:
   """The run at `path` (a run folder: its latest good step; or a step folder), with its base.
 
   The base is loaded as the run's config names it unless `lm` is given; the checkpoint's
@@ -56,8 +56,8 @@ def load_run(path: str | pathlib.Path, lm: pretrained.LanguageModel | None = Non
 def load_model(path: str, dtype: str = "float32", gguf_file: str | None = None,
                batch_size: int = 32) -> pretrained.LanguageModel:
   """A model by name or path (`pretrained.load_pretrained`); a run folder or checkpoint gives
-  its trained policy."""
-  candidate = pathlib.Path(path)
+  its trained policy (either may be in a bucket, `gs://...`)."""
+  candidate = storage.path(path)
   if (candidate / "checkpoints").is_dir() or candidate.parent.name == "checkpoints":
     run = load_run(candidate)
     log.info("evaluating %s at step %d", path, run.step)

@@ -12,13 +12,13 @@ import dataclasses
 import json
 import logging
 import math
-import pathlib
 from typing import Any, Sequence
 
 import numpy as np
 import yaml
 
 from jax_nlu_ppo import checkpoint as checkpoint_lib
+from jax_nlu_ppo import storage
 from jax_nlu_ppo.rl import run_loop
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class ReportError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One run folder's metrics lines (by step) and its label in plots and tables."""
-  path: pathlib.Path
+  path: storage.Path
   label: str
   lines: list[dict[str, Any]]
 
@@ -58,10 +58,10 @@ class Run:
     return [key for key in (*METRICS, *evals) if self.series(key)[1].size]
 
 
-def read_run(path: str | pathlib.Path) -> Run:
+def read_run(path: storage.PathLike) -> Run:
   """A run folder's metrics.jsonl (a malformed line is skipped with a warning naming it) and its
   label: the folder name, with the task and kind of run when config.yaml is there."""
-  folder = pathlib.Path(path)
+  folder = storage.path(path)
   if not folder.is_dir():
     raise ReportError(f"{folder}: no such run folder")
   metrics_path = folder / run_loop.METRICS_FILE
@@ -85,7 +85,7 @@ def read_run(path: str | pathlib.Path) -> Run:
   return Run(folder, _label(folder), lines)
 
 
-def _label(folder: pathlib.Path) -> str:
+def _label(folder: storage.Path) -> str:
   config_path = folder / run_loop.CONFIG_FILE
   if not config_path.is_file():
     return folder.name
@@ -109,7 +109,7 @@ def first_last(run: Run, key: str, window: int = WINDOW) -> tuple[float, float]:
   return float(values[:window].mean()), float(values[-window:].mean())
 
 
-def plot(runs: Sequence[Run], path: pathlib.Path) -> None:
+def plot(runs: Sequence[Run], path: storage.Path) -> None:
   """One panel per metric some run logs, each run that logs it a line in it."""
   import matplotlib
   matplotlib.use("Agg")      # files only: no display on a training host
@@ -137,7 +137,8 @@ def plot(runs: Sequence[Run], path: pathlib.Path) -> None:
   for ax in axes.flat[len(keys):]:
     ax.set_visible(False)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with path.open("wb") as f:     # a file object: matplotlib cannot name a gs:// path
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
 
 
@@ -174,8 +175,8 @@ def markdown(runs: Sequence[Run], image: str) -> str:
   return "\n".join(out) + "\n"
 
 
-def write_report(run_paths: Sequence[str | pathlib.Path],
-                 output: str | pathlib.Path) -> pathlib.Path:
+def write_report(run_paths: Sequence[storage.PathLike],
+                 output: storage.PathLike) -> storage.Path:
   """Reads every run (all are checked before anything is written), writes metrics.png and
   report.md into `output` and returns report.md's path."""
   runs = [read_run(path) for path in run_paths]
@@ -186,9 +187,9 @@ def write_report(run_paths: Sequence[str | pathlib.Path],
   if len(set(labels)) < len(labels):     # same folder names under different parents
     runs = [dataclasses.replace(run, label=f"{run.path} {run.label[len(run.path.name):]}".strip())
             for run in runs]
-  out_dir = pathlib.Path(output)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = storage.path(output)
+  storage.mkdir(out_dir)
   plot(runs, out_dir / PLOT_FILE)
   report = out_dir / REPORT_FILE
-  report.write_text(markdown(runs, PLOT_FILE))
+  storage.write_text(report, markdown(runs, PLOT_FILE))
   return report
