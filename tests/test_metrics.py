@@ -1,5 +1,6 @@
 """GLUE metrics against independent references: scikit-learn / scipy and NumPy formulas."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -144,3 +145,13 @@ def test_bootstrap_intervals_against_independent_formulas():
   np.testing.assert_allclose(got["f1"], (ref.low, ref.high), atol=0.006)
   assert got["accuracy"] == metrics.bootstrap_intervals(["accuracy"], preds, golds,
                                                         draws=1000)["accuracy"]   # seeded
+
+
+def test_a_metric_undefined_on_every_resample_has_no_interval():
+  # Constant predictions: Pearson's r is undefined on every resample, and no NaN interval is made
+  # (it would be written as NaN, which is not JSON).
+  golds = [0.5, 1.0, 2.5, 4.0, 3.0, 1.5]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = metrics.bootstrap_intervals(["pearson", "spearman"], [2.0] * 6, golds, draws=50)
+  assert got == {}

@@ -112,7 +112,8 @@ def bootstrap_intervals(metric_names: Sequence[str], preds: Sequence[Pred],
   """Percentile bootstrap intervals of the named metrics over the examples: `draws` resamples
   of the rows with replacement (seeded), the metric on each, the central `level` of them.
 
-  The interval covers the sampling of the evaluation set, not the training seed's spread.
+  The interval covers the sampling of the evaluation set, not the training seed's spread. A
+  metric undefined on every resample (a correlation of constant predictions) gets none.
   """
   rng = np.random.default_rng(seed)
   samples_dn = rng.integers(0, len(preds), size=(draws, len(preds)))
@@ -127,6 +128,8 @@ def bootstrap_intervals(metric_names: Sequence[str], preds: Sequence[Pred],
         warnings.simplefilter("ignore")
         values = np.array([METRICS[name]([preds[i] for i in rows], [golds[i] for i in rows])
                            for rows in samples_dn])
+    if np.isnan(values).all():
+      continue
     lo, hi = np.nanpercentile(values, [tail, 100 - tail])
     out[name] = (float(lo), float(hi))
   return out
