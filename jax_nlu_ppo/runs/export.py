@@ -305,6 +305,16 @@ def _write_json(path: str, obj):
     f.write("\n")
 
 
+def _check_output(output: str, overwrite: bool) -> None:
+  """`output` (local or in a bucket) must be a new or empty folder, unless `overwrite`."""
+  dest = storage.path(output)
+  if dest.exists() and not dest.is_dir():
+    raise ExportError(f"{output}: exists and is not a folder")
+  if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+    raise ExportError(f"{output}: folder exists and is not empty; choose a new folder or pass "
+                      "overwrite=True (--overwrite) to replace it")
+
+
 @contextlib.contextmanager
 def _staging(output: str, overwrite: bool):
   """A new sibling folder to write into; it replaces `output` only once the body succeeds."""
@@ -313,11 +323,7 @@ def _staging(output: str, overwrite: bool):
       yield folder
     return
   output = os.path.abspath(output)
-  if os.path.exists(output) and not os.path.isdir(output):
-    raise ExportError(f"{output}: exists and is not a folder")
-  if os.path.isdir(output) and os.listdir(output) and not overwrite:
-    raise ExportError(f"{output}: folder exists and is not empty; choose a new folder or pass "
-                      "overwrite=True (--overwrite) to replace it")
+  _check_output(output, overwrite)
   parent, name = os.path.split(output)
   staging = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.partial")
   try:
@@ -349,10 +355,8 @@ def _staging(output: str, overwrite: bool):
 def _upload_staging(output: str, overwrite: bool):
   """A local temporary folder to write into, uploaded to `output` in a bucket once the body
   succeeds. A bucket has no rename: an upload cut short leaves part of the folder there."""
+  _check_output(output, overwrite)
   dest = storage.path(output)
-  if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-    raise ExportError(f"{output}: folder exists and is not empty; choose a new folder or pass "
-                      "overwrite=True (--overwrite) to replace it")
   reason = storage.unwritable(dest / "config.json")
   if reason is not None:
     raise ExportError(f"{output}: cannot write there ({reason})")
