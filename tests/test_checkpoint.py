@@ -149,12 +149,18 @@ def test_sigterm_saves_and_a_rerun_continues_exactly(runs, cache_dir, lm):
   assert continued.train() == []
 
 
+def cut_short_metadata(run_dir, step: int):
+  """Cuts step's array metadata file (local or in a bucket) to 100 bytes; returns its path."""
+  damaged = run_dir / "checkpoints" / str(step) / "arrays" / "_METADATA"
+  damaged.write_bytes(damaged.read_bytes()[:100])
+  return damaged
+
+
 def test_unreadable_latest_step_falls_back_to_the_one_before(reference, tmp_path, lm, caplog):
   last = checkpoint_run.STEPS
   run_dir = tmp_path / "run"
   shutil.copytree(reference, run_dir)
-  damaged = run_dir / "checkpoints" / str(last) / "arrays" / "_METADATA"
-  damaged.write_bytes(damaged.read_bytes()[:100])
+  damaged = cut_short_metadata(run_dir, last)
 
   trainer = checkpoint_run.make_trainer(run_dir, lm=lm)
   assert trainer.iteration == last - 1

@@ -25,7 +25,8 @@ from jax_nlu_ppo.rl import run_loop
 from jax_nlu_ppo.runs import export, reader
 from jax_nlu_ppo.tools import report
 from tests import checkpoint_run
-from tests.test_checkpoint import TIMING, assert_same_arrays, finish, launch
+from tests.test_checkpoint import (TIMING, assert_same_arrays, cut_short_metadata, finish,
+                                   launch)
 
 BUCKET = "jax-nlu-ppo-test"
 
@@ -146,8 +147,7 @@ def test_an_unreadable_latest_step_in_the_bucket_is_set_aside(runs, lm, caplog, 
   local, _ = runs
   last, run_dir = checkpoint_run.STEPS, storage.path(gcs) / "damaged"
   storage.copy_tree(local, run_dir)
-  damaged = run_dir / "checkpoints" / str(last) / "arrays" / "_METADATA"
-  damaged.write_bytes(damaged.read_bytes()[:100])
+  cut_short_metadata(run_dir, last)
   trainer = checkpoint_run.make_trainer(run_dir, lm=lm)
   assert trainer.iteration == last - 1
   assert f"checkpoint step {last} does not read back" in caplog.text
