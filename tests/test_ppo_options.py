@@ -151,9 +151,9 @@ def test_every_shipped_config_loads():
   paths = sorted((ROOT / "configs").rglob("*.yaml"))
   assert len(paths) >= 10
   for path in paths:
-    # configs/sft/ holds SFT runs, configs/reward_model/ reward models; the rest are PPO runs.
-    folder = path.relative_to(ROOT / "configs").parts[0]
-    cls = {"sft": sft.SFTConfig, "reward_model": reward_model.RewardModelConfig}.get(folder)
+    # A folder named sft/ holds SFT runs, reward_model/ reward models; the rest are PPO runs.
+    kinds = {"sft": sft.SFTConfig, "reward_model": reward_model.RewardModelConfig}
+    cls = next((kinds[p] for p in path.relative_to(ROOT / "configs").parts if p in kinds), None)
     config_lib.load_config(path, cls=cls or config_lib.TrainConfig)
 
 
