@@ -83,10 +83,18 @@ def _distributed_arguments(parser: argparse.ArgumentParser) -> None:
   group.add_argument("--process-id", type=int, default=None, help="this process's id, 0..N-1")
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--model", default="smollm2-135m-instruct",
-                      help="embedded model name, Hugging Face folder, .gguf file, hub id, or a "
-                      "run folder / checkpoint of train or sft (default: %(default)s)")
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _model_arguments(parser: argparse.ArgumentParser, several: bool = False) -> None:
+  what = ("embedded model name, Hugging Face folder, .gguf file, hub id, or a run folder / "
+          "checkpoint of train or sft")
+  if several:
+    parser.add_argument("--model", action="append", default=None,
+                        help=f"{what}; repeat for several, each scored on every task and data "
+                        f"set (default: {DEFAULT_MODEL})")
+  else:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{what} (default: %(default)s)")
   parser.add_argument("--gguf-file",
                       help="with a folder or hub id: which GGUF file in it to read")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -116,12 +124,14 @@ def _load_config(args, cls):
 
 def _model_loader(args, batch_size: int = 32, batch_tokens: int | None = None):
   """Loads --model when called, once the command has read its data: a bad path fails first."""
-  def load():
-    from jax_nlu_ppo.runs import reader
-    lm = reader.load_model(args.model, args.dtype, args.gguf_file, batch_size)
-    lm.batch_tokens = batch_tokens
-    return lm
-  return load
+  return lambda: _load_model(args, args.model, batch_size, batch_tokens)
+
+
+def _load_model(args, model: str, batch_size: int = 32, batch_tokens: int | None = None):
+  from jax_nlu_ppo.runs import reader
+  lm = reader.load_model(model, args.dtype, args.gguf_file, batch_size)
+  lm.batch_tokens = batch_tokens
+  return lm
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,17 +142,19 @@ def _add_eval_parser(commands) -> None:
       "eval", help="zero-shot / k-shot evaluation of a model on GLUE or custom tasks",
       description="Generate answers (greedy), extract the labels, score with each task's "
       "official metric, and write the metrics, unparsed rate, confusion matrix and "
-      "per-example predictions as JSON.")
-  _model_arguments(ev)
+      "per-example predictions as JSON. Several models (--model) or data sets (--data) in one "
+      "call write one results file and one table, a row per model and set.")
+  _model_arguments(ev, several=True)
   ev.add_argument("--task", action="append", required=True, metavar="TASK",
                   help="a GLUE task (nyu-mll/glue config name: cola, sst2, mrpc, stsb, qqp, "
                   "mnli, qnli, rte, wnli, ax) or a custom task YAML file; repeat or separate "
                   "with commas for several tasks")
-  ev.add_argument("--data", default=None,
+  ev.add_argument("--data", action="append", default=None,
                   help="where the data is: 'hub' (nyu-mll/glue, needs internet), a local GLUE "
                   "folder in the original TSV layout, or a data file (csv/tsv/json/jsonl/"
-                  "parquet or a save_to_disk folder). Default: a custom task's own data, "
-                  "else the GLUE folder ../shared/data/glue if there, else 'hub'")
+                  "parquet or a save_to_disk folder); repeat to score each task on several. "
+                  "Default: a custom task's own data, else the GLUE folder "
+                  "../shared/data/glue if there, else 'hub'")
   ev.add_argument("--split", default=None,
                   help="split to score (default: validation; validation_matched for mnli, "
                   "test for ax). With a GLUE folder, other names pick a file in the task's "
@@ -191,28 +203,56 @@ def _add_eval_parser(commands) -> None:
   ev.add_argument("--strict-data", action="store_true",
                   help="stop at the first bad data row instead of skipping and counting it")
   ev.add_argument("--output", default=None, help="write the results JSON here")
+  ev.add_argument("--table", default=None,
+                  help="also write the table of every model and set here, as markdown")
+  ev.add_argument("--skip-done", action="store_true",
+                  help="keep the evaluations already in --output (a results file of several) "
+                  "whose model, set and settings this call would score again, and the others "
+                  "there; score only the rest")
   ev.set_defaults(run=run_eval)
 
 
 def run_eval(args) -> int:
+  from jax_nlu_ppo import storage
+  from jax_nlu_ppo.nlu import eval_grid
   from jax_nlu_ppo.nlu import evaluate as evaluate_lib
   specs = [t.strip() for item in args.task for t in item.split(",") if t.strip()]
+  models, data = args.model or [DEFAULT_MODEL], args.data or [None]
   config = evaluate_lib.EvalConfig(
       shots=args.shots, shot_seed=args.shot_seed, shot_selection=args.shot_selection,
       prompt_format=args.format,
       max_new_tokens=args.max_new_tokens, lenient=not args.strict_parsing,
       random_fallback=args.random_fallback, scoring=args.scoring,
       loglik_normalize=args.loglik_normalize)
-  results = evaluate_lib.evaluate_tasks(
-      specs, config, _model_loader(args, args.batch_size, args.batch_tokens), data=args.data,
-      split=args.split,
-      limit=args.limit, shuffle_seed=args.shuffle_seed, strict_data=args.strict_data,
-      shot_data=args.shot_data, shot_split=args.shot_split, output=args.output,
-      progress=_progress)
-  _print_table(results)
-  if args.output:
-    evaluate_lib.write_json(results, args.output, {"model": args.model, "dtype": args.dtype})
-    log.info("wrote %s", args.output)
+  sets = evaluate_lib.read_sets(
+      specs, config, data=data, split=args.split, limit=args.limit,
+      shuffle_seed=args.shuffle_seed, strict_data=args.strict_data, shot_data=args.shot_data,
+      shot_split=args.shot_split)
+  if args.table:
+    evaluate_lib.check_writable(args.table)
+  if len(models) == 1 and len(data) == 1 and not args.skip_done:
+    # One model on its tasks: the results file of one evaluation (or of its tasks).
+    if args.output:
+      evaluate_lib.check_writable(args.output)
+    results = evaluate_lib.evaluate_sets(
+        _load_model(args, models[0], args.batch_size, args.batch_tokens), sets, config,
+        _progress)
+    entries = [eval_grid.as_entry(models[0], s, r) for s, r in zip(sets, results)]
+    if args.output:
+      evaluate_lib.write_json(results, args.output, {"model": models[0], "dtype": args.dtype})
+      log.info("wrote %s", args.output)
+  else:
+    entries = eval_grid.evaluate_grid(
+        models, sets, config,
+        lambda name: _load_model(args, name, args.batch_size, args.batch_tokens),
+        output=args.output, skip_done=args.skip_done, progress=_progress)
+    if args.output:
+      log.info("wrote %s", args.output)
+  text = eval_grid.table(entries)
+  print(text)
+  if args.table:
+    storage.write_text(args.table, text + "\n")
+    log.info("wrote %s", args.table)
   return 0
 
 
@@ -234,13 +274,6 @@ def _progress(label: str):
     rate = done / max(time.perf_counter() - start, 1e-9)
     log.info("%s: %d/%d examples (%.1f ex/s)", label, done, total, rate)
   return log_line
-
-
-def _print_table(results) -> None:
-  print(f"{'task':<10} {'n':>6} {'unparsed':>9}  metrics")
-  for r in results:
-    shown = r.metrics_text(leave_out=("count", "unparsed_rate"))
-    print(f"{r.task:<10} {len(r.predictions):>6} {r.metrics['unparsed_rate']:>9.3f}  {shown}")
 
 
 # ------------------------------------------------------------------------------------------------

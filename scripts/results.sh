@@ -29,20 +29,36 @@ timed() {   # timed DIR LABEL COMMAND...: runs COMMAND, adds "LABEL<tab>seconds"
   "$@"
   printf '%s\t%s\n' "$label" "$((SECONDS - start))" >> "$dir/wall_times.tsv"
 }
+finished() {  # finished FOLDER: the run saved its last step (a run stopped by a signal has not)
+  python - "$1" <<'PY'
+import pathlib, sys, yaml
+run = pathlib.Path(sys.argv[1])
+steps = yaml.safe_load((run / "config.yaml").read_text())["steps"] if (run / "config.yaml").exists() else None
+sys.exit(0 if steps and (run / "checkpoints" / str(steps)).is_dir() else 1)
+PY
+}
 run() {     # run DIR KIND CONFIG FOLDER [ARGS...]: a train or sft run, skipped once done
   local dir="$1" kind="$2" config="$3" folder="$4"
   shift 4
   [[ -e "$folder/done" ]] && return 0
   timed "$dir" "$(basename "$folder")" jax-nlu-ppo "$kind" --config "$config" \
       --output-dir "$folder" "$@"
-  touch "$folder/done"
+  if finished "$folder"; then touch "$folder/done"; fi
+}
+evaluate() { # evaluate DIR RESULTS LABEL [ARGS...]: jax-nlu-ppo eval into DIR/RESULTS.json,
+             # the cells already there kept
+  local dir="$1" results="$2" label="$3" start=$SECONDS
+  shift 3
+  jax-nlu-ppo eval --task sst2 --shuffle-seed 0 --output "$dir/$results.json" --skip-done \
+      --table "$dir/$results.md" "$@"
+  printf '%s\t%s\n' "$label" "$((SECONDS - start))" >> "$dir/wall_times.tsv"
 }
 
 main_table() {
-  local dir="$OUT/main" seed
+  local dir="$OUT/main" seed base=smollm2-135m-instruct
   mkdir -p "$dir"
-  if stage train; then
-    for seed in $SEEDS; do
+  for seed in $SEEDS; do   # seed by seed, so that a partial table has every method
+    if stage train; then
       run "$dir" sft configs/results/sft/sst2.yaml "$dir/sft_seed$seed" --set seed="$seed"
       run "$dir" train configs/results/ppo/sst2.yaml "$dir/ppo_seed$seed" --set seed="$seed"
       run "$dir" train configs/results/ppo/sst2_grpo.yaml "$dir/grpo_seed$seed" --set seed="$seed"
@@ -51,7 +67,24 @@ main_table() {
           "$dir/sft_half_seed$seed" --format peft --output "$dir/sft_half_seed$seed/peft"
       run "$dir" train configs/results/ppo/sst2_after_sft.yaml "$dir/sft_ppo_seed$seed" \
           --set seed="$seed" --init-adapter "$dir/sft_half_seed$seed/peft"
-    done
+    fi
+    if stage eval; then
+      local models=(--model "$base") method
+      for method in sft ppo grpo sft_ppo; do
+        if [[ -e "$dir/${method}_seed$seed/done" ]]; then
+          models+=(--model "$dir/${method}_seed$seed")
+        fi
+      done
+      evaluate "$dir" eval_dev "dev seed $seed" "${models[@]}" --data "$DATA/glue" --split validation
+      evaluate "$dir" eval_dev "dev 4-shot seed $seed" --model "$base" --data "$DATA/glue" --split validation \
+          --shots 4 --shot-seed "$seed"
+      evaluate "$dir" eval_ood "ood seed $seed" "${models[@]}" --data "${OOD[0]}" --data "${OOD[1]}" --limit 500
+      evaluate "$dir" eval_ood "ood 4-shot seed $seed" --model "$base" --data "${OOD[0]}" --data "${OOD[1]}" \
+          --limit 500 --shots 4 --shot-seed "$seed" --shot-data "$DATA/glue"
+    fi
+  done
+  if stage tables; then
+    python scripts/seed_tables.py main "$OUT" --plot "$dir/main.png" | tee "$dir/tables.md"
   fi
 }
 

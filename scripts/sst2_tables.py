@@ -16,8 +16,7 @@ import sys
 
 import numpy as np
 
-RESAMPLES = 10_000
-
+from jax_nlu_ppo.nlu import metrics
 
 def _correct(run: pathlib.Path) -> tuple[dict[int, bool], float] | None:
   """({dev idx: answered correctly}, unparsed rate) of a finished run, or None."""
@@ -30,12 +29,10 @@ def _correct(run: pathlib.Path) -> tuple[dict[int, bool], float] | None:
 
 
 class Sentences:
-  """The bootstrap's resampled dev sentences, shared by every cell of a table."""
+  """The dev sentences every cell of a table is scored on, in one order."""
 
-  def __init__(self, idx: list[int], seed: int = 0):
+  def __init__(self, idx: list[int]):
     self.idx = sorted(idx)
-    rng = np.random.default_rng(seed)
-    self.draws = rng.integers(0, len(self.idx), size=(RESAMPLES, len(self.idx)))
 
   def matrix(self, runs: list[dict[int, bool]]) -> np.ndarray:
     """[seeds, sentences] of 0/1; every run must have scored every sentence."""
@@ -45,12 +42,9 @@ class Sentences:
     return np.asarray([[run[i] for i in self.idx] for run in runs], np.float64)
 
   def interval(self, correct: np.ndarray) -> tuple[float, float]:
-    """95% percentile interval of the seeds' mean accuracy (or of a paired difference:
-    `correct` may hold differences of two cells' 0/1 rows, averaged over seeds)."""
-    per_sentence = correct.mean(axis=0)
-    means = per_sentence[self.draws].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
+    """95% interval of the seeds' mean accuracy (or of a paired difference: `correct` may hold
+    differences of two cells' 0/1 rows), from the same resampled sentences for every cell."""
+    return metrics.example_mean_interval(correct)
 
 
 def cell(sentences: Sentences, runs: list[dict[int, bool]]) -> str:

@@ -155,3 +155,28 @@ def test_a_metric_undefined_on_every_resample_has_no_interval():
     warnings.simplefilter("error")
     got = metrics.bootstrap_intervals(["pearson", "spearman"], [2.0] * 6, golds, draws=50)
   assert got == {}
+
+
+def test_example_mean_interval_is_the_bootstrap_of_per_example_seed_means():
+  rng = np.random.default_rng(3)
+  correct_sn = (rng.random((3, 200)) < 0.7).astype(float)
+  lo, hi = metrics.example_mean_interval(correct_sn, draws=4000, seed=1)
+  # NumPy by hand: resample examples, average the seeds' mean per example.
+  per_example = correct_sn.mean(axis=0)
+  rows = np.random.default_rng(1).integers(0, 200, size=(4000, 200))
+  want = np.percentile(per_example[rows].mean(axis=1), [2.5, 97.5])
+  np.testing.assert_allclose([lo, hi], want)
+  assert lo < correct_sn.mean() < hi
+  # A paired difference of identical scores has no spread; a constant shift is its own interval.
+  assert metrics.example_mean_interval(correct_sn - correct_sn) == (0.0, 0.0)
+  np.testing.assert_allclose(metrics.example_mean_interval(np.full(50, 0.25)), (0.25, 0.25))
+
+
+def test_seed_interval_is_students_t():
+  values = [0.80, 0.84, 0.86]
+  lo, hi = metrics.seed_interval(values)
+  # t(0.975, 2 df) = 4.3027 (tables), s = 0.030551, n = 3.
+  half = 4.302653 * 0.0305505 / np.sqrt(3)
+  np.testing.assert_allclose([lo, hi], [np.mean(values) - half, np.mean(values) + half],
+                             rtol=1e-5)
+  assert metrics.seed_interval([0.8]) is None

@@ -248,45 +248,82 @@ def _evaluate_loglik(lm, task: tasks_lib.Task, examples: Sequence[dict[str, Any]
   return result
 
 
-def evaluate_tasks(task_specs: Sequence[str], config: EvalConfig, load_model: Callable[[], Any],
-                   *, data: str | None = None, split: str | None = None,
-                   limit: int | None = None, shuffle_seed: int | None = None,
-                   strict_data: bool = False, shot_data: str | None = None,
-                   shot_split: str = "train", output: str | None = None,
-                   progress: Callable[[str], ProgressFn] | None = None) -> list[EvalResult]:
-  """Each task's `evaluate_model` result for the model that `load_model()` returns.
+@dataclasses.dataclass
+class EvalSet:
+  """A task's examples read from one data location (and its shot pool), ready to score."""
+  task: tasks_lib.Task
+  data: str | None            # the --data location as given (None: the task's default)
+  split: str
+  examples: list[dict[str, Any]]
+  pool: list[dict[str, Any]]
+  report: data_lib.LoadReport
+  limit: int | None = None
+  shuffle_seed: int | None = None
 
-  The tasks' splits (default: `tasks.default_eval_split`) and shot pools are read from `data`
-  and `shot_data` (locations as `data.data_config_for` takes them), and `output`, where the
-  results will be written, is checked (`check_writable`), all before the model loads: a bad
-  name, path or file fails in seconds. `progress(label)` gives a task's progress function.
-  """
+  @property
+  def label(self) -> str:
+    """How tables name it: the task, and the data file or split."""
+    if self.data and self.data != "hub" and not pathlib.Path(self.data).is_dir():
+      return f"{self.task.name} {pathlib.Path(self.data).name}"
+    return f"{self.task.name} {self.split}"
+
+
+def read_sets(task_specs: Sequence[str], config: EvalConfig, *,
+              data: Sequence[str | None] = (None,), split: str | None = None,
+              limit: int | None = None, shuffle_seed: int | None = None,
+              strict_data: bool = False, shot_data: str | None = None,
+              shot_split: str = "train") -> list[EvalSet]:
+  """Each task's examples from each `data` location (forms as `data.data_config_for` takes
+  them; None: the task's default), its split by default `tasks.default_eval_split`, and the
+  shot pools: read, and the scoring checked, before any model loads, so that a bad name, path
+  or file fails in seconds."""
   tasks = [tasks_lib.get_task(spec) for spec in task_specs]
   for task in tasks:
     tasks_lib.check_scoring(task, config.scoring)
-  if output:
-    check_writable(output)
-  work = []
-  for spec, task in zip(task_specs, tasks):
-    task_split = split or tasks_lib.default_eval_split(task.name)
-    examples, report = data_lib.load_checked(data_lib.data_config_for(
-        spec, data, task_split, limit, shuffle_seed, strict_data))
-    pool = []
-    if config.shots:
-      pool = data_lib.load_rows(data_lib.data_config_for(spec, shot_data or data, shot_split,
-                                                         None, None, strict_data))
-    work.append((task, task_split, examples, pool, report))
-  lm = load_model()
+  sets = []
+  for location in data:
+    for spec, task in zip(task_specs, tasks):
+      task_split = split or tasks_lib.default_eval_split(task.name)
+      examples, report = data_lib.load_checked(data_lib.data_config_for(
+          spec, location, task_split, limit, shuffle_seed, strict_data))
+      pool = []
+      if config.shots:
+        pool = data_lib.load_rows(data_lib.data_config_for(
+            spec, shot_data or location, shot_split, None, None, strict_data))
+      sets.append(EvalSet(task, location, task_split, examples, pool, report, limit,
+                          shuffle_seed))
+  return sets
+
+
+def evaluate_sets(lm, sets: Sequence[EvalSet], config: EvalConfig,
+                  progress: Callable[[str], ProgressFn] | None = None) -> list[EvalResult]:
+  """`evaluate_model` of `lm` on each set; `progress(label)` gives a set's progress function.
+  Each result's settings record where its examples came from."""
   results = []
-  for task, task_split, examples, pool, report in work:
+  for s in sets:
     start = time.perf_counter()
-    result = evaluate_model(lm, task, examples, config, shot_pool=pool,
-                            progress=progress(f"{task.name} {task_split}") if progress else None)
-    result.data_report = report
-    result.settings.update(split=task_split, seconds=round(time.perf_counter() - start, 2))
+    result = evaluate_model(lm, s.task, s.examples, config, shot_pool=s.pool,
+                            progress=progress(s.label) if progress else None)
+    result.data_report = s.report
+    result.settings.update(data=s.data, split=s.split, limit=s.limit,
+                           shuffle_seed=s.shuffle_seed,
+                           seconds=round(time.perf_counter() - start, 2))
     log.info(result.summary())
     results.append(result)
   return results
+
+
+def evaluate_tasks(task_specs: Sequence[str], config: EvalConfig, load_model: Callable[[], Any],
+                   *, data: str | None = None, output: str | None = None,
+                   progress: Callable[[str], ProgressFn] | None = None,
+                   **read_options) -> list[EvalResult]:
+  """Each task's `evaluate_model` result for the model that `load_model()` returns, the data
+  read (`read_sets`, with `read_options`) and `output` checked (`check_writable`) before the
+  model loads."""
+  sets = read_sets(task_specs, config, data=(data,), **read_options)
+  if output:
+    check_writable(output)
+  return evaluate_sets(load_model(), sets, config, progress)
 
 
 def check_writable(path: str | pathlib.Path) -> None:
@@ -307,10 +344,10 @@ def write_json(results: Sequence[EvalResult], path: str | pathlib.Path,
     out = {**(extra or {}), **results[0].to_json()}
   else:
     out = {**(extra or {}), "tasks": {r.task: r.to_json() for r in results}}
-  storage.write_text(path, json.dumps(out, indent=1, default=_json_default))
+  storage.write_text(path, json.dumps(out, indent=1, default=json_default))
 
 
-def _json_default(x):
+def json_default(x):
   if isinstance(x, np.generic):
     return x.item()
   raise TypeError(f"cannot write {type(x).__name__} to JSON")

@@ -135,6 +135,35 @@ def bootstrap_intervals(metric_names: Sequence[str], preds: Sequence[Pred],
   return out
 
 
+def example_mean_interval(scores_sn: np.ndarray, *, draws: int = 10_000, level: float = 0.95,
+                          seed: int = 0) -> tuple[float, float]:
+  """Percentile bootstrap interval of a mean of per-example scores over the examples.
+
+  `scores_sn` is [seeds, examples] (or [examples]): 0/1 correctness of several seeds' models on
+  the same examples, averaged over seeds per example, or the difference of two models' scores
+  example by example (a paired comparison). The resamples depend only on (examples, seed), so
+  every cell of a table resamples the same examples. Like `bootstrap_intervals`, it covers the
+  choice of evaluation examples, not another training seed.
+  """
+  per_example = np.atleast_2d(np.asarray(scores_sn, np.float64)).mean(axis=0)
+  rows_dn = np.random.default_rng(seed).integers(0, len(per_example),
+                                                 size=(draws, len(per_example)))
+  tail = (1 - level) / 2 * 100
+  lo, hi = np.percentile(per_example[rows_dn].mean(axis=1), [tail, 100 - tail])
+  return float(lo), float(hi)
+
+
+def seed_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+  """Student-t interval of the mean of a few seeds' results (None for fewer than two): how far
+  another draw of seeds could move the mean."""
+  values = np.asarray(values, np.float64)
+  if len(values) < 2:
+    return None
+  half = (stats.t.ppf((1 + level) / 2, len(values) - 1) * values.std(ddof=1)
+          / np.sqrt(len(values)))
+  return float(values.mean() - half), float(values.mean() + half)
+
+
 @dataclasses.dataclass(frozen=True)
 class ConfusionMatrix:
   """counts_kc[gold, predicted]: rows are gold labels, columns the labels then "unparsed"."""

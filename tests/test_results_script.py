@@ -1,0 +1,93 @@
+"""scripts/results.sh's plan of commands, run against a stand-in `jax-nlu-ppo` that records its
+arguments and leaves run folders shaped like the real ones (the commands themselves are tested
+on their own): which runs each seed trains, what an evaluation call asks for, and that a run
+stopped before its last step is continued, not counted as done."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+STAND_IN = textwrap.dedent("""\
+    #!{python}
+    import json, os, pathlib, sys
+    args = sys.argv[1:]
+    with open(os.environ["CALLS"], "a") as f:
+      f.write(json.dumps(args) + "\\n")
+    def value(flag):
+      return args[args.index(flag) + 1]
+    command = args[0]
+    if command == "eval":
+      pathlib.Path(value("--output")).write_text(json.dumps({{"evaluations": []}}))
+    elif command in ("train", "sft"):
+      run = pathlib.Path(value("--output-dir"))
+      steps = 15 if "half" in value("--config") or "after" in value("--config") else 30
+      (run / "checkpoints" / "5").mkdir(parents=True, exist_ok=True)
+      (run / "config.yaml").write_text(f"steps: {{steps}}\\n")
+      if run.name != os.environ.get("STOPPED", ""):
+        (run / "checkpoints" / str(steps)).mkdir()
+    elif command == "export":
+      out = pathlib.Path(value("--output"))
+      out.mkdir(parents=True)
+      (out / "adapter_config.json").write_text("{{}}")
+    """)
+
+
+def _results(tmp_path, seeds, stopped=""):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  stand_in = bin_dir / "jax-nlu-ppo"
+  stand_in.write_text(STAND_IN.format(python=sys.executable))
+  stand_in.chmod(0o755)
+  calls = tmp_path / "calls.jsonl"
+  calls.unlink(missing_ok=True)
+  env = {**os.environ, "OUT": str(tmp_path / "out"), "SEEDS": seeds, "CALLS": str(calls),
+         "STOPPED": stopped, "DATA": "/data",
+         "PATH": os.pathsep.join([str(bin_dir), str(pathlib.Path(sys.executable).parent),
+                                  os.environ["PATH"]])}
+  done = subprocess.run(["bash", str(ROOT / "scripts/results.sh"), "main"], env=env,
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr
+  return [json.loads(line) for line in calls.read_text().splitlines()]
+
+
+def _value(call, flag):
+  return call[call.index(flag) + 1]
+
+
+def test_main_table_trains_each_seed_then_scores_it(tmp_path):
+  calls = _results(tmp_path, "0 1", stopped="grpo_seed1")
+  out = tmp_path / "out" / "main"
+  trained = [(c[0], pathlib.Path(_value(c, "--output-dir")).name, _value(c, "--config"))
+             for c in calls if c[0] in ("train", "sft")]
+  for seed in (0, 1):
+    assert [t for t in trained if t[1].endswith(str(seed))] == [
+        ("sft", f"sft_seed{seed}", "configs/results/sft/sst2.yaml"),
+        ("train", f"ppo_seed{seed}", "configs/results/ppo/sst2.yaml"),
+        ("train", f"grpo_seed{seed}", "configs/results/ppo/sst2_grpo.yaml"),
+        ("sft", f"sft_half_seed{seed}", "configs/results/sft/sst2_half.yaml"),
+        ("train", f"sft_ppo_seed{seed}", "configs/results/ppo/sst2_after_sft.yaml")]
+  after = [c for c in calls if c[0] == "train" and "after_sft" in _value(c, "--config")]
+  assert _value(after[1], "--init-adapter") == f"{out}/sft_half_seed1/peft"
+  assert _value(after[1], "--set") == "seed=1"
+  # Seed 1's evaluations: its finished runs (not the stopped GRPO run) and the base model,
+  # zero-shot and 4-shot with shot seed 1, on the dev set and the two out-of-domain files.
+  evals = [c for c in calls if c[0] == "eval"]
+  assert len(evals) == 8 and all("--skip-done" in c for c in evals)
+  dev, dev4, ood, ood4 = evals[4:]
+  models = [c[i + 1] for c in [dev] for i, x in enumerate(c) if x == "--model"]
+  assert models == ["smollm2-135m-instruct", f"{out}/sft_seed1", f"{out}/ppo_seed1",
+                    f"{out}/sft_ppo_seed1"]
+  assert _value(dev, "--data") == "/data/glue" and _value(dev, "--output") == f"{out}/eval_dev.json"
+  assert (_value(dev4, "--shots"), _value(dev4, "--shot-seed")) == ("4", "1")
+  assert [ood[i + 1] for i, x in enumerate(ood) if x == "--data"] == [
+      "/data/ood/financial_phrasebank_allagree.jsonl", "/data/ood/tweeteval_sentiment_test.jsonl"]
+  assert _value(ood, "--limit") == "500" and _value(ood4, "--shot-data") == "/data/glue"
+  assert not (out / "grpo_seed1" / "done").exists() and (out / "grpo_seed0" / "done").exists()
+  # Called again: only the stopped run trains (it continues from its checkpoint).
+  again = _results(tmp_path, "0 1")
+  assert [pathlib.Path(_value(c, "--output-dir")).name for c in again
+          if c[0] in ("train", "sft")] == ["grpo_seed1"]
