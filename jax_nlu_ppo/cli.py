@@ -472,12 +472,15 @@ def _add_report_parser(commands) -> None:
       "each run's steps and first/last values.")
   rp.add_argument("runs", nargs="+", metavar="RUN", help="a train or sft output_dir")
   rp.add_argument("--output", required=True, help="the folder to write")
+  rp.add_argument("--group-seeds", action="store_true",
+                  help="draw runs whose configs differ only in `seed` as one curve: their mean, "
+                  "in a band from the lowest to the highest seed")
   rp.set_defaults(run=run_report)
 
 
 def run_report(args) -> int:
   from jax_nlu_ppo.tools import report
-  path = report.write_report(args.runs, args.output)
+  path = report.write_report(args.runs, args.output, args.group_seeds)
   print(f"wrote {path} and {path.with_name(report.PLOT_FILE)}")
   return 0
 

@@ -68,6 +68,40 @@ def test_report_plots_and_summarises_both_runs(tmp_path):
   assert final_rows["objective/kl"][1] == "" and final_rows["sft/loss"][0] == ""
 
 
+def test_seeds_of_one_config_are_one_curve_mean_and_band(tmp_path):
+  config = "data:\n  task: sst2\nppo:\n  cliprange: {clip}\nseed: {seed}\noutput_dir: {dir}\n"
+  values = []
+  for seed in range(3):
+    folder = tmp_path / f"ppo_seed{seed}"
+    # Seed 2 logged one step fewer: the group's curve keeps the steps every seed logged.
+    values.append(write_run(folder, PPO_KEYS, steps=10 if seed < 2 else 9, seed=seed))
+    (folder / "config.yaml").write_text(config.format(clip=0.2, seed=seed, dir=folder))
+  other = tmp_path / "clip_seed0"
+  write_run(other, PPO_KEYS, steps=10, seed=5)
+  other.joinpath("config.yaml").write_text(config.format(clip=0.4, seed=0, dir=other))
+  runs = [report.read_run(tmp_path / f"ppo_seed{s}") for s in range(3)]
+  groups = report.group_seeds([runs[0], report.read_run(other), runs[1], runs[2]])
+  assert [g.label for g in groups] == ["ppo (ppo, sst2), seeds 0, 1, 2", "clip_seed0 (ppo, sst2)"]
+  group = groups[0]
+  kl_sn = np.stack([v["objective/kl"][:9] for v in values])
+  steps, mean = group.series("objective/kl")
+  np.testing.assert_array_equal(steps, np.arange(1, 10))
+  np.testing.assert_allclose(mean, kl_sn.mean(axis=0))
+  band_steps, low, high = group.band("objective/kl")
+  np.testing.assert_allclose([low, high], [kl_sn.min(axis=0), kl_sn.max(axis=0)])
+  assert report.read_run(other).band("objective/kl") is None
+
+  out = tmp_path / "out"
+  assert cli.main(["report", *(str(tmp_path / f"ppo_seed{s}") for s in range(3)), str(other),
+                   "--output", str(out), "--group-seeds"]) == 0
+  final = table_rows(re.split(r"^## ", (out / "report.md").read_text(), flags=re.M)[-1])
+  assert final["metric"] == ["ppo (ppo, sst2), seeds 0, 1, 2", "clip_seed0 (ppo, sst2)"]
+  finals = [v["objective/kl"][-5:].mean() for v in values]
+  shown = re.fullmatch(r"(\S+) \((\S+)\.\.(\S+)\)", final["objective/kl"][0]).groups()
+  np.testing.assert_allclose([float(x) for x in shown],
+                             [kl_sn[:, -5:].mean(), min(finals), max(finals)], rtol=1e-3)
+
+
 def test_malformed_line_is_named_and_skipped(tmp_path, caplog):
   write_run(tmp_path / "run", ("sft/loss",), steps=3, seed=0)
   with open(tmp_path / "run" / "metrics.jsonl", "a") as f:

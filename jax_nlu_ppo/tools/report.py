@@ -4,7 +4,9 @@
 
 writes `metrics.png` (one small panel per metric, every run that logs it overlaid, so PPO and SFT
 compare on one figure) and `report.md` (per run: steps, first and last values; then the final
-values side by side).
+values side by side). With `group_seeds` (`--group-seeds`), runs whose configs differ only in
+`seed` are one curve: their mean at the steps they all logged, in a band from the lowest to the
+highest seed.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,17 +42,39 @@ class ReportError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One run folder's metrics lines (by step) and its label in plots and tables."""
+  """One run folder's metrics lines (by step), its config (empty without config.yaml) and its
+  label in plots and tables; or, with `seeds`, a group of runs that differ only in their seed
+  (its path, lines and config are the first seed's)."""
   path: storage.Path
   label: str
   lines: list[dict[str, Any]]
+  config: dict[str, Any] = dataclasses.field(default_factory=dict)
+  seeds: tuple[Run, ...] = ()
 
   def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of the lines that hold a number for `key`."""
+    """(steps, values) of the lines that hold a number for `key`; for a group, the mean over
+    its seeds at the steps every seed logged."""
+    if self.seeds:
+      steps, values_sn = self._across_seeds(key)
+      return steps, values_sn.mean(axis=0)
     points = [(line["iteration"], float(line[key])) for line in self.lines
               if isinstance(line.get(key), (int, float)) and not isinstance(line[key], bool)]
     steps, values = zip(*points) if points else ((), ())
     return np.asarray(steps, np.int64), np.asarray(values, np.float64)
+
+  def band(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(steps, lowest, highest) over a group's seeds; None for a single run."""
+    if not self.seeds:
+      return None
+    steps, values_sn = self._across_seeds(key)
+    return steps, values_sn.min(axis=0), values_sn.max(axis=0)
+
+  def _across_seeds(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+    series = [run.series(key) for run in self.seeds]
+    steps = sorted(set.intersection(*(set(s.tolist()) for s, _ in series)))
+    values_sn = np.asarray([[dict(zip(s.tolist(), v))[step] for step in steps]
+                            for s, v in series], np.float64).reshape(len(series), len(steps))
+    return np.asarray(steps, np.int64), values_sn
 
   def metrics(self) -> list[str]:
     """The step metrics it logs, then its `eval/` scores (the run's own metric names)."""
@@ -82,22 +107,53 @@ def read_run(path: storage.PathLike) -> Run:
     lines.append(line)
   if not lines:
     raise ReportError(f"{metrics_path}: no metrics lines (has the run done a step?)")
-  return Run(folder, _label(folder), lines)
+  config = _config(folder)
+  return Run(folder, _label(folder.name, config), lines, config)
 
 
-def _label(folder: storage.Path) -> str:
+def _config(folder: storage.Path) -> dict[str, Any]:
   config_path = folder / run_loop.CONFIG_FILE
   if not config_path.is_file():
-    return folder.name
+    return {}
   try:
-    config = yaml.safe_load(config_path.read_text()) or {}
+    return yaml.safe_load(config_path.read_text()) or {}
   except yaml.YAMLError:
     log.warning("%s: not valid YAML; labelling the run by its folder", config_path)
-    return folder.name
+    return {}
+
+
+def _label(name: str, config: dict[str, Any]) -> str:
+  if not config:
+    return name
   kind = run_loop.run_kind(config)
   tasks = [c.get("task") for c in config.get("mixture") or []] or [
       (config.get("data") or {}).get("task")]
-  return f"{folder.name} ({kind}, {'+'.join(str(t) for t in tasks if t)})"
+  return f"{name} ({kind}, {'+'.join(str(t) for t in tasks if t)})"
+
+
+# Config keys that do not make two runs different experiments.
+NOT_SETTINGS = ("seed", "output_dir")
+
+
+def group_seeds(runs: Sequence[Run]) -> list[Run]:
+  """Runs whose configs are the same but for the seed (and the folder) as one group each, in
+  the order of their first run; a run alone, or without config.yaml, stays as it is."""
+  groups: dict[str, list[Run]] = {}
+  for i, run in enumerate(runs):
+    settings = {k: v for k, v in run.config.items() if k not in NOT_SETTINGS}
+    key = json.dumps(settings, sort_keys=True, default=str) if run.config else f"run {i}"
+    groups.setdefault(key, []).append(run)
+  out = []
+  for members in groups.values():
+    if len(members) == 1:
+      out += members
+      continue
+    first = members[0]
+    name = re.sub(r"[_-]?seed\d+", "", first.path.name) or first.path.name
+    seeds = ", ".join(str(run.config.get("seed")) for run in members)
+    out.append(Run(first.path, f"{_label(name, first.config)}, seeds {seeds}", first.lines,
+                   first.config, tuple(members)))
+  return out
 
 
 def first_last(run: Run, key: str, window: int = WINDOW) -> tuple[float, float]:
@@ -128,6 +184,9 @@ def plot(runs: Sequence[Run], path: storage.Path) -> None:
         # Markers keep short runs (a single step is no line) visible.
         ax.plot(steps, values, color=f"C{i}", label=run.label, linewidth=1.2,
                 marker="o" if len(steps) <= 30 else None, markersize=3)
+        band = run.band(key)
+        if band is not None:
+          ax.fill_between(*band, color=f"C{i}", alpha=0.2, linewidth=0)
     ax.set_title(key, fontsize=10)
     ax.set_xlabel("step", fontsize=8)
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
@@ -156,7 +215,9 @@ def markdown(runs: Sequence[Run], image: str) -> str:
   out = ["# Training report", "", f"![metrics]({image})", ""]
   for run in runs:
     steps = [line["iteration"] for line in run.lines]
-    out += [f"## {run.label}", "", f"`{run.path}`: {len(run.lines)} step{'s' if len(run.lines) != 1 else ''} "
+    where = (f"`{run.path}`" if not run.seeds else
+             f"the mean of {', '.join(f'`{r.path}`' for r in run.seeds)}")
+    out += [f"## {run.label}", "", f"{where}: {len(run.lines)} step{'s' if len(run.lines) != 1 else ''} "
             f"(step {min(steps)} to {max(steps)}); first and last are means over "
             f"{WINDOW} steps (eval/ scores: the first and last evaluation).", "", "| metric | first | last |", "|---|---|---|"]
     for key in run.metrics():
@@ -164,22 +225,31 @@ def markdown(runs: Sequence[Run], image: str) -> str:
       out.append(f"| {key} | {first:.4g} | {last:.4g} |")
     out.append("")
   out += ["## Final values", "", f"Mean of each run's last {WINDOW} steps; eval/ scores: its "
-          "last evaluation.", "",
+          "last evaluation. A group of seeds: the mean over its seeds (lowest..highest).", "",
           "| metric | " + " | ".join(run.label for run in runs) + " |",
           "|---|" + "---|" * len(runs)]
   for key in _keys(runs):
-    cells = [f"{first_last(run, key)[1]:.4g}" if key in run.metrics() else ""
-             for run in runs]
+    cells = [_final(run, key) if key in run.metrics() else "" for run in runs]
     if any(cells):
       out.append(f"| {key} | " + " | ".join(cells) + " |")
   return "\n".join(out) + "\n"
 
 
-def write_report(run_paths: Sequence[storage.PathLike],
-                 output: storage.PathLike) -> storage.Path:
+def _final(run: Run, key: str) -> str:
+  text = f"{first_last(run, key)[1]:.4g}"
+  if run.seeds:
+    finals = [first_last(seed, key)[1] for seed in run.seeds if key in seed.metrics()]
+    text += f" ({min(finals):.4g}..{max(finals):.4g})"
+  return text
+
+
+def write_report(run_paths: Sequence[storage.PathLike], output: storage.PathLike,
+                 group_by_seed: bool = False) -> storage.Path:
   """Reads every run (all are checked before anything is written), writes metrics.png and
-  report.md into `output` and returns report.md's path."""
+  report.md into `output` and returns report.md's path. `group_by_seed`: see `group_seeds`."""
   runs = [read_run(path) for path in run_paths]
+  if group_by_seed:
+    runs = group_seeds(runs)
   if not any(run.metrics() for run in runs):
     raise ReportError(f"{', '.join(str(run.path) for run in runs)}: none of the metrics "
                       f"{', '.join(METRICS)} is logged")
