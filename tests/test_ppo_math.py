@@ -422,3 +422,20 @@ def test_kl_control_config_validates():
     pm.KLControlConfig("pid")
   with pytest.raises(ValueError, match="target"):
     pm.KLControlConfig("adaptive", target=0.0)
+
+
+def test_masked_whiten_groups_whitens_each_group_alone():
+  rng = np.random.default_rng(0)
+  x = rng.normal(3.0, 2.0, size=(6, 5)).astype(np.float32)
+  mask = rng.random((6, 5)) < 0.7
+  mask[:, 0] = True
+  groups = np.array([0, 1, 0, 2, 1, 0])      # group 3 is empty
+  out = np.asarray(pm.masked_whiten_groups(jnp.asarray(x), jnp.asarray(mask),
+                                                 jnp.asarray(groups), 4))
+  want = np.zeros_like(x)
+  for g in range(3):
+    m = mask & (groups == g)[:, None]
+    v = x[m]
+    want[m] = (v - v.mean()) / np.sqrt(v.var(ddof=1) + 1e-8)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  assert np.all(out[~mask] == 0)

@@ -173,8 +173,8 @@ def test_config_errors_name_the_key(tmp_path):
   assert (c.data.task, c.data.split) == ("sst2", "validation")
 
 
-def test_multi_task_trainer_rewards_each_row_by_its_own_task():
-  """A mixture's rows keep their task: prompt, extraction rule, reward and metrics."""
+def _mixture_trainer(**ppo_options):
+  """A PPO trainer on a mixture of SST-2 and RTE rows (tiny random model); its examples."""
   from jax_nlu_ppo.nlu import answer, data, tasks
   from jax_nlu_ppo.rl import trainer as trainer_lib
   from tests.test_ppo_core import random_llama, tiny_chat_tokenizer
@@ -195,10 +195,17 @@ def test_multi_task_trainer_rewards_each_row_by_its_own_task():
                   for t in ("sst2", "rte"))
   config = config_lib.TrainConfig(
       lora=lora.LoraConfig(rank=4, targets=("q_proj",)), mixture=mixture,
-      ppo=ppo.PPOConfig(ppo_epochs=1, minibatch_size=8),
+      ppo=ppo.PPOConfig(ppo_epochs=1, minibatch_size=8, **ppo_options),
       rollout=config_lib.RolloutConfig(batch_size=8, min_new_tokens=4, max_new_tokens=4),
       reward=answer.RewardConfig(lenient=True))
-  trainer = trainer_lib.PPOTrainer(config, lm=lm, train_examples=examples)
+  return trainer_lib.PPOTrainer(config, lm=lm, train_examples=examples), examples
+
+
+def test_multi_task_trainer_rewards_each_row_by_its_own_task():
+  """A mixture's rows keep their task: prompt, extraction rule, reward and metrics."""
+  from jax_nlu_ppo.nlu import answer, tasks
+  trainer, examples = _mixture_trainer()
+  config = trainer.config
   metrics = trainer.step()
   batch = examples[:8]
   assert {"env/accuracy/sst2", "env/accuracy/rte", "env/reward_mean/rte"} <= metrics.keys()
@@ -213,6 +220,33 @@ def test_multi_task_trainer_rewards_each_row_by_its_own_task():
   for name in ("sst2", "rte"):
     mine = [r for r, ex in zip(rewards, batch) if ex["task"] == name]
     assert metrics[f"env/reward_mean/{name}"] == pytest.approx(np.mean(mine))
+
+
+@pytest.mark.parametrize("per_task", [False, True])
+def test_advantages_whitened_per_task_or_over_the_batch(per_task):
+  """ppo.whiten_per_task: each task's response tokens get mean 0 and (Bessel) variance 1 on
+  their own; by default the whole batch does, and a task alone does not."""
+  trainer, examples = _mixture_trainer(whiten_per_task=per_task)
+  trainer.step()
+  adv_br = np.asarray(trainer.last_batch.advantages_br, np.float64)
+  mask_br = np.asarray(trainer.last_batch.response_mask_br, bool)
+  task_b = np.array([ex["task"] for ex in examples[:8]])
+  assert set(task_b) == {"sst2", "rte"}
+  moments = {}
+  for name, rows in [("all", np.ones(8, bool))] + [(t, task_b == t) for t in ("sst2", "rte")]:
+    values = adv_br[rows][mask_br[rows]]
+    moments[name] = (values.mean(), values.var(ddof=1))
+  normalised = {name: np.allclose(m, (0.0, 1.0), atol=1e-4) for name, m in moments.items()}
+  if per_task:
+    assert normalised["sst2"] and normalised["rte"], moments
+  else:
+    assert normalised["all"] and not (normalised["sst2"] and normalised["rte"]), moments
+
+
+def test_whiten_per_task_needs_gae_advantages():
+  with pytest.raises(config_lib.ConfigError, match="ppo.whiten_per_task whitens GAE"):
+    config_lib.load_config(None, ["ppo.whiten_per_task=true", "ppo.advantage=grpo",
+                                  "ppo.group_size=2"])
 
 
 def test_mixture_config_checks_its_tasks():

@@ -49,8 +49,10 @@ class Outcome:
 
 def run(steps: steps_lib.Steps, base, reference, state: ppo_lib.PPOState,
         prompts: prompts_lib.Prompts, reward: RewardFn, key: jax.Array,
-        host_rng: np.random.Generator, config: TrainConfig) -> Outcome:
-  """One iteration on global `prompts`; `state` is consumed (the update donates it)."""
+        host_rng: np.random.Generator, config: TrainConfig,
+        tasks_b: np.ndarray | None = None) -> Outcome:
+  """One iteration on global `prompts`; `state` is consumed (the update donates it).
+  `tasks_b`: this process's rows' index in `config.train_tasks` (default: all the first)."""
   times = {}
   key, rollout_key = jax.random.split(key)
   limit = int(host_rng.integers(config.rollout.min_new_tokens, config.rollout.max_new_tokens + 1))
@@ -64,9 +66,13 @@ def run(steps: steps_lib.Steps, base, reference, state: ppo_lib.PPOState,
   times["time/reward"] = time.perf_counter() - start
 
   start = time.perf_counter()
+  if tasks_b is None:
+    tasks_b = np.zeros(len(scores_b), np.int32)
   batch, kl_br = steps.experience(
       base, state.trainable, reference, prompts, generation,
-      distributed.global_batch(scores_b, steps.shardings.rows1), state.kl_coef)
+      distributed.global_batch(scores_b, steps.shardings.rows1),
+      distributed.global_batch(np.asarray(tasks_b, np.int32), steps.shardings.rows1),
+      state.kl_coef)
   jax.block_until_ready(batch)
   times["time/experience"] = time.perf_counter() - start
 

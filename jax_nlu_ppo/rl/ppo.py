@@ -36,6 +36,9 @@ class PPOConfig:
   kl: ppo_math.KLControlConfig = ppo_math.KLControlConfig()
   kl_estimator: str = "k1"
   whiten_advantages: bool = True       # GAE only: group advantages are already normalised
+  # A mixture of tasks: whiten each task's advantages over its own rows instead of the batch's,
+  # so that one task's reward scale or share of the batch does not set the others'.
+  whiten_per_task: bool = False
   ppo_epochs: int = 4
   minibatch_size: int = 8              # samples per optimiser step
   # Each minibatch runs as this many micro-batches whose gradients are summed, weighted by
@@ -58,6 +61,9 @@ class PPOConfig:
         self.minibatch_size % self.gradient_accumulation_steps):
       raise ValueError(f"ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps}) "
                        f"must divide ppo.minibatch_size ({self.minibatch_size})")
+    if self.whiten_per_task and not (self.whiten_advantages and self.uses_critic):
+      raise ValueError("ppo.whiten_per_task whitens GAE advantages: it needs ppo.advantage=gae "
+                       "and ppo.whiten_advantages=true")
     if self.kl_estimator not in ("k1", "k2", "k3"):
       raise ValueError(f"ppo.kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
 
@@ -181,8 +187,11 @@ def experience(graphdef, base, trainable, reference, sequences: prompts_lib.Prom
 
 
 def advantages(scores_b, old_logp_br, ref_logp_br, old_values_br, response_mask_br, kl_coef, *,
-               config: PPOConfig) -> tuple[Array, Array, Array]:
-  """(advantages, returns, per-token KL): GAE on KL-penalised rewards, or group baselines."""
+               config: PPOConfig, tasks_b=None, num_tasks: int = 1
+               ) -> tuple[Array, Array, Array]:
+  """(advantages, returns, per-token KL): GAE on KL-penalised rewards, or group baselines.
+  With `config.whiten_per_task`, `tasks_b` (each row's task in 0..num_tasks-1) groups the
+  whitening."""
   mask_br = response_mask_br.astype(bool)
   if config.uses_critic:
     rewards = ppo_math.kl_penalized_rewards(scores_b, old_logp_br, ref_logp_br, mask_br,
@@ -197,22 +206,25 @@ def advantages(scores_b, old_logp_br, ref_logp_br, old_values_br, response_mask_
   if config.whiten_advantages and config.uses_critic:
     # Not for group advantages: a token-weighted shift would move long answers' advantages
     # and could flip the sign of answers that beat their group.
-    advantages_br = jnp.where(mask_br, ppo_math.masked_whiten(advantages_br, mask_br), 0.0)
+    if config.whiten_per_task:
+      advantages_br = ppo_math.masked_whiten_groups(advantages_br, mask_br, tasks_b, num_tasks)
+    else:
+      advantages_br = jnp.where(mask_br, ppo_math.masked_whiten(advantages_br, mask_br), 0.0)
   return advantages_br, returns_br, kl_br
 
 
 def experience_batch(graphdef, base, trainable, reference, prompts: prompts_lib.Prompts,
-                     gen: sampling_lib.Generation, scores_b, kl_coef, *, temperature: float,
-                     values: bool, reuse_rollout: bool,
-                     config: PPOConfig) -> tuple[Batch, Array]:
-  """A rollout and its rewards made into the update's `Batch` (`experience`, then `advantages`);
-  also returns the per-token KL the controller reads."""
+                     gen: sampling_lib.Generation, scores_b, tasks_b, kl_coef, *,
+                     temperature: float, values: bool, reuse_rollout: bool,
+                     config: PPOConfig, num_tasks: int = 1) -> tuple[Batch, Array]:
+  """A rollout and its rewards (and each row's task index) made into the update's `Batch`
+  (`experience`, then `advantages`); also returns the per-token KL the controller reads."""
   sequences = prompts.extended(gen.tokens_br, gen.mask_br)
   old_logp, old_values, ref_logp = experience(graphdef, base, trainable, reference, sequences,
                                               gen, temperature=temperature, values=values,
                                               reuse_rollout=reuse_rollout)
   adv, returns, kl_br = advantages(scores_b, old_logp, ref_logp, old_values, gen.mask_br,
-                                   kl_coef, config=config)
+                                   kl_coef, config=config, tasks_b=tasks_b, num_tasks=num_tasks)
   return Batch(sequences, gen.tokens_br, gen.mask_br, old_logp, ref_logp, old_values, adv,
                returns), kl_br
 

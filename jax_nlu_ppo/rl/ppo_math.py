@@ -79,6 +79,17 @@ def masked_whiten(x: Array, mask: Array, shift_mean: bool = True) -> Array:
   return jnp.where(jnp.asarray(mask).astype(bool), whitened, 0.0)
 
 
+def masked_whiten_groups(x: Array, mask: Array, groups_b: Array, num_groups: int) -> Array:
+  """`masked_whiten` of each group's rows over those rows alone (`groups_b`: each row's group in
+  0..num_groups-1), e.g. each task of a mixture on its own scale. An empty group adds nothing."""
+  mask = jnp.asarray(mask).astype(bool)
+  out = jnp.zeros(x.shape, jnp.float32)
+  for g in range(num_groups):
+    in_group = mask & (groups_b == g)[:, None]
+    out = jnp.where(in_group, masked_whiten(x, in_group), out)
+  return out
+
+
 # ----------------------------------------------------------------------------------------------
 # KL to the reference and the KL-penalised reward
 # ----------------------------------------------------------------------------------------------

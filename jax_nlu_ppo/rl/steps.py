@@ -31,7 +31,7 @@ class Shardings:
   base: Any               # frozen weights, split by their logical names
   trainable: Any          # adapters and value head (also the KL reference)
   state: ppo_lib.PPOState
-  rows1: jax.sharding.NamedSharding   # (batch,) arrays: rewards
+  rows1: jax.sharding.NamedSharding   # (batch,) arrays: rewards, task indices
   rows2: jax.sharding.NamedSharding   # (batch, time) arrays: prompts, responses, batches
   replicated: jax.sharding.NamedSharding
 
@@ -39,7 +39,8 @@ class Shardings:
 @dataclasses.dataclass(frozen=True)
 class Steps:
   """rollout(base, trainable, prompts, key, limit) -> Generation
-  experience(base, trainable, reference, prompts, gen, scores_b, kl_coef) -> (Batch, kl_br)
+  experience(base, trainable, reference, prompts, gen, scores_b, tasks_b, kl_coef)
+      -> (Batch, kl_br); tasks_b: each row's index in `config.train_tasks`
   minibatch(batch, rows, layout) -> Batch
   update(state, base, batch, dropout_key) -> (state, metrics); `state` is donated.
 
@@ -132,8 +133,8 @@ def build(graphdef, base, trainable, config: TrainConfig, mesh: sharding_lib.Log
           ppo_lib.experience_batch, graphdef, temperature=r.temperature,
           values=config.ppo.uses_critic,
           reuse_rollout=ppo_lib.reuses_rollout(sampling, config.critic_lora),
-          config=config.ppo)),
-      in_shardings=(sh.base, sh.trainable, sh.trainable, rows, rows, sh.rows1, rep),
+          config=config.ppo, num_tasks=len(config.train_tasks))),
+      in_shardings=(sh.base, sh.trainable, sh.trainable, rows, rows, sh.rows1, sh.rows1, rep),
       out_shardings=(rows, rows))
   take = jax.jit(lambda batch, picked: jax.tree.map(lambda x: x[picked], batch),
                  in_shardings=(rows, rep), out_shardings=rows)

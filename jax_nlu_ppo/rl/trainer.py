@@ -186,7 +186,8 @@ class PPOTrainer:
     out = iteration_lib.run(self.steps, self.base, self.reference, self.state, prompts,
                             lambda gen, local: self._rewards(prompts, gen, local, specs, golds,
                                                              examples, ids),
-                            self.key, self.host_rng, self.config)
+                            self.key, self.host_rng, self.config,
+                            tasks_b=np.asarray([self.config.train_tasks.index(s) for s in specs]))
     self.state, self.key = out.state, out.key
     self.iteration += 1
     metrics = self._metrics(out, prompts, specs, golds)
