@@ -163,6 +163,10 @@ def _add_eval_parser(commands) -> None:
                   help="score only the first N examples (after --shuffle-seed)")
   ev.add_argument("--shuffle-seed", type=int, default=None,
                   help="shuffle the split with this seed before --limit (default: file order)")
+  ev.add_argument("--offset", type=int, default=0,
+                  help="drop the first N examples (after --shuffle-seed, before --limit): rows "
+                  "a training run with the same shuffle seed did not read, e.g. held-out "
+                  "training rows of a task without a labelled dev set (default: 0)")
   ev.add_argument("--shots", type=int, default=0,
                   help="demonstrations per prompt, drawn from the shot split (default: 0)")
   ev.add_argument("--shot-split", default="train",
@@ -226,7 +230,8 @@ def run_eval(args) -> int:
       loglik_normalize=args.loglik_normalize)
   sets = evaluate_lib.read_sets(
       specs, config, data=data, split=args.split, limit=args.limit,
-      shuffle_seed=args.shuffle_seed, strict_data=args.strict_data, shot_data=args.shot_data,
+      shuffle_seed=args.shuffle_seed, offset=args.offset, strict_data=args.strict_data,
+      shot_data=args.shot_data,
       shot_split=args.shot_split)
   if args.table:
     evaluate_lib.check_writable(args.table)

@@ -1,10 +1,17 @@
 """docs/results.md's tables over seeds, read from the results files `jax-nlu-ppo eval` writes
-for several models (scripts/results.sh):
+for several models and from the run folders (scripts/results.sh lays them out):
 
-    python scripts/seed_tables.py main [OUT] [--plot PNG]    (default OUT: runs/results)
+    python scripts/seed_tables.py TABLE [OUT] [--plot PNG]    (default OUT: runs/results)
 
-`main` reads OUT/main/eval_dev.json (the SST-2 dev set) and OUT/main/eval_ood.json (the
-out-of-domain sets) and prints the main table and the transfer table. A model is a method and a
+TABLE is one of:
+  main       OUT/main/eval_dev.json (the SST-2 dev set) and eval_ood.json (out-of-domain sets):
+             the main table and the transfer table.
+  ablations  OUT/ablations: dev accuracy, dev perplexity against the base's, final KL and
+             entropy (the mean of the last 5 iterations' objective/kl and objective/entropy).
+  budget     OUT/budget: the runs' own dev evaluations against training examples seen.
+  tasks      OUT/tasks: each task's score against the best constant answer's.
+  multitask  OUT/multitask: each task's score and how often the most common answer is given.
+ A model is a method and a
 seed: a run folder `<method>_seed<S>`, or the base model (zero-shot; k-shot with shot seed S).
 A cell is the mean over seeds, its 95% Student-t interval over seeds (how far other seeds could
 move it; none for one seed) and the seeds' min..max. A difference between two methods is paired
@@ -119,6 +126,148 @@ def main_tables(out: pathlib.Path) -> tuple[str, Cells, list[str]]:
   return "\n".join(lines), cells, sets
 
 
+FINAL_STEPS = 5
+ABLATIONS = {"ppo": "KL 0.05, clip 0.2 (main)", "kl0": "KL 0", "kl0.2": "KL 0.2",
+             "kl_adaptive": "KL adaptive (0.2, target 6)", "clip0.1": "clip 0.1",
+             "clip0.4": "clip 0.4"}
+
+
+def _lines(run: pathlib.Path) -> list[dict]:
+  path = run / "metrics.jsonl"
+  return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def _final(run: pathlib.Path, key: str) -> float | None:
+  values = [line[key] for line in _lines(run) if key in line]
+  return float(np.mean(values[-FINAL_STEPS:])) if values else None
+
+
+def _spread(values: list[float], digits: int = 3) -> str:
+  if not values:
+    return "-"
+  text = f"{np.mean(values):.{digits}f}"
+  return text + (f" ({min(values):.{digits}f}..{max(values):.{digits}f})" if len(values) > 1
+                 else "")
+
+
+def ablations_table(out: pathlib.Path) -> str:
+  entries = _read(out / "ablations" / "eval_dev.json")
+  if not entries:
+    return f"no evaluations in {out / 'ablations'}"
+  cells = Cells(entries)
+  dev = "sst2 validation"
+  base_file = out / "ablations" / "perplexity_base.json"
+  base = json.loads(base_file.read_text())["perplexity"] if base_file.exists() else None
+  base_text = f"{base:.2f}" if base else "not measured"
+  lines = [f"SST-2 dev accuracy ({len(cells.order[dev])} sentences), mean (min..max) over seeds; "
+           "the difference from the main setting paired over the sentences [95% bootstrap "
+           f"interval]; dev perplexity of the SST-2 sentences (base {base_text})",
+           "", "| setting | accuracy | minus main | perplexity (change) | final KL | "
+           "final entropy | seeds |", "|---|---|---|---|---|---|---|"]
+  for name in [n for n in ABLATIONS if (n, dev) in cells.correct]:
+    runs = {e["model"] for e in entries if method_and_seed(e)[0] == name}
+    accs = list(cells.seeds(name, dev).mean(axis=1))
+    ppl_name = "main_ppo" if name == "ppo" else name
+    ppl = [json.loads(p.read_text())["perplexity"] for p in sorted(
+        (out / "ablations").glob(f"perplexity_{ppl_name}_seed*.json"))]
+    change = f" ({100 * (np.mean(ppl) / base - 1):+.1f}%)" if ppl and base else ""
+    kl = [v for v in (_final(pathlib.Path(r), "objective/kl") for r in sorted(runs)) if v is not None]
+    ent = [v for v in (_final(pathlib.Path(r), "objective/entropy") for r in sorted(runs))
+           if v is not None]
+    versus = cells.difference(name, "ppo", dev) if name != "ppo" else "-"
+    lines.append(f"| {ABLATIONS[name]} | {_spread(accs)} | {versus} | "
+                 f"{_spread(ppl, 2)}{change} | {_spread(kl, 2)} | {_spread(ent, 2)} | "
+                 f"{len(accs)} |")
+  return "\n".join(lines)
+
+
+def budget_curves(out: pathlib.Path) -> dict[str, dict[int, list[float]]]:
+  """{method: {training examples: [dev accuracy of each seed]}} from the runs' evaluations."""
+  curves: dict[str, dict[int, list[float]]] = {}
+  for run in sorted((out / "budget").glob("*_seed*")):
+    method = re.fullmatch(r"(.+)_seed\d+", run.name)[1]
+    config = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
+    per_step = 16 if "batch_size: 16" in config else None
+    for line in _lines(run):
+      if "eval/accuracy" in line and per_step:
+        curves.setdefault(method, {}).setdefault(line["iteration"] * per_step, []).append(
+            line["eval/accuracy"])
+  return curves
+
+
+def budget_table(out: pathlib.Path) -> str:
+  curves = budget_curves(out)
+  if not curves:
+    return f"no evaluations in {out / 'budget'}"
+  methods = [m for m in METHODS if m in curves]
+  points = sorted({n for c in curves.values() for n in c})
+  lines = ["SST-2 dev accuracy against training examples, mean (min..max) over seeds", "",
+           "| examples | " + " | ".join(METHODS[m] for m in methods) + " |",
+           "|---|" + "---|" * len(methods)]
+  for n in points:
+    lines.append(f"| {n} | " + " | ".join(_spread(curves[m].get(n, [])) for m in methods) + " |")
+  return "\n".join(lines)
+
+
+def _constant(entry: dict) -> float:
+  """The score of the most common gold label given to every example (accuracy)."""
+  golds = [p["label"] for p in entry["predictions"]]
+  return max(golds.count(g) for g in set(golds)) / len(golds)
+
+
+def tasks_table(out: pathlib.Path) -> str:
+  entries = _read(out / "tasks" / "eval_dev.json") + _read(out / "tasks" / "eval_ood.json")
+  if not entries:
+    return f"no evaluations in {out / 'tasks'}"
+  lines = ["Accuracy [95% bootstrap interval over the examples] and the best constant answer's; "
+           "unparsed rate", "", "| set | model | accuracy | best constant | unparsed |",
+           "|---|---|---|---|---|"]
+  for e in entries:
+    model = pathlib.PurePath(e["model"]).name
+    interval = e.get("intervals_95", {}).get("accuracy")
+    shown = f"{e['accuracy']:.3f}" + (" [{:.3f}, {:.3f}]".format(*interval) if interval else "")
+    lines.append(f"| {e['set']} ({e['n']}) | {model} | {shown} | {_constant(e):.3f} | "
+                 f"{e['unparsed_rate']:.3f} |")
+  return "\n".join(lines)
+
+
+def multitask_table(out: pathlib.Path) -> str:
+  entries = _read(out / "multitask" / "eval_dev.json")
+  if not entries:
+    return f"no evaluations in {out / 'multitask'}"
+  lines = ["Each task's dev score and the share of the most common answer", "",
+           "| model | set | metrics | most common answer | unparsed |", "|---|---|---|---|---|"]
+  for e in entries:
+    answers = [p["prediction"] for p in e["predictions"]]
+    top = max(set(answers), key=answers.count, default=None)
+    shown = "  ".join(f"{k} {e[k]:.3f}" for k in e["metric_names"])
+    lines.append(f"| {pathlib.PurePath(e['model']).name} | {e['set']} | {shown} | "
+                 f"{top} ({answers.count(top) / len(answers):.0%}) | {e['unparsed_rate']:.3f} |")
+  return "\n".join(lines)
+
+
+def plot_budget(curves: dict[str, dict[int, list[float]]], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  for method in [m for m in METHODS if m in curves]:
+    points = sorted(curves[method])
+    means = [np.mean(curves[method][n]) for n in points]
+    ax.plot(points, means, marker="o", ms=3, label=METHODS[method])
+    if any(len(curves[method][n]) > 1 for n in points):
+      ax.fill_between(points, [min(curves[method][n]) for n in points],
+                      [max(curves[method][n]) for n in points], alpha=0.2)
+  ax.axhline(0.88, color="gray", ls=":", lw=1)
+  ax.set_xlabel("training examples")
+  ax.set_ylabel("SST-2 dev accuracy")
+  ax.set_ylim(0, 1)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
 def plot(cells: Cells, sets: list[str], path: str) -> None:
   """Accuracy per method and set: bars at the seeds' mean, the seeds as dots."""
   import matplotlib
@@ -150,14 +299,22 @@ def plot(cells: Cells, sets: list[str], path: str) -> None:
 
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("table", choices=("main",))
+  parser.add_argument("table", choices=("main", "ablations", "budget", "tasks", "multitask"))
   parser.add_argument("out", nargs="?", default="runs/results")
-  parser.add_argument("--plot", default=None, help="draw the table's figure here (PNG)")
+  parser.add_argument("--plot", default=None, help="draw the table's figure here (PNG; main "
+                      "and budget)")
   args = parser.parse_args(argv[1:])
-  text, cells, sets = main_tables(pathlib.Path(args.out))
+  out = pathlib.Path(args.out)
+  if args.table == "main":
+    text, cells, sets = main_tables(out)
+    if args.plot and cells is not None:
+      plot(cells, sets, args.plot)
+  else:
+    text = {"ablations": ablations_table, "budget": budget_table, "tasks": tasks_table,
+            "multitask": multitask_table}[args.table](out)
+    if args.table == "budget" and args.plot and budget_curves(out):
+      plot_budget(budget_curves(out), args.plot)
   print(text)
-  if args.plot and cells is not None:
-    plot(cells, sets, args.plot)
   return 0
 
 

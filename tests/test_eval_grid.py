@@ -121,3 +121,13 @@ def test_skip_done_refuses_a_file_it_did_not_write(workspace, capsys, monkeypatc
   assert _eval("--model", models[0], "--data", data[0], "--output", str(single),
                "--skip-done") == 2
   assert f"{single}: not a results file of several evaluations" in capsys.readouterr().err
+
+
+def test_offset_scores_rows_after_the_first_n(workspace):
+  root, models, data = workspace
+  out = root / "offset.json"
+  # first.jsonl holds rows idx 0..4 in file order: held out after the first 3, at most 2.
+  assert _eval("--model", models[0], "--data", data[0], "--offset", "3", "--limit", "5",
+               "--output", str(out)) == 0
+  result = json.loads(out.read_text())
+  assert [p["idx"] for p in result["predictions"]] == [3, 4] and result["offset"] == 3

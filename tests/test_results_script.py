@@ -22,6 +22,8 @@ STAND_IN = textwrap.dedent("""\
     command = args[0]
     if command == "eval":
       pathlib.Path(value("--output")).write_text(json.dumps({{"evaluations": []}}))
+    elif command == "perplexity":
+      pathlib.Path(value("--output")).write_text(json.dumps({{"perplexity": 9.0}}))
     elif command in ("train", "sft"):
       run = pathlib.Path(value("--output-dir"))
       steps = 15 if "half" in value("--config") or "after" in value("--config") else 30
@@ -36,7 +38,7 @@ STAND_IN = textwrap.dedent("""\
     """)
 
 
-def _results(tmp_path, seeds, stopped=""):
+def _results(tmp_path, seeds, stopped="", tables=("main",), **seed_lists):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir(exist_ok=True)
   stand_in = bin_dir / "jax-nlu-ppo"
@@ -45,10 +47,10 @@ def _results(tmp_path, seeds, stopped=""):
   calls = tmp_path / "calls.jsonl"
   calls.unlink(missing_ok=True)
   env = {**os.environ, "OUT": str(tmp_path / "out"), "SEEDS": seeds, "CALLS": str(calls),
-         "STOPPED": stopped, "DATA": "/data",
+         "STOPPED": stopped, "DATA": "/data", **seed_lists,
          "PATH": os.pathsep.join([str(bin_dir), str(pathlib.Path(sys.executable).parent),
                                   os.environ["PATH"]])}
-  done = subprocess.run(["bash", str(ROOT / "scripts/results.sh"), "main"], env=env,
+  done = subprocess.run(["bash", str(ROOT / "scripts/results.sh"), *tables], env=env,
                         capture_output=True, text=True, check=False)
   assert done.returncode == 0, done.stderr
   return [json.loads(line) for line in calls.read_text().splitlines()]
@@ -91,3 +93,30 @@ def test_main_table_trains_each_seed_then_scores_it(tmp_path):
   again = _results(tmp_path, "0 1")
   assert [pathlib.Path(_value(c, "--output-dir")).name for c in again
           if c[0] in ("train", "sft")] == ["grpo_seed1"]
+
+
+def test_other_tables_train_their_configs_and_score_their_data(tmp_path):
+  calls = _results(tmp_path, "0", tables=("ablations", "budget", "tasks", "multitask"),
+                   ABLATION_SEEDS="0")
+  trained = [_value(c, "--config") for c in calls if c[0] in ("train", "sft")]
+  assert trained == [
+      *(f"configs/results/ppo/sst2_{n}.yaml" for n in ("kl0", "kl0.2", "kl_adaptive", "clip0.1",
+                                                        "clip0.4")),
+      "configs/results/sft/sst2_budget.yaml", "configs/results/ppo/sst2_budget.yaml",
+      *(f"configs/results/{m}/{t}.yaml" for t in ("qnli", "qqp", "mnli") for m in ("sft", "ppo")),
+      "configs/results/ppo/multitask.yaml", "configs/results/ppo/multitask_per_task.yaml"]
+  for config in trained:     # every config the script names exists
+    assert (ROOT / config).is_file(), config
+  perplexity = [pathlib.Path(_value(c, "--output")).name for c in calls if c[0] == "perplexity"]
+  assert perplexity == ["perplexity_base.json"] + [
+      f"perplexity_{n}_seed0.json" for n in ("kl0", "kl0.2", "kl_adaptive", "clip0.1", "clip0.4")]
+  evals = {tuple(c[c.index("--task") + 1:c.index("--task") + 2]): c for c in calls
+           if c[0] == "eval"}
+  qqp = evals[("qqp",)]
+  assert (_value(qqp, "--split"), _value(qqp, "--offset"), _value(qqp, "--limit")) == (
+      "train", "8999", "500")
+  assert _value(evals[("mnli",)], "--split") == "validation_matched"
+  nli = [c for c in calls if c[0] == "eval" and _value(c, "--task") == "rte"]
+  assert len(nli) == 2 and all(c.count("--data") == 2 for c in nli)   # QNLI and MNLI models
+  multitask = [c for c in calls if c[0] == "eval" and c.count("--task") == 3]
+  assert len(multitask) == 1 and multitask[0].count("--model") == 2

@@ -65,3 +65,50 @@ def test_models_scored_on_other_examples_are_refused(tmp_path):
     assert "ppo_seed0 on sst2 validation: scored other examples" in str(e)
   else:
     raise AssertionError("no error")
+
+
+def _run_folder(path, lines, config="rollout:\n  batch_size: 16\n"):
+  path.mkdir(parents=True)
+  (path / "config.yaml").write_text(config)
+  (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_ablations_table_reads_accuracy_perplexity_and_final_kl(tmp_path):
+  module = load_script("seed_tables")
+  rng = np.random.default_rng(1)
+  dev = "sst2 validation"
+  entries = []
+  (tmp_path / "ablations").mkdir()
+  for name, root in (("ppo", tmp_path / "main"), ("kl0", tmp_path / "ablations")):
+    for seed in (0, 1):
+      run = root / f"{name}_seed{seed}"
+      kls = rng.random(8) * 3
+      _run_folder(run, [{"iteration": i + 1, "objective/kl": float(k), "objective/entropy": 1.0}
+                        for i, k in enumerate(kls)])
+      entries.append(_entry(str(run), dev, rng.random(N) < 0.7))
+      (tmp_path / "ablations" / f"perplexity_{'main_ppo' if name == 'ppo' else name}"
+       f"_seed{seed}.json").write_text(json.dumps({"perplexity": 300.0 + 10 * seed}))
+  (tmp_path / "ablations" / "perplexity_base.json").write_text(json.dumps({"perplexity": 250.0}))
+  (tmp_path / "ablations" / "eval_dev.json").write_text(json.dumps({"evaluations": entries}))
+  text = module.ablations_table(tmp_path)
+  row = [line for line in text.splitlines() if line.startswith("| KL 0 |")][0].split(" | ")
+  kl_finals = []
+  for seed in (0, 1):
+    lines = [json.loads(x) for x in
+             (tmp_path / "ablations" / f"kl0_seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+    kl_finals.append(np.mean([x["objective/kl"] for x in lines][-5:]))
+  assert row[3] == "305.00 (300.00..310.00) (+22.0%)"
+  assert row[4] == f"{np.mean(kl_finals):.2f} ({min(kl_finals):.2f}..{max(kl_finals):.2f})"
+  assert "(base 250.00)" in text and row[6] == "2 |"
+
+
+def test_budget_curve_counts_examples_per_step(tmp_path):
+  module = load_script("seed_tables")
+  for seed, accs in ((0, [0.2, 0.6, 0.8]), (1, [0.2, 0.5, 0.9])):
+    _run_folder(tmp_path / "budget" / f"ppo_seed{seed}",
+                [{"iteration": 10 * i, "eval/accuracy": a} for i, a in enumerate(accs)])
+  curves = module.budget_curves(tmp_path)
+  assert curves == {"ppo": {0: [0.2, 0.2], 160: [0.6, 0.5], 320: [0.8, 0.9]}}
+  assert "| 320 | 0.850 (0.800..0.900) |" in module.budget_table(tmp_path)
+  module.plot_budget(curves, str(tmp_path / "budget.png"))
+  assert (tmp_path / "budget.png").stat().st_size > 0

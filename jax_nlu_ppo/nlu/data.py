@@ -245,13 +245,14 @@ def flip_labels(ds: datasets.Dataset, fraction: float, seed: int,
 
 
 def data_config_for(task_spec: str, location: str | None, split: str, limit: int | None = None,
-                    shuffle_seed: int | None = None, strict: bool = False) -> DataConfig:
+                    shuffle_seed: int | None = None, strict: bool = False,
+                    offset: int = 0) -> DataConfig:
   """Where a task's split comes from, given a `--data` location: None ("auto": a custom task's
   own data, else a GLUE folder at `DEFAULT_GLUE_DIR`, else the hub), 'hub', a GLUE folder or a
   data file."""
   task = tasks_lib.get_task(task_spec)
   common = dict(task=task_spec, split=split, limit=limit, shuffle_seed=shuffle_seed,
-                strict=strict)
+                strict=strict, offset=offset)
   if location is None:
     return DataConfig(source="auto", **common)
   if location == "hub":

@@ -29,7 +29,8 @@ NOT_METRICS = ("unparsed_rate", "count")
 def cell(model: str, s: evaluate_lib.EvalSet, config: evaluate_lib.EvalConfig) -> dict[str, Any]:
   """What makes two evaluations the same: the model as named, the set, every scoring setting."""
   return {"model": model, "task": s.task.name, "data": s.data, "split": s.split,
-          "limit": s.limit, "shuffle_seed": s.shuffle_seed, **dataclasses.asdict(config)}
+          "limit": s.limit, "shuffle_seed": s.shuffle_seed, "offset": s.offset,
+          **dataclasses.asdict(config)}
 
 
 def read_entries(path: storage.PathLike) -> list[Entry]:

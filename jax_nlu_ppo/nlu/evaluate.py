@@ -259,6 +259,7 @@ class EvalSet:
   report: data_lib.LoadReport
   limit: int | None = None
   shuffle_seed: int | None = None
+  offset: int = 0
 
   @property
   def label(self) -> str:
@@ -270,7 +271,7 @@ class EvalSet:
 
 def read_sets(task_specs: Sequence[str], config: EvalConfig, *,
               data: Sequence[str | None] = (None,), split: str | None = None,
-              limit: int | None = None, shuffle_seed: int | None = None,
+              limit: int | None = None, shuffle_seed: int | None = None, offset: int = 0,
               strict_data: bool = False, shot_data: str | None = None,
               shot_split: str = "train") -> list[EvalSet]:
   """Each task's examples from each `data` location (forms as `data.data_config_for` takes
@@ -285,13 +286,13 @@ def read_sets(task_specs: Sequence[str], config: EvalConfig, *,
     for spec, task in zip(task_specs, tasks):
       task_split = split or tasks_lib.default_eval_split(task.name)
       examples, report = data_lib.load_checked(data_lib.data_config_for(
-          spec, location, task_split, limit, shuffle_seed, strict_data))
+          spec, location, task_split, limit, shuffle_seed, strict_data, offset))
       pool = []
       if config.shots:
         pool = data_lib.load_rows(data_lib.data_config_for(
             spec, shot_data or location, shot_split, None, None, strict_data))
       sets.append(EvalSet(task, location, task_split, examples, pool, report, limit,
-                          shuffle_seed))
+                          shuffle_seed, offset))
   return sets
 
 
@@ -306,7 +307,7 @@ def evaluate_sets(lm, sets: Sequence[EvalSet], config: EvalConfig,
                             progress=progress(s.label) if progress else None)
     result.data_report = s.report
     result.settings.update(data=s.data, split=s.split, limit=s.limit,
-                           shuffle_seed=s.shuffle_seed,
+                           shuffle_seed=s.shuffle_seed, offset=s.offset,
                            seconds=round(time.perf_counter() - start, 2))
     log.info(result.summary())
     results.append(result)
