@@ -36,6 +36,42 @@ def load_script(name: str):
   return module
 
 
+# A stand-in `jax-nlu-ppo` for tests of the shell scripts: it appends its arguments to $CALLS,
+# then a test's own lines (`value(flag)` reads an option) leave what the command would.
+STAND_IN_HEAD = """#!{python}
+import json, os, pathlib, sys
+args = sys.argv[1:]
+with open(os.environ["CALLS"], "a") as f:
+  f.write(json.dumps(args) + "\\n")
+def value(flag):
+  return args[args.index(flag) + 1]
+command = args[0]
+"""
+
+
+def run_with_stand_in(tmp_path: pathlib.Path, script: str, body: str, args=(),
+                      **env) -> list[list[str]]:
+  """Runs scripts/<script> with the stand-in (`STAND_IN_HEAD` + `body`) first on PATH and
+  `env` added; returns the stand-in's calls, each its argument list."""
+  import json
+  import subprocess
+  import sys
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  stand_in = bin_dir / "jax-nlu-ppo"
+  stand_in.write_text(STAND_IN_HEAD.format(python=sys.executable) + body)
+  stand_in.chmod(0o755)
+  calls = tmp_path / "calls.jsonl"
+  calls.unlink(missing_ok=True)
+  path = os.pathsep.join([str(bin_dir), str(pathlib.Path(sys.executable).parent),
+                          os.environ["PATH"]])
+  done = subprocess.run(["bash", str(ROOT / "scripts" / script), *args],
+                        env={**os.environ, "CALLS": str(calls), "PATH": path, **env},
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr
+  return [json.loads(line) for line in calls.read_text().splitlines()]
+
+
 def _require(path: pathlib.Path, what: str) -> pathlib.Path:
   if path.exists():
     return path

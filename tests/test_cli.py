@@ -17,19 +17,27 @@ SENTENCES = ["a gorgeous, witty film", "dull and far too long", "the cast is sup
              "an hour too long"]
 
 
+SST2_ROWS = [{"sentence": s, "label": i % 2, "idx": i} for i, s in enumerate(SENTENCES)]
+
+
+def save_chat_model(folder, seed: int = 0):
+  """A tiny Hugging Face model folder (random weights of `seed`) with a chat tokenizer over the
+  SST-2 prompts of `SST2_ROWS`."""
+  task = tasks.get_task("sst2")
+  texts = [m["content"] for ex in SST2_ROWS for m in tasks.build_prompt(task, ex, "chat")]
+  tokenizer = tiny_chat_tokenizer(texts + ["system user assistant", *task.label_words])
+  tiny_hf.save_tiny(folder, seed=seed, vocab_size=len(tokenizer), max_position_embeddings=512)
+  tokenizer.save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
   """A tiny Hugging Face model folder (weights and a chat tokenizer) and an SST-2-style file."""
   root = tmp_path_factory.mktemp("cli")
-  task = tasks.get_task("sst2")
-  rows = [{"sentence": s, "label": i % 2, "idx": i} for i, s in enumerate(SENTENCES)]
-  texts = [m["content"] for ex in rows for m in tasks.build_prompt(task, ex, "chat")]
-  tokenizer = tiny_chat_tokenizer(texts + ["system user assistant", *task.label_words])
   model = root / "tiny-model"
-  tiny_hf.save_tiny(model, vocab_size=len(tokenizer), max_position_embeddings=512)
-  tokenizer.save_pretrained(model)
+  save_chat_model(model)
   data = root / "sst2.jsonl"
-  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  data.write_text("".join(json.dumps(r) + "\n" for r in SST2_ROWS))
   return root, model, data
 
 

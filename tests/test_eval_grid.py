@@ -5,31 +5,19 @@ import json
 import pytest
 
 from jax_nlu_ppo import cli
-from jax_nlu_ppo.nlu import tasks
-from tests import tiny_hf
-from tests.test_ppo_core import tiny_chat_tokenizer
-
-SENTENCES = ["a gorgeous, witty film", "dull and far too long", "the cast is superb",
-             "a tedious mess", "warm, funny and smart", "flat characters", "pure joy",
-             "an hour too long"]
+from tests.test_cli import SST2_ROWS, save_chat_model
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
   """Two tiny models (different weights, one tokenizer) and two SST-2-style files."""
   root = tmp_path_factory.mktemp("grid")
-  task = tasks.get_task("sst2")
-  rows = [{"sentence": s, "label": i % 2, "idx": i} for i, s in enumerate(SENTENCES)]
-  texts = [m["content"] for ex in rows for m in tasks.build_prompt(task, ex, "chat")]
-  tokenizer = tiny_chat_tokenizer(texts + ["system user assistant", *task.label_words])
   models = []
   for seed in (0, 1):
-    model = root / f"model{seed}"
-    tiny_hf.save_tiny(model, seed=seed, vocab_size=len(tokenizer), max_position_embeddings=512)
-    tokenizer.save_pretrained(model)
-    models.append(str(model))
+    save_chat_model(root / f"model{seed}", seed)
+    models.append(str(root / f"model{seed}"))
   data = []
-  for name, part in (("first.jsonl", rows[:5]), ("second.jsonl", rows[3:])):
+  for name, part in (("first.jsonl", SST2_ROWS[:5]), ("second.jsonl", SST2_ROWS[3:])):
     path = root / name
     path.write_text("".join(json.dumps(r) + "\n" for r in part))
     data.append(str(path))

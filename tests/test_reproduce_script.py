@@ -1,31 +1,21 @@
 """scripts/reproduce.sh's plan of commands, run against a stand-in `jax-nlu-ppo` that records its
 arguments and writes result files shaped like the real ones (the real commands are each tested
 on their own; this checks what the script asks of them, and in which order)."""
-import json
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
+
+from tests.conftest import run_with_stand_in
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 STAND_IN = textwrap.dedent("""\
-    #!{python}
-    import json, os, pathlib, sys
-    args = sys.argv[1:]
-    with open(os.environ["CALLS"], "a") as f:
-      f.write(json.dumps(args) + "\\n")
-    def value(flag):
-      return args[args.index(flag) + 1]
-    command = args[0]
     if command in ("eval", "perplexity"):
-      result = {{"accuracy": 0.5, "unparsed_rate": 0.0}} if command == "eval" else {{"perplexity": 9.0}}
+      result = {"accuracy": 0.5, "unparsed_rate": 0.0} if command == "eval" else {"perplexity": 9.0}
       pathlib.Path(value("--output")).write_text(json.dumps(result))
     elif command in ("train", "sft"):
       run = pathlib.Path(value("--output-dir"))
       run.mkdir(parents=True, exist_ok=True)
-      (run / "metrics.jsonl").write_text(json.dumps({{"iteration": 1, "eval/accuracy": 0.7}}) + "\\n")
+      (run / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "eval/accuracy": 0.7}) + "\\n")
     elif command == "report":
       pathlib.Path(value("--output")).mkdir(parents=True, exist_ok=True)
     """)
@@ -33,20 +23,8 @@ STAND_IN = textwrap.dedent("""\
 
 def _reproduce(tmp_path: pathlib.Path, seeds: str, *tasks: str) -> list[list[str]]:
   """The stand-in's calls of one `SEEDS=seeds scripts/reproduce.sh tasks...` (CPU backend)."""
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir(exist_ok=True)
-  stand_in = bin_dir / "jax-nlu-ppo"
-  stand_in.write_text(STAND_IN.format(python=sys.executable))
-  stand_in.chmod(0o755)
-  calls = tmp_path / f"calls_{seeds.replace(' ', '_')}.jsonl"
-  env = {**os.environ, "OUT": str(tmp_path / "out"), "SEEDS": seeds, "CALLS": str(calls),
-         "JAX_PLATFORMS": "cpu",
-         "PATH": os.pathsep.join([str(bin_dir), str(pathlib.Path(sys.executable).parent),
-                                  os.environ["PATH"]])}
-  done = subprocess.run(["bash", str(ROOT / "scripts/reproduce.sh"), *tasks], env=env,
-                        capture_output=True, text=True, check=False)
-  assert done.returncode == 0, done.stderr
-  return [json.loads(line) for line in calls.read_text().splitlines()]
+  return run_with_stand_in(tmp_path, "reproduce.sh", STAND_IN, tasks, OUT=str(tmp_path / "out"),
+                           SEEDS=seeds, JAX_PLATFORMS="cpu")
 
 
 def test_a_later_seed_adds_runs_and_skips_finished_evaluations(tmp_path):

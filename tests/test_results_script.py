@@ -2,58 +2,35 @@
 arguments and leaves run folders shaped like the real ones (the commands themselves are tested
 on their own): which runs each seed trains, what an evaluation call asks for, and that a run
 stopped before its last step is continued, not counted as done."""
-import json
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
+
+from tests.conftest import run_with_stand_in
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 STAND_IN = textwrap.dedent("""\
-    #!{python}
-    import json, os, pathlib, sys
-    args = sys.argv[1:]
-    with open(os.environ["CALLS"], "a") as f:
-      f.write(json.dumps(args) + "\\n")
-    def value(flag):
-      return args[args.index(flag) + 1]
-    command = args[0]
     if command == "eval":
-      pathlib.Path(value("--output")).write_text(json.dumps({{"evaluations": []}}))
+      pathlib.Path(value("--output")).write_text(json.dumps({"evaluations": []}))
     elif command == "perplexity":
-      pathlib.Path(value("--output")).write_text(json.dumps({{"perplexity": 9.0}}))
+      pathlib.Path(value("--output")).write_text(json.dumps({"perplexity": 9.0}))
     elif command in ("train", "sft"):
       run = pathlib.Path(value("--output-dir"))
       steps = 15 if "half" in value("--config") or "after" in value("--config") else 30
       (run / "checkpoints" / "5").mkdir(parents=True, exist_ok=True)
-      (run / "config.yaml").write_text(f"steps: {{steps}}\\n")
+      (run / "config.yaml").write_text(f"steps: {steps}\\n")
       if run.name != os.environ.get("STOPPED", ""):
         (run / "checkpoints" / str(steps)).mkdir()
     elif command == "export":
       out = pathlib.Path(value("--output"))
       out.mkdir(parents=True)
-      (out / "adapter_config.json").write_text("{{}}")
+      (out / "adapter_config.json").write_text("{}")
     """)
 
 
 def _results(tmp_path, seeds, stopped="", tables=("main",), **seed_lists):
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir(exist_ok=True)
-  stand_in = bin_dir / "jax-nlu-ppo"
-  stand_in.write_text(STAND_IN.format(python=sys.executable))
-  stand_in.chmod(0o755)
-  calls = tmp_path / "calls.jsonl"
-  calls.unlink(missing_ok=True)
-  env = {**os.environ, "OUT": str(tmp_path / "out"), "SEEDS": seeds, "CALLS": str(calls),
-         "STOPPED": stopped, "DATA": "/data", **seed_lists,
-         "PATH": os.pathsep.join([str(bin_dir), str(pathlib.Path(sys.executable).parent),
-                                  os.environ["PATH"]])}
-  done = subprocess.run(["bash", str(ROOT / "scripts/results.sh"), *tables], env=env,
-                        capture_output=True, text=True, check=False)
-  assert done.returncode == 0, done.stderr
-  return [json.loads(line) for line in calls.read_text().splitlines()]
+  return run_with_stand_in(tmp_path, "results.sh", STAND_IN, tables, OUT=str(tmp_path / "out"),
+                           SEEDS=seeds, STOPPED=stopped, DATA="/data", **seed_lists)
 
 
 def _value(call, flag):
