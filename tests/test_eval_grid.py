@@ -119,3 +119,20 @@ def test_offset_scores_rows_after_the_first_n(workspace):
                "--output", str(out)) == 0
   result = json.loads(out.read_text())
   assert [p["idx"] for p in result["predictions"]] == [3, 4] and result["offset"] == 3
+
+
+def test_the_second_model_of_one_shape_compiles_nothing(workspace, monkeypatch):
+  from jax_nlu_ppo import compiles
+  root, models, data = workspace
+  counts = []
+  real_load = cli._load_model
+
+  def counting_load(args, model, *rest):
+    counts.append(compiles.count())
+    return real_load(args, model, *rest)
+  monkeypatch.setattr(cli, "_load_model", counting_load)
+  # A limit no other test uses: the first model compiles its shapes afresh.
+  assert _eval(*_flags("--model", models), "--data", data[1], "--limit", "3",
+               "--max-new-tokens", "4", "--output", str(root / "compiles.json")) == 0
+  first_model = counts[1] - counts[0]
+  assert first_model > 0 and compiles.count() == counts[1], (first_model, compiles.count())
