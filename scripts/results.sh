@@ -44,12 +44,9 @@ timed() {   # timed DIR LABEL COMMAND...: runs COMMAND, adds "LABEL<tab>seconds"
   printf '%s\t%s\n' "$label" "$((SECONDS - start))" >> "$dir/wall_times.tsv"
 }
 finished() {  # finished FOLDER: the run saved its last step (a run stopped by a signal has not)
-  python - "$1" <<'PY'
-import pathlib, sys, yaml
-run = pathlib.Path(sys.argv[1])
-steps = yaml.safe_load((run / "config.yaml").read_text())["steps"] if (run / "config.yaml").exists() else None
-sys.exit(0 if steps and (run / "checkpoints" / str(steps)).is_dir() else 1)
-PY
+  local steps
+  steps="$(sed -n 's/^steps: *\([0-9]*\)$/\1/p' "$1/config.yaml" 2>/dev/null)"
+  [[ -n "$steps" && -d "$1/checkpoints/$steps" ]]
 }
 run() {     # run DIR KIND CONFIG FOLDER [ARGS...]: a train or sft run, skipped once done
   local dir="$1" kind="$2" config="$3" folder="$4"

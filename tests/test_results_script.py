@@ -73,8 +73,9 @@ def test_main_table_trains_each_seed_then_scores_it(tmp_path):
 
 
 def test_other_tables_train_their_configs_and_score_their_data(tmp_path):
+  # The tables themselves are tested in test_seed_tables.py (each import of it takes seconds).
   calls = _results(tmp_path, "0", tables=("ablations", "budget", "tasks", "multitask"),
-                   ABLATION_SEEDS="0")
+                   ABLATION_SEEDS="0", STAGES="train eval")
   trained = [_value(c, "--config") for c in calls if c[0] in ("train", "sft")]
   assert trained == [
       *(f"configs/results/ppo/sst2_{n}.yaml" for n in ("kl0", "kl0.2", "kl_adaptive", "clip0.1",
