@@ -20,7 +20,7 @@
 #
 # Environment: OUT [runs/results]  SEEDS ["0 1 2"]  ABLATION_SEEDS ["0 1"]  BUDGET_SEEDS ["0"]
 #   TASK_SEEDS ["0"]  STAGES ["train eval tables"]  DATA [../shared/data]; wall times go to
-#   OUT/TABLE/wall_times.tsv.
+#   OUT/TABLE/wall_times.tsv, and the commit of each call to OUT/TABLE/commits.tsv.
 set -euo pipefail
 if [[ "${1:-}" == -h || "${1:-}" == --help || $# -eq 0 ]]; then
   sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0
@@ -214,6 +214,10 @@ multitask_table() {
 }
 
 for table in "$@"; do
+  # Which code made the table's cells: one line per call, the commit and the date.
+  mkdir -p "$OUT/$table"
+  printf '%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$(git rev-parse --short HEAD 2>/dev/null || echo none)" \
+      "$STAGES" >> "$OUT/$table/commits.tsv"
   case "$table" in
     main) main_table ;;
     ablations) ablations_table ;;
