@@ -83,6 +83,13 @@ def test_train_eval_export_report(workspace, capsys):
   assert {p.name for p in report.iterdir()} == {"metrics.png", "report.md"}
   text = (report / "report.md").read_text()
   assert "| eval/accuracy |" in text and "| env/reward_mean |" in text
+  # The eval/ score's first and last values carry their evaluations' bootstrap intervals.
+  (first_lo, first_hi), (lo, hi) = (
+      json.loads((run / "eval" / f"step_00000{s}.json").read_text())["intervals_95"]["accuracy"]
+      for s in (0, 3))
+  row = [x for x in text.split("## Final values")[0].splitlines()
+         if x.startswith("| eval/accuracy |")][0]
+  assert f"[{first_lo:.3f}, {first_hi:.3f}] |" in row and row.endswith(f"[{lo:.3f}, {hi:.3f}] |")
   capsys.readouterr()
 
 

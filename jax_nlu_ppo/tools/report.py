@@ -4,7 +4,8 @@
 
 writes `metrics.png` (one small panel per metric, every run that logs it overlaid, so PPO and SFT
 compare on one figure) and `report.md` (per run: steps, first and last values; then the final
-values side by side). With `group_seeds` (`--group-seeds`), runs whose configs differ only in
+values side by side; an `eval/` score with the 95% bootstrap interval of its evaluation, from the
+run's `eval/step_<N>.json`). With `group_seeds` (`--group-seeds`), runs whose configs differ only in
 `seed` are one curve: their mean at the steps they all logged, in a band from the lowest to the
 highest seed.
 """
@@ -50,6 +51,8 @@ class Run:
   lines: list[dict[str, Any]]
   config: dict[str, Any] = dataclasses.field(default_factory=dict)
   seeds: tuple[Run, ...] = ()
+  # {step: {"eval/<metric>": (low, high)}}: each evaluation's 95% bootstrap interval.
+  intervals: dict[int, dict[str, tuple[float, float]]] = dataclasses.field(default_factory=dict)
 
   def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of the lines that hold a number for `key`; for a group, the mean over
@@ -108,7 +111,28 @@ def read_run(path: storage.PathLike) -> Run:
   if not lines:
     raise ReportError(f"{metrics_path}: no metrics lines (has the run done a step?)")
   config = _config(folder)
-  return Run(folder, _label(folder.name, config), lines, config)
+  return Run(folder, _label(folder.name, config), lines, config,
+             intervals=_eval_intervals(folder))
+
+
+def _eval_intervals(folder: storage.Path) -> dict[int, dict[str, tuple[float, float]]]:
+  """{step: {"eval/<metric>": (low, high)}} from the run's evaluation files, where they hold
+  intervals (files that cannot be read are left out: the report is still useful)."""
+  out = {}
+  if not (folder / run_loop.EVAL_DIR).is_dir():
+    return out
+  for path in storage.files_under(folder / run_loop.EVAL_DIR):
+    found = re.fullmatch(r"step_(\d+)\.json", path.name)
+    if not found:
+      continue
+    try:
+      bounds = json.loads(path.read_text()).get("intervals_95", {})
+    except (ValueError, AttributeError):
+      log.warning("%s: not an evaluation's results; its intervals are left out", path)
+      continue
+    out[int(found[1])] = {f"{checkpoint_lib.EVAL_PREFIX}{name}": (float(lo), float(hi))
+                          for name, (lo, hi) in bounds.items()}
+  return out
 
 
 def _config(folder: storage.Path) -> dict[str, Any]:
@@ -187,6 +211,13 @@ def plot(runs: Sequence[Run], path: storage.Path) -> None:
         band = run.band(key)
         if band is not None:
           ax.fill_between(*band, color=f"C{i}", alpha=0.2, linewidth=0)
+        bounds = [(step, run.intervals.get(int(step), {}).get(key)) for step in steps]
+        bounds = [(step, value, b) for (step, b), value in zip(bounds, values) if b]
+        if bounds:
+          xs, ys, bs = zip(*bounds)
+          ax.errorbar(xs, ys, yerr=[[y - b[0] for y, b in zip(ys, bs)],
+                                    [b[1] - y for y, b in zip(ys, bs)]],
+                      fmt="none", ecolor=f"C{i}", capsize=2, linewidth=0.8)
     ax.set_title(key, fontsize=10)
     ax.set_xlabel("step", fontsize=8)
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
@@ -222,10 +253,12 @@ def markdown(runs: Sequence[Run], image: str) -> str:
             f"{WINDOW} steps (eval/ scores: the first and last evaluation).", "", "| metric | first | last |", "|---|---|---|"]
     for key in run.metrics():
       first, last = first_last(run, key)
-      out.append(f"| {key} | {first:.4g} | {last:.4g} |")
+      out.append(f"| {key} | {first:.4g}{_interval(run, key, 0)} | "
+                 f"{last:.4g}{_interval(run, key, -1)} |")
     out.append("")
   out += ["## Final values", "", f"Mean of each run's last {WINDOW} steps; eval/ scores: its "
-          "last evaluation. A group of seeds: the mean over its seeds (lowest..highest).", "",
+          "last evaluation [95% bootstrap interval over its examples]. A group of seeds: the "
+          "mean over its seeds (lowest..highest).", "",
           "| metric | " + " | ".join(run.label for run in runs) + " |",
           "|---|" + "---|" * len(runs)]
   for key in _keys(runs):
@@ -235,8 +268,15 @@ def markdown(runs: Sequence[Run], image: str) -> str:
   return "\n".join(out) + "\n"
 
 
+def _interval(run: Run, key: str, which: int) -> str:
+  """" [low, high]" of the first (0) or last (-1) evaluation of an eval/ score, where known."""
+  steps = run.series(key)[0]
+  bounds = run.intervals.get(int(steps[which]), {}).get(key) if steps.size else None
+  return " [{:.3f}, {:.3f}]".format(*bounds) if bounds else ""
+
+
 def _final(run: Run, key: str) -> str:
-  text = f"{first_last(run, key)[1]:.4g}"
+  text = f"{first_last(run, key)[1]:.4g}{_interval(run, key, -1)}"
   if run.seeds:
     finals = [first_last(seed, key)[1] for seed in run.seeds if key in seed.metrics()]
     text += f" ({min(finals):.4g}..{max(finals):.4g})"
