@@ -77,6 +77,11 @@ class Cells:
       text += " [{:.3f}, {:.3f}] ({:.3f}..{:.3f})".format(*interval, accs.min(), accs.max())
     return text + f" n={len(accs)}"
 
+  def sentence_interval(self, method: str, set_name: str) -> str:
+    """95% bootstrap interval of the seeds' mean over the examples."""
+    m = self.seeds(method, set_name)
+    return "-" if m is None else "[{:.3f}, {:.3f}]".format(*metrics.example_mean_interval(m))
+
   def difference(self, a: str, b: str, set_name: str) -> str:
     ma, mb = self.seeds(a, set_name), self.seeds(b, set_name)
     if ma is None or mb is None:
@@ -101,16 +106,17 @@ def main_tables(out: pathlib.Path) -> tuple[str, Cells, list[str]]:
   sets = [s for s in SET_NAMES if s in cells.order] + sorted(set(cells.order) - set(SET_NAMES))
   dev = "sst2 validation"
   lines = [f"SST-2 dev accuracy ({len(cells.order.get(dev, []))} sentences): mean [95% interval "
-           "over seeds] (min..max) n=seeds; differences paired over the sentences [95% "
-           "bootstrap interval]", "",
-           "| method | SST-2 dev | minus SFT | minus zero-shot | unparsed (max) |",
-           "|---|---|---|---|---|"]
+           "over seeds] (min..max) n=seeds, and the 95% bootstrap interval of the mean over the "
+           "sentences; differences paired over the sentences [95% bootstrap interval]", "",
+           "| method | SST-2 dev | over the sentences | minus SFT | minus PPO | minus zero-shot "
+           "| unparsed (max) |", "|---|---|---|---|---|---|---|"]
   for method in cells.methods():
     unparsed = cells.unparsed.get((method, dev))
+    versus = [cells.difference(method, other, dev) if method != other else "-"
+              for other in ("sft", "ppo", "zero-shot")]
     lines.append(f"| {METHODS.get(method, method)} | {cells.cell(method, dev)} | "
-                 f"{cells.difference(method, 'sft', dev) if method != 'sft' else '-'} | "
-                 f"{cells.difference(method, 'zero-shot', dev) if method != 'zero-shot' else '-'}"
-                 f" | {f'{100 * max(unparsed):.0f}%' if unparsed else '-'} |")
+                 f"{cells.sentence_interval(method, dev)} | {' | '.join(versus)} | "
+                 f"{f'{100 * max(unparsed):.0f}%' if unparsed else '-'} |")
   ood = [s for s in sets if s != dev]
   if ood:
     lines += ["", "Transfer, the SST-2 prompt on other sentiment data: accuracy, and the gain "
