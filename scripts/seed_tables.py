@@ -117,6 +117,9 @@ def main_tables(out: pathlib.Path) -> tuple[str, Cells, list[str]]:
     lines.append(f"| {METHODS.get(method, method)} | {cells.cell(method, dev)} | "
                  f"{cells.sentence_interval(method, dev)} | {' | '.join(versus)} | "
                  f"{f'{100 * max(unparsed):.0f}%' if unparsed else '-'} |")
+  constants = {e["set"]: _constant(e) for e in entries}
+  lines += ["", "The most common label given to every example scores " + ", ".join(
+      f"{constants[s]:.3f} on {SET_NAMES.get(s, s)}" for s in sets) + "."]
   ood = [s for s in sets if s != dev]
   if ood:
     lines += ["", "Transfer, the SST-2 prompt on other sentiment data: accuracy, and the gain "
@@ -296,8 +299,8 @@ def plot(cells: Cells, sets: list[str], path: str) -> None:
     ax.bar(xs, means, width, label=SET_NAMES.get(s, s))
   ax.set_xticks(range(len(methods)), [METHODS.get(m, m) for m in methods])
   ax.set_ylabel("accuracy")
-  ax.set_ylim(0, 1)
-  ax.legend(fontsize=8, loc="lower right")
+  ax.set_ylim(0, 1.12)
+  ax.legend(fontsize=8, loc="upper left", ncol=len(sets))
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
