@@ -245,14 +245,13 @@ def run_eval(args) -> int:
     entries = [eval_grid.as_entry(models[0], s, r) for s, r in zip(sets, results)]
     if args.output:
       evaluate_lib.write_json(results, args.output, {"model": models[0], "dtype": args.dtype})
-      log.info("wrote %s", args.output)
   else:
     entries = eval_grid.evaluate_grid(
         models, sets, config,
         lambda name: _load_model(args, name, args.batch_size, args.batch_tokens),
         output=args.output, skip_done=args.skip_done, progress=_progress)
-    if args.output:
-      log.info("wrote %s", args.output)
+  if args.output:
+    log.info("wrote %s", args.output)
   text = eval_grid.table(entries)
   print(text)
   if args.table:

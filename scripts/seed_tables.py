@@ -26,6 +26,7 @@ import re
 import sys
 
 import numpy as np
+import yaml
 
 from jax_nlu_ppo.nlu import metrics
 
@@ -195,8 +196,10 @@ def budget_curves(out: pathlib.Path) -> dict[str, dict[int, list[float]]]:
   curves: dict[str, dict[int, list[float]]] = {}
   for run in sorted((out / "budget").glob("*_seed*")):
     method = re.fullmatch(r"(.+)_seed\d+", run.name)[1]
-    config = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
-    per_step = 16 if "batch_size: 16" in config else None
+    config = yaml.safe_load((run / "config.yaml").read_text()) if (
+        run / "config.yaml").exists() else {}
+    # Training examples a step reads: PPO's prompts (rollout.batch_size), SFT's batch_size.
+    per_step = (config.get("rollout") or {}).get("batch_size") or config.get("batch_size")
     for line in _lines(run):
       if "eval/accuracy" in line and per_step:
         curves.setdefault(method, {}).setdefault(line["iteration"] * per_step, []).append(

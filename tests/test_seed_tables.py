@@ -113,5 +113,10 @@ def test_budget_curve_counts_examples_per_step(tmp_path):
   curves = module.budget_curves(tmp_path)
   assert curves == {"ppo": {0: [0.2, 0.2], 160: [0.6, 0.5], 320: [0.8, 0.9]}}
   assert "| 320 | 0.850 (0.800..0.900) |" in module.budget_table(tmp_path)
+  # SFT reads its config's batch_size a step (PPO: rollout.batch_size).
+  sft = tmp_path / "sft_only"
+  _run_folder(sft / "budget" / "sft_seed0", [{"iteration": 10, "eval/accuracy": 0.7}],
+              config="batch_size: 8\n")
+  assert module.budget_curves(sft) == {"sft": {80: [0.7]}}
   module.plot_budget(curves, str(tmp_path / "budget.png"))
   assert (tmp_path / "budget.png").stat().st_size > 0

@@ -1,8 +1,9 @@
 """Evaluation: answer a task's examples, extract the labels, score them with the official metrics.
 
 `evaluate` takes any prompts -> responses function; `evaluate_model` runs a `LanguageModel`
-(zero-shot or k-shot, in batches, with progress); `evaluate_tasks`, what `jax-nlu-ppo eval`
-calls, reads each task's data and scores it with `evaluate_model`.
+(zero-shot or k-shot, in batches, with progress); `read_sets` reads each task's data from each
+location before any model loads, and `evaluate_sets` scores one model on them (`jax-nlu-ppo
+eval`; several models go through `eval_grid`); `evaluate_tasks` is both for one model.
 """
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def run(steps: steps_lib.Steps, base, reference, state: ppo_lib.PPOState,
         host_rng: np.random.Generator, config: TrainConfig,
         tasks_b: np.ndarray | None = None) -> Outcome:
   """One iteration on global `prompts`; `state` is consumed (the update donates it).
-  `tasks_b`: this process's rows' index in `config.train_tasks` (default: all the first)."""
+  `tasks_b`: this process's rows' task index, below `len(config.train_tasks)` (default: all 0)."""
   times = {}
   key, rollout_key = jax.random.split(key)
   limit = int(host_rng.integers(config.rollout.min_new_tokens, config.rollout.max_new_tokens + 1))

@@ -40,7 +40,7 @@ class Shardings:
 class Steps:
   """rollout(base, trainable, prompts, key, limit) -> Generation
   experience(base, trainable, reference, prompts, gen, scores_b, tasks_b, kl_coef)
-      -> (Batch, kl_br); tasks_b: each row's index in `config.train_tasks`
+      -> (Batch, kl_br); tasks_b: each row's task index, below `len(config.train_tasks)`
   minibatch(batch, rows, layout) -> Batch
   update(state, base, batch, dropout_key) -> (state, metrics); `state` is donated.
 

@@ -182,15 +182,16 @@ class PPOTrainer:
     prompts = self._prompts(ids)
     prompts_s = time.perf_counter() - start
     specs = [self.task_of(ex) for ex in examples]
+    task_names = list(self.tasks)
+    task_ids = np.asarray([task_names.index(s) for s in specs])   # whitening, per-task metrics
     golds = [ex["label"] for ex in examples]
     out = iteration_lib.run(self.steps, self.base, self.reference, self.state, prompts,
                             lambda gen, local: self._rewards(prompts, gen, local, specs, golds,
                                                              examples, ids),
-                            self.key, self.host_rng, self.config,
-                            tasks_b=np.asarray([self.config.train_tasks.index(s) for s in specs]))
+                            self.key, self.host_rng, self.config, tasks_b=task_ids)
     self.state, self.key = out.state, out.key
     self.iteration += 1
-    metrics = self._metrics(out, prompts, specs, golds)
+    metrics = self._metrics(out, prompts, specs, task_ids, golds)
     metrics["time/prompts"] = prompts_s
     metrics["time/step"] = prompts_s + sum(out.times.values())
     # Anything but 0 after the first step is a shape that changed (e.g. a longer prompt bucket).
@@ -224,14 +225,15 @@ class PPOTrainer:
                                  distributed.global_batch(mask_np, rows), layout)
 
   def _metrics(self, out: iteration_lib.Outcome, prompts: prompt_layout.Prompts,
-               specs: Sequence[str], golds: Sequence[float]) -> dict[str, float]:
-    """The iteration's metrics over every process's rows, per task too for a mixture."""
-    task_names = list(self.tasks)
+               specs: Sequence[str], task_ids: np.ndarray,
+               golds: Sequence[float]) -> dict[str, float]:
+    """The iteration's metrics over every process's rows, per task too for a mixture
+    (`task_ids`: each of this process's rows' index in `self.tasks`)."""
     parsed = np.asarray([p is not None for p in out.labels])
     correct = np.asarray([p is not None and not self.tasks[spec].is_regression
                           and int(p) == int(g) for spec, p, g in zip(specs, out.labels, golds)])
     all_scores, parsed, correct, task_ids = (distributed.all_rows(x) for x in (
-        out.scores_b, parsed, correct, np.asarray([task_names.index(s) for s in specs])))
+        out.scores_b, parsed, correct, task_ids))
     mask_np = out.response_mask
     valid = mask_np.astype(bool)
     metrics = {

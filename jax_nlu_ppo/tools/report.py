@@ -211,8 +211,9 @@ def plot(runs: Sequence[Run], path: storage.Path) -> None:
         band = run.band(key)
         if band is not None:
           ax.fill_between(*band, color=f"C{i}", alpha=0.2, linewidth=0)
-        bounds = [(step, run.intervals.get(int(step), {}).get(key)) for step in steps]
-        bounds = [(step, value, b) for (step, b), value in zip(bounds, values) if b]
+        bounds = [(step, value, run.intervals[int(step)][key])
+                  for step, value in zip(steps, values)
+                  if key in run.intervals.get(int(step), {})]
         if bounds:
           xs, ys, bs = zip(*bounds)
           ax.errorbar(xs, ys, yerr=[[y - b[0] for y, b in zip(ys, bs)],
