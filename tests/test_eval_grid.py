@@ -86,6 +86,28 @@ def test_skip_done_scores_only_new_cells_and_keeps_the_rest(workspace, monkeypat
   assert len(loaded) == 4
 
 
+def test_skip_done_reads_a_setting_an_older_file_lacks_as_its_default(workspace, monkeypatch):
+  root, models, data = workspace
+  out = root / "older.json"
+  assert _eval("--model", models[0], "--data", data[0], "--output", str(out), "--skip-done") == 0
+  older = json.loads(out.read_text())
+  for setting in ("offset", "loglik_normalize"):   # as if written before these existed
+    del older["evaluations"][0]["cell"][setting]
+  out.write_text(json.dumps(older))
+  class Loaded(Exception):
+    pass
+
+  def refuse(args, model, *rest):
+    raise Loaded(model)
+  monkeypatch.setattr(cli, "_load_model", refuse)
+  assert _eval("--model", models[0], "--data", data[0], "--output", str(out), "--skip-done") == 0
+  assert json.loads(out.read_text()) == older
+  # Another value than the default is another cell: the model is loaded to score it.
+  with pytest.raises(Loaded):
+    _eval("--model", models[0], "--data", data[0], "--offset", "1", "--output", str(out),
+          "--skip-done")
+
+
 def test_an_interrupted_call_keeps_the_models_scored(workspace, monkeypatch):
   root, models, data = workspace
   out = root / "interrupted.json"

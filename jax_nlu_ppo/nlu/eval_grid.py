@@ -7,7 +7,8 @@ shape reuse each other's compiled programs. The results go to one JSON file,
 with the model, the set's label and the `cell` that identifies it), rewritten after every
 model, so an interrupted call loses at most one model's work. With `skip_done`, entries already
 in the file whose cell this call would score again are kept instead of rescored, and the other
-entries there are kept too: a table grows over several calls.
+entries there are kept too: a table grows over several calls. A setting missing from a stored cell
+(the file predates it) counts as its default.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def evaluate_grid(models: Sequence[str], sets: Sequence[evaluate_lib.EvalSet],
   kept = read_entries(output) if output and skip_done else []
   done = {_frozen(e["cell"]): e for e in kept if "cell" in e}
   wanted = {_frozen(cell(m, s, config)) for m in models for s in sets}
-  others = [e for e in kept if _frozen(e.get("cell", {})) not in wanted]
+  others = [e for e in kept if "cell" not in e or _frozen(e["cell"]) not in wanted]
   entries = []
   for model in models:
     todo = [s for s in sets if _frozen(cell(model, s, config)) not in done]
@@ -109,4 +110,8 @@ def table(entries: Sequence[Entry]) -> str:
 
 
 def _frozen(key: dict[str, Any]) -> str:
-  return json.dumps(key, sort_keys=True, default=str)
+  return json.dumps({**_CELL_DEFAULTS, **key}, sort_keys=True, default=str)
+
+
+# The settings of a cell that have defaults, for cells written before a setting existed.
+_CELL_DEFAULTS = {"offset": 0, **dataclasses.asdict(evaluate_lib.EvalConfig())}
