@@ -110,8 +110,9 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the run folder (overrides output_dir in the config); a folder "
                       "holding checkpoints continues from the latest one")
   parser.add_argument("--init-adapter", default=None, metavar="PEFT_DIR",
-                      help="start from this PEFT adapter (e.g. exported after SFT); its LoRA "
-                      "settings must match the config's, and it becomes the KL reference")
+                      help="start from this PEFT adapter (e.g. exported after SFT): the "
+                      "config's model.adapter; its LoRA settings must match the config's, and "
+                      "it becomes the KL reference")
 
 
 def _load_config(args, cls):
@@ -119,6 +120,8 @@ def _load_config(args, cls):
   overrides = list(args.set)
   if args.output_dir:
     overrides.append(f"output_dir={args.output_dir}")
+  if args.init_adapter:
+    overrides.append(f"model.adapter={args.init_adapter}")
   return config_lib.load_config(args.config, overrides, cls=cls)
 
 
@@ -359,13 +362,11 @@ def run_train(args) -> int:
   from jax_nlu_ppo import config as config_lib
   from jax_nlu_ppo import distributed
   from jax_nlu_ppo.rl import trainer as trainer_lib
-  from jax_nlu_ppo.runs import export
   config = _load_config(args, config_lib.TrainConfig)
   # After the config is known good, before anything touches a device.
   distributed.initialize(distributed.DistributedConfig(
       args.coordinator_address, args.num_processes, args.process_id))
-  lm, trainable = export.initial_adapter(args.init_adapter, config)
-  trainer = trainer_lib.PPOTrainer(config, lm=lm, initial_trainable=trainable)
+  trainer = trainer_lib.PPOTrainer(config)
   return _run_trainer(trainer, trainer_lib.format_metrics)
 
 
@@ -381,11 +382,8 @@ def run_reward_model(args) -> int:
 
 
 def _run_supervised(args, config_cls, trainer_cls, format_metrics) -> int:
-  """sft and reward-model: a config, an optional starting adapter, the trainer's loop."""
-  from jax_nlu_ppo.runs import export
-  config = _load_config(args, config_cls)
-  lm, trainable = export.initial_adapter(args.init_adapter, config)
-  trainer = trainer_cls(config, lm=lm, initial_trainable=trainable)
+  """sft and reward-model: a config, the trainer's loop."""
+  trainer = trainer_cls(_load_config(args, config_cls))
   return _run_trainer(trainer, format_metrics)
 
 

@@ -44,6 +44,9 @@ class ModelConfig:
   dtype: str = "float32"
   gguf_file: str | None = None
   kernels: str = "auto"                 # the decoder's backend paths (model/kernels.py)
+  # A PEFT adapter folder the run starts from (one exported after SFT, say); a PPO run's KL
+  # reference is then that adapted policy, not the base.
+  adapter: str | None = None
 
   def __post_init__(self):
     if self.kernels not in kernels_lib.CHOICES:

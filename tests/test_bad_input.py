@@ -121,7 +121,7 @@ def test_init_adapter_of_another_rank_stops_before_the_model_loads(tmp_path, cap
   lora = ["lora.alpha=8", "lora.dropout=0", "lora.targets=[q_proj,v_proj]"]
   err = _cli_error(capsys, "train", "--init-adapter", str(adapter), "--set", NO_MODEL,
                    "lora.rank=8", *lora)
-  assert (f"error: --init-adapter {adapter / 'adapter_config.json'}: the adapter has "
+  assert (f"error: model.adapter {adapter / 'adapter_config.json'}: the adapter has "
           "lora.rank=4, the config lora.rank=8; set the config's lora section to the adapter's "
           "(--set lora.rank=4)") in err
   # The fix it names is enough: the run gets as far as the (missing) model.

@@ -5,6 +5,7 @@ import pathlib
 import re
 
 import pytest
+import yaml
 
 from jax_nlu_ppo import cli
 from jax_nlu_ppo.nlu import tasks
@@ -77,6 +78,19 @@ def test_train_eval_export_report(workspace, capsys):
   assert cli.main(["export", str(run), "--output", str(exported), "--format", "peft"]) == 0
   assert {"adapter_config.json", "adapter_model.safetensors"} <= {
       p.name for p in exported.iterdir()}
+
+  # A run started from the exported adapter (PPO after SFT, say) starts where this one ended:
+  # its step-0 answers are the last evaluation's, its KL reference is that policy (KL 0 at the
+  # first step), and its config.yaml records the adapter.
+  after = root / "after"
+  assert cli.main(["train", "--output-dir", str(after), "--init-adapter", str(exported),
+                   "--set", *overrides, "steps=1"]) == 0
+  start = json.loads((after / "eval" / "step_000000.json").read_text())
+  assert [p["response"] for p in start["predictions"]] == [
+      p["response"] for p in evaluated["predictions"]]
+  first = json.loads((after / "metrics.jsonl").read_text().splitlines()[1])
+  assert abs(first["objective/kl"]) < 1e-5
+  assert yaml.safe_load((after / "config.yaml").read_text())["model"]["adapter"] == str(exported)
 
   report = root / "report"
   assert cli.main(["report", str(run), "--output", str(report)]) == 0

@@ -57,13 +57,21 @@ def process_rows(config, local_batch: int,
   return rows, data_lib.deal(rows, local_batch, jax.process_count(), jax.process_index())
 
 
-def model_on(mesh: sharding_lib.LogicalMesh, model: config_lib.ModelConfig,
-             lm: pretrained.LanguageModel | None = None) -> pretrained.LanguageModel:
-  """`lm`, or `model` loaded straight onto `mesh`, checked to split over it."""
+def starting_point(mesh: sharding_lib.LogicalMesh, config, lm=None, initial_trainable=None
+                   ) -> tuple[pretrained.LanguageModel, Any]:
+  """The base model on `mesh` (`lm`, or `config.model` loaded), checked to split over it, and
+  the trainable values a run starts from: `initial_trainable`, else `config.model.adapter`'s,
+  else None (fresh adapters)."""
+  from jax_nlu_ppo.runs import export   # export builds on rl/
+  model, adapter = config.model, config.model.adapter if initial_trainable is None else None
+  if adapter:
+    export.check_initial_adapter(adapter, config)
   lm = lm or pretrained.load_pretrained(model.name, model.dtype, model.gguf_file, mesh=mesh,
                                         kernels=model.kernels)
   sharding_lib.check_model(mesh, lm.config)
-  return lm
+  if adapter:
+    _, initial_trainable = export.load_peft_adapter(adapter, lm)
+  return lm, initial_trainable
 
 
 def task_of(example: dict[str, Any], train_tasks: Sequence[str]) -> str:
@@ -198,7 +206,10 @@ def restore_saved(saved: SavedRun, config_cls, trainer_cls,
   step). The base is loaded as the run's config names it unless `lm` is given; the checkpoint's
   description of the base must match it (else `CheckpointMismatchError`). The trainer has no
   training data and no output folder: reading a run must not touch it."""
-  config = config_lib.from_dict(config_cls, {**saved.config, "output_dir": None})
+  fields = {**saved.config, "output_dir": None}
+  # The checkpoint holds the KL reference: the adapter the run started from is not read again.
+  fields["model"] = {**fields.get("model", {}), "adapter": None}
+  config = config_lib.from_dict(config_cls, fields)
   if lm is None:
     lm = pretrained.load_pretrained(config.model.name, config.model.dtype,
                                     config.model.gguf_file, kernels=config.model.kernels)

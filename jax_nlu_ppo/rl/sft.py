@@ -363,7 +363,7 @@ class SFTTrainer:
     if not any(is_labelled(ex) for ex in rows):
       raise ValueError(f"none of the {len(rows)} training examples of "
                        f"{', '.join(self.tasks)} has a label; SFT needs gold answers")
-    self.lm = run_loop.model_on(self.mesh, config.model, lm)
+    self.lm, initial_trainable = run_loop.starting_point(self.mesh, config, lm, initial_trainable)
     if self.lm.tokenizer is None:
       raise ValueError(f"{config.model.name} was loaded without a tokenizer; SFT needs one to "
                        "encode prompts and answers")

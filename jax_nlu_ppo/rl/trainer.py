@@ -73,7 +73,7 @@ class PPOTrainer:
       where = (f" on process {jax.process_index()} of {jax.process_count()} (fewer rows than "
                "one global batch)" if examples else "")
       raise ValueError(f"no training examples for {', '.join(self.tasks)}{where}")
-    self.lm = run_loop.model_on(self.mesh, config.model, lm)
+    self.lm, initial_trainable = run_loop.starting_point(self.mesh, config, lm, initial_trainable)
     self.tokenizer = self.lm.tokenizer
 
     run = ppo_steps.setup(self.lm.graphdef, self.lm.params, config, self.mesh,

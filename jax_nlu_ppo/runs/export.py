@@ -13,8 +13,8 @@ Both stream: one tensor (one layer's slice of a stacked parameter) is read, merg
 written and dropped at a time. Both write into a temporary sibling folder that replaces the
 output only when complete, so a failed export never leaves a half-written folder behind.
 
-`export_run` does either for a run folder or checkpoint; `initial_adapter` starts a run from a
-PEFT folder (`--init-adapter`).
+`export_run` does either for a run folder or checkpoint; `load_peft_adapter` reads a PEFT folder
+back, to start a run from (`model.adapter`).
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ from flax import nnx
 
 from jax_nlu_ppo import storage
 from jax_nlu_ppo.model import lora as lora_lib
-from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.rl import policy as policy_lib
 from jax_nlu_ppo.model import weights as weights_lib
 from jax_nlu_ppo.model.llama_config import LlamaConfig
@@ -424,14 +423,9 @@ def load_peft_adapter(folder: str, lm, critic_lora: bool | None = None
   return lora, trainable
 
 
-def initial_adapter(folder: str | None, config) -> tuple[pretrained.LanguageModel | None,
-                                                         nnx.State | None]:
-  """(base model, trainable state) to start a train or sft run (`config`) from the PEFT adapter
-  in `folder` (--init-adapter), or (None, None) without one. Its LoRA settings must be the
-  config's."""
-  if not folder:
-    return None, None
-  # Its LoRA settings are known from its config file: compare them before the base loads.
+def check_initial_adapter(folder: str, config) -> None:
+  """Stops when the PEFT adapter in `folder` (a run's `model.adapter`) has other LoRA settings
+  than `config.lora`; they are known from its config file, before the base loads."""
   lora, _ = read_adapter_config(folder)
   differ = [(f"lora.{f.name}", getattr(lora, f.name), getattr(config.lora, f.name))
             for f in dataclasses.fields(lora)
@@ -439,14 +433,10 @@ def initial_adapter(folder: str | None, config) -> tuple[pretrained.LanguageMode
   if differ:
     theirs = [f"{key}={_override_value(value)}" for key, value, _ in differ]
     ours = ", ".join(f"{key}={_override_value(value)}" for key, _, value in differ)
-    raise ExportError(f"--init-adapter {os.path.join(folder, ADAPTER_CONFIG)}: the adapter "
+    raise ExportError(f"model.adapter {os.path.join(folder, ADAPTER_CONFIG)}: the adapter "
                       f"has {', '.join(theirs)}, the config {ours}; set the config's lora "
                       f"section to the adapter's (--set {' '.join(theirs)}), or pass an adapter "
                       "trained with the config's")
-  lm = pretrained.load_pretrained(config.model.name, config.model.dtype, config.model.gguf_file,
-                                  kernels=config.model.kernels)
-  _, trainable = load_peft_adapter(folder, lm)
-  return lm, trainable
 
 
 def read_adapter_config(folder: str) -> tuple[lora_lib.LoraConfig, str | None]:
