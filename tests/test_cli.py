@@ -91,6 +91,10 @@ def test_train_eval_export_report(workspace, capsys):
   first = json.loads((after / "metrics.jsonl").read_text().splitlines()[1])
   assert abs(first["objective/kl"]) < 1e-5
   assert yaml.safe_load((after / "config.yaml").read_text())["model"]["adapter"] == str(exported)
+  # Reading that run back needs its checkpoint only, not the adapter folder it started from.
+  exported.rename(root / "peft_moved")
+  assert cli.main(["eval", "--model", str(after), "--task", "sst2", "--data", str(data),
+                   "--output", str(root / "after.json")]) == 0
 
   report = root / "report"
   assert cli.main(["report", str(run), "--output", str(report)]) == 0
