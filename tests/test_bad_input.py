@@ -14,6 +14,7 @@ from jax_nlu_ppo import config as config_lib
 from jax_nlu_ppo.model import lora as lora_lib
 from jax_nlu_ppo.model import weights as weights_lib
 from jax_nlu_ppo.rl import policy as policy_lib
+from jax_nlu_ppo.rl import peft_adapter
 from jax_nlu_ppo.runs import export
 from tests import tiny_hf
 from tests.test_cli import ROOT
@@ -141,8 +142,8 @@ def test_adapter_of_another_base_is_named_before_anything_compiles(tmp_path):
                      base_model_name_or_path=str(tmp_path / "base"))
   wide = jax_nlu_ppo.load_pretrained(str(tmp_path / "wide"))
   before = compiles.count()
-  with pytest.raises(export.ExportError) as err:
-    export.load_peft_adapter(str(tmp_path / "peft"), wide)
+  with pytest.raises(peft_adapter.AdapterError) as err:
+    peft_adapter.load_peft_adapter(str(tmp_path / "peft"), wide)
   message = str(err.value)
   assert message.startswith(f"{tmp_path / 'peft' / 'adapter_model.safetensors'}: tensor ")
   assert "has shape (2, 64) but this model expects (2, 32)" in message
@@ -152,9 +153,9 @@ def test_adapter_of_another_base_is_named_before_anything_compiles(tmp_path):
   # A rank edited in adapter_config.json is not blamed on the base.
   config = tmp_path / "peft" / "adapter_config.json"
   config.write_text(json.dumps(json.loads(config.read_text()) | {"r": 4}))
-  with pytest.raises(export.ExportError,
+  with pytest.raises(peft_adapter.AdapterError,
                      match=r"\(2, 64\) but this model expects \(4, 64\)") as err:
-    export.load_peft_adapter(str(tmp_path / "peft"), base)
+    peft_adapter.load_peft_adapter(str(tmp_path / "peft"), base)
   assert "another base" not in str(err.value)
 
 

@@ -22,6 +22,7 @@ from jax_nlu_ppo.runs import export
 from jax_nlu_ppo.model import lora as lora_lib
 from jax_nlu_ppo.model import decoder as model_lib
 from jax_nlu_ppo.rl import policy as policy_lib
+from jax_nlu_ppo.rl import peft_adapter
 from jax_nlu_ppo.model import weights as weights_lib
 from tests import tiny_hf
 from tests.test_model_parity import max_rel_diff
@@ -102,7 +103,7 @@ def test_exports_reproduce_the_adapted_model(tmp_path, name):
                               str(tmp_path / "peft"), base_model_name_or_path="tiny")
   with_adapter = peft.PeftModel.from_pretrained(adapted.torch_base(), folder).eval()
   assert adapted.rel(tiny_hf.torch_logits(with_adapter, adapted.ids, adapted.mask)) <= 1e-5
-  lora, trainable = export.load_peft_adapter(folder, adapted.lm)
+  lora, trainable = peft_adapter.load_peft_adapter(folder, adapted.lm)
   assert lora == adapted.lora
   assert_trees_equal(trainable, adapted.trainable)
 
@@ -138,10 +139,10 @@ def test_bfloat16_and_sharded_exports(tmp_path):
 
   peft16 = tmp_path / "peft16"
   export.export_peft(adapted.lm, adapted.trainable, adapted.lora, str(peft16), dtype="bfloat16")
-  assert {e["dtype"] for e in _header(peft16 / export.ADAPTER_WEIGHTS).values()} == {"BF16"}
+  assert {e["dtype"] for e in _header(peft16 / peft_adapter.ADAPTER_WEIGHTS).values()} == {"BF16"}
   with_adapter = peft.PeftModel.from_pretrained(adapted.torch_base(), str(peft16)).eval()
   assert adapted.rel(tiny_hf.torch_logits(with_adapter, adapted.ids, adapted.mask)) <= 1e-2
-  _, trainable = export.load_peft_adapter(str(peft16), adapted.lm)
+  _, trainable = peft_adapter.load_peft_adapter(str(peft16), adapted.lm)
   b = nnx.to_pure_dict(trainable)["llama"]["layers"]["mlp"]["up_proj"]["adapter"]["b"]
   b_ref = nnx.to_pure_dict(adapted.trainable)["llama"]["layers"]["mlp"]["up_proj"]["adapter"]["b"]
   np.testing.assert_allclose(b, b_ref, rtol=2 ** -8)
@@ -172,7 +173,7 @@ def test_adapter_trained_by_peft_in_torch_loads(tmp_path):
         p.normal_(0, 0.3)
   model.save_pretrained(tmp_path / "adapter")
 
-  lora, trainable = export.load_peft_adapter(str(tmp_path / "adapter"), lm)
+  lora, trainable = peft_adapter.load_peft_adapter(str(tmp_path / "adapter"), lm)
   assert lora == lora_lib.LoraConfig(rank=4, alpha=8.0, dropout=0.0, rslora=True,
                                      targets=("q_proj", "v_proj", "down_proj"))
   value_head = nnx.to_pure_dict(trainable)["value_head"]
@@ -194,7 +195,7 @@ def test_critic_adapters_round_trip(tmp_path):
                                   critic_lora=True)
   trainable = randomized(policy_lib.split(policy)[1], seed=3)
   export.export_peft(lm, trainable, lora, str(tmp_path / "peft"))
-  _, loaded = export.load_peft_adapter(str(tmp_path / "peft"), lm)
+  _, loaded = peft_adapter.load_peft_adapter(str(tmp_path / "peft"), lm)
   assert_trees_equal(loaded, trainable)
 
 
@@ -217,7 +218,7 @@ def _edited_adapter(src, dst, **changes):
   os.makedirs(dst)
   for name in os.listdir(src):
     data = (src / name).read_bytes()
-    if name == export.ADAPTER_CONFIG:
+    if name == peft_adapter.ADAPTER_CONFIG:
       data = json.dumps(json.loads(data) | changes).encode()
     (dst / name).write_bytes(data)
   return str(dst)
@@ -235,19 +236,19 @@ def _edited_adapter(src, dst, **changes):
 def test_mismatched_adapter_is_refused_naming_the_tensor(small, tmp_path, changes, message):
   adapted, folder = small
   edited = _edited_adapter(folder, tmp_path / "edited", **changes)
-  with pytest.raises(export.ExportError, match=message):
-    export.load_peft_adapter(edited, adapted.lm)
+  with pytest.raises(peft_adapter.AdapterError, match=message):
+    peft_adapter.load_peft_adapter(edited, adapted.lm)
 
 
 def test_adapter_of_another_model_is_refused(small, tmp_path):
   adapted, folder = small
   tiny_hf.save_tiny(tmp_path / "wide", hidden_size=32)
   wide = jax_nlu_ppo.load_pretrained(str(tmp_path / "wide"))
-  with pytest.raises(export.ExportError, match=r"q_proj.lora_A.weight' has shape \(2, 64\) but "
+  with pytest.raises(peft_adapter.AdapterError, match=r"q_proj.lora_A.weight' has shape \(2, 64\) but "
                      r"this model expects \(2, 32\)"):
-    export.load_peft_adapter(str(folder), wide)
-  with pytest.raises(export.ExportError, match="adapter_config.json: not found"):
-    export.load_peft_adapter(str(tmp_path), adapted.lm)
+    peft_adapter.load_peft_adapter(str(folder), wide)
+  with pytest.raises(peft_adapter.AdapterError, match="adapter_config.json: not found"):
+    peft_adapter.load_peft_adapter(str(tmp_path), adapted.lm)
 
 
 def test_export_with_the_wrong_lora_config_is_refused(small, tmp_path):

@@ -22,6 +22,7 @@ from jax_nlu_ppo import storage
 from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo.nlu import evaluate as evaluate_lib
 from jax_nlu_ppo.rl import run_loop
+from jax_nlu_ppo.rl import peft_adapter
 from jax_nlu_ppo.runs import export, reader
 from jax_nlu_ppo.tools import report
 from tests import checkpoint_run
@@ -161,11 +162,11 @@ def test_export_and_eval_read_a_run_from_the_bucket(runs, lm, tiny_base, tmp_pat
   never_stopped = checkpoint_run.make_trainer(local, lm=lm)
   out, step = export.export_run(remote, str(tmp_path / "peft"), "peft")
   assert step == checkpoint_run.STEPS
-  _, trainable = export.load_peft_adapter(out, lm)
+  _, trainable = peft_adapter.load_peft_adapter(out, lm)
   assert_same_arrays(trainable, never_stopped.state.trainable)
   # And into the bucket: the same files.
   export.export_run(remote, f"{gcs}/peft", "peft")
-  for name in (export.ADAPTER_CONFIG, export.ADAPTER_WEIGHTS, export.VALUE_HEAD_WEIGHTS):
+  for name in (peft_adapter.ADAPTER_CONFIG, peft_adapter.ADAPTER_WEIGHTS, peft_adapter.VALUE_HEAD_WEIGHTS):
     assert (storage.path(gcs) / "peft" / name).read_bytes() == (tmp_path / "peft" / name).read_bytes()
 
   policy = reader.load_model(remote)

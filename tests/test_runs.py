@@ -6,6 +6,7 @@ import pytest
 from jax_nlu_ppo import checkpoint as checkpoint_lib
 from jax_nlu_ppo import cli
 from jax_nlu_ppo.runs import export
+from jax_nlu_ppo.rl import peft_adapter
 from jax_nlu_ppo.runs import reader as runs
 from tests.checkpoint_run import make_trainer, tiny_lm
 
@@ -31,7 +32,7 @@ def test_load_run_reads_the_latest_or_a_chosen_step_and_exports(tmp_path):
 
   # The run's adapters survive a PEFT export and reload exactly.
   folder = export.export_peft(run.lm, run.trainable, run.config.lora, tmp_path / "peft")
-  lora, trainable = export.load_peft_adapter(folder, lm)
+  lora, trainable = peft_adapter.load_peft_adapter(folder, lm)
   assert lora == run.config.lora
   for a, b in zip(leaves(trainable), final):
     np.testing.assert_array_equal(a, b)

@@ -24,6 +24,7 @@ from jax_nlu_ppo import storage
 from jax_nlu_ppo import tracking
 from jax_nlu_ppo.nlu import data as data_lib
 from jax_nlu_ppo.nlu import evaluate as evaluate_lib
+from jax_nlu_ppo.rl import peft_adapter
 from jax_nlu_ppo.rl import policy as policy_lib
 from jax_nlu_ppo.model import pretrained
 from jax_nlu_ppo import sharding as sharding_lib
@@ -62,15 +63,14 @@ def starting_point(mesh: sharding_lib.LogicalMesh, config, lm=None, initial_trai
   """The base model on `mesh` (`lm`, or `config.model` loaded), checked to split over it, and
   the trainable values a run starts from: `initial_trainable`, else `config.model.adapter`'s,
   else None (fresh adapters)."""
-  from jax_nlu_ppo.runs import export   # export builds on rl/
   model, adapter = config.model, config.model.adapter if initial_trainable is None else None
   if adapter:
-    export.check_initial_adapter(adapter, config)
+    peft_adapter.check_initial_adapter(adapter, config)
   lm = lm or pretrained.load_pretrained(model.name, model.dtype, model.gguf_file, mesh=mesh,
                                         kernels=model.kernels)
   sharding_lib.check_model(mesh, lm.config)
   if adapter:
-    _, initial_trainable = export.load_peft_adapter(adapter, lm)
+    _, initial_trainable = peft_adapter.load_peft_adapter(adapter, lm)
   return lm, initial_trainable
 
 
