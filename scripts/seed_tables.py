@@ -8,13 +8,14 @@ TABLE is one of:
              the main table and the transfer table.
   ablations  OUT/ablations: dev accuracy, dev perplexity against the base's, final KL and
              entropy (the mean of the last 5 iterations' objective/kl and objective/entropy).
-  budget     OUT/budget: the runs' own dev evaluations against training examples seen.
+  budget     OUT/budget: the runs' own dev evaluations (eval/step_<N>.json) against training
+             examples seen, each against the same method at 480 and PPO against SFT.
   tasks      OUT/tasks: each task's score against the best constant answer's.
   multitask  OUT/multitask: each task's score and how often the most common answer is given.
  A model is a method and a
 seed: a run folder `<method>_seed<S>`, or the base model (zero-shot; k-shot with shot seed S).
 A cell is the mean over seeds, its 95% Student-t interval over seeds (how far other seeds could
-move it; none for one seed) and the seeds' min..max. A difference between two methods is paired
+move it; none for one seed; an accuracy's clipped to [0, 1]) and the seeds' min..max. A difference between two methods is paired
 over the examples (each example's score averaged over each method's seeds, then differenced),
 with a 95% bootstrap interval over the examples: it says how much the choice of examples moves
 the difference, not how much other seeds would.
@@ -73,7 +74,7 @@ class Cells:
       return "-"
     accs = m.mean(axis=1)
     text = f"{accs.mean():.3f}"
-    interval = metrics.seed_interval(accs)
+    interval = metrics.seed_interval(accs, bounds=(0.0, 1.0))
     if interval:
       text += " [{:.3f}, {:.3f}] ({:.3f}..{:.3f})".format(*interval, accs.min(), accs.max())
     return text + f" n={len(accs)}"
@@ -85,14 +86,18 @@ class Cells:
 
   def difference(self, a: str, b: str, set_name: str) -> str:
     ma, mb = self.seeds(a, set_name), self.seeds(b, set_name)
-    if ma is None or mb is None:
-      return "-"
-    d = ma.mean(axis=0) - mb.mean(axis=0)
-    return "{:+.3f} [{:+.3f}, {:+.3f}]".format(d.mean(), *metrics.example_mean_interval(d))
+    return "-" if ma is None or mb is None else paired_difference(ma, mb)
 
   def methods(self) -> list[str]:
     found = {m for m, _ in self.correct}
     return [m for m in METHODS if m in found] + sorted(found - set(METHODS))
+
+
+def paired_difference(a_se: np.ndarray, b_se: np.ndarray) -> str:
+  """Mean difference of two [seeds, examples] 0/1 arrays over the same examples: each example's
+  seed mean differenced, with its 95% bootstrap interval over the examples."""
+  d = a_se.mean(axis=0) - b_se.mean(axis=0)
+  return "{:+.3f} [{:+.3f}, {:+.3f}]".format(d.mean(), *metrics.example_mean_interval(d))
 
 
 def _read(path: pathlib.Path) -> list[dict]:
@@ -191,33 +196,50 @@ def ablations_table(out: pathlib.Path) -> str:
   return "\n".join(lines)
 
 
-def budget_curves(out: pathlib.Path) -> dict[str, dict[int, list[float]]]:
-  """{method: {training examples: [dev accuracy of each seed]}} from the runs' evaluations."""
-  curves: dict[str, dict[int, list[float]]] = {}
+MAIN_EXAMPLES = 480   # the main table's training budget, the budget curve's reference point
+
+
+def budget_cells(out: pathlib.Path) -> dict[int, Cells]:
+  """{training examples: the runs' own dev evaluations after that many}, from each run's
+  `eval/step_<N>.json` (N steps of its config's examples a step)."""
+  entries: dict[int, list[dict]] = {}
   for run in sorted((out / "budget").glob("*_seed*")):
-    method = re.fullmatch(r"(.+)_seed\d+", run.name)[1]
     config = yaml.safe_load((run / "config.yaml").read_text()) if (
         run / "config.yaml").exists() else {}
     # Training examples a step reads: PPO's prompts (rollout.batch_size), SFT's batch_size.
     per_step = (config.get("rollout") or {}).get("batch_size") or config.get("batch_size")
-    for line in _lines(run):
-      if "eval/accuracy" in line and per_step:
-        curves.setdefault(method, {}).setdefault(line["iteration"] * per_step, []).append(
-            line["eval/accuracy"])
-  return curves
+    for path in sorted((run / "eval").glob("step_*.json")) if per_step else []:
+      result = json.loads(path.read_text())
+      examples = int(path.stem.removeprefix("step_")) * per_step
+      entries.setdefault(examples, []).append({"model": str(run), "set": result["task"], **result})
+  return {n: Cells(found) for n, found in sorted(entries.items())}
 
 
 def budget_table(out: pathlib.Path) -> str:
-  curves = budget_curves(out)
-  if not curves:
+  points = budget_cells(out)
+  if not points:
     return f"no evaluations in {out / 'budget'}"
-  methods = [m for m in METHODS if m in curves]
-  points = sorted({n for c in curves.values() for n in c})
-  lines = ["SST-2 dev accuracy against training examples, mean (min..max) over seeds", "",
-           "| examples | " + " | ".join(METHODS[m] for m in methods) + " |",
-           "|---|" + "---|" * len(methods)]
-  for n in points:
-    lines.append(f"| {n} | " + " | ".join(_spread(curves[m].get(n, [])) for m in methods) + " |")
+  set_name = next(iter(next(iter(points.values())).order))
+  methods = [m for m in METHODS if any((m, set_name) in c.correct for c in points.values())]
+  reference = points.get(MAIN_EXAMPLES)
+  header = ["examples"] + [f"{METHODS[m]}{part}" for m in methods for part in (
+      "", " over the sentences", f" minus at {MAIN_EXAMPLES}")]
+  if {"sft", "ppo"} <= set(methods):
+    header.append("PPO minus SFT")
+  lines = [f"Dev accuracy ({set_name}) against training examples: mean [95% interval over seeds] "
+           "(min..max) n=seeds, the 95% bootstrap interval over the sentences, and differences "
+           "paired over the sentences [95% bootstrap interval]", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for n, cells in points.items():
+    row = [str(n)]
+    for m in methods:
+      now = cells.seeds(m, set_name)
+      then = reference.seeds(m, set_name) if reference is not None and n != MAIN_EXAMPLES else None
+      row += [cells.cell(m, set_name), cells.sentence_interval(m, set_name),
+              "-" if now is None or then is None else paired_difference(now, then)]
+    if {"sft", "ppo"} <= set(methods):
+      row.append(cells.difference("ppo", "sft", set_name))
+    lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
 
@@ -258,23 +280,31 @@ def multitask_table(out: pathlib.Path) -> str:
   return "\n".join(lines)
 
 
-def plot_budget(curves: dict[str, dict[int, list[float]]], path: str) -> None:
+def plot_budget(points: dict[int, Cells], path: str) -> None:
+  """Dev accuracy against training examples: the seeds' mean, their min..max as a band, and
+  the bootstrap interval over the sentences as error bars."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5.5, 3.6))
-  for method in [m for m in METHODS if m in curves]:
-    points = sorted(curves[method])
-    means = [np.mean(curves[method][n]) for n in points]
-    ax.plot(points, means, marker="o", ms=3, label=METHODS[method])
-    if any(len(curves[method][n]) > 1 for n in points):
-      ax.fill_between(points, [min(curves[method][n]) for n in points],
-                      [max(curves[method][n]) for n in points], alpha=0.2)
+  set_name = next(iter(next(iter(points.values())).order))
+  for method in [m for m in METHODS if any((m, set_name) in c.correct for c in points.values())]:
+    curve = {n: c.seeds(method, set_name) for n, c in points.items()
+             if c.seeds(method, set_name) is not None}
+    xs = sorted(curve)
+    accs = [curve[n].mean(axis=1) for n in xs]
+    means = np.array([a.mean() for a in accs])
+    bars = np.array([metrics.example_mean_interval(curve[n]) for n in xs]).T
+    line = ax.errorbar(xs, means, yerr=[means - bars[0], bars[1] - means], marker="o", ms=3,
+                       capsize=2, lw=1.2, label=METHODS[method])
+    if any(len(a) > 1 for a in accs):
+      ax.fill_between(xs, [a.min() for a in accs], [a.max() for a in accs], alpha=0.2,
+                      color=line[0].get_color())
   ax.axhline(0.88, color="gray", ls=":", lw=1)
   ax.set_xlabel("training examples")
   ax.set_ylabel("SST-2 dev accuracy")
   ax.set_ylim(0, 1)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc="lower right")
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -324,8 +354,8 @@ def main(argv: list[str]) -> int:
   else:
     text = {"ablations": ablations_table, "budget": budget_table, "tasks": tasks_table,
             "multitask": multitask_table}[args.table](out)
-    if args.table == "budget" and args.plot and budget_curves(out):
-      plot_budget(budget_curves(out), args.plot)
+    if args.table == "budget" and args.plot and budget_cells(out):
+      plot_budget(budget_cells(out), args.plot)
   print(text)
   return 0
 

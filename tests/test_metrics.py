@@ -180,3 +180,8 @@ def test_seed_interval_is_students_t():
   np.testing.assert_allclose([lo, hi], [np.mean(values) - half, np.mean(values) + half],
                              rtol=1e-5)
   assert metrics.seed_interval([0.8]) is None
+  # Clipped to the metric's range where the t-interval reaches past it.
+  lo, hi = metrics.seed_interval([0.87, 0.96, 0.99])
+  assert hi > 1.0
+  assert metrics.seed_interval([0.87, 0.96, 0.99], bounds=(0.0, 1.0)) == (lo, 1.0)
+  assert metrics.seed_interval([0.0, 0.3], bounds=(0.0, 1.0))[0] == 0.0

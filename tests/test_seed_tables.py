@@ -105,18 +105,49 @@ def test_ablations_table_reads_accuracy_perplexity_and_final_kl(tmp_path):
   assert "(base 250.00)" in text and row[6] == "2 |"
 
 
-def test_budget_curve_counts_examples_per_step(tmp_path):
+def _bootstrap(d):
+  """95% bootstrap interval of a per-example mean, by hand (10,000 draws, seed 0)."""
+  draws = np.random.default_rng(0).integers(0, len(d), size=(10_000, len(d)))
+  return np.percentile(d[draws].mean(axis=1), [2.5, 97.5])
+
+
+def test_budget_curve_counts_examples_per_step_and_pairs_each_point(tmp_path):
   module = load_script("seed_tables")
-  for seed, accs in ((0, [0.2, 0.6, 0.8]), (1, [0.2, 0.5, 0.9])):
-    _run_folder(tmp_path / "budget" / f"ppo_seed{seed}",
-                [{"iteration": 10 * i, "eval/accuracy": a} for i, a in enumerate(accs)])
-  curves = module.budget_curves(tmp_path)
-  assert curves == {"ppo": {0: [0.2, 0.2], 160: [0.6, 0.5], 320: [0.8, 0.9]}}
-  assert "| 320 | 0.850 (0.800..0.900) |" in module.budget_table(tmp_path)
-  # SFT reads its config's batch_size a step (PPO: rollout.batch_size).
-  sft = tmp_path / "sft_only"
-  _run_folder(sft / "budget" / "sft_seed0", [{"iteration": 10, "eval/accuracy": 0.7}],
-              config="batch_size: 8\n")
-  assert module.budget_curves(sft) == {"sft": {80: [0.7]}}
-  module.plot_budget(curves, str(tmp_path / "budget.png"))
+  rng = np.random.default_rng(2)
+  # PPO: 16 prompts an iteration, scored at iterations 0, 15, 30 (0, 240, 480 examples), two
+  # seeds; SFT: 8 rows a step, scored at steps 30 and 60 (240 and 480), one seed.
+  ppo = {(s, it): (rng.random(N) < p).astype(float) for s in (0, 1)
+         for it, p in ((0, 0.2), (15, 0.5), (30, 0.8))}
+  sft = {(0, st): (rng.random(N) < p).astype(float) for st, p in ((30, 0.6), (60, 0.7))}
+  for method, correct, config in (("ppo", ppo, "rollout:\n  batch_size: 16\n"),
+                                  ("sft", sft, "batch_size: 8\n")):
+    for (seed, step), right in correct.items():
+      run = tmp_path / "budget" / f"{method}_seed{seed}"
+      (run / "eval").mkdir(parents=True, exist_ok=True)
+      (run / "config.yaml").write_text(config)
+      result = {"task": "sst2", **_entry(str(run), "sst2", right)}
+      (run / "eval" / f"step_{step:06d}.json").write_text(json.dumps(result))
+  points = module.budget_cells(tmp_path)
+  assert sorted(points) == [0, 240, 480]
+  text = module.budget_table(tmp_path)
+  rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")
+          for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+  header = rows.pop("examples")
+  assert header == ["examples", "SFT", "SFT over the sentences", "SFT minus at 480", "PPO",
+                    "PPO over the sentences", "PPO minus at 480", "PPO minus SFT"]
+  # PPO at 480: the mean of two seeds, Student-t over them, min..max.
+  accs = np.array([ppo[0, 30].mean(), ppo[1, 30].mean()])
+  half = stats.t.ppf(0.975, 1) * accs.std(ddof=1) / np.sqrt(2)
+  lo, hi = max(accs.mean() - half, 0.0), min(accs.mean() + half, 1.0)
+  assert rows["480"][4] == (f"{accs.mean():.3f} [{lo:.3f}, {hi:.3f}] "
+                            f"({accs.min():.3f}..{accs.max():.3f}) n=2")
+  # PPO at 240 against PPO at 480, paired by sentence over the seeds' means.
+  d = (ppo[0, 15] + ppo[1, 15]) / 2 - (ppo[0, 30] + ppo[1, 30]) / 2
+  assert rows["240"][6] == "{:+.3f} [{:+.3f}, {:+.3f}]".format(d.mean(), *_bootstrap(d))
+  assert rows["480"][6] == "-" and rows["0"][1] == "-"
+  # PPO minus SFT at 240: SFT's one seed at step 30 (8 rows a step).
+  d = (ppo[0, 15] + ppo[1, 15]) / 2 - sft[0, 30]
+  assert rows["240"][7] == "{:+.3f} [{:+.3f}, {:+.3f}]".format(d.mean(), *_bootstrap(d))
+  assert rows["240"][1] == f"{sft[0, 30].mean():.3f} n=1"
+  module.plot_budget(points, str(tmp_path / "budget.png"))
   assert (tmp_path / "budget.png").stat().st_size > 0

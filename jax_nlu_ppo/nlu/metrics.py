@@ -153,15 +153,20 @@ def example_mean_interval(scores_sn: np.ndarray, *, draws: int = 10_000, level: 
   return float(lo), float(hi)
 
 
-def seed_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+def seed_interval(values: Sequence[float], level: float = 0.95,
+                  bounds: tuple[float, float] | None = None) -> tuple[float, float] | None:
   """Student-t interval of the mean of a few seeds' results (None for fewer than two): how far
-  another draw of seeds could move the mean."""
+  another draw of seeds could move the mean. `bounds`, the metric's range (an accuracy's
+  (0, 1)), clips it: with two or three seeds the interval can reach past what a mean can be."""
   values = np.asarray(values, np.float64)
   if len(values) < 2:
     return None
   half = (stats.t.ppf((1 + level) / 2, len(values) - 1) * values.std(ddof=1)
           / np.sqrt(len(values)))
-  return float(values.mean() - half), float(values.mean() + half)
+  low, high = values.mean() - half, values.mean() + half
+  if bounds is not None:
+    low, high = max(low, bounds[0]), min(high, bounds[1])
+  return float(low), float(high)
 
 
 @dataclasses.dataclass(frozen=True)
