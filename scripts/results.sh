@@ -9,18 +9,20 @@
 #              scored on the whole dev set (872 sentences) and, with the SST-2 prompt, on 500
 #              sentences of each out-of-domain set (Financial PhraseBank, TweetEval).
 #   ablations  the main PPO run with KL coefficient 0, 0.2, the adaptive controller, clip range
-#              0.1 and 0.4 (main: KL 0.05, clip 0.2; its runs are reused), seeds ABLATION_SEEDS:
+#              0.1 and 0.4 (main: KL 0.05, clip 0.2; its runs are reused, or trained into
+#              OUT/main where missing), seeds ABLATION_SEEDS:
 #              dev accuracy, dev perplexity of the SST-2 sentences, final KL and entropy.
 #   budget     SFT and PPO to 1920 examples, the dev set scored every 160 (BUDGET_SEEDS).
-#   tasks      QNLI, QQP, MNLI: zero-shot, SFT and PPO on 960 examples (TASK_SEEDS), scored on
+#   tasks      TASKS (QNLI, QQP, MNLI): zero-shot, SFT and PPO on 960 examples (TASK_SEEDS), scored on
 #              500 dev pairs (QQP: 500 held-out training pairs, it has no dev set here); the
 #              NLI models also with the RTE prompt on 500 pairs of SICK and of ConjNLI.
 #   multitask  PPO over SST-2, RTE and MRPC, advantages whitened over the batch or per task
 #              (TASK_SEEDS), scored on each task's dev set.
 #
 # Environment: OUT [runs/results]  SEEDS ["0 1 2"]  ABLATION_SEEDS ["0 1"]  BUDGET_SEEDS ["0"]
-#   TASK_SEEDS ["0"]  STAGES ["train eval tables"]  DATA [../shared/data]; wall times go to
-#   OUT/TABLE/wall_times.tsv, and the commit of each call to OUT/TABLE/commits.tsv.
+#   TASK_SEEDS ["0"]  TASKS ["qnli qqp mnli"]  STAGES ["train eval tables"]
+#   DATA [../shared/data]; wall times go to OUT/TABLE/wall_times.tsv, and the commit of each
+#   call to OUT/TABLE/commits.tsv.
 set -euo pipefail
 if [[ "${1:-}" == -h || "${1:-}" == --help || $# -eq 0 ]]; then
   sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0
@@ -31,6 +33,7 @@ SEEDS="${SEEDS:-0 1 2}"
 ABLATION_SEEDS="${ABLATION_SEEDS:-0 1}"
 BUDGET_SEEDS="${BUDGET_SEEDS:-0}"
 TASK_SEEDS="${TASK_SEEDS:-0}"
+TASKS="${TASKS:-qnli qqp mnli}"
 BASE=smollm2-135m-instruct
 STAGES="${STAGES:-train eval tables}"
 DATA="${DATA:-../shared/data}"
@@ -121,6 +124,9 @@ ablations_table() {
         run "$dir" train "configs/results/ppo/sst2_$name.yaml" "$dir/${name}_seed$seed" \
             --set seed="$seed"
       done
+      mkdir -p "$OUT/main"   # the KL 0.05 / clip 0.2 row: the main table's PPO run
+      run "$OUT/main" train configs/results/ppo/sst2.yaml "$OUT/main/ppo_seed$seed" \
+          --set seed="$seed"
     fi
     if stage eval; then
       models=()
@@ -168,7 +174,7 @@ task_eval_args() {  # the data a task is scored on: 500 dev pairs, QQP's held ou
 tasks_table() {
   local dir="$OUT/tasks" seed task method models
   mkdir -p "$dir"
-  for task in qnli qqp mnli; do
+  for task in $TASKS; do
     for seed in $TASK_SEEDS; do
       if stage train; then
         run "$dir" sft "configs/results/sft/$task.yaml" "$dir/${task}_sft_seed$seed" --set seed="$seed"

@@ -80,14 +80,18 @@ def test_other_tables_train_their_configs_and_score_their_data(tmp_path):
   assert trained == [
       *(f"configs/results/ppo/sst2_{n}.yaml" for n in ("kl0", "kl0.2", "kl_adaptive", "clip0.1",
                                                         "clip0.4")),
+      "configs/results/ppo/sst2.yaml",     # the main PPO run, the ablations' reference row
       "configs/results/sft/sst2_budget.yaml", "configs/results/ppo/sst2_budget.yaml",
       *(f"configs/results/{m}/{t}.yaml" for t in ("qnli", "qqp", "mnli") for m in ("sft", "ppo")),
       "configs/results/ppo/multitask.yaml", "configs/results/ppo/multitask_per_task.yaml"]
   for config in trained:     # every config the script names exists
     assert (ROOT / config).is_file(), config
+  main_ppo = [c for c in calls if c[0] == "train" and _value(c, "--config").endswith("/sst2.yaml")]
+  assert _value(main_ppo[0], "--output-dir") == str(tmp_path / "out" / "main" / "ppo_seed0")
   perplexity = [pathlib.Path(_value(c, "--output")).name for c in calls if c[0] == "perplexity"]
   assert perplexity == ["perplexity_base.json"] + [
-      f"perplexity_{n}_seed0.json" for n in ("kl0", "kl0.2", "kl_adaptive", "clip0.1", "clip0.4")]
+      f"perplexity_{n}_seed0.json" for n in ("kl0", "kl0.2", "kl_adaptive", "clip0.1", "clip0.4",
+                                             "main_ppo")]
   evals = {tuple(c[c.index("--task") + 1:c.index("--task") + 2]): c for c in calls
            if c[0] == "eval"}
   qqp = evals[("qqp",)]
@@ -98,3 +102,9 @@ def test_other_tables_train_their_configs_and_score_their_data(tmp_path):
   assert len(nli) == 2 and all(c.count("--data") == 2 for c in nli)   # QNLI and MNLI models
   multitask = [c for c in calls if c[0] == "eval" and c.count("--task") == 3]
   assert len(multitask) == 1 and multitask[0].count("--model") == 2
+
+
+def test_tasks_table_takes_a_subset_of_its_tasks(tmp_path):
+  calls = _results(tmp_path, "0", tables=("tasks",), STAGES="train", TASKS="qqp")
+  assert [_value(c, "--config") for c in calls] == ["configs/results/sft/qqp.yaml",
+                                                    "configs/results/ppo/qqp.yaml"]
