@@ -300,7 +300,7 @@ def plot_budget(points: dict[int, Cells], path: str) -> None:
     if any(len(a) > 1 for a in accs):
       ax.fill_between(xs, [a.min() for a in accs], [a.max() for a in accs], alpha=0.2,
                       color=line[0].get_color())
-  ax.axhline(0.88, color="gray", ls=":", lw=1)
+  ax.axhline(0.88, color="gray", ls=":", lw=1, label="0.88")
   ax.set_xlabel("training examples")
   ax.set_ylabel("SST-2 dev accuracy")
   ax.set_ylim(0, 1)
