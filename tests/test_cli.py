@@ -91,10 +91,20 @@ def test_train_eval_export_report(workspace, capsys):
   first = json.loads((after / "metrics.jsonl").read_text().splitlines()[1])
   assert abs(first["objective/kl"]) < 1e-5
   assert yaml.safe_load((after / "config.yaml").read_text())["model"]["adapter"] == str(exported)
-  # Reading that run back needs its checkpoint only, not the adapter folder it started from.
+  # Reading that run back, or continuing it, needs its checkpoint only, not the adapter folder
+  # it started from.
   exported.rename(root / "peft_moved")
   assert cli.main(["eval", "--model", str(after), "--task", "sst2", "--data", str(data),
                    "--output", str(root / "after.json")]) == 0
+  assert cli.main(["train", "--output-dir", str(after), "--init-adapter", str(exported),
+                   "--set", *overrides, "steps=2"]) == 0
+  lines = [json.loads(x) for x in (after / "metrics.jsonl").read_text().splitlines()]
+  assert [x["iteration"] for x in lines] == [0, 1, 2]
+  # A fresh run from the moved folder is refused, naming it.
+  capsys.readouterr()
+  assert cli.main(["train", "--output-dir", str(root / "fresh"), "--init-adapter",
+                   str(exported), "--set", *overrides]) == 2
+  assert f"{exported / 'adapter_config.json'}: not found" in capsys.readouterr().err
 
   report = root / "report"
   assert cli.main(["report", str(run), "--output", str(report)]) == 0

@@ -62,8 +62,16 @@ def starting_point(mesh: sharding_lib.LogicalMesh, config, lm=None, initial_trai
                    ) -> tuple[pretrained.LanguageModel, Any]:
   """The base model on `mesh` (`lm`, or `config.model` loaded), checked to split over it, and
   the trainable values a run starts from: `initial_trainable`, else `config.model.adapter`'s,
-  else None (fresh adapters)."""
+  else None (fresh adapters).
+
+  A run that continues from its checkpoints does not read `model.adapter`: the checkpoint holds
+  the policy and the KL reference (a step that does not read back is an error, never a fresh
+  start), so the adapter folder may have moved since.
+  """
   model, adapter = config.model, config.model.adapter if initial_trainable is None else None
+  if adapter and has_saved_steps(config):
+    log.info("model.adapter %s is not read: the run continues from its checkpoint", adapter)
+    adapter = None
   if adapter:
     peft_adapter.check_initial_adapter(adapter, config)
   lm = lm or pretrained.load_pretrained(model.name, model.dtype, model.gguf_file, mesh=mesh,
@@ -72,6 +80,14 @@ def starting_point(mesh: sharding_lib.LogicalMesh, config, lm=None, initial_trai
   if adapter:
     _, initial_trainable = peft_adapter.load_peft_adapter(adapter, lm)
   return lm, initial_trainable
+
+
+def has_saved_steps(config) -> bool:
+  """Whether the run folder holds checkpoint steps that `open_checkpoints` will continue from."""
+  if config.output_dir is None or not config.checkpoint.enabled:
+    return False
+  folder = storage.path(config.output_dir) / "checkpoints"
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
 def task_of(example: dict[str, Any], train_tasks: Sequence[str]) -> str:
