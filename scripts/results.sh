@@ -12,7 +12,8 @@
 #              0.1 and 0.4 (main: KL 0.05, clip 0.2; its runs are reused, or trained into
 #              OUT/main where missing), seeds ABLATION_SEEDS:
 #              dev accuracy, dev perplexity of the SST-2 sentences, final KL and entropy.
-#   budget     SFT and PPO to 1920 examples, the dev set scored every 160 (BUDGET_SEEDS).
+#   budget     SFT, PPO, and SFT's first 160 examples then PPO, each to 1920 examples, the dev
+#              set scored every 160 (BUDGET_SEEDS).
 #   tasks      TASKS (QNLI, QQP, MNLI): zero-shot, SFT and PPO on 960 examples (TASK_SEEDS), scored on
 #              500 dev pairs (QQP: 500 held-out training pairs, it has no dev set here); the
 #              NLI models also with the RTE prompt on 500 pairs of SICK and of ConjNLI.
@@ -68,6 +69,16 @@ evaluate() { # evaluate DIR RESULTS LABEL [ARGS...]: jax-nlu-ppo eval into DIR/R
   printf '%s\t%s\n' "$label" "$((SECONDS - start))" >> "$dir/wall_times.tsv"
 }
 
+sft_then_ppo() {  # sft_then_ppo DIR SFT_CONFIG SFT_NAME PPO_CONFIG SEED: the SFT part into
+                  # DIR/SFT_NAME_seedS, exported, then PPO from its adapter into DIR/sft_ppo_seedS
+  local dir="$1" sft="$dir/$3_seed$5"
+  run "$dir" sft "configs/results/$2" "$sft" --set seed="$5"
+  [[ -e "$sft/peft/adapter_config.json" ]] || jax-nlu-ppo export "$sft" --format peft \
+      --output "$sft/peft"
+  run "$dir" train "configs/results/$4" "$dir/sft_ppo_seed$5" --set seed="$5" \
+      --init-adapter "$sft/peft"
+}
+
 main_table() {
   local dir="$OUT/main" seed base="$BASE"
   mkdir -p "$dir"
@@ -76,11 +87,7 @@ main_table() {
       run "$dir" sft configs/results/sft/sst2.yaml "$dir/sft_seed$seed" --set seed="$seed"
       run "$dir" train configs/results/ppo/sst2.yaml "$dir/ppo_seed$seed" --set seed="$seed"
       run "$dir" train configs/results/ppo/sst2_grpo.yaml "$dir/grpo_seed$seed" --set seed="$seed"
-      run "$dir" sft configs/results/sft/sst2_half.yaml "$dir/sft_half_seed$seed" --set seed="$seed"
-      [[ -e "$dir/sft_half_seed$seed/peft/adapter_config.json" ]] || jax-nlu-ppo export \
-          "$dir/sft_half_seed$seed" --format peft --output "$dir/sft_half_seed$seed/peft"
-      run "$dir" train configs/results/ppo/sst2_after_sft.yaml "$dir/sft_ppo_seed$seed" \
-          --set seed="$seed" --init-adapter "$dir/sft_half_seed$seed/peft"
+      sft_then_ppo "$dir" sft/sst2_half.yaml sft_half ppo/sst2_after_sft.yaml "$seed"
     fi
     if stage eval; then
       local models=(--model "$base") method
@@ -158,6 +165,8 @@ budget_table() {
     if stage train; then   # the dev evaluations happen inside the runs (eval_every)
       run "$dir" sft configs/results/sft/sst2_budget.yaml "$dir/sft_seed$seed" --set seed="$seed"
       run "$dir" train configs/results/ppo/sst2_budget.yaml "$dir/ppo_seed$seed" --set seed="$seed"
+      sft_then_ppo "$dir" sft/sst2_first160.yaml sft_first160 ppo/sst2_budget_after_sft.yaml \
+          "$seed"
     fi
   done
   tables budget

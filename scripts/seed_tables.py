@@ -9,7 +9,8 @@ TABLE is one of:
   ablations  OUT/ablations: dev accuracy, dev perplexity against the base's, final KL and
              entropy (the mean of the last 5 iterations' objective/kl and objective/entropy).
   budget     OUT/budget: the runs' own dev evaluations (eval/step_<N>.json) against training
-             examples seen, each against the same method at 480 and PPO against SFT.
+             examples seen, each against the same method at 480, PPO against SFT and SFT then
+             PPO against PPO.
   tasks      OUT/tasks: each task's score against the best constant answer's.
   multitask  OUT/multitask: each task's score and how often the most common answer is given.
  A model is a method and a
@@ -208,9 +209,13 @@ def budget_cells(out: pathlib.Path) -> dict[int, Cells]:
         run / "config.yaml").exists() else {}
     # Training examples a step reads: PPO's prompts (rollout.batch_size), SFT's batch_size.
     per_step = (config.get("rollout") or {}).get("batch_size") or config.get("batch_size")
+    # A run started from an SFT adapter (SFT then PPO) reads from row data.offset on, after the
+    # rows its SFT part read: those count too.
+    before = (config.get("data") or {}).get("offset", 0) if (
+        config.get("model") or {}).get("adapter") else 0
     for path in sorted((run / "eval").glob("step_*.json")) if per_step else []:
       result = json.loads(path.read_text())
-      examples = int(path.stem.removeprefix("step_")) * per_step
+      examples = before + int(path.stem.removeprefix("step_")) * per_step
       entries.setdefault(examples, []).append({"model": str(run), "set": result["task"], **result})
   return {n: Cells(found) for n, found in sorted(entries.items())}
 
@@ -224,8 +229,8 @@ def budget_table(out: pathlib.Path) -> str:
   reference = points.get(MAIN_EXAMPLES)
   header = ["examples"] + [f"{METHODS[m]}{part}" for m in methods for part in (
       "", " over the sentences", f" minus at {MAIN_EXAMPLES}")]
-  if {"sft", "ppo"} <= set(methods):
-    header.append("PPO minus SFT")
+  pairs = [(a, b) for a, b in (("ppo", "sft"), ("sft_ppo", "ppo")) if {a, b} <= set(methods)]
+  header += [f"{METHODS[a]} minus {METHODS[b]}" for a, b in pairs]
   lines = [f"Dev accuracy ({set_name}) against training examples: mean [95% interval over seeds] "
            "(min..max) n=seeds, the 95% bootstrap interval over the sentences, and differences "
            "paired over the sentences [95% bootstrap interval]", "",
@@ -237,8 +242,7 @@ def budget_table(out: pathlib.Path) -> str:
       then = reference.seeds(m, set_name) if reference is not None and n != MAIN_EXAMPLES else None
       row += [cells.cell(m, set_name), cells.sentence_interval(m, set_name),
               "-" if now is None or then is None else paired_difference(now, then)]
-    if {"sft", "ppo"} <= set(methods):
-      row.append(cells.difference("ppo", "sft", set_name))
+    row += [cells.difference(a, b, set_name) for a, b in pairs]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 

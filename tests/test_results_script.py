@@ -82,12 +82,16 @@ def test_other_tables_train_their_configs_and_score_their_data(tmp_path):
                                                         "clip0.4")),
       "configs/results/ppo/sst2.yaml",     # the main PPO run, the ablations' reference row
       "configs/results/sft/sst2_budget.yaml", "configs/results/ppo/sst2_budget.yaml",
+      "configs/results/sft/sst2_first160.yaml", "configs/results/ppo/sst2_budget_after_sft.yaml",
       *(f"configs/results/{m}/{t}.yaml" for t in ("qnli", "qqp", "mnli") for m in ("sft", "ppo")),
       "configs/results/ppo/multitask.yaml", "configs/results/ppo/multitask_per_task.yaml"]
   for config in trained:     # every config the script names exists
     assert (ROOT / config).is_file(), config
   main_ppo = [c for c in calls if c[0] == "train" and _value(c, "--config").endswith("/sst2.yaml")]
   assert _value(main_ppo[0], "--output-dir") == str(tmp_path / "out" / "main" / "ppo_seed0")
+  after = [c for c in calls if c[0] == "train" and "after_sft" in _value(c, "--config")]
+  assert _value(after[0], "--init-adapter") == str(
+      tmp_path / "out" / "budget" / "sft_first160_seed0" / "peft")
   perplexity = [pathlib.Path(_value(c, "--output")).name for c in calls if c[0] == "perplexity"]
   assert perplexity == ["perplexity_base.json"] + [
       f"perplexity_{n}_seed0.json" for n in ("kl0", "kl0.2", "kl_adaptive", "clip0.1", "clip0.4",

@@ -119,8 +119,13 @@ def test_budget_curve_counts_examples_per_step_and_pairs_each_point(tmp_path):
   ppo = {(s, it): (rng.random(N) < p).astype(float) for s in (0, 1)
          for it, p in ((0, 0.2), (15, 0.5), (30, 0.8))}
   sft = {(0, st): (rng.random(N) < p).astype(float) for st, p in ((30, 0.6), (60, 0.7))}
+  # SFT then PPO: PPO from an SFT adapter on the rows after its 240, scored at its iterations 0
+  # and 15 (240 and 480 examples in all), one seed.
+  sft_ppo = {(0, it): (rng.random(N) < p).astype(float) for it, p in ((0, 0.6), (15, 0.9))}
+  after_sft = "model:\n  adapter: sft/peft\ndata:\n  offset: 240\nrollout:\n  batch_size: 16\n"
   for method, correct, config in (("ppo", ppo, "rollout:\n  batch_size: 16\n"),
-                                  ("sft", sft, "batch_size: 8\n")):
+                                  ("sft", sft, "batch_size: 8\n"),
+                                  ("sft_ppo", sft_ppo, after_sft)):
     for (seed, step), right in correct.items():
       run = tmp_path / "budget" / f"{method}_seed{seed}"
       (run / "eval").mkdir(parents=True, exist_ok=True)
@@ -134,7 +139,9 @@ def test_budget_curve_counts_examples_per_step_and_pairs_each_point(tmp_path):
           for line in text.splitlines() if line.startswith("| ") and "---" not in line}
   header = rows.pop("examples")
   assert header == ["examples", "SFT", "SFT over the sentences", "SFT minus at 480", "PPO",
-                    "PPO over the sentences", "PPO minus at 480", "PPO minus SFT"]
+                    "PPO over the sentences", "PPO minus at 480", "SFT then PPO",
+                    "SFT then PPO over the sentences", "SFT then PPO minus at 480",
+                    "PPO minus SFT", "SFT then PPO minus PPO"]
   # PPO at 480: the mean of two seeds, Student-t over them, min..max.
   accs = np.array([ppo[0, 30].mean(), ppo[1, 30].mean()])
   half = stats.t.ppf(0.975, 1) * accs.std(ddof=1) / np.sqrt(2)
@@ -147,7 +154,12 @@ def test_budget_curve_counts_examples_per_step_and_pairs_each_point(tmp_path):
   assert rows["480"][6] == "-" and rows["0"][1] == "-"
   # PPO minus SFT at 240: SFT's one seed at step 30 (8 rows a step).
   d = (ppo[0, 15] + ppo[1, 15]) / 2 - sft[0, 30]
-  assert rows["240"][7] == "{:+.3f} [{:+.3f}, {:+.3f}]".format(d.mean(), *_bootstrap(d))
+  assert rows["240"][10] == "{:+.3f} [{:+.3f}, {:+.3f}]".format(d.mean(), *_bootstrap(d))
   assert rows["240"][1] == f"{sft[0, 30].mean():.3f} n=1"
+  # SFT then PPO counts its SFT part's 240 rows: its start is the 240 point, and at 480 it is
+  # paired with PPO's two seeds.
+  assert rows["240"][7] == f"{sft_ppo[0, 0].mean():.3f} n=1" and rows["0"][7] == "-"
+  d = sft_ppo[0, 15] - (ppo[0, 30] + ppo[1, 30]) / 2
+  assert rows["480"][11] == "{:+.3f} [{:+.3f}, {:+.3f}]".format(d.mean(), *_bootstrap(d))
   module.plot_budget(points, str(tmp_path / "budget.png"))
   assert (tmp_path / "budget.png").stat().st_size > 0
