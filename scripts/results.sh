@@ -62,11 +62,10 @@ run() {     # run DIR KIND CONFIG FOLDER [ARGS...]: a train or sft run, skipped 
 }
 evaluate() { # evaluate DIR RESULTS LABEL [ARGS...]: jax-nlu-ppo eval into DIR/RESULTS.json,
              # the cells already there kept
-  local dir="$1" results="$2" label="$3" start=$SECONDS
+  local dir="$1" results="$2" label="$3"
   shift 3
-  jax-nlu-ppo eval --shuffle-seed 0 --output "$dir/$results.json" --skip-done \
-      --table "$dir/$results.md" "$@"
-  printf '%s\t%s\n' "$label" "$((SECONDS - start))" >> "$dir/wall_times.tsv"
+  timed "$dir" "$label" jax-nlu-ppo eval --shuffle-seed 0 --output "$dir/$results.json" \
+      --skip-done --table "$dir/$results.md" "$@"
 }
 
 sft_then_ppo() {  # sft_then_ppo DIR SFT_CONFIG SFT_NAME PPO_CONFIG SEED: the SFT part into
