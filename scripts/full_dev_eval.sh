@@ -5,17 +5,12 @@
 # the runs' own evaluations (chat prompts, greedy answers of at most 32 tokens, lenient parsing),
 # into RUN_DIR/dev_full.json; a run whose file exists is skipped. The wall time of each goes to
 # the file named by WALL_TIMES (default: none), a line "RUN_DIR<TAB>seconds".
-set -euo pipefail
-if [[ "${1:-}" == -h || "${1:-}" == --help || $# -eq 0 ]]; then
-  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0
-fi
+source "$(dirname "$0")/lib.sh"
+if [[ "${1:-}" == -h || "${1:-}" == --help || $# -eq 0 ]]; then usage "$0"; fi
 cd "$(dirname "$0")/.."
 for run in "$@"; do
   [[ -e "$run/dev_full.json" ]] && continue
-  start=$SECONDS
-  jax-nlu-ppo eval --model "$run" --task sst2 --data ../shared/data/glue --split validation \
-      --shuffle-seed 0 --format chat --max-new-tokens 32 --output "$run/dev_full.json"
-  if [[ -n "${WALL_TIMES:-}" ]]; then
-    printf '%s\t%s\n' "$run" "$((SECONDS - start))" >> "$WALL_TIMES"
-  fi
+  timed "${WALL_TIMES:-/dev/null}" "$run" -- jax-nlu-ppo eval --model "$run" --task sst2 \
+      --data ../shared/data/glue --split validation --shuffle-seed 0 --format chat \
+      --max-new-tokens 32 --output "$run/dev_full.json"
 done

@@ -9,10 +9,8 @@
 # Finished runs and evaluations are skipped, so an interrupted sweep continues.
 #
 # Environment: OUT [runs/label_noise]  SEEDS ["0 1"]
-set -euo pipefail
-if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
-  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0
-fi
+source "$(dirname "$0")/lib.sh"
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage "$0"; fi
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/label_noise}"
 SEEDS="${SEEDS:-0 1}"
@@ -26,16 +24,14 @@ for noise in "${NOISES[@]}"; do
       dir="$OUT/noise_$noise/${method}_seed$seed"
       if compgen -G "$dir/eval/step_*.json" > /dev/null && [[ -e "$dir/done" ]]; then continue; fi
       noisy=(seed="$seed" data.label_noise="$noise" data.label_noise_seed="$seed")
-      start=$SECONDS
       if [[ $method == sft ]]; then
-        jax-nlu-ppo sft --config configs/sft/sst2_cpu.yaml --set "${noisy[@]}" --output-dir "$dir"
+        args=(sft --config configs/sft/sst2_cpu.yaml --set "${noisy[@]}")
       else
-        jax-nlu-ppo train --config configs/demo/sst2_cpu.yaml --set "${noisy[@]}" eval_every=0 \
-            --output-dir "$dir"
+        args=(train --config configs/demo/sst2_cpu.yaml --set "${noisy[@]}" eval_every=0)
       fi
+      timed "$OUT/wall_times.tsv" "$noise" "$method" "$seed" -- \
+          jax-nlu-ppo "${args[@]}" --output-dir "$dir"
       touch "$dir/done"
-      printf '%s\t%s\t%s\t%s\n' "$noise" "$method" "$seed" "$((SECONDS - start))" \
-          >> "$OUT/wall_times.tsv"
     done
   done
 done

@@ -11,10 +11,8 @@
 # Environment: OUT [runs/reproduce]  SEEDS ["0"]  GLUE [../shared/data/glue]
 #   DEV_LIMIT [200] dev examples scored (the configs' eval_data.limit)
 # TASK `multitask` is multi-task PPO over sst2, rte and mrpc (CPU configs only).
-set -euo pipefail
-if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
-  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0
-fi
+source "$(dirname "$0")/lib.sh"
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage "$0"; fi
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/reproduce}"
 SEEDS="${SEEDS:-0}"
@@ -28,6 +26,7 @@ for task in "${TASKS[@]}"; do
   if [[ "$task" == multitask ]]; then multitask=1; else single+=("$task"); fi
 done
 mkdir -p "$OUT"
+WALL_TIMES="$OUT/wall_times.tsv"
 backend="$(python -c 'import jax; print(jax.default_backend())')"
 
 ppo_config() {
@@ -42,22 +41,17 @@ sft_config() {
 model() {   # the base model the task's configs train
   python -c "from jax_nlu_ppo import config; print(config.load_config('$(ppo_config "$1")').model.name)"
 }
-timed() {   # timed LABEL COMMAND...: runs COMMAND, then adds "LABEL<tab>seconds" to wall_times.tsv
-  local label="$1" start=$SECONDS
-  shift
-  "$@"
-  printf '%s\t%s\n' "$label" "$((SECONDS - start))" >> "$OUT/wall_times.tsv"
-}
 score() {   # score LABEL MODEL TASK OUTPUT [EVAL_ARGS...]: the task's dev examples every method
   # is scored on (the configs' eval_data: shuffled with seed 0, the first DEV_LIMIT)
   local label="$1" model="$2" task="$3" output="$4"
   shift 4
-  timed "$label" jax-nlu-ppo eval --model "$model" --task "$task" --data "$GLUE" \
-      --split validation --shuffle-seed 0 --limit "$DEV_LIMIT" --output "$output" "$@"
+  timed "$WALL_TIMES" "$label" -- jax-nlu-ppo eval --model "$model" --task "$task" \
+      --data "$GLUE" --split validation --shuffle-seed 0 --limit "$DEV_LIMIT" \
+      --output "$output" "$@"
 }
 perplexity() {   # perplexity LABEL MODEL TASK OUTPUT: on the task's dev sentences
-  timed "$1" jax-nlu-ppo perplexity --model "$2" --task "$3" --data "$GLUE" --split validation \
-      --output "$4"
+  timed "$WALL_TIMES" "$1" -- jax-nlu-ppo perplexity --model "$2" --task "$3" --data "$GLUE" \
+      --split validation --output "$4"
 }
 
 for task in "${single[@]}"; do
@@ -73,10 +67,10 @@ for task in "${single[@]}"; do
       "$dir/perplexity_base.json"
   for seed in $SEEDS; do
     # shellcheck disable=SC2046  # sft_config may add --set overrides
-    timed "$task SFT seed $seed" jax-nlu-ppo sft --config $(sft_config "$task") --set seed="$seed" \
-        --output-dir "$dir/sft_seed$seed"
-    timed "$task PPO seed $seed" jax-nlu-ppo train --config "$(ppo_config "$task")" --set seed="$seed" \
-        --output-dir "$dir/ppo_seed$seed"
+    timed "$WALL_TIMES" "$task SFT seed $seed" -- jax-nlu-ppo sft --config $(sft_config "$task") \
+        --set seed="$seed" --output-dir "$dir/sft_seed$seed"
+    timed "$WALL_TIMES" "$task PPO seed $seed" -- jax-nlu-ppo train \
+        --config "$(ppo_config "$task")" --set seed="$seed" --output-dir "$dir/ppo_seed$seed"
     for method in sft ppo; do
       perplexity "$task perplexity $method seed $seed" "$dir/${method}_seed$seed" "$task" \
           "$dir/perplexity_${method}_seed$seed.json"
@@ -90,8 +84,8 @@ if [[ "$multitask" == 1 && "$backend" == cpu ]]; then
   dir="$OUT/multitask"
   for seed in $SEEDS; do
     # Scored on every task's dev examples after training instead of RTE's during it.
-    timed "multitask PPO seed $seed" jax-nlu-ppo train --config configs/demo/multitask_cpu.yaml \
-        --set seed="$seed" eval_data=null \
+    timed "$WALL_TIMES" "multitask PPO seed $seed" -- jax-nlu-ppo train \
+        --config configs/demo/multitask_cpu.yaml --set seed="$seed" eval_data=null \
         --output-dir "$dir/ppo_seed$seed"
     for task in sst2 rte mrpc; do
       score "multitask PPO seed $seed eval $task" "$dir/ppo_seed$seed" "$task" \

@@ -24,10 +24,8 @@
 #   TASK_SEEDS ["0"]  TASKS ["qnli qqp mnli"]  STAGES ["train eval tables"]
 #   DATA [../shared/data]; wall times go to OUT/TABLE/wall_times.tsv, and the commit of each
 #   call to OUT/TABLE/commits.tsv.
-set -euo pipefail
-if [[ "${1:-}" == -h || "${1:-}" == --help || $# -eq 0 ]]; then
-  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0
-fi
+source "$(dirname "$0")/lib.sh"
+if [[ "${1:-}" == -h || "${1:-}" == --help || $# -eq 0 ]]; then usage "$0"; fi
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/results}"
 SEEDS="${SEEDS:-0 1 2}"
@@ -41,12 +39,6 @@ DATA="${DATA:-../shared/data}"
 OOD=("$DATA/ood/financial_phrasebank_allagree.jsonl" "$DATA/ood/tweeteval_sentiment_test.jsonl")
 
 stage() { [[ " $STAGES " == *" $1 "* ]]; }
-timed() {   # timed DIR LABEL COMMAND...: runs COMMAND, adds "LABEL<tab>seconds" to DIR/wall_times.tsv
-  local dir="$1" label="$2" start=$SECONDS
-  shift 2
-  "$@"
-  printf '%s\t%s\n' "$label" "$((SECONDS - start))" >> "$dir/wall_times.tsv"
-}
 finished() {  # finished FOLDER: the run saved its last step (a run stopped by a signal has not)
   local steps
   steps="$(sed -n 's/^steps: *\([0-9]*\)$/\1/p' "$1/config.yaml" 2>/dev/null)"
@@ -56,7 +48,7 @@ run() {     # run DIR KIND CONFIG FOLDER [ARGS...]: a train or sft run, skipped 
   local dir="$1" kind="$2" config="$3" folder="$4"
   shift 4
   [[ -e "$folder/done" ]] && return 0
-  timed "$dir" "$(basename "$folder")" jax-nlu-ppo "$kind" --config "$config" \
+  timed "$dir/wall_times.tsv" "$(basename "$folder")" -- jax-nlu-ppo "$kind" --config "$config" \
       --output-dir "$folder" "$@"
   if finished "$folder"; then touch "$folder/done"; fi
 }
@@ -64,8 +56,8 @@ evaluate() { # evaluate DIR RESULTS LABEL [ARGS...]: jax-nlu-ppo eval into DIR/R
              # the cells already there kept
   local dir="$1" results="$2" label="$3"
   shift 3
-  timed "$dir" "$label" jax-nlu-ppo eval --shuffle-seed 0 --output "$dir/$results.json" \
-      --skip-done --table "$dir/$results.md" "$@"
+  timed "$dir/wall_times.tsv" "$label" -- jax-nlu-ppo eval --shuffle-seed 0 \
+      --output "$dir/$results.json" --skip-done --table "$dir/$results.md" "$@"
 }
 
 sft_then_ppo() {  # sft_then_ppo DIR SFT_CONFIG SFT_NAME PPO_CONFIG SEED: the SFT part into
@@ -116,8 +108,9 @@ tables() {  # tables TABLE: print it into OUT/TABLE/tables.md, its figure OUT/TA
 }
 perplexity() {  # perplexity DIR MODEL OUTPUT: dev perplexity of the SST-2 sentences
   [[ -e "$3" ]] && return 0
-  timed "$1" "perplexity $(basename "$(dirname "$3")")" jax-nlu-ppo perplexity --model "$2" \
-      --task sst2 --data "$DATA/glue" --split validation --output "$3"
+  timed "$1/wall_times.tsv" "perplexity $(basename "$(dirname "$3")")" -- \
+      jax-nlu-ppo perplexity --model "$2" --task sst2 --data "$DATA/glue" --split validation \
+      --output "$3"
 }
 
 ablations_table() {

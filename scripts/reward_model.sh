@@ -14,10 +14,8 @@
 # Environment: OUT [runs/reward_model]  SEEDS ["0 1"]  GOLD [runs/label_noise/noise_0]: the
 # gold-label PPO runs, GOLD/ppo_seedN (`scripts/label_noise.sh 0` runs them: the demo config at
 # label noise 0, which are docs/results.md's SST-2 PPO cells)
-set -euo pipefail
-if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
-  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0
-fi
+source "$(dirname "$0")/lib.sh"
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage "$0"; fi
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/reward_model}"
 SEEDS="${SEEDS:-0 1}"
@@ -25,26 +23,24 @@ GOLD="${GOLD:-runs/label_noise/noise_0}"
 mkdir -p "$OUT"
 
 finished() { compgen -G "$1/eval/step_*.json" > /dev/null && [[ -e "$1/done" ]]; }
-timed() {   # timed NAME SEED COMMAND...: runs it, marks the folder done, records the wall time
+train() {   # train NAME SEED DIR COMMAND...: runs it, records its wall time, marks DIR done
   local name=$1 seed=$2 dir=$3; shift 3
-  local start=$SECONDS
-  "$@"
+  timed "$OUT/wall_times.tsv" "$name" "$seed" -- "$@"
   touch "$dir/done"
-  printf '%s\t%s\t%s\n' "$name" "$seed" "$((SECONDS - start))" >> "$OUT/wall_times.tsv"
 }
 
 for seed in $SEEDS; do
   rm_dir="$OUT/rm_seed$seed"
-  finished "$rm_dir" || timed reward_model "$seed" "$rm_dir" \
+  finished "$rm_dir" || train reward_model "$seed" "$rm_dir" \
       jax-nlu-ppo reward-model --config configs/reward_model/sst2_cpu.yaml --set seed="$seed" \
       --output-dir "$rm_dir"
   ppo_dir="$OUT/ppo_rm_seed$seed"
-  finished "$ppo_dir" || timed ppo_reward_model "$seed" "$ppo_dir" \
+  finished "$ppo_dir" || train ppo_reward_model "$seed" "$ppo_dir" \
       jax-nlu-ppo train --config configs/demo/sst2_cpu_reward_model.yaml \
       --set seed="$seed" reward.model="$rm_dir" --output-dir "$ppo_dir"
   # The same, with the answer format rewarded too (no labels): -3 for an unparsed answer.
   format_dir="$OUT/ppo_rm_format_seed$seed"
-  finished "$format_dir" || timed ppo_reward_model_format "$seed" "$format_dir" \
+  finished "$format_dir" || train ppo_reward_model_format "$seed" "$format_dir" \
       jax-nlu-ppo train --config configs/demo/sst2_cpu_reward_model.yaml \
       --set seed="$seed" reward.model="$rm_dir" \
       reward.function=jax_nlu_ppo.rl.reward_fn:answer_format --output-dir "$format_dir"
