@@ -166,34 +166,39 @@ def _spread(values: list[float], digits: int = 3) -> str:
                  else "")
 
 
+def _perplexities(out: pathlib.Path, name: str) -> dict[int, float]:
+  """{seed: dev perplexity of the SST-2 sentences} of an ablation setting's runs (the base's
+  under the name "base", seed 0)."""
+  stem = {"ppo": "main_ppo_seed*", "base": "base"}.get(name, f"{name}_seed*")
+  return {int(p.stem.partition("_seed")[2] or 0): json.loads(p.read_text())["perplexity"]
+          for p in sorted((out / "ablations").glob(f"perplexity_{stem}.json"))}
+
+
 def ablations_table(out: pathlib.Path) -> str:
   entries = _read(out / "ablations" / "eval_dev.json")
   if not entries:
     return f"no evaluations in {out / 'ablations'}"
   cells = Cells(entries)
   dev = "sst2 validation"
-  base_file = out / "ablations" / "perplexity_base.json"
-  base = json.loads(base_file.read_text())["perplexity"] if base_file.exists() else None
+  base = _perplexities(out, "base").get(0)
   base_text = f"{base:.2f}" if base else "not measured"
-  lines = [f"SST-2 dev accuracy ({len(cells.order[dev])} sentences), mean (min..max) over seeds; "
-           "the difference from the main setting paired over the sentences [95% bootstrap "
-           f"interval]; dev perplexity of the SST-2 sentences (base {base_text})",
+  lines = [f"SST-2 dev accuracy ({len(cells.order[dev])} sentences): mean [95% interval over "
+           "seeds] (min..max) n=seeds; the difference from the main setting paired over the "
+           "sentences [95% bootstrap interval]; dev perplexity of the SST-2 sentences, mean "
+           f"(min..max) over seeds (base {base_text}); the final KL to the reference per answer "
+           f"(nats) and entropy per answer token, means of the last {FINAL_STEPS} iterations",
            "", "| setting | accuracy | minus main | perplexity (change) | final KL | "
-           "final entropy | seeds |", "|---|---|---|---|---|---|---|"]
+           "final entropy |", "|---|---|---|---|---|---|"]
   for name in [n for n in ABLATIONS if (n, dev) in cells.correct]:
     runs = {e["model"] for e in entries if method_and_seed(e)[0] == name}
-    accs = list(cells.seeds(name, dev).mean(axis=1))
-    ppl_name = "main_ppo" if name == "ppo" else name
-    ppl = [json.loads(p.read_text())["perplexity"] for p in sorted(
-        (out / "ablations").glob(f"perplexity_{ppl_name}_seed*.json"))]
+    ppl = list(_perplexities(out, name).values())
     change = f" ({100 * (np.mean(ppl) / base - 1):+.1f}%)" if ppl and base else ""
     kl = [v for v in (_final(pathlib.Path(r), "objective/kl") for r in sorted(runs)) if v is not None]
     ent = [v for v in (_final(pathlib.Path(r), "objective/entropy") for r in sorted(runs))
            if v is not None]
     versus = cells.difference(name, "ppo", dev) if name != "ppo" else "-"
-    lines.append(f"| {ABLATIONS[name]} | {_spread(accs)} | {versus} | "
-                 f"{_spread(ppl, 2)}{change} | {_spread(kl, 2)} | {_spread(ent, 2)} | "
-                 f"{len(accs)} |")
+    lines.append(f"| {ABLATIONS[name]} | {cells.cell(name, dev)} | {versus} | "
+                 f"{_spread(ppl, 2)}{change} | {_spread(kl, 2)} | {_spread(ent, 2)} |")
   return "\n".join(lines)
 
 
@@ -314,6 +319,30 @@ def plot_budget(points: dict[int, Cells], path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
+def plot_ablations(out: pathlib.Path, path: str) -> None:
+  """Each ablation run's dev accuracy against its dev perplexity's change from the base model:
+  the task gained against the language modelling given up, a marker per seed."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cells = Cells(_read(out / "ablations" / "eval_dev.json"))
+  dev, base = "sst2 validation", _perplexities(out, "base")[0]
+  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  for marker, name in zip("osD^v<", [n for n in ABLATIONS if (n, dev) in cells.correct]):
+    ppl = _perplexities(out, name)
+    seeds = [s for s in sorted(cells.correct[name, dev]) if s in ppl]
+    ax.plot([100 * (ppl[s] / base - 1) for s in seeds],
+            [cells.correct[name, dev][s].mean() for s in seeds], marker, ls="none",
+            label=ABLATIONS[name])
+  ax.axvline(0, color="gray", ls=":", lw=1, label="base perplexity")
+  ax.set_xlabel("dev perplexity change from the base (%)")
+  ax.set_ylabel("SST-2 dev accuracy")
+  ax.legend(fontsize=7, loc="best")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
 def plot(cells: Cells, sets: list[str], path: str) -> None:
   """Accuracy per method and set: bars at the seeds' mean, the seeds as dots."""
   import matplotlib
@@ -347,8 +376,8 @@ def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("table", choices=("main", "ablations", "budget", "tasks", "multitask"))
   parser.add_argument("out", nargs="?", default="runs/results")
-  parser.add_argument("--plot", default=None, help="draw the table's figure here (PNG; main "
-                      "and budget)")
+  parser.add_argument("--plot", default=None, help="draw the table's figure here (PNG; main, "
+                      "ablations and budget)")
   args = parser.parse_args(argv[1:])
   out = pathlib.Path(args.out)
   if args.table == "main":
@@ -358,8 +387,10 @@ def main(argv: list[str]) -> int:
   else:
     text = {"ablations": ablations_table, "budget": budget_table, "tasks": tasks_table,
             "multitask": multitask_table}[args.table](out)
-    if args.table == "budget" and args.plot and budget_cells(out):
-      plot_budget(budget_cells(out), args.plot)
+    if args.plot and args.table == "budget" and (points := budget_cells(out)):
+      plot_budget(points, args.plot)
+    if args.plot and args.table == "ablations" and _perplexities(out, "base"):
+      plot_ablations(out, args.plot)
   print(text)
   return 0
 

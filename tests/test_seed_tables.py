@@ -102,7 +102,10 @@ def test_ablations_table_reads_accuracy_perplexity_and_final_kl(tmp_path):
     kl_finals.append(np.mean([x["objective/kl"] for x in lines][-5:]))
   assert row[3] == "305.00 (300.00..310.00) (+22.0%)"
   assert row[4] == f"{np.mean(kl_finals):.2f} ({min(kl_finals):.2f}..{max(kl_finals):.2f})"
-  assert "(base 250.00)" in text and row[6] == "2 |"
+  assert "(base 250.00)" in text and row[1].endswith(" n=2")
+  assert module.main(["seed_tables", "ablations", str(tmp_path), "--plot",
+                      str(tmp_path / "ablations.png")]) == 0
+  assert (tmp_path / "ablations.png").stat().st_size > 0
 
 
 def _bootstrap(d):
