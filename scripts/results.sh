@@ -119,13 +119,14 @@ ablations_table() {
   local names=(kl0 kl0.2 kl_adaptive clip0.1 clip0.4)
   for seed in $ABLATION_SEEDS; do
     if stage train; then
+      # The KL 0.05 / clip 0.2 row, the main table's PPO run, first: every row is compared to it.
+      mkdir -p "$OUT/main"
+      run "$OUT/main" train configs/results/ppo/sst2.yaml "$OUT/main/ppo_seed$seed" \
+          --set seed="$seed"
       for name in "${names[@]}"; do
         run "$dir" train "configs/results/ppo/sst2_$name.yaml" "$dir/${name}_seed$seed" \
             --set seed="$seed"
       done
-      mkdir -p "$OUT/main"   # the KL 0.05 / clip 0.2 row: the main table's PPO run
-      run "$OUT/main" train configs/results/ppo/sst2.yaml "$OUT/main/ppo_seed$seed" \
-          --set seed="$seed"
     fi
     if stage eval; then
       models=()

@@ -78,9 +78,9 @@ def test_other_tables_train_their_configs_and_score_their_data(tmp_path):
                    ABLATION_SEEDS="0", STAGES="train eval")
   trained = [_value(c, "--config") for c in calls if c[0] in ("train", "sft")]
   assert trained == [
+      "configs/results/ppo/sst2.yaml",     # the main PPO run, the ablations' reference row
       *(f"configs/results/ppo/sst2_{n}.yaml" for n in ("kl0", "kl0.2", "kl_adaptive", "clip0.1",
                                                         "clip0.4")),
-      "configs/results/ppo/sst2.yaml",     # the main PPO run, the ablations' reference row
       "configs/results/sft/sst2_budget.yaml", "configs/results/ppo/sst2_budget.yaml",
       "configs/results/sft/sst2_first160.yaml", "configs/results/ppo/sst2_budget_after_sft.yaml",
       *(f"configs/results/{m}/{t}.yaml" for t in ("qnli", "qqp", "mnli") for m in ("sft", "ppo")),
