@@ -11,15 +11,17 @@ TABLE is one of:
   budget     OUT/budget: the runs' own dev evaluations (eval/step_<N>.json) against training
              examples seen, each against the same method at 480, PPO against SFT and SFT then
              PPO against PPO.
-  tasks      OUT/tasks: each task's score against the best constant answer's.
+  tasks      OUT/tasks: each task's score against the best constant answer's, and how often
+             the most common answer is given.
   multitask  OUT/multitask: each task's score and how often the most common answer is given.
- A model is a method and a
-seed: a run folder `<method>_seed<S>`, or the base model (zero-shot; k-shot with shot seed S).
-A cell is the mean over seeds, its 95% Student-t interval over seeds (how far other seeds could
-move it; none for one seed; an accuracy's clipped to [0, 1]) and the seeds' min..max. A difference between two methods is paired
-over the examples (each example's score averaged over each method's seeds, then differenced),
-with a 95% bootstrap interval over the examples: it says how much the choice of examples moves
-the difference, not how much other seeds would.
+
+A model is a method and a seed: a run folder `<method>_seed<S>`, or the base model (zero-shot;
+k-shot with shot seed S). A cell is the mean over seeds, its 95% Student-t interval over seeds
+(how far other seeds could move it; none for one seed; an accuracy's clipped to [0, 1]) and the
+seeds' min..max. A difference between two methods is paired over the examples (each example's
+score averaged over each method's seeds, then differenced), with a 95% bootstrap interval over
+the examples: it says how much the choice of examples moves the difference, not how much other
+seeds would.
 """
 import argparse
 import json
@@ -254,24 +256,106 @@ def budget_table(out: pathlib.Path) -> str:
 
 def _constant(entry: dict) -> float:
   """The score of the most common gold label given to every example (accuracy)."""
-  golds = [p["label"] for p in entry["predictions"]]
-  return max(golds.count(g) for g in set(golds)) / len(golds)
+  return _constant_correct(entry).mean()
+
+
+def _constant_correct(entry: dict) -> np.ndarray:
+  """Per example in idx order, 0/1: is the gold label the most common one (the best constant
+  answer's correctness; ties go to the smaller label)."""
+  predictions = sorted(entry["predictions"], key=lambda p: p["idx"])
+  golds = [p["label"] for p in predictions]
+  best = max(sorted(set(golds), key=str), key=golds.count)
+  return np.array([float(g == best) for g in golds])
+
+
+def _top_answer(entry: dict) -> str:
+  """The most common answer, by its label name where the results file has them, and its share."""
+  answers = [p["prediction"] for p in entry["predictions"]]
+  top = max(sorted(set(answers), key=str), key=answers.count)
+  names = entry.get("confusion_matrix", {}).get("labels")
+  name = "unparsed" if top is None else names[top] if names and isinstance(top, int) else top
+  return f"{name} ({answers.count(top) / len(answers):.0%})"
+
+
+def _task_entries(out: pathlib.Path) -> list[dict]:
+  """The tasks table's evaluations grouped by set, each (model, set) once: the base model is
+  scored on the out-of-domain sets once per NLI task, with the same answers."""
+  entries, seen = [], set()
+  for e in _read(out / "tasks" / "eval_dev.json") + _read(out / "tasks" / "eval_ood.json"):
+    if (e["model"], e["set"]) not in seen:
+      seen.add((e["model"], e["set"]))
+      entries.append(e)
+  sets = list(dict.fromkeys(e["set"] for e in entries))
+  return sorted(entries, key=lambda e: sets.index(e["set"]))
 
 
 def tasks_table(out: pathlib.Path) -> str:
-  entries = _read(out / "tasks" / "eval_dev.json") + _read(out / "tasks" / "eval_ood.json")
+  entries = _task_entries(out)
   if not entries:
     return f"no evaluations in {out / 'tasks'}"
-  lines = ["Accuracy [95% bootstrap interval over the examples] and the best constant answer's; "
-           "unparsed rate", "", "| set | model | accuracy | best constant | unparsed |",
-           "|---|---|---|---|---|"]
+  lines = ["Accuracy [95% bootstrap interval over the examples]; its difference from the best "
+           "constant answer's, paired over the examples [95% bootstrap interval]; the most "
+           "common answer and its share", "",
+           "| set | model | accuracy | best constant | minus best constant | most common answer "
+           "| unparsed |", "|---|---|---|---|---|---|---|"]
   for e in entries:
-    model = pathlib.PurePath(e["model"]).name
-    interval = e.get("intervals_95", {}).get("accuracy")
-    shown = f"{e['accuracy']:.3f}" + (" [{:.3f}, {:.3f}]".format(*interval) if interval else "")
-    lines.append(f"| {e['set']} ({e['n']}) | {model} | {shown} | {_constant(e):.3f} | "
-                 f"{e['unparsed_rate']:.3f} |")
+    correct = _correct(e)
+    shown = "{:.3f} [{:.3f}, {:.3f}]".format(correct.mean(),
+                                             *metrics.example_mean_interval(correct))
+    lines.append(f"| {e['set']} ({len(correct)}) | {pathlib.PurePath(e['model']).name} | "
+                 f"{shown} | {_constant(e):.3f} | "
+                 f"{paired_difference(correct[None], _constant_correct(e)[None])} | "
+                 f"{_top_answer(e)} | {e['unparsed_rate']:.3f} |")
+  cells = Cells(entries)
+  pairs = [(s, m) for s in cells.order for m in sorted({m for m, t in cells.correct if t == s})
+           if m.endswith("_ppo") and (m[:-4] + "_sft", s) in cells.correct]
+  if pairs:
+    lines += ["", "PPO minus SFT, paired over the examples [95% bootstrap interval]: " + "; ".join(
+        f"{m[:-4]} on {s}: {cells.difference(m, m[:-4] + '_sft', s)}" for s, m in pairs) + "."]
   return "\n".join(lines)
+
+
+def _correct(entry: dict) -> np.ndarray:
+  return np.array([float(p["prediction"] == p["label"])
+                   for p in sorted(entry["predictions"], key=lambda p: p["idx"])])
+
+
+def plot_tasks(out: pathlib.Path, path: str) -> None:
+  """Accuracy per set and model with its bootstrap interval over the examples, a colour per
+  method and the training task written on the bar; the best constant answer's as a dashed line
+  over each set's bars."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  entries = _task_entries(out)
+  sets = list(dict.fromkeys(e["set"] for e in entries))
+  colours = {}
+  fig, ax = plt.subplots(figsize=(1.8 * len(sets) + 2, 3.8))
+  for i, s in enumerate(sets):
+    on_set = [e for e in entries if e["set"] == s]
+    width = 0.8 / len(on_set)
+    for j, e in enumerate(on_set):
+      method, _ = method_and_seed(e)
+      task, _, method = method.rpartition("_")
+      correct = _correct(e)
+      low, high = metrics.example_mean_interval(correct)
+      x = i + (j - (len(on_set) - 1) / 2) * width
+      name = METHODS.get(method, method)
+      first = name not in colours
+      colours.setdefault(name, f"C{len(colours)}")
+      ax.bar(x, correct.mean(), width, color=colours[name], label=name if first else None,
+             yerr=[[correct.mean() - low], [high - correct.mean()]], capsize=2)
+      if task:
+        ax.text(x, 0.02, task, rotation=90, ha="center", va="bottom", fontsize=7, color="white")
+    ax.hlines(_constant(on_set[0]), i - 0.45, i + 0.45, colors="k", linestyles="--", lw=1,
+              label="best constant answer" if i == 0 else None)
+  ax.set_xticks(range(len(sets)), [s.replace(".jsonl", "") for s in sets], fontsize=7)
+  ax.set_ylabel("accuracy")
+  ax.set_ylim(0, 1.12)
+  ax.legend(fontsize=7, loc="upper left", ncol=4)
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
 
 
 def multitask_table(out: pathlib.Path) -> str:
@@ -281,11 +365,9 @@ def multitask_table(out: pathlib.Path) -> str:
   lines = ["Each task's dev score and the share of the most common answer", "",
            "| model | set | metrics | most common answer | unparsed |", "|---|---|---|---|---|"]
   for e in entries:
-    answers = [p["prediction"] for p in e["predictions"]]
-    top = max(set(answers), key=answers.count, default=None)
     shown = "  ".join(f"{k} {e[k]:.3f}" for k in e["metric_names"])
     lines.append(f"| {pathlib.PurePath(e['model']).name} | {e['set']} | {shown} | "
-                 f"{top} ({answers.count(top) / len(answers):.0%}) | {e['unparsed_rate']:.3f} |")
+                 f"{_top_answer(e)} | {e['unparsed_rate']:.3f} |")
   return "\n".join(lines)
 
 
@@ -377,7 +459,7 @@ def main(argv: list[str]) -> int:
   parser.add_argument("table", choices=("main", "ablations", "budget", "tasks", "multitask"))
   parser.add_argument("out", nargs="?", default="runs/results")
   parser.add_argument("--plot", default=None, help="draw the table's figure here (PNG; main, "
-                      "ablations and budget)")
+                      "ablations, budget and tasks)")
   args = parser.parse_args(argv[1:])
   out = pathlib.Path(args.out)
   if args.table == "main":
@@ -391,6 +473,8 @@ def main(argv: list[str]) -> int:
       plot_budget(points, args.plot)
     if args.plot and args.table == "ablations" and _perplexities(out, "base"):
       plot_ablations(out, args.plot)
+    if args.plot and args.table == "tasks" and _task_entries(out):
+      plot_tasks(out, args.plot)
   print(text)
   return 0
 

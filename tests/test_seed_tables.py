@@ -166,3 +166,58 @@ def test_budget_curve_counts_examples_per_step_and_pairs_each_point(tmp_path):
   assert rows["480"][11] == "{:+.3f} [{:+.3f}, {:+.3f}]".format(d.mean(), *_bootstrap(d))
   module.plot_budget(points, str(tmp_path / "budget.png"))
   assert (tmp_path / "budget.png").stat().st_size > 0
+
+
+def test_tasks_table_against_the_best_constant_answer(tmp_path):
+  module = load_script("seed_tables")
+  rng = np.random.default_rng(3)
+  labels = (rng.random(N) < 0.7).astype(int)  # label 1 is the most common
+  answers = {"smollm2-135m-instruct": np.ones(N, int),  # collapsed to one answer
+             "runs/tasks/qnli_sft_seed0": np.where(rng.random(N) < 0.6, labels, 1 - labels),
+             "runs/tasks/qnli_ppo_seed0": np.where(rng.random(N) < 0.8, labels, 1 - labels)}
+
+  def entry(model, set_name):
+    return {"model": model, "set": set_name, "unparsed_rate": 0.0, "cell": {"shots": 0},
+            "predictions": [{"idx": i, "label": int(labels[i]),
+                             "prediction": int(answers[model][i])} for i in range(N)]}
+
+  (tmp_path / "tasks").mkdir()
+  (tmp_path / "tasks" / "eval_dev.json").write_text(json.dumps({"evaluations": [
+      entry(m, "qnli validation") for m in answers]}))
+  # The base model is scored on the out-of-domain set once per NLI task: one row.
+  (tmp_path / "tasks" / "eval_ood.json").write_text(json.dumps({"evaluations": [
+      entry("smollm2-135m-instruct", "rte sick_test.jsonl"),
+      entry("smollm2-135m-instruct", "rte sick_test.jsonl")]}))
+  text = module.tasks_table(tmp_path)
+  rows = [line.strip("| ").split(" | ") for line in text.splitlines()
+          if line.startswith("| ") and "---" not in line][1:]
+  assert [r[:2] for r in rows] == [[f"qnli validation ({N})", "smollm2-135m-instruct"],
+                                   [f"qnli validation ({N})", "qnli_sft_seed0"],
+                                   [f"qnli validation ({N})", "qnli_ppo_seed0"],
+                                   [f"rte sick_test.jsonl ({N})", "smollm2-135m-instruct"]]
+  constant = (labels == 1).astype(float)
+  ppo = (answers["runs/tasks/qnli_ppo_seed0"] == labels).astype(float)
+  assert rows[2][2] == "{:.3f} [{:.3f}, {:.3f}]".format(ppo.mean(), *_bootstrap(ppo))
+  assert rows[2][3] == f"{constant.mean():.3f}"
+  d = ppo - constant
+  assert rows[2][4] == "{:+.3f} [{:+.3f}, {:+.3f}]".format(d.mean(), *_bootstrap(d))
+  # The collapsed base model gives the constant answer: no difference, its answer 100% of the time.
+  assert rows[0][4] == "+0.000 [+0.000, +0.000]" and rows[0][5] == "1 (100%)"
+  sft = (answers["runs/tasks/qnli_sft_seed0"] == labels).astype(float)
+  d = ppo - sft
+  assert ("qnli on qnli validation: {:+.3f} [{:+.3f}, {:+.3f}]".format(d.mean(), *_bootstrap(d))
+          in text)
+  module.plot_tasks(tmp_path, str(tmp_path / "tasks.png"))
+  assert (tmp_path / "tasks.png").stat().st_size > 0
+
+
+def test_multitask_table_shows_each_tasks_most_common_answer(tmp_path):
+  module = load_script("seed_tables")
+  collapsed = {**_entry("runs/multitask/multitask_seed0", "rte validation", [True] * 10 + [False]
+                        * 10), "metric_names": ["accuracy"], "accuracy": 0.5}
+  for p in collapsed["predictions"]:
+    p["prediction"] = 0  # one answer for every pair; the labels alternate
+  (tmp_path / "multitask").mkdir()
+  (tmp_path / "multitask" / "eval_dev.json").write_text(json.dumps({"evaluations": [collapsed]}))
+  row = module.multitask_table(tmp_path).splitlines()[-1]
+  assert row == "| multitask_seed0 | rte validation | accuracy 0.500 | 0 (100%) | 0.000 |"
