@@ -59,11 +59,10 @@ class Cells:
     self.order: dict[str, list[int]] = {}
     for e in entries:
       method, seed = method_and_seed(e)
-      right = {p["idx"]: float(p["prediction"] == p["label"]) for p in e["predictions"]}
-      order = self.order.setdefault(e["set"], sorted(right))
-      if sorted(right) != order:
+      scored = sorted(p["idx"] for p in e["predictions"])
+      if self.order.setdefault(e["set"], scored) != scored:
         raise ValueError(f"{e['model']} on {e['set']}: scored other examples than the rest")
-      self.correct.setdefault((method, e["set"]), {})[seed] = np.array([right[i] for i in order])
+      self.correct.setdefault((method, e["set"]), {})[seed] = _correct(e)
       self.unparsed.setdefault((method, e["set"]), []).append(e["unparsed_rate"])
 
   def seeds(self, method: str, set_name: str) -> np.ndarray | None:
@@ -299,15 +298,15 @@ def tasks_table(out: pathlib.Path) -> str:
            "| set | model | accuracy | best constant | minus best constant | most common answer "
            "| unparsed |", "|---|---|---|---|---|---|---|"]
   for e in entries:
-    correct = _correct(e)
+    correct, constant = _correct(e), _constant_correct(e)
     shown = "{:.3f} [{:.3f}, {:.3f}]".format(correct.mean(),
                                              *metrics.example_mean_interval(correct))
     lines.append(f"| {e['set']} ({len(correct)}) | {pathlib.PurePath(e['model']).name} | "
-                 f"{shown} | {_constant(e):.3f} | "
-                 f"{paired_difference(correct[None], _constant_correct(e)[None])} | "
+                 f"{shown} | {constant.mean():.3f} | "
+                 f"{paired_difference(correct[None], constant[None])} | "
                  f"{_top_answer(e)} | {e['unparsed_rate']:.3f} |")
   cells = Cells(entries)
-  pairs = [(s, m) for s in cells.order for m in sorted({m for m, t in cells.correct if t == s})
+  pairs = [(s, m) for m, s in cells.correct
            if m.endswith("_ppo") and (m[:-4] + "_sft", s) in cells.correct]
   if pairs:
     lines += ["", "PPO minus SFT, paired over the examples [95% bootstrap interval]: " + "; ".join(
@@ -316,6 +315,7 @@ def tasks_table(out: pathlib.Path) -> str:
 
 
 def _correct(entry: dict) -> np.ndarray:
+  """Per example in idx order, 0/1: is the model's answer the gold label."""
   return np.array([float(p["prediction"] == p["label"])
                    for p in sorted(entry["predictions"], key=lambda p: p["idx"])])
 
