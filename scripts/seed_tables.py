@@ -13,7 +13,8 @@ TABLE is one of:
              PPO against PPO.
   tasks      OUT/tasks: each task's score against the best constant answer's, and how often
              the most common answer is given.
-  multitask  OUT/multitask: each task's score and how often the most common answer is given.
+  multitask  OUT/multitask: each task's score against the best constant answer's, how often the
+             most common answer is given, and whitening per task against over the batch.
 
 A model is a method and a seed: a run folder `<method>_seed<S>`, or the base model (zero-shot;
 k-shot with shot seed S). A cell is the mean over seeds, its 95% Student-t interval over seeds
@@ -39,6 +40,8 @@ METHODS = {"zero-shot": "zero-shot", "4-shot": "4-shot", "sft": "SFT", "ppo": "P
 SET_NAMES = {"sst2 validation": "SST-2 dev",
              "sst2 financial_phrasebank_allagree.jsonl": "Financial PhraseBank",
              "sst2 tweeteval_sentiment_test.jsonl": "TweetEval"}
+WHITENING = {"multitask": "advantages whitened over the batch",
+             "multitask_per_task": "whitened per task"}
 
 
 def method_and_seed(entry: dict) -> tuple[str, int]:
@@ -284,14 +287,18 @@ def _task_entries(out: pathlib.Path) -> list[dict]:
     if (e["model"], e["set"]) not in seen:
       seen.add((e["model"], e["set"]))
       entries.append(e)
+  return _by_set(entries)
+
+
+def _by_set(entries: list[dict]) -> list[dict]:
+  """The entries grouped by set, sets in the order they first appear."""
   sets = list(dict.fromkeys(e["set"] for e in entries))
   return sorted(entries, key=lambda e: sets.index(e["set"]))
 
 
-def tasks_table(out: pathlib.Path) -> str:
-  entries = _task_entries(out)
-  if not entries:
-    return f"no evaluations in {out / 'tasks'}"
+def _against_constant(entries: list[dict]) -> list[str]:
+  """A row per (set, model): its accuracy, the best constant answer's and their difference
+  paired over the examples, its most common answer and share, its unparsed rate."""
   lines = ["Accuracy [95% bootstrap interval over the examples]; its difference from the best "
            "constant answer's, paired over the examples [95% bootstrap interval]; the most "
            "common answer and its share", "",
@@ -305,6 +312,14 @@ def tasks_table(out: pathlib.Path) -> str:
                  f"{shown} | {constant.mean():.3f} | "
                  f"{paired_difference(correct[None], constant[None])} | "
                  f"{_top_answer(e)} | {e['unparsed_rate']:.3f} |")
+  return lines
+
+
+def tasks_table(out: pathlib.Path) -> str:
+  entries = _task_entries(out)
+  if not entries:
+    return f"no evaluations in {out / 'tasks'}"
+  lines = _against_constant(entries)
   cells = Cells(entries)
   pairs = [(s, m) for m, s in cells.correct
            if m.endswith("_ppo") and (m[:-4] + "_sft", s) in cells.correct]
@@ -321,13 +336,20 @@ def _correct(entry: dict) -> np.ndarray:
 
 
 def plot_tasks(out: pathlib.Path, path: str) -> None:
+  """The tasks table's figure: a colour per method, the training task written on the bar."""
+  def name(e: dict) -> tuple[str, str]:
+    task, _, method = method_and_seed(e)[0].rpartition("_")
+    return METHODS.get(method, method), task
+  _plot_against_constant(_task_entries(out), name, path)
+
+
+def _plot_against_constant(entries: list[dict], name, path: str) -> None:
   """Accuracy per set and model with its bootstrap interval over the examples, a colour per
-  method and the training task written on the bar; the best constant answer's as a dashed line
-  over each set's bars."""
+  legend name and text on the bar (`name(entry)` gives both); the best constant answer's as a
+  dashed line over each set's bars."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  entries = _task_entries(out)
   sets = list(dict.fromkeys(e["set"] for e in entries))
   colours = {}
   fig, ax = plt.subplots(figsize=(1.8 * len(sets) + 2, 3.8))
@@ -335,18 +357,16 @@ def plot_tasks(out: pathlib.Path, path: str) -> None:
     on_set = [e for e in entries if e["set"] == s]
     width = 0.8 / len(on_set)
     for j, e in enumerate(on_set):
-      method, _ = method_and_seed(e)
-      task, _, method = method.rpartition("_")
+      legend, text = name(e)
       correct = _correct(e)
       low, high = metrics.example_mean_interval(correct)
       x = i + (j - (len(on_set) - 1) / 2) * width
-      name = METHODS.get(method, method)
-      first = name not in colours
-      colours.setdefault(name, f"C{len(colours)}")
-      ax.bar(x, correct.mean(), width, color=colours[name], label=name if first else None,
+      first = legend not in colours
+      colours.setdefault(legend, f"C{len(colours)}")
+      ax.bar(x, correct.mean(), width, color=colours[legend], label=legend if first else None,
              yerr=[[correct.mean() - low], [high - correct.mean()]], capsize=2)
-      if task:
-        ax.text(x, 0.02, task, rotation=90, ha="center", va="bottom", fontsize=7, color="white")
+      if text:
+        ax.text(x, 0.02, text, rotation=90, ha="center", va="bottom", fontsize=7, color="white")
     ax.hlines(_constant(on_set[0]), i - 0.45, i + 0.45, colors="k", linestyles="--", lw=1,
               label="best constant answer" if i == 0 else None)
   ax.set_xticks(range(len(sets)), [s.replace(".jsonl", "") for s in sets], fontsize=7)
@@ -359,16 +379,25 @@ def plot_tasks(out: pathlib.Path, path: str) -> None:
 
 
 def multitask_table(out: pathlib.Path) -> str:
-  entries = _read(out / "multitask" / "eval_dev.json")
+  entries = _by_set(_read(out / "multitask" / "eval_dev.json"))
   if not entries:
     return f"no evaluations in {out / 'multitask'}"
-  lines = ["Each task's dev score and the share of the most common answer", "",
-           "| model | set | metrics | most common answer | unparsed |", "|---|---|---|---|---|"]
-  for e in entries:
-    shown = "  ".join(f"{k} {e[k]:.3f}" for k in e["metric_names"])
-    lines.append(f"| {pathlib.PurePath(e['model']).name} | {e['set']} | {shown} | "
-                 f"{_top_answer(e)} | {e['unparsed_rate']:.3f} |")
+  lines = _against_constant(entries)
+  cells = Cells(entries)
+  sets = [s for s in cells.order if ("multitask", s) in cells.correct
+          and ("multitask_per_task", s) in cells.correct]
+  if sets:
+    lines += ["", "Whitened per task minus over the batch, paired over the examples [95% "
+              "bootstrap interval]: " + "; ".join(
+                  f"{s}: {cells.difference('multitask_per_task', 'multitask', s)}"
+                  for s in sets) + "."]
   return "\n".join(lines)
+
+
+def plot_multitask(out: pathlib.Path, path: str) -> None:
+  """The multi-task table's figure: a colour per whitening."""
+  _plot_against_constant(_by_set(_read(out / "multitask" / "eval_dev.json")),
+                         lambda e: (WHITENING[method_and_seed(e)[0]], ""), path)
 
 
 def plot_budget(points: dict[int, Cells], path: str) -> None:
@@ -458,8 +487,8 @@ def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("table", choices=("main", "ablations", "budget", "tasks", "multitask"))
   parser.add_argument("out", nargs="?", default="runs/results")
-  parser.add_argument("--plot", default=None, help="draw the table's figure here (PNG; main, "
-                      "ablations, budget and tasks)")
+  parser.add_argument("--plot", default=None, help="draw the table's figure here (PNG; every "
+                      "table)")
   args = parser.parse_args(argv[1:])
   out = pathlib.Path(args.out)
   if args.table == "main":
@@ -475,6 +504,8 @@ def main(argv: list[str]) -> int:
       plot_ablations(out, args.plot)
     if args.plot and args.table == "tasks" and _task_entries(out):
       plot_tasks(out, args.plot)
+    if args.plot and args.table == "multitask" and _read(out / "multitask" / "eval_dev.json"):
+      plot_multitask(out, args.plot)
   print(text)
   return 0
 

@@ -211,13 +211,38 @@ def test_tasks_table_against_the_best_constant_answer(tmp_path):
   assert (tmp_path / "tasks.png").stat().st_size > 0
 
 
-def test_multitask_table_shows_each_tasks_most_common_answer(tmp_path):
+def test_multitask_table_against_the_constant_and_per_task_whitening_against_shared(tmp_path):
   module = load_script("seed_tables")
-  collapsed = {**_entry("runs/multitask/multitask_seed0", "rte validation", [True] * 10 + [False]
-                        * 10), "metric_names": ["accuracy"], "accuracy": 0.5}
-  for p in collapsed["predictions"]:
-    p["prediction"] = 0  # one answer for every pair; the labels alternate
+  rng = np.random.default_rng(5)
+  labels = {"sst2 validation": rng.integers(0, 2, N), "rte validation": rng.integers(0, 2, N)}
+  answers = {("multitask", "sst2 validation"): rng.integers(0, 2, N),
+             ("multitask_per_task", "sst2 validation"): rng.integers(0, 2, N),
+             ("multitask", "rte validation"): np.zeros(N, int),  # collapsed to one answer
+             ("multitask_per_task", "rte validation"): rng.integers(0, 2, N)}
+  evaluations = [{"model": f"runs/multitask/{m}_seed0", "set": s, "unparsed_rate": 0.0,
+                  "cell": {"shots": 0},
+                  "predictions": [{"idx": i, "label": int(labels[s][i]),
+                                   "prediction": int(answers[m, s][i])} for i in range(N)]}
+                 for m, s in answers]  # interleaved sets, as one eval call per model writes them
   (tmp_path / "multitask").mkdir()
-  (tmp_path / "multitask" / "eval_dev.json").write_text(json.dumps({"evaluations": [collapsed]}))
-  row = module.multitask_table(tmp_path).splitlines()[-1]
-  assert row == "| multitask_seed0 | rte validation | accuracy 0.500 | 0 (100%) | 0.000 |"
+  (tmp_path / "multitask" / "eval_dev.json").write_text(json.dumps({"evaluations": evaluations}))
+  assert module.main(["seed_tables", "multitask", str(tmp_path), "--plot",
+                      str(tmp_path / "multitask.png")]) == 0
+  assert (tmp_path / "multitask.png").stat().st_size > 0
+  text = module.multitask_table(tmp_path)
+  rows = [line.strip("| ").split(" | ") for line in text.splitlines()
+          if line.startswith("| ") and "---" not in line][1:]
+  assert [r[:2] for r in rows] == [[f"sst2 validation ({N})", "multitask_seed0"],
+                                   [f"sst2 validation ({N})", "multitask_per_task_seed0"],
+                                   [f"rte validation ({N})", "multitask_seed0"],
+                                   [f"rte validation ({N})", "multitask_per_task_seed0"]]
+  rte = labels["rte validation"]
+  constant = (rte == np.argmax(np.bincount(rte))).astype(float)
+  assert rows[2][3] == f"{constant.mean():.3f}" and rows[2][5] == "0 (100%)"
+  per_task = (answers["multitask_per_task", "rte validation"] == rte).astype(float)
+  shared = (answers["multitask", "rte validation"] == rte).astype(float)
+  d = per_task - constant
+  assert rows[3][4] == "{:+.3f} [{:+.3f}, {:+.3f}]".format(d.mean(), *_bootstrap(d))
+  d = per_task - shared
+  assert ("rte validation: {:+.3f} [{:+.3f}, {:+.3f}].".format(d.mean(), *_bootstrap(d))
+          in text.splitlines()[-1])
