@@ -396,8 +396,10 @@ def multitask_table(out: pathlib.Path) -> str:
 
 def plot_multitask(out: pathlib.Path, path: str) -> None:
   """The multi-task table's figure: a colour per whitening."""
-  _plot_against_constant(_by_set(_read(out / "multitask" / "eval_dev.json")),
-                         lambda e: (WHITENING[method_and_seed(e)[0]], ""), path)
+  def name(e: dict) -> tuple[str, str]:
+    method = method_and_seed(e)[0]
+    return WHITENING.get(method, method), ""
+  _plot_against_constant(_by_set(_read(out / "multitask" / "eval_dev.json")), name, path)
 
 
 def plot_budget(points: dict[int, Cells], path: str) -> None:
