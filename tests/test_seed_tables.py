@@ -108,6 +108,12 @@ def test_ablations_table_reads_accuracy_perplexity_and_final_kl(tmp_path):
   assert (tmp_path / "ablations.png").stat().st_size > 0
 
 
+def _body_rows(text):
+  """A markdown table's rows below its header, as lists of cells."""
+  return [line.strip("| ").split(" | ") for line in text.splitlines()
+          if line.startswith("| ") and "---" not in line][1:]
+
+
 def _bootstrap(d):
   """95% bootstrap interval of a per-example mean, by hand (10,000 draws, seed 0)."""
   draws = np.random.default_rng(0).integers(0, len(d), size=(10_000, len(d)))
@@ -189,8 +195,7 @@ def test_tasks_table_against_the_best_constant_answer(tmp_path):
       entry("smollm2-135m-instruct", "rte sick_test.jsonl"),
       entry("smollm2-135m-instruct", "rte sick_test.jsonl")]}))
   text = module.tasks_table(tmp_path)
-  rows = [line.strip("| ").split(" | ") for line in text.splitlines()
-          if line.startswith("| ") and "---" not in line][1:]
+  rows = _body_rows(text)
   assert [r[:2] for r in rows] == [[f"qnli validation ({N})", "smollm2-135m-instruct"],
                                    [f"qnli validation ({N})", "qnli_sft_seed0"],
                                    [f"qnli validation ({N})", "qnli_ppo_seed0"],
@@ -230,8 +235,7 @@ def test_multitask_table_against_the_constant_and_per_task_whitening_against_sha
                       str(tmp_path / "multitask.png")]) == 0
   assert (tmp_path / "multitask.png").stat().st_size > 0
   text = module.multitask_table(tmp_path)
-  rows = [line.strip("| ").split(" | ") for line in text.splitlines()
-          if line.startswith("| ") and "---" not in line][1:]
+  rows = _body_rows(text)
   assert [r[:2] for r in rows] == [[f"sst2 validation ({N})", "multitask_seed0"],
                                    [f"sst2 validation ({N})", "multitask_per_task_seed0"],
                                    [f"rte validation ({N})", "multitask_seed0"],
