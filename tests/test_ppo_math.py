@@ -439,3 +439,20 @@ def test_masked_whiten_groups_whitens_each_group_alone():
     want[m] = (v - v.mean()) / np.sqrt(v.var(ddof=1) + 1e-8)
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
   assert np.all(out[~mask] == 0)
+
+
+def test_a_group_of_one_token_is_whitened_with_the_whole_batch():
+  # A task with a single one-token answer in the batch: no variance of its own.
+  x = np.array([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0], [0.5, 0.7, 0.9]], np.float32)
+  mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1]], bool)
+  groups = np.array([0, 1, 0])
+  out = np.asarray(pm.masked_whiten_groups(jnp.asarray(x), jnp.asarray(mask),
+                                           jnp.asarray(groups), 2))
+  assert np.all(np.isfinite(out))
+  batch = x[mask]
+  np.testing.assert_allclose(out[1, 0], (3.0 - batch.mean()) / np.sqrt(batch.var(ddof=1) + 1e-8),
+                             rtol=1e-5)
+  group0 = mask & (groups == 0)[:, None]
+  v = x[group0]
+  np.testing.assert_allclose(out[group0], (v - v.mean()) / np.sqrt(v.var(ddof=1) + 1e-8),
+                             rtol=1e-5)

@@ -81,12 +81,16 @@ def masked_whiten(x: Array, mask: Array, shift_mean: bool = True) -> Array:
 
 def masked_whiten_groups(x: Array, mask: Array, groups_b: Array, num_groups: int) -> Array:
   """`masked_whiten` of each group's rows over those rows alone (`groups_b`: each row's group in
-  0..num_groups-1), e.g. each task of a mixture on its own scale. An empty group adds nothing."""
+  0..num_groups-1), e.g. each task of a mixture on its own scale. An empty group adds nothing; a
+  group of one token, which has no variance of its own, is whitened with the whole batch's."""
   mask = jnp.asarray(mask).astype(bool)
+  over_batch = masked_whiten(x, mask)
   out = jnp.zeros(x.shape, jnp.float32)
   for g in range(num_groups):
     in_group = mask & (groups_b == g)[:, None]
-    out = jnp.where(in_group, masked_whiten(x, in_group), out)
+    # Its own unbiased variance would be 0/0: NaN advantages would skip the whole update.
+    alone = masked_whiten(x, in_group)
+    out = jnp.where(in_group, jnp.where(in_group.sum() > 1, alone, over_batch), out)
   return out
 
 
