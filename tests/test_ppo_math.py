@@ -424,6 +424,12 @@ def test_kl_control_config_validates():
     pm.KLControlConfig("adaptive", target=0.0)
 
 
+def _whitened(v: np.ndarray, over: np.ndarray | None = None) -> np.ndarray:
+  """NumPy's (v - mean) / sqrt(unbiased var + 1e-8), the statistics taken `over` (default v)."""
+  over = v if over is None else over
+  return (v - over.mean()) / np.sqrt(over.var(ddof=1) + 1e-8)
+
+
 def test_masked_whiten_groups_whitens_each_group_alone():
   rng = np.random.default_rng(0)
   x = rng.normal(3.0, 2.0, size=(6, 5)).astype(np.float32)
@@ -435,8 +441,7 @@ def test_masked_whiten_groups_whitens_each_group_alone():
   want = np.zeros_like(x)
   for g in range(3):
     m = mask & (groups == g)[:, None]
-    v = x[m]
-    want[m] = (v - v.mean()) / np.sqrt(v.var(ddof=1) + 1e-8)
+    want[m] = _whitened(x[m])
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
   assert np.all(out[~mask] == 0)
 
@@ -449,10 +454,6 @@ def test_a_group_of_one_token_is_whitened_with_the_whole_batch():
   out = np.asarray(pm.masked_whiten_groups(jnp.asarray(x), jnp.asarray(mask),
                                            jnp.asarray(groups), 2))
   assert np.all(np.isfinite(out))
-  batch = x[mask]
-  np.testing.assert_allclose(out[1, 0], (3.0 - batch.mean()) / np.sqrt(batch.var(ddof=1) + 1e-8),
-                             rtol=1e-5)
+  np.testing.assert_allclose(out[1, 0], _whitened(x[1, 0], over=x[mask]), rtol=1e-5)
   group0 = mask & (groups == 0)[:, None]
-  v = x[group0]
-  np.testing.assert_allclose(out[group0], (v - v.mean()) / np.sqrt(v.var(ddof=1) + 1e-8),
-                             rtol=1e-5)
+  np.testing.assert_allclose(out[group0], _whitened(x[group0]), rtol=1e-5)
